@@ -1,0 +1,153 @@
+"""
+Options shared by the C{omerta-relay} and C{omerta-provider} twistd plugins,
+and the assembly of a node from them.
+
+Validation happens here, in C{postOptions}, so a mistake is reported as a
+usage error before anything starts: a bad port or bootstrap spec, an unsafe
+identity key file, a corrupt C{networks.json}, an expired invite, or a node
+that would belong to no network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from omerta import storage
+from omerta.addressing import AddressError, parse_bootstrap, parse_port
+from omerta.app.paths import default_data_dir
+from omerta.crypto.identity import IDENTITY_FILE, IdentityError, validate_name
+from omerta.crypto.invite import InviteError, parse_invite
+from omerta.crypto.network import NetworkKey, NetworkKeyError
+from omerta.mesh.service import NodeService
+from omerta.networks import NetworkStore
+from omerta.wire.messages import Capability
+
+LOG_FORMATS = ("text", "json")
+JSON_LOGGER = "omerta.app.logs.json_stdout_observer"
+
+
+class NodeOptions(usage.Options):
+    """
+    Common options; subclasses set C{default_port} and C{role}.
+    """
+
+    default_port = 7400
+
+    optParameters = [
+        ["port", "p", None, "UDP port for STUN, mesh and relay traffic."],
+        ["interface", "i", "", "Local address to bind (default: all IPv4)."],
+        ["data-dir", "d", None, "State directory (default: $OMERTA_DATA_DIR or ~/.local/share/omerta)."],
+        ["name", "n", "", "Human name of this node (letters, digits, '.', '_', '-')."],
+        ["log-format", None, "text", "Log output: text or json (JSON lines on stdout)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["bootstrap"] = []
+        self["invite"] = []
+
+    def opt_bootstrap(self, spec: str) -> None:
+        """
+        Peer to start from, ID_OR_NAME@HOST:PORT (repeatable).
+        """
+        try:
+            self["bootstrap"].append(parse_bootstrap(spec))
+        except AddressError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_invite(self, text: str) -> None:
+        """
+        Invite link (omerta://join/...) to join at start (repeatable).
+        """
+        self["invite"].append(text)
+
+    def postOptions(self) -> None:
+        port = self["port"]
+        try:
+            self["port"] = self.default_port if port is None else parse_port(port, allow_zero=True)
+        except AddressError as e:
+            raise usage.UsageError(f"--port: {e}") from None
+        if self["interface"]:
+            try:
+                self["interface"] = str(ipaddress.ip_address(self["interface"]))
+            except ValueError:
+                raise usage.UsageError(
+                    f"--interface {self['interface']!r} is not an IP address of this host"
+                ) from None
+        if self["name"]:
+            try:
+                validate_name(self["name"])
+            except IdentityError as e:
+                raise usage.UsageError(f"--name: {e}") from None
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}"
+            )
+        data_dir = Path(self["data-dir"]).expanduser() if self["data-dir"] else default_data_dir()
+        self["data-dir"] = data_dir
+        self._check_state(data_dir)
+        if self["log-format"] == "json":
+            self._use_json_logs()
+
+    def _check_state(self, data_dir: Path) -> None:
+        key_file = data_dir / IDENTITY_FILE
+        try:
+            if key_file.exists():
+                storage.check_private(key_file)
+            members = NetworkStore(data_dir).list()
+        except storage.StateFileError as e:
+            raise usage.UsageError(str(e)) from None
+        now = time.time()
+        for text in self["invite"]:
+            try:
+                if "://" in text or len(text) > 64:
+                    parse_invite(text, now)
+                else:
+                    NetworkKey.from_text(text)
+            except (InviteError, NetworkKeyError) as e:
+                raise usage.UsageError(f"--invite: {e}") from None
+        if not members and not self["invite"]:
+            raise usage.UsageError(
+                f"this node belongs to no network yet (data dir {data_dir}): create one"
+                f" with 'omerta --data-dir {data_dir} network create --name NAME' or"
+                f" pass --invite LINK"
+            )
+
+    def _use_json_logs(self) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is None:
+            return
+        if parent.get("logfile"):
+            raise usage.UsageError(
+                "--log-format json writes to standard output; drop twistd's --logfile"
+                " (run with twistd -n and redirect, or let systemd collect it)"
+            )
+        parent["logger"] = JSON_LOGGER
+
+    def capabilities(self) -> Capability:
+        raise NotImplementedError
+
+
+def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
+    """
+    Assemble (without starting) the services of one node.
+    """
+    top = MultiService()
+    node = NodeService(
+        options["data-dir"],
+        port=options["port"],
+        interface=options["interface"],
+        name=options["name"],
+        bootstrap=options["bootstrap"],
+        invites=options["invite"],
+        capabilities=options.capabilities(),
+        reactor=reactor,
+    )
+    node.setName("node")
+    node.setServiceParent(top)
+    return top

@@ -1,0 +1,22 @@
+"""
+C{twistd omerta-provider}: a node that offers compute; with C{--relay} it
+also plays the relay role in the same process.
+"""
+
+from __future__ import annotations
+
+from omerta.app.options import NodeOptions, make_node_service
+from omerta.wire.messages import Capability
+
+
+class Options(NodeOptions):
+    default_port = 7401
+    longdesc = "Run an omerta provider node (add --relay to also serve as a relay)."
+    optFlags = [["relay", None, "Also run the relay role in this process."]]
+
+    def capabilities(self) -> Capability:
+        return Capability.PROVIDER | (Capability.RELAY if self["relay"] else Capability.NONE)
+
+
+def makeService(options: Options):
+    return make_node_service(options)

@@ -1,0 +1,221 @@
+"""
+Sealing and opening mesh frames.
+
+Key schedule: every (network, sender, boot) has its own ChaCha20-Poly1305 key,
+C{HKDF(network key, "frame", sender id || boot id)}.  A sender draws a random
+8-byte boot id each time it starts and numbers its frames 1, 2, 3, ... under
+that key; the 64-bit counter, zero-padded to 12 bytes, is the nonce.  So a
+nonce never repeats under one key: not across senders (different keys), not
+across restarts (a fresh boot id gives a fresh key, with no state to persist),
+and not within a run (the counter only grows).
+
+The receiver keeps, per (network, sender, boot), a sliding replay window of
+L{ReplayWindow.SIZE} counters, and per (network, sender) the boot ids it has
+seen retire, so frames from a sender's previous run are refused.  Both tables
+are bounded (least recently used entries go first), so a flood of senders
+cannot grow memory without limit.  Nothing is remembered about a frame until
+its tag has been verified.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, deque
+from typing import Mapping, NamedTuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from omerta.crypto.network import NetworkKey
+from omerta.wire import ParseError
+from omerta.wire.envelope import (
+    BOOT_ID_SIZE,
+    HEADER_SIZE,
+    build_header,
+    parse_header,
+)
+
+_NONCE_PAD = bytes(4)
+_FRAME_LABEL = b"frame"
+MAX_COUNTER = 2**64 - 1
+
+
+class FrameRejected(Exception):
+    """
+    A frame that was not accepted.  C{reason} is a short stable token used as
+    a drop-counter label: malformed, unknown_network, bad_tag, replay,
+    stale_boot.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class OpenedFrame(NamedTuple):
+    type: int
+    network_id: bytes
+    sender: bytes
+    boot: bytes
+    counter: int
+    body: bytes
+
+
+def _frame_key(key: NetworkKey, sender: bytes, boot: bytes) -> ChaCha20Poly1305:
+    return ChaCha20Poly1305(key.derive(_FRAME_LABEL, sender + boot))
+
+
+def _nonce(counter: int) -> bytes:
+    return _NONCE_PAD + counter.to_bytes(8, "big")
+
+
+class FrameSealer:
+    """
+    Seals the frames one node sends in one network during one run.
+    """
+
+    def __init__(self, key: NetworkKey, sender: bytes, boot: bytes | None = None):
+        self.network_id = key.network_id
+        self.sender = sender
+        self.boot = boot if boot is not None else os.urandom(BOOT_ID_SIZE)
+        self._aead = _frame_key(key, sender, self.boot)
+        self._counter = 0
+
+    @property
+    def counter(self) -> int:
+        """
+        The counter of the last frame sealed (0 before the first).
+        """
+        return self._counter
+
+    def seal(self, msg_type: int, body: bytes) -> bytes:
+        if self._counter >= MAX_COUNTER:
+            raise OverflowError("frame counter exhausted; restart the node for a new boot id")
+        self._counter += 1
+        header = build_header(msg_type, self.network_id, self.sender, self.boot, self._counter)
+        return header + self._aead.encrypt(_nonce(self._counter), body, header)
+
+
+class ReplayWindow:
+    """
+    Sliding window over frame counters (RFC 6479 style, as a Python int
+    bitmap).  Counter 0 is never valid.
+    """
+
+    SIZE = 1024
+    __slots__ = ("top", "bits")
+
+    def __init__(self) -> None:
+        self.top = 0
+        self.bits = 1
+
+    def fresh(self, counter: int) -> bool:
+        """
+        Whether C{counter} has not been seen and is not too old.
+        """
+        if counter > self.top:
+            return True
+        offset = self.top - counter
+        return offset < self.SIZE and not (self.bits >> offset) & 1
+
+    def mark(self, counter: int) -> None:
+        if counter > self.top:
+            shift = counter - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.SIZE) - 1) if shift < self.SIZE else 1
+            self.top = counter
+        else:
+            self.bits |= 1 << (self.top - counter)
+
+
+class _Context:
+    __slots__ = ("aead", "window")
+
+    def __init__(self, aead: ChaCha20Poly1305):
+        self.aead = aead
+        self.window = ReplayWindow()
+
+
+class FrameOpener:
+    """
+    Opens frames for every network a node belongs to.
+
+    @param keys: network id -> key; the mapping may be replaced with
+        L{set_keys} when the node joins or leaves a network.
+    """
+
+    RETIRED_BOOTS = 4
+
+    def __init__(
+        self,
+        keys: Mapping[bytes, NetworkKey],
+        max_contexts: int = 16384,
+    ):
+        self._keys = dict(keys)
+        self._max = max_contexts
+        self._contexts: OrderedDict[tuple, _Context] = OrderedDict()
+        self._boots: OrderedDict[tuple, tuple[bytes, deque]] = OrderedDict()
+
+    def set_keys(self, keys: Mapping[bytes, NetworkKey]) -> None:
+        self._keys = dict(keys)
+        for key in [k for k in self._contexts if k[0] not in self._keys]:
+            del self._contexts[key]
+        for key in [k for k in self._boots if k[0] not in self._keys]:
+            del self._boots[key]
+
+    def open(self, frame: bytes) -> OpenedFrame:
+        """
+        Authenticate and decrypt C{frame}.
+
+        @raise FrameRejected: with the reason it was refused.
+        """
+        try:
+            header = parse_header(frame)
+        except ParseError as e:
+            raise FrameRejected("malformed", str(e)) from None
+        key = self._keys.get(header.network_id)
+        if key is None:
+            raise FrameRejected("unknown_network")
+        peer = (header.network_id, header.sender)
+        boots = self._boots.get(peer)
+        if boots is not None and header.boot != boots[0] and header.boot in boots[1]:
+            raise FrameRejected("stale_boot")
+        ident = (header.network_id, header.sender, header.boot)
+        context = self._contexts.get(ident)
+        if context is None:
+            context = _Context(_frame_key(key, header.sender, header.boot))
+        elif not context.window.fresh(header.counter):
+            raise FrameRejected("replay")
+        head = frame[:HEADER_SIZE]
+        try:
+            body = context.aead.decrypt(_nonce(header.counter), frame[HEADER_SIZE:], head)
+        except InvalidTag:
+            raise FrameRejected("bad_tag") from None
+        context.window.mark(header.counter)
+        self._remember(ident, context)
+        self._note_boot(peer, header.boot, boots)
+        return OpenedFrame(
+            header.type, header.network_id, header.sender, header.boot, header.counter, body
+        )
+
+    def _remember(self, ident: tuple, context: _Context) -> None:
+        contexts = self._contexts
+        if ident in contexts:
+            contexts.move_to_end(ident)
+            return
+        contexts[ident] = context
+        if len(contexts) > self._max:
+            contexts.popitem(last=False)
+
+    def _note_boot(self, peer: tuple, boot: bytes, boots) -> None:
+        table = self._boots
+        if boots is None:
+            table[peer] = (boot, deque(maxlen=self.RETIRED_BOOTS))
+            if len(table) > self._max:
+                table.popitem(last=False)
+            return
+        table.move_to_end(peer)
+        current, retired = boots
+        if boot != current:
+            retired.append(current)
+            self._contexts.pop(peer + (current,), None)
+            table[peer] = (boot, retired)

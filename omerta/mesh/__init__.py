@@ -1,0 +1,4 @@
+"""
+The node: one UDP socket, the demultiplexer in front of it, and the mesh
+controller behind it.
+"""

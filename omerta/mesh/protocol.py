@@ -1,0 +1,78 @@
+"""
+The datagram protocol on a node's single UDP socket.
+
+It is a thin adapter: classify the datagram, open omerta frames, hand what is
+valid to a controller and count everything else.  C{datagramReceived} never
+raises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from omerta.crypto.sealing import FrameOpener, FrameRejected, OpenedFrame
+from omerta.metrics import Metrics
+from omerta.wire.demux import Kind, classify
+
+Address = tuple[str, int]
+
+
+class FrameHandler(TypingProtocol):
+    def frame_received(self, frame: OpenedFrame, addr: Address) -> None: ...
+
+
+class NodeProtocol(DatagramProtocol):
+    """
+    Demultiplexes STUN, omerta frames and junk arriving on one socket.
+
+    @param stun_handler: called with C{(datagram, addr)} for STUN messages, or
+        None when the node does not speak STUN yet (they are then counted as
+        dropped with reason C{stun_unhandled}).
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        opener: FrameOpener,
+        handler: FrameHandler,
+        metrics: Metrics,
+        stun_handler: Callable[[bytes, Address], None] | None = None,
+    ):
+        self.opener = opener
+        self.handler = handler
+        self.metrics = metrics
+        self.stun_handler = stun_handler
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        try:
+            self._dispatch(datagram, (addr[0], addr[1]))
+        except Exception:
+            self.metrics.inc("drops", reason="internal_error")
+            self.log.failure("Error handling a datagram from {addr}", addr=addr)
+
+    def _dispatch(self, datagram: bytes, addr: Address) -> None:
+        metrics = self.metrics
+        metrics.inc("packets_in")
+        metrics.inc("bytes_in", len(datagram))
+        kind = classify(datagram)
+        if kind is Kind.FRAME:
+            try:
+                frame = self.opener.open(datagram)
+            except FrameRejected as e:
+                metrics.inc("drops", reason=e.reason)
+                return
+            metrics.inc("frames_in")
+            self.handler.frame_received(frame, addr)
+        elif kind is Kind.STUN:
+            if self.stun_handler is None:
+                metrics.inc("drops", reason="stun_unhandled")
+            else:
+                metrics.inc("stun_in")
+                self.stun_handler(datagram, addr)
+        else:
+            metrics.inc("drops", reason="junk")

@@ -1,0 +1,203 @@
+"""
+L{NodeService}: the Twisted service that owns a node's single UDP socket.
+
+Constructing it does nothing; C{startService} loads the identity and the
+memberships, binds the socket, starts the timers and contacts the bootstrap
+peers; C{stopService} undoes all of it.  The live state is mirrored into
+C{status.json} in the data directory (atomically), which C{omerta node
+status} reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from omerta import storage
+from omerta.addressing import BootstrapSpec
+from omerta.crypto.identity import load_or_create_identity
+from omerta.crypto.sealing import FrameOpener
+from omerta.mesh.node import MeshConfig, MeshNode
+from omerta.mesh.protocol import NodeProtocol
+from omerta.metrics import Metrics
+from omerta.networks import NetworkStore
+from omerta.wire.messages import Capability
+
+STATUS_FILE = "status.json"
+
+
+class NodeService(Service):
+    """
+    One node: identity, memberships, socket, mesh controller.
+
+    @param invites: invite links (or keys) to join at start if this node is
+        not a member yet.
+    @param reactor: provides C{IReactorUDP}, C{IReactorTime} (and
+        C{IReactorPluggableNameResolver} for host names); the global reactor
+        when None.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        interface: str = "",
+        name: str = "",
+        bootstrap: list[BootstrapSpec] = (),
+        invites: list[str] = (),
+        capabilities: Capability = Capability.NONE,
+        config: MeshConfig | None = None,
+        status_interval: float = 2.0,
+        reactor=None,
+    ):
+        self.data_dir = Path(data_dir)
+        self.port_number = port
+        self.interface = interface
+        self.node_name = name
+        self.bootstrap_specs = list(bootstrap)
+        self.invites = list(invites)
+        self.capabilities = capabilities
+        self.config = config or MeshConfig()
+        self.status_interval = status_interval
+        self._reactor = reactor
+        self.metrics = Metrics()
+        self.node: MeshNode | None = None
+        self.port = None
+        self._loops: list[LoopingCall] = []
+        self._bootstrap_call = None
+        self._bootstrap_delay = self.config.bootstrap_retry_initial
+        self._last_status: dict | None = None
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def startService(self) -> None:
+        reactor = self.reactor
+        identity = load_or_create_identity(self.data_dir)
+        store = NetworkStore(self.data_dir)
+        for invite in self.invites:
+            result = store.join(invite, reactor.seconds())
+            self.log.info(
+                "Joined network {network}", network=result.membership.network_id
+            )
+        memberships = store.list()
+        specs = self.bootstrap_specs + [s for m in memberships for s in m.bootstrap]
+        unique_specs = list(dict.fromkeys(specs))
+        self.node = MeshNode(
+            identity,
+            [m.key for m in memberships],
+            clock=reactor,
+            metrics=self.metrics,
+            name=self.node_name,
+            capabilities=self.capabilities,
+            bootstrap=unique_specs,
+            config=self.config,
+        )
+        protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
+        self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
+        self.node.transport = self.port
+        host = self.port.getHost()
+        self.log.info(
+            "Node {peer_id} ({name}) listening on UDP {host}:{port} in {count} network(s)",
+            peer_id=identity.peer_id_text,
+            name=self.node_name or "unnamed",
+            host=host.host,
+            port=host.port,
+            count=len(memberships),
+        )
+        Service.startService(self)
+        self._start_loop(self.node.keepalive, self.config.keepalive, now=False)
+        self._start_loop(self.write_status, self.status_interval, now=True)
+        self._resolve_bootstraps().addCallback(lambda _: self._bootstrap_tick())
+
+    def _start_loop(self, function, interval: float, now: bool) -> None:
+        loop = LoopingCall(function)
+        loop.clock = self.reactor
+        loop.start(interval, now=now).addErrback(
+            lambda f: self.log.failure("Periodic task {name} failed", f, name=function.__name__)
+        )
+        self._loops.append(loop)
+
+    def _resolve_bootstraps(self) -> Deferred:
+        waits = []
+        for boot in self.node.bootstraps:
+            endpoint = boot.spec.endpoint
+            if endpoint.is_ip:
+                boot.address = (endpoint.host, endpoint.port)
+                continue
+            d = self.reactor.resolve(endpoint.host)
+
+            def resolved(ip, boot=boot):
+                boot.address = (ip, boot.spec.endpoint.port)
+
+            def failed(failure, boot=boot):
+                self.log.warn(
+                    "Cannot resolve bootstrap {spec}: {error}",
+                    spec=str(boot.spec),
+                    error=failure.getErrorMessage(),
+                )
+
+            waits.append(d.addCallbacks(resolved, failed))
+        if not waits:
+            return succeed(None)
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(waits)
+
+    def _bootstrap_tick(self) -> None:
+        self._bootstrap_call = None
+        if not self.running or not self.node.contact_bootstraps():
+            return
+        self._bootstrap_call = self.reactor.callLater(self._bootstrap_delay, self._bootstrap_tick)
+        self._bootstrap_delay = min(self._bootstrap_delay * 2, self.config.bootstrap_retry_max)
+
+    def status(self) -> dict:
+        host = self.port.getHost() if self.port is not None else None
+        document = {
+            "pid": os.getpid(),
+            "running": self.running,
+            "listen": None if host is None else f"{host.host}:{host.port}",
+            "metrics": self.metrics.snapshot(),
+        }
+        if self.node is not None:
+            document.update(self.node.status())
+        return document
+
+    def write_status(self) -> None:
+        """
+        Mirror the live state into C{status.json} when it changed.
+        """
+        document = self.status()
+        if document == self._last_status:
+            return
+        self._last_status = document
+        storage.write_json(
+            self.data_dir / STATUS_FILE, dict(document, updated_at=self.reactor.seconds())
+        )
+
+    def stopService(self):
+        Service.stopService(self)
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        if self._bootstrap_call is not None and self._bootstrap_call.active():
+            self._bootstrap_call.cancel()
+        if self.port is None:
+            return None
+        self.write_status()
+        port, self.port = self.port, None
+        return port.stopListening()

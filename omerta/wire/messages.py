@@ -1,0 +1,292 @@
+"""
+The bodies of mesh frames, one construct definition per message type.
+
+A body travels sealed inside an envelope (L{omerta.wire.envelope}); the type
+byte is in the envelope's clear header.  Values are construct Containers:
+attribute access on parse, plain dicts (or keyword arguments) on build.
+
+Type ranges:
+
+    0x01-0x0f  discovery, gossip and liveness
+    0x10-0x1f  relay control
+    0x20-0x2f  hole punching
+    0x30-0x3f  application data and request/response
+    0x80-0xff  reserved for unsealed data-path frames (relayed data), whose
+               layout is not an envelope
+"""
+
+from __future__ import annotations
+
+import enum
+
+import construct as c
+
+from omerta.wire import ParseError
+from omerta.wire.codec import ENDPOINT, PEER_ID, SHORT_TEXT, build, parse_exact
+
+
+class MessageType(enum.IntEnum):
+    PING = 0x01
+    PONG = 0x02
+    ANNOUNCE = 0x03
+    PEER_LIST = 0x04
+    FIND_PEER = 0x05
+    PEER_INFO = 0x06
+    PEER_NOT_FOUND = 0x07
+    FRESHNESS_QUERY = 0x08
+    FRESHNESS_ANSWER = 0x09
+    PATH_FAILED = 0x0A
+    RELAY_RESERVE = 0x10
+    RELAY_ACCEPT = 0x11
+    RELAY_DENY = 0x12
+    RELAY_END = 0x13
+    PUNCH_REQUEST = 0x20
+    PUNCH_EXECUTE = 0x21
+    PUNCH_PROBE = 0x22
+    PUNCH_ACK = 0x23
+    PUNCH_RESULT = 0x24
+    APP_DATA = 0x30
+    REQUEST = 0x31
+    RESPONSE = 0x32
+
+
+class NatType(enum.IntEnum):
+    UNKNOWN = 0
+    PUBLIC = 1
+    FULL_CONE = 2
+    RESTRICTED_CONE = 3
+    PORT_RESTRICTED_CONE = 4
+    SYMMETRIC = 5
+    BLOCKED = 6
+
+
+class PathKind(enum.IntEnum):
+    DIRECT = 1
+    RELAYED = 2
+    PUNCHABLE = 3
+    LAN = 4
+
+
+class Capability(enum.IntFlag):
+    NONE = 0
+    RELAY = 1
+    PROVIDER = 2
+    STUN = 4
+    COORDINATOR = 8
+
+
+class CandidateKind(enum.IntEnum):
+    HOST = 1
+    SERVER_REFLEXIVE = 2
+    RELAYED = 3
+
+
+class PunchStrategy(enum.IntEnum):
+    SIMULTANEOUS = 1
+    YOU_FIRST = 2
+    THEY_FIRST = 3
+    IMPOSSIBLE = 4
+
+
+class ResponseStatus(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    NO_SUCH_CHANNEL = 2
+    TIMEOUT = 3
+
+
+class RelayDenyReason(enum.IntEnum):
+    FULL = 1
+    NOT_A_RELAY = 2
+    NOT_A_MEMBER = 3
+    RATE_LIMITED = 4
+    TOO_MANY_SESSIONS = 5
+    NO_RESERVATION = 6
+
+
+Contact = c.Struct(
+    "peer_id" / PEER_ID,
+    "endpoint" / ENDPOINT,
+    "age_ms" / c.Int32ub,
+)
+
+Path = c.Struct(
+    "kind" / c.Int8ub,
+    "endpoint" / ENDPOINT,
+    "via" / PEER_ID,
+)
+
+Resources = c.Struct(
+    "cpu_cores" / c.Int16ub,
+    "memory_mb" / c.Int32ub,
+    "disk_gb" / c.Int32ub,
+    "gpus" / c.Int8ub,
+)
+
+AnnouncementRecord = c.Struct(
+    "public_key" / c.Bytes(32),
+    "name" / SHORT_TEXT,
+    "sequence" / c.Int64ub,
+    "timestamp_ms" / c.Int64ub,
+    "ttl_s" / c.Int32ub,
+    "nat_type" / c.Int8ub,
+    "capabilities" / c.Int16ub,
+    "paths" / c.PrefixedArray(c.Int8ub, Path),
+    "resources" / Resources,
+)
+"""
+The signed part of an announcement.  It travels as raw bytes inside
+L{SignedAnnouncement} so the signature is checked over exactly the bytes the
+signer produced.
+"""
+
+SignedAnnouncement = c.Struct(
+    "record" / c.Prefixed(c.Int16ub, c.GreedyBytes),
+    "signature" / c.Bytes(64),
+)
+
+Candidate = c.Struct(
+    "kind" / c.Int8ub,
+    "endpoint" / ENDPOINT,
+)
+
+BODIES: dict[MessageType, c.Construct] = {
+    MessageType.PING: c.Struct(
+        "nonce" / c.Int64ub,
+        "sent_ms" / c.Int64ub,
+        "contacts" / c.PrefixedArray(c.Int8ub, Contact),
+    ),
+    MessageType.PONG: c.Struct(
+        "nonce" / c.Int64ub,
+        "echo_ms" / c.Int64ub,
+        "observed" / ENDPOINT,
+        "contacts" / c.PrefixedArray(c.Int8ub, Contact),
+    ),
+    MessageType.ANNOUNCE: c.Struct(
+        "hops" / c.Int8ub,
+        "announcement" / SignedAnnouncement,
+    ),
+    MessageType.PEER_LIST: c.Struct(
+        "announcements" / c.PrefixedArray(c.Int8ub, SignedAnnouncement),
+    ),
+    MessageType.FIND_PEER: c.Struct(
+        "query_id" / c.Int64ub,
+        "target" / PEER_ID,
+        "hops" / c.Int8ub,
+    ),
+    MessageType.PEER_INFO: c.Struct(
+        "query_id" / c.Int64ub,
+        "announcement" / SignedAnnouncement,
+    ),
+    MessageType.PEER_NOT_FOUND: c.Struct(
+        "query_id" / c.Int64ub,
+        "target" / PEER_ID,
+    ),
+    MessageType.FRESHNESS_QUERY: c.Struct(
+        "query_id" / c.Int64ub,
+        "origin" / PEER_ID,
+        "target" / PEER_ID,
+        "max_age_s" / c.Int32ub,
+        "hops" / c.Int8ub,
+    ),
+    MessageType.FRESHNESS_ANSWER: c.Struct(
+        "query_id" / c.Int64ub,
+        "target" / PEER_ID,
+        "heard_ago_ms" / c.Int32ub,
+        "path" / Path,
+    ),
+    MessageType.PATH_FAILED: c.Struct(
+        "target" / PEER_ID,
+        "path" / Path,
+    ),
+    MessageType.RELAY_RESERVE: c.Struct(
+        "lifetime_s" / c.Int32ub,
+    ),
+    MessageType.RELAY_ACCEPT: c.Struct(
+        "lifetime_s" / c.Int32ub,
+        "session_limit" / c.Int16ub,
+        "free_sessions" / c.Int16ub,
+    ),
+    MessageType.RELAY_DENY: c.Struct(
+        "reason" / c.Int8ub,
+        "detail" / SHORT_TEXT,
+    ),
+    MessageType.RELAY_END: c.Struct(
+        "session_id" / c.Int64ub,
+        "reason" / c.Int8ub,
+    ),
+    MessageType.PUNCH_REQUEST: c.Struct(
+        "attempt_id" / c.Int64ub,
+        "target" / PEER_ID,
+        "nat_type" / c.Int8ub,
+        "candidates" / c.PrefixedArray(c.Int8ub, Candidate),
+    ),
+    MessageType.PUNCH_EXECUTE: c.Struct(
+        "attempt_id" / c.Int64ub,
+        "peer" / PEER_ID,
+        "strategy" / c.Int8ub,
+        "start_in_ms" / c.Int32ub,
+        "candidates" / c.PrefixedArray(c.Int8ub, Candidate),
+    ),
+    MessageType.PUNCH_PROBE: c.Struct(
+        "attempt_id" / c.Int64ub,
+        "seq" / c.Int16ub,
+    ),
+    MessageType.PUNCH_ACK: c.Struct(
+        "attempt_id" / c.Int64ub,
+        "seq" / c.Int16ub,
+        "observed" / ENDPOINT,
+    ),
+    MessageType.PUNCH_RESULT: c.Struct(
+        "attempt_id" / c.Int64ub,
+        "peer" / PEER_ID,
+        "success" / c.Flag,
+        "endpoint" / ENDPOINT,
+        "elapsed_ms" / c.Int32ub,
+    ),
+    MessageType.APP_DATA: c.Struct(
+        "channel" / SHORT_TEXT,
+        "payload" / c.GreedyBytes,
+    ),
+    MessageType.REQUEST: c.Struct(
+        "request_id" / c.Int64ub,
+        "trace_id" / c.Bytes(8),
+        "channel" / SHORT_TEXT,
+        "timeout_ms" / c.Int32ub,
+        "payload" / c.GreedyBytes,
+    ),
+    MessageType.RESPONSE: c.Struct(
+        "request_id" / c.Int64ub,
+        "trace_id" / c.Bytes(8),
+        "status" / c.Int8ub,
+        "payload" / c.GreedyBytes,
+    ),
+}
+
+
+def build_body(msg_type: MessageType, value=None, **fields) -> bytes:
+    """
+    Build the body of a message of C{msg_type} from a dict or keywords.
+    """
+    return build(BODIES[msg_type], value if value is not None else fields, msg_type.name)
+
+
+def parse_body(msg_type: int, body: bytes):
+    """
+    Parse the body of a message of type C{msg_type}.
+
+    @raise ParseError: unknown type, or a body that does not match it.
+    """
+    try:
+        kind = MessageType(msg_type)
+    except ValueError:
+        raise ParseError(f"unknown message type 0x{msg_type:02x}") from None
+    return parse_exact(BODIES[kind], body, kind.name)
+
+
+def build_record(value=None, **fields) -> bytes:
+    return build(AnnouncementRecord, value if value is not None else fields, "announcement")
+
+
+def parse_record(data: bytes):
+    return parse_exact(AnnouncementRecord, data, "announcement record")
