@@ -1,0 +1,217 @@
+"""
+Message bodies: golden bytes built independently of construct, round trips,
+and fuzzing that only ParseError ever escapes.
+"""
+
+import socket
+import struct
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial import unittest
+
+from omerta.wire import ParseError
+from omerta.wire.messages import (
+    BODIES,
+    MessageType as T,
+    build_body,
+    build_record,
+    parse_body,
+    parse_record,
+)
+
+P1 = bytes(range(16))
+P2 = bytes(range(16, 32))
+
+
+def ep4(ip, port):
+    return b"\x04" + socket.inet_aton(ip) + struct.pack("!H", port)
+
+
+def ep6(ip, port):
+    return b"\x06" + socket.inet_pton(socket.AF_INET6, ip) + struct.pack("!H", port)
+
+
+def text(s):
+    raw = s.encode()
+    return bytes([len(raw)]) + raw
+
+
+def path(kind, endpoint, via):
+    return bytes([kind]) + endpoint + via
+
+
+SIGNED = {"record": b"REC", "signature": b"S" * 64}
+SIGNED_BYTES = b"\x00\x03REC" + b"S" * 64
+PATH = {"kind": 2, "endpoint": ("10.0.0.1", 7), "via": P2}
+PATH_BYTES = path(2, ep4("10.0.0.1", 7), P2)
+
+# (type, value, golden bytes written out from the documented layout)
+CASES = [
+    (
+        T.PING,
+        {"nonce": 1, "sent_ms": 2, "contacts": [{"peer_id": P1, "endpoint": ("::1", 9), "age_ms": 3}]},
+        struct.pack("!QQB", 1, 2, 1) + P1 + ep6("::1", 9) + struct.pack("!I", 3),
+    ),
+    (
+        T.PONG,
+        {"nonce": 1, "echo_ms": 2, "observed": ("192.0.2.1", 7400), "contacts": []},
+        struct.pack("!QQ", 1, 2) + ep4("192.0.2.1", 7400) + b"\x00",
+    ),
+    (T.ANNOUNCE, {"hops": 2, "announcement": SIGNED}, b"\x02" + SIGNED_BYTES),
+    (T.PEER_LIST, {"announcements": [SIGNED, SIGNED]}, b"\x02" + SIGNED_BYTES * 2),
+    (T.FIND_PEER, {"query_id": 5, "target": P1, "hops": 3}, struct.pack("!Q", 5) + P1 + b"\x03"),
+    (T.PEER_INFO, {"query_id": 5, "announcement": SIGNED}, struct.pack("!Q", 5) + SIGNED_BYTES),
+    (T.PEER_NOT_FOUND, {"query_id": 5, "target": P1}, struct.pack("!Q", 5) + P1),
+    (
+        T.FRESHNESS_QUERY,
+        {"query_id": 6, "origin": P1, "target": P2, "max_age_s": 300, "hops": 5},
+        struct.pack("!Q", 6) + P1 + P2 + struct.pack("!IB", 300, 5),
+    ),
+    (
+        T.FRESHNESS_ANSWER,
+        {"query_id": 6, "target": P2, "heard_ago_ms": 1500, "path": PATH},
+        struct.pack("!Q", 6) + P2 + struct.pack("!I", 1500) + PATH_BYTES,
+    ),
+    (T.PATH_FAILED, {"target": P2, "path": PATH}, P2 + PATH_BYTES),
+    (T.RELAY_RESERVE, {"lifetime_s": 600}, struct.pack("!I", 600)),
+    (
+        T.RELAY_ACCEPT,
+        {"lifetime_s": 600, "session_limit": 50, "free_sessions": 49},
+        struct.pack("!IHH", 600, 50, 49),
+    ),
+    (T.RELAY_DENY, {"reason": 1, "detail": "full"}, b"\x01" + text("full")),
+    (T.RELAY_END, {"session_id": 9, "reason": 2}, struct.pack("!QB", 9, 2)),
+    (
+        T.PUNCH_REQUEST,
+        {"attempt_id": 7, "target": P2, "nat_type": 5,
+         "candidates": [{"kind": 1, "endpoint": ("10.0.0.2", 1)}]},
+        struct.pack("!Q", 7) + P2 + b"\x05\x01" + b"\x01" + ep4("10.0.0.2", 1),
+    ),
+    (
+        T.PUNCH_EXECUTE,
+        {"attempt_id": 7, "peer": P1, "strategy": 1, "start_in_ms": 250, "candidates": []},
+        struct.pack("!Q", 7) + P1 + struct.pack("!BIB", 1, 250, 0),
+    ),
+    (T.PUNCH_PROBE, {"attempt_id": 7, "seq": 3}, struct.pack("!QH", 7, 3)),
+    (
+        T.PUNCH_ACK,
+        {"attempt_id": 7, "seq": 3, "observed": ("198.51.100.1", 40000)},
+        struct.pack("!QH", 7, 3) + ep4("198.51.100.1", 40000),
+    ),
+    (
+        T.PUNCH_RESULT,
+        {"attempt_id": 7, "peer": P1, "success": True, "endpoint": ("10.0.0.3", 4), "elapsed_ms": 120},
+        struct.pack("!Q", 7) + P1 + b"\x01" + ep4("10.0.0.3", 4) + struct.pack("!I", 120),
+    ),
+    (T.APP_DATA, {"channel": "vm", "payload": b"\x00\xff"}, text("vm") + b"\x00\xff"),
+    (
+        T.REQUEST,
+        {"request_id": 8, "trace_id": b"T" * 8, "channel": "vm", "timeout_ms": 10000, "payload": b"q"},
+        struct.pack("!Q", 8) + b"T" * 8 + text("vm") + struct.pack("!I", 10000) + b"q",
+    ),
+    (
+        T.RESPONSE,
+        {"request_id": 8, "trace_id": b"T" * 8, "status": 0, "payload": b"a"},
+        struct.pack("!Q", 8) + b"T" * 8 + b"\x00a",
+    ),
+]
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class BodyTests(unittest.TestCase):
+    def test_every_type_has_a_golden_case(self):
+        """The golden table covers the whole message catalogue."""
+        self.assertEqual({case[0] for case in CASES}, set(BODIES))
+
+    def test_golden_bytes(self):
+        """Each body builds to exactly its documented bytes."""
+        for msg_type, value, golden in CASES:
+            self.assertEqual(build_body(msg_type, value), golden, msg_type.name)
+
+    def test_round_trip(self):
+        """Parsing the golden bytes gives back the value."""
+        for msg_type, value, golden in CASES:
+            self.assertEqual(_plain(parse_body(msg_type, golden)), value, msg_type.name)
+
+    def test_trailing_bytes_rejected(self):
+        """A fixed-size body followed by extra bytes is malformed."""
+        for msg_type, value, golden in CASES:
+            if msg_type in (T.APP_DATA, T.REQUEST, T.RESPONSE):
+                continue
+            self.assertRaises(ParseError, parse_body, msg_type, golden + b"x")
+
+    def test_truncated_rejected(self):
+        """Every prefix that stops before the free-form payload is malformed."""
+        for msg_type, value, golden in CASES:
+            fixed = len(golden) - len(value.get("payload", b""))
+            for cut in range(fixed):
+                self.assertRaises(ParseError, parse_body, msg_type, golden[:cut])
+
+    def test_unknown_type(self):
+        """A type outside the catalogue is a ParseError naming it."""
+        error = self.assertRaises(ParseError, parse_body, 0x7F, b"")
+        self.assertIn("0x7f", str(error))
+
+    def test_bad_endpoint_family(self):
+        """An endpoint family other than 4 or 6 is malformed."""
+        bad = struct.pack("!QQ", 1, 2) + b"\x05" + bytes(6) + b"\x00"
+        self.assertRaises(ParseError, parse_body, T.PONG, bad)
+
+    def test_bad_utf8(self):
+        """A channel name that is not UTF-8 is malformed."""
+        self.assertRaises(ParseError, parse_body, T.APP_DATA, b"\x02\xff\xfe")
+
+    @settings(max_examples=300)
+    @given(st.sampled_from(sorted(BODIES)), st.binary(max_size=200))
+    def test_fuzz_only_parse_error(self, msg_type, data):
+        """Random bytes for any type either parse or raise ParseError, nothing else."""
+        try:
+            parse_body(msg_type, data)
+        except ParseError:
+            pass
+
+    @given(st.integers(0, 255), st.binary(max_size=64))
+    def test_fuzz_any_type_byte(self, msg_type, data):
+        """Any type byte with random bytes raises at most ParseError."""
+        try:
+            parse_body(msg_type, data)
+        except ParseError:
+            pass
+
+
+class RecordTests(unittest.TestCase):
+    RECORD = {
+        "public_key": b"K" * 32,
+        "name": "relay-1",
+        "sequence": 3,
+        "timestamp_ms": 4,
+        "ttl_s": 3600,
+        "nat_type": 1,
+        "capabilities": 1,
+        "paths": [PATH],
+        "resources": {"cpu_cores": 8, "memory_mb": 16384, "disk_gb": 500, "gpus": 1},
+    }
+
+    def test_golden(self):
+        """An announcement record has its documented layout."""
+        golden = (
+            b"K" * 32 + text("relay-1") + struct.pack("!QQIBH", 3, 4, 3600, 1, 1)
+            + b"\x01" + PATH_BYTES + struct.pack("!HIIB", 8, 16384, 500, 1)
+        )
+        self.assertEqual(build_record(self.RECORD), golden)
+        self.assertEqual(_plain(parse_record(golden)), self.RECORD)
+
+    @given(st.binary(max_size=200))
+    def test_fuzz(self, data):
+        """Random record bytes raise at most ParseError."""
+        try:
+            parse_record(data)
+        except ParseError:
+            pass
