@@ -238,8 +238,11 @@ class MeshNode:
             return
         handler(frame, addr, peer, message)
         if peer.announced_to_boot != frame.boot:
+            # First frame of this peer's run: introduce ourselves and measure
+            # the round trip now rather than at the next keepalive.
             peer.announced_to_boot = frame.boot
             self.announce_to(frame.network_id, addr)
+            self.ping(frame.network_id, addr, peer.peer_id)
 
     def _sighting(self, frame: OpenedFrame, addr: Address) -> PeerSighting | None:
         now = self.clock.seconds()

@@ -89,7 +89,7 @@ class NodeService(Service):
         identity = load_or_create_identity(self.data_dir)
         store = NetworkStore(self.data_dir)
         for invite in self.invites:
-            result = store.join(invite, reactor.seconds())
+            result = store.join(invite, reactor.seconds(), exist_ok=True)
             self.log.info(
                 "Joined network {network}", network=result.membership.network_id
             )

@@ -1,0 +1,140 @@
+"""
+C{omerta node status}: what the node running on this data directory sees.
+
+A running node mirrors its state into C{status.json} in its data directory
+(see L{omerta.mesh.service}); this command reads that file, checks the node
+is still alive, and can wait (up to C{--timeout}) until the node sees a
+number of peers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from omerta.app.cli import CommandError, Invocation
+from omerta.crypto.identity import IDENTITY_FILE, load_or_create_identity
+from omerta.mesh.service import STATUS_FILE
+from omerta.networks import NetworkStore
+from omerta.storage import read_json
+
+POLL_INTERVAL = 0.2
+
+
+def register(subparsers: Any) -> None:
+    node = subparsers.add_parser(
+        "node", help="inspect the node that runs on this data directory"
+    )
+    commands = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    status = commands.add_parser(
+        "status",
+        help="identity, networks and the peers the running node sees",
+        description="Show what the node running on --data-dir sees, from its"
+        " status file.",
+    )
+    status.add_argument(
+        "--wait-peers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wait until the node sees at least N online peers",
+    )
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long --wait-peers waits (default 10)",
+    )
+    status.set_defaults(func=status_command)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_status(invocation: Invocation) -> dict | None:
+    document = read_json(invocation.data_dir / STATUS_FILE, lambda: None)
+    if document is None:
+        return None
+    document["alive"] = bool(document.get("running")) and _alive(int(document.get("pid", 0)))
+    age = max(0.0, invocation.now() - float(document.get("updated_at", 0)))
+    document["status_age_s"] = round(age, 3)
+    for peer in document.get("peers", []):
+        peer["last_seen_ago_s"] = round(peer["last_seen_ago_s"] + age, 3)
+    return document
+
+
+def _online(document: dict | None) -> int:
+    if not document or not document["alive"]:
+        return 0
+    return sum(1 for p in document.get("peers", []) if p["state"] == "online")
+
+
+def status_command(invocation: Invocation) -> int:
+    args = invocation.args
+    if not (invocation.data_dir / IDENTITY_FILE).exists():
+        raise CommandError(
+            f"no node has run on {invocation.data_dir} yet (no identity there);"
+            f" start one with 'twistd -n omerta-relay --data-dir {invocation.data_dir}'"
+        )
+    document = _read_status(invocation)
+    deadline = time.monotonic() + args.timeout
+    while _online(document) < args.wait_peers and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+        document = _read_status(invocation)
+    if document is None:
+        identity = load_or_create_identity(invocation.data_dir)
+        document = {"peer_id": identity.peer_id_text, "alive": False, "peers": []}
+    invocation.emit(_format(document, invocation), document)
+    if _online(document) < args.wait_peers:
+        if not document["alive"]:
+            why = "the node is not running"
+        else:
+            why = f"it sees {_online(document)} online peer(s) after {args.timeout:g} s"
+        invocation.stdout.flush()
+        raise CommandError(f"waited for {args.wait_peers} peer(s) but {why}")
+    return 0
+
+
+def _format(document: dict, invocation: Invocation) -> str:
+    names = {m.network_id: m.name for m in NetworkStore(invocation.data_dir).list()}
+    state = "running" if document["alive"] else "not running"
+    lines = [
+        f"node      {document['peer_id']} ({document.get('name') or 'unnamed'})",
+        f"state     {state}" + (f", pid {document['pid']}" if document["alive"] else ""),
+    ]
+    if document.get("listen"):
+        lines.append(f"listening udp {document['listen']}")
+    if document.get("capabilities"):
+        lines.append(f"roles     {', '.join(document['capabilities'])}")
+    for network in document.get("networks", []):
+        lines.append(f"network   {network} ({names.get(network, '?')})")
+    peers = document.get("peers", [])
+    lines.append(f"peers     {len(peers)}")
+    if peers:
+        lines.append(
+            f"  {'PEER ID':32}  {'NAME':14}  {'ENDPOINT':21}  {'STATE':6}  {'RTT':>9}  LAST SEEN"
+        )
+        for p in peers:
+            rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms"
+            lines.append(
+                f"  {p['peer_id']:32}  {(p['name'] or '-'):14}  {p['endpoint']:21}"
+                f"  {p['state']:6}  {rtt:>9}  {p['last_seen_ago_s']:.1f} s ago"
+            )
+    metrics = document.get("metrics", {})
+    if metrics:
+        frames_out = sum(s["value"] for s in metrics.get("frames_out", []))
+        drops = {s["labels"]["reason"]: s["value"] for s in metrics.get("drops", [])}
+        lines.append(
+            f"frames    in {metrics.get('frames_in', 0)}, out {frames_out}; drops: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none")
+        )
+    return "\n".join(lines)
