@@ -1,0 +1,107 @@
+"""
+Helpers for tests that run real omerta processes on loopback: start twistd
+with a plugin, wait for conditions with a deadline (never a fixed sleep),
+stop everything at cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+REPO = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Daemon:
+    """
+    One C{twistd -n <plugin>} process with its log in C{<data_dir>.log}.
+    """
+
+    def __init__(self, testcase, plugin: str, data_dir: Path, *args: str):
+        self.data_dir = Path(data_dir)
+        self.log_path = self.data_dir.with_suffix(".log")
+        self.argv = [str(TWISTD), "-n", "--pidfile=", plugin, "--data-dir", str(data_dir), *args]
+        self.process = None
+        self.start()
+        testcase.addCleanup(self.stop)
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=environment(), cwd=REPO
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code, self.process = self.process.returncode, None
+        self.log.close()
+        return code
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.data_dir / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def wait_for(predicate, timeout: float, what: str, interval: float = 0.1, describe=None):
+    """
+    Poll C{predicate} on the reactor until it is true or C{timeout} passes.
+
+    @raise AssertionError: naming C{what} (and C{describe()} if given).
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if reactor.seconds() >= deadline:
+            detail = f"\n{describe()}" if describe else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+        await deferLater(reactor, interval, lambda: None)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """
+    Run the C{omerta} command as a separate process.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "omerta.app.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        cwd=REPO,
+        timeout=60,
+    )
