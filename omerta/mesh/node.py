@@ -301,17 +301,8 @@ class MeshNode:
                 "Rejected announcement from {addr}: {reason}", addr=addr, reason=e.reason
             )
             return
-        for boot in self.bootstraps:
-            if boot.address == addr and boot.spec.peer_id is not None:
-                if boot.spec.peer_id != format_peer_id(record.peer_id):
-                    self.metrics.inc("drops", reason="bootstrap_mismatch")
-                    self.log.warn(
-                        "Bootstrap {spec} answered as peer {peer_id}; ignoring it",
-                        spec=str(boot.spec),
-                        peer_id=format_peer_id(record.peer_id),
-                    )
-                    return
-                boot.reached = True
+        if not self._check_bootstrap_identity(addr, format_peer_id(record.peer_id)):
+            return
         if record.sequence <= peer.sequence:
             self.metrics.inc("drops", reason="stale_sequence")
             return
@@ -319,6 +310,26 @@ class MeshNode:
         peer.public_key = record.public_key
         peer.name = record.name
         peer.capabilities = record.capabilities
+
+    def _check_bootstrap_identity(self, addr: Address, peer_id: str) -> bool:
+        """
+        Mark bootstrap specs at C{addr} that name C{peer_id} as reached.
+        False when specs there name only other ids: the answer does not come
+        from the peer the operator asked for.
+        """
+        expected = [b for b in self.bootstraps if b.address == addr and b.spec.peer_id]
+        matched = [b for b in expected if b.spec.peer_id == peer_id]
+        for boot in matched:
+            boot.reached = True
+        if expected and not matched:
+            self.metrics.inc("drops", reason="bootstrap_mismatch")
+            self.log.warn(
+                "Bootstrap {specs} answered as peer {peer_id}; not counted as reached",
+                specs=", ".join(str(b.spec) for b in expected),
+                peer_id=peer_id,
+            )
+            return False
+        return True
 
     # status
 

@@ -1,0 +1,239 @@
+"""
+The foundation mesh controller and node service, on the simulated network:
+bootstrap with backoff, signed announcements, keepalive RTT, rejections.
+"""
+
+import json
+import os
+import time
+
+from twisted.trial import unittest
+
+from omerta.addressing import parse_bootstrap
+from omerta.crypto.announce import sign_announcement
+from omerta.crypto.identity import Identity, load_or_create_identity
+from omerta.mesh.node import MeshConfig
+from omerta.mesh.service import STATUS_FILE, NodeService
+from omerta.networks import NetworkStore
+from omerta.testing.simnet import SimNetwork
+from omerta.wire.messages import Capability, MessageType
+
+RELAY_IP = "198.51.100.1"
+PORT = 7400
+
+
+class MeshFixture:
+    """
+    A simulated network with a relay that created network "sim".
+    """
+
+    def __init__(self, testcase, **net_options):
+        self.testcase = testcase
+        self.net = SimNetwork(seed=7, latency=0.010, **net_options)
+        self.base = os.path.abspath(testcase.mktemp())
+        relay_dir = f"{self.base}/relay"
+        identity = load_or_create_identity(relay_dir)
+        self.membership = NetworkStore(relay_dir).create(
+            identity, "sim", f"{RELAY_IP}:{PORT}", now=time.time()
+        )
+        self.relay_id = identity.peer_id_text
+        self.relay = None
+
+    def node(self, ip, name, *, port=PORT, invite=True, **kwargs):
+        service = NodeService(
+            f"{self.base}/{name}",
+            port=port,
+            name=name,
+            invites=[self.membership.invite] if invite else [],
+            reactor=self.net.host(ip).reactor,
+            **kwargs,
+        )
+        service.startService()
+        self.testcase.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    def start_relay(self):
+        self.relay = self.node(RELAY_IP, "relay", invite=False, capabilities=Capability.RELAY)
+        return self.relay
+
+
+def names(service):
+    return {p.name for p in service.node.peers.values() if p.public_key is not None}
+
+
+class BootstrapTests(unittest.TestCase):
+    def setUp(self):
+        self.mesh = MeshFixture(self)
+
+    def test_star_from_invite(self):
+        """Nodes joining by invite reach the relay; all sides know names and keys."""
+        relay = self.mesh.start_relay()
+        a = self.mesh.node("10.0.0.2", "alice")
+        b = self.mesh.node("10.0.0.3", "bob")
+        self.assertTrue(self.mesh.net.run_until(
+            lambda: names(relay) == {"alice", "bob"} and "relay" in names(a) and "relay" in names(b),
+            timeout=5,
+        ))
+        peer = relay.node.peers[a.node.peer_id]
+        self.assertEqual(peer.endpoint, ("10.0.0.2", PORT))
+        self.assertEqual(peer.capabilities, 0)
+        self.assertEqual(a.node.peers[relay.node.peer_id].capabilities, Capability.RELAY)
+
+    def test_rtt_measured(self):
+        """A ping/pong over a 10 ms link measures about 20 ms."""
+        self.mesh.start_relay()
+        a = self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(1)
+        rtt = next(iter(a.node.peers.values())).rtt
+        self.assertAlmostEqual(rtt, 0.020, places=3)
+
+    def test_retry_with_backoff_until_relay_starts(self):
+        """A node started before its bootstrap retries with growing delays and gets through."""
+        a = self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(10)
+        pings = a.metrics.get("frames_out", type="ping")
+        # attempts at 0, 1, 3, 7 s: backoff doubles from 1 s
+        self.assertEqual(pings, 4)
+        relay = self.mesh.start_relay()
+        self.assertTrue(self.mesh.net.run_until(
+            lambda: "alice" in names(relay) and a.status()["bootstrap"][0]["reached"],
+            timeout=20,
+        ))
+
+    def test_bootstrap_id_checked(self):
+        """A bootstrap spec whose id does not match the answering key is not counted as reached."""
+        self.mesh.start_relay()
+        wrong = Identity.generate().peer_id_text
+        b = self.mesh.node(
+            "10.0.0.3", "bob", bootstrap=[parse_bootstrap(f"{wrong}@{RELAY_IP}:{PORT}")],
+        )
+        self.mesh.net.run(5)
+        self.assertEqual(b.metrics.get("drops", reason="bootstrap_mismatch"), 0)
+        specs = {s["spec"]: s["reached"] for s in b.status()["bootstrap"]}
+        self.assertFalse(specs[f"{wrong}@{RELAY_IP}:{PORT}"])
+        self.assertTrue(specs[f"{self.mesh.relay_id}@{RELAY_IP}:{PORT}"])
+
+    def test_bootstrap_impostor(self):
+        """When only a wrong id is expected at an address, the answer is counted as a mismatch."""
+        self.mesh.start_relay()
+        wrong = Identity.generate().peer_id_text
+        store = NetworkStore(f"{self.mesh.base}/carol")
+        store.join(self.mesh.membership.key.to_text(), time.time(), name="sim")
+        carol = self.mesh.node(
+            "10.0.0.4", "carol", invite=False,
+            bootstrap=[parse_bootstrap(f"{wrong}@{RELAY_IP}:{PORT}")],
+        )
+        self.mesh.net.run(5)
+        self.assertGreaterEqual(carol.metrics.get("drops", reason="bootstrap_mismatch"), 1)
+        self.assertEqual(carol.status()["bootstrap"], [
+            {"spec": f"{wrong}@{RELAY_IP}:{PORT}", "reached": False}
+        ])
+
+    def test_no_bootstrap_to_self(self):
+        """The network creator does not bootstrap from its own invite entry."""
+        relay = self.mesh.start_relay()
+        self.assertEqual(relay.node.bootstraps, [])
+
+    def test_status_file(self):
+        """The service mirrors what it sees into status.json."""
+        relay = self.mesh.start_relay()
+        self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(3)
+        with open(os.path.join(relay.data_dir, STATUS_FILE)) as f:
+            status = json.load(f)
+        self.assertEqual([p["name"] for p in status["peers"]], ["alice"])
+        self.assertEqual(status["peers"][0]["state"], "online")
+        self.assertEqual(status["listen"], f"{RELAY_IP}:{PORT}")
+
+    def test_stop_releases_everything(self):
+        """After stopService no timer is pending and the socket is closed."""
+        relay = self.mesh.start_relay()
+        a = self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(2)
+        for service in (a, relay):
+            service.stopService()
+        self.assertEqual(self.mesh.net.clock.getDelayedCalls(), [])
+
+    def test_peer_goes_stale(self):
+        """A peer silent for three keepalive periods is shown stale."""
+        relay = self.mesh.start_relay()
+        a = self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(2)
+        a.stopService()
+        self.mesh.net.run(3 * 15 + 16)
+        [peer] = relay.status()["peers"]
+        self.assertEqual(peer["state"], "stale")
+
+
+class RejectionTests(unittest.TestCase):
+    def setUp(self):
+        self.mesh = MeshFixture(self)
+        self.relay = self.mesh.start_relay()
+        self.alice = self.mesh.node("10.0.0.2", "alice")
+        self.mesh.net.run(1)
+        self.network_id = self.mesh.membership.key.network_id
+
+    def test_forged_announcement(self):
+        """A member cannot announce another identity: sender_mismatch."""
+        mallory = Identity.generate()
+        self.alice.node.send(
+            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0,
+            announcement=sign_announcement(mallory, self.network_id, _record("mallory")),
+        )
+        self.mesh.net.run(1)
+        self.assertEqual(self.relay.metrics.get("drops", reason="sender_mismatch"), 1)
+        self.assertNotIn("mallory", names(self.relay))
+
+    def test_bad_signature(self):
+        """A record whose signature does not verify is dropped."""
+        signed = sign_announcement(self.alice.node.identity, self.network_id, _record("alice2"))
+        signed["signature"] = bytes(64)
+        self.alice.node.send(
+            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0, announcement=signed
+        )
+        self.mesh.net.run(1)
+        self.assertEqual(self.relay.metrics.get("drops", reason="bad_signature"), 1)
+        self.assertEqual(self.relay.node.peers[self.alice.node.peer_id].name, "alice")
+
+    def test_stale_sequence(self):
+        """An older announcement does not overwrite a newer one."""
+        record = dict(_record("old-name"), sequence=1)
+        self.alice.node.send(
+            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0,
+            announcement=sign_announcement(self.alice.node.identity, self.network_id, record),
+        )
+        self.mesh.net.run(1)
+        self.assertEqual(self.relay.metrics.get("drops", reason="stale_sequence"), 1)
+        self.assertEqual(self.relay.node.peers[self.alice.node.peer_id].name, "alice")
+
+    def test_malformed_body(self):
+        """A sealed frame whose body does not parse is counted, not fatal."""
+        sealer = self.alice.node.sealers[self.network_id]
+        self.alice.port.write(sealer.seal(MessageType.PING, b"\x01"), (RELAY_IP, PORT))
+        self.mesh.net.run(1)
+        self.assertEqual(self.relay.metrics.get("drops", reason="malformed_body"), 1)
+
+    def test_unexpected_pong(self):
+        """A pong that answers no ping of ours gives no RTT and is counted."""
+        self.alice.node.send(
+            self.network_id, (RELAY_IP, PORT), MessageType.PONG, nonce=12345,
+            echo_ms=0, observed=("10.0.0.2", PORT), contacts=[],
+        )
+        self.mesh.net.run(1)
+        self.assertEqual(self.relay.metrics.get("drops", reason="unexpected_pong"), 1)
+
+    def test_peer_table_bounded(self):
+        """Beyond max_peers new senders are dropped, not stored."""
+        self.relay.node.config = MeshConfig(max_peers=1)
+        self.mesh.node("10.0.0.3", "bob")
+        self.mesh.net.run(2)
+        self.assertEqual(len(self.relay.node.peers), 1)
+        self.assertGreater(self.relay.metrics.get("drops", reason="peer_table_full"), 0)
+
+
+def _record(name):
+    return {
+        "name": name, "sequence": 2**62, "timestamp_ms": 0, "ttl_s": 60, "nat_type": 0,
+        "capabilities": 0, "paths": [],
+        "resources": {"cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0},
+    }
