@@ -237,3 +237,35 @@ def _record(name):
         "capabilities": 0, "paths": [],
         "resources": {"cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0},
     }
+
+
+class SeveralNetworksTests(unittest.TestCase):
+    def test_invite_bootstrap_only_in_its_network(self):
+        """A bootstrap peer from one network's invite never sees frames of the node's other networks."""
+        mesh = MeshFixture(self)
+        relay = mesh.start_relay()
+        other_dir = f"{mesh.base}/other-creator"
+        other = NetworkStore(other_dir).create(
+            load_or_create_identity(other_dir), "other", None, now=time.time()
+        )
+        NetworkStore(f"{mesh.base}/alice").join(other.invite, time.time())
+        alice = mesh.node("10.0.0.2", "alice")
+        self.assertEqual(len(alice.node.sealers), 2)
+        mesh.net.run(5)
+        self.assertIn("alice", names(relay))
+        self.assertEqual(relay.metrics.get("drops", reason="unknown_network"), 0)
+
+    def test_command_line_bootstrap_in_every_network(self):
+        """A --bootstrap peer is contacted in each of the node's networks."""
+        mesh = MeshFixture(self)
+        relay = mesh.start_relay()
+        other_dir = f"{mesh.base}/other-creator"
+        other = NetworkStore(other_dir).create(
+            load_or_create_identity(other_dir), "other", None, now=time.time()
+        )
+        NetworkStore(f"{mesh.base}/alice").join(other.invite, time.time())
+        mesh.node(
+            "10.0.0.2", "alice", bootstrap=[parse_bootstrap(f"relay@{RELAY_IP}:{PORT}")]
+        )
+        mesh.net.run(2)
+        self.assertGreater(relay.metrics.get("drops", reason="unknown_network"), 0)

@@ -89,7 +89,13 @@ def _capability_names(flags: int) -> list[str]:
 
 @dataclass
 class _Bootstrap:
+    """
+    A peer to bootstrap from, in the networks named (every network of this
+    node when C{networks} is None: a spec given on the command line).
+    """
+
     spec: BootstrapSpec
+    networks: set[bytes] | None = None
     address: Address | None = None
     reached: bool = False
 
@@ -100,6 +106,10 @@ class MeshNode:
 
     @param networks: the networks this node belongs to.
     @param clock: an C{IReactorTime} provider.
+    @param bootstrap: peers to start from in every network.
+    @param network_bootstrap: peers to start from in one network only (from
+        that network's invite), by network id; never contacted in the other
+        networks, whose ids they need not learn.
     """
 
     log = Logger()
@@ -114,6 +124,7 @@ class MeshNode:
         name: str = "",
         capabilities: Capability = Capability.NONE,
         bootstrap: list[BootstrapSpec] = (),
+        network_bootstrap: dict[bytes, list[BootstrapSpec]] | None = None,
         config: MeshConfig | None = None,
     ):
         self.identity = identity
@@ -125,7 +136,12 @@ class MeshNode:
         self.config = config or MeshConfig()
         self.sealers = {key.network_id: FrameSealer(key, self.peer_id) for key in networks}
         self.peers: dict[bytes, PeerSighting] = {}
-        self.bootstraps = [_Bootstrap(spec) for spec in bootstrap if not self._is_self(spec)]
+        self.bootstraps: list[_Bootstrap] = []
+        for spec in bootstrap:
+            self._add_bootstrap(spec, None)
+        for network_id, specs in (network_bootstrap or {}).items():
+            for spec in specs:
+                self._add_bootstrap(spec, network_id)
         self.transport = None
         self._sequence = int(clock.seconds() * 1000)
         self._pings: dict[int, tuple[float, bytes]] = {}
@@ -134,6 +150,21 @@ class MeshNode:
             MessageType.PONG: self._on_pong,
             MessageType.ANNOUNCE: self._on_announce,
         }
+
+    def _add_bootstrap(self, spec: BootstrapSpec, network_id: bytes | None) -> None:
+        if self._is_self(spec):
+            return
+        for boot in self.bootstraps:
+            if boot.spec == spec:
+                if boot.networks is not None:
+                    if network_id is None:
+                        boot.networks = None
+                    else:
+                        boot.networks.add(network_id)
+                return
+        self.bootstraps.append(
+            _Bootstrap(spec, None if network_id is None else {network_id})
+        )
 
     def _is_self(self, spec: BootstrapSpec) -> bool:
         if spec.peer_id is not None:
@@ -197,8 +228,9 @@ class MeshNode:
         pending = [b for b in self.bootstraps if not b.reached and b.address is not None]
         for boot in pending:
             for network_id in self.sealers:
-                self.announce_to(network_id, boot.address)
-                self.ping(network_id, boot.address)
+                if boot.networks is None or network_id in boot.networks:
+                    self.announce_to(network_id, boot.address)
+                    self.ping(network_id, boot.address)
         return any(not b.reached for b in self.bootstraps)
 
     def keepalive(self) -> None:

@@ -94,8 +94,6 @@ class NodeService(Service):
                 "Joined network {network}", network=result.membership.network_id
             )
         memberships = store.list()
-        specs = self.bootstrap_specs + [s for m in memberships for s in m.bootstrap]
-        unique_specs = list(dict.fromkeys(specs))
         self.node = MeshNode(
             identity,
             [m.key for m in memberships],
@@ -103,7 +101,8 @@ class NodeService(Service):
             metrics=self.metrics,
             name=self.node_name,
             capabilities=self.capabilities,
-            bootstrap=unique_specs,
+            bootstrap=self.bootstrap_specs,
+            network_bootstrap={m.key.network_id: list(m.bootstrap) for m in memberships},
             config=self.config,
         )
         protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
