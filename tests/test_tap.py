@@ -40,13 +40,58 @@ class OptionsTests(unittest.TestCase):
         relay = self.parse(relay_tap.Options())
         provider = self.parse(provider_tap.Options())
         self.assertEqual((relay["port"], provider["port"]), (7400, 7401))
-        self.assertEqual(relay.capabilities(), Capability.RELAY)
+        self.assertEqual(relay.capabilities(), Capability.RELAY | Capability.STUN)
         self.assertEqual(provider.capabilities(), Capability.PROVIDER)
+        self.assertTrue(relay.serves_stun())
+        self.assertFalse(provider.serves_stun())
 
     def test_provider_with_relay(self):
-        """omerta-provider --relay plays both roles in one process."""
+        """omerta-provider --relay plays both roles in one process, STUN included."""
         options = self.parse(provider_tap.Options(), "--relay")
-        self.assertEqual(options.capabilities(), Capability.PROVIDER | Capability.RELAY)
+        self.assertEqual(
+            options.capabilities(), Capability.PROVIDER | Capability.RELAY | Capability.STUN
+        )
+
+    def test_relay_without_stun(self):
+        """omerta-relay --no-stun-server stops answering STUN."""
+        options = self.parse(relay_tap.Options(), "--no-stun-server")
+        self.assertEqual(options.capabilities(), Capability.RELAY)
+
+    def test_stun_alternate(self):
+        """--stun-alternate takes IP[:PORT], defaulting the port to --port + 1."""
+        options = self.parse(
+            relay_tap.Options(), "--interface", "198.51.100.10", "--stun-alternate", "198.51.100.11"
+        )
+        self.assertEqual(options["stun-alternate"], ("198.51.100.11", 7401))
+        options = self.parse(
+            relay_tap.Options(), "--interface", "198.51.100.10",
+            "--stun-alternate", "198.51.100.11:4000",
+        )
+        self.assertEqual(options["stun-alternate"], ("198.51.100.11", 4000))
+
+    def test_stun_alternate_errors(self):
+        """--stun-alternate needs a specific interface, a fixed port and a different address."""
+        cases = [
+            (["--stun-alternate", "198.51.100.11"], "--interface"),
+            (["--interface", "198.51.100.10", "--port", "0", "--stun-alternate", "198.51.100.11"],
+             "fixed --port"),
+            (["--interface", "198.51.100.10", "--stun-alternate", "198.51.100.10:9"], "differ"),
+            (["--interface", "198.51.100.10", "--stun-alternate", "nonsense"], "IP[:PORT]"),
+        ]
+        for args, fragment in cases:
+            error = self.assertRaises(UsageError, self.parse, relay_tap.Options(), *args)
+            self.assertIn(fragment, str(error), args)
+        error = self.assertRaises(
+            UsageError, self.parse, provider_tap.Options(),
+            "--interface", "198.51.100.10", "--stun-alternate", "198.51.100.11",
+        )
+        self.assertIn("serve STUN", str(error))
+
+    def test_stun_servers(self):
+        """--stun takes IP:PORT (repeatable) and refuses host names."""
+        options = self.parse(relay_tap.Options(), "--stun", "198.51.100.10:3478", "--stun", "[::1]:3478")
+        self.assertEqual(options["stun"], [("198.51.100.10", 3478), ("::1", 3478)])
+        self.assertRaises(UsageError, self.parse, relay_tap.Options(), "--stun", "stun.example.org:3478")
 
     def test_bootstrap_repeatable(self):
         """--bootstrap may be given several times and is parsed at once."""
@@ -133,7 +178,9 @@ class MakeServiceTests(unittest.TestCase):
         options = relay_tap.Options()
         options.parseOptions(["--data-dir", data_dir])
         service = relay_tap.makeService(options)
-        self.assertEqual(service.getServiceNamed("node").capabilities, Capability.RELAY)
+        self.assertEqual(
+            service.getServiceNamed("node").capabilities, Capability.RELAY | Capability.STUN
+        )
 
 
 class PluginTests(unittest.TestCase):

@@ -35,7 +35,7 @@ from omerta.crypto.network import NetworkKeyError
 from omerta.networks import MembershipError
 from omerta.storage import StateFileError
 
-COMMAND_MODULES = ("omerta.app.cli_network", "omerta.app.cli_node")
+COMMAND_MODULES = ("omerta.app.cli_network", "omerta.app.cli_node", "omerta.app.cli_nat")
 """
 Modules whose C{register(subparsers)} adds commands, imported when the
 parser is built.
@@ -98,6 +98,32 @@ class Invocation:
             self.stdout.write("\n")
         else:
             self.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def run_reactor(coroutine_function: Callable[[Any], Any]) -> Any:
+    """
+    Run C{coroutine_function(reactor)} on the global reactor until it
+    finishes and return its result (or raise its exception).  A process can
+    run the reactor only once, so a command calls this at most once.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    outcome: list = []
+
+    def start() -> None:
+        d = ensureDeferred(coroutine_function(reactor))
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=True)
+    if not outcome:
+        raise KeyboardInterrupt()
+    result = outcome[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
 
 
 def _global_options(data_dir: Any, output: Any) -> argparse.ArgumentParser:

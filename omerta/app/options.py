@@ -18,7 +18,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from omerta import storage
-from omerta.addressing import AddressError, parse_bootstrap, parse_port
+from omerta.addressing import AddressError, parse_bootstrap, parse_endpoint, parse_port
 from omerta.app.paths import default_data_dir
 from omerta.crypto.identity import IDENTITY_FILE, IdentityError, validate_name
 from omerta.crypto.invite import InviteError, parse_invite
@@ -44,12 +44,17 @@ class NodeOptions(usage.Options):
         ["data-dir", "d", None, "State directory (default: $OMERTA_DATA_DIR or ~/.local/share/omerta)."],
         ["name", "n", "", "Human name of this node (letters, digits, '.', '_', '-')."],
         ["log-format", None, "text", "Log output: text or json (JSON lines on stdout)."],
+        ["stun-alternate", None, None,
+         "Second address IP[:PORT] for RFC 5780 STUN (needs --interface; port"
+         " defaults to --port + 1)."],
+        ["nat-interval", None, "300", "Seconds between NAT discoveries (0: never)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["bootstrap"] = []
         self["invite"] = []
+        self["stun"] = []
 
     def opt_bootstrap(self, spec: str) -> None:
         """
@@ -59,6 +64,19 @@ class NodeOptions(usage.Options):
             self["bootstrap"].append(parse_bootstrap(spec))
         except AddressError as e:
             raise usage.UsageError(str(e)) from None
+
+    def opt_stun(self, text: str) -> None:
+        """
+        STUN server IP:PORT for NAT discovery (repeatable; default: the
+        bootstrap peers).
+        """
+        try:
+            endpoint = parse_endpoint(text)
+        except AddressError as e:
+            raise usage.UsageError(f"--stun: {e}") from None
+        if not endpoint.is_ip:
+            raise usage.UsageError(f"--stun {text}: give an IP address, not a host name")
+        self["stun"].append((endpoint.host, endpoint.port))
 
     def opt_invite(self, text: str) -> None:
         """
@@ -88,11 +106,45 @@ class NodeOptions(usage.Options):
             raise usage.UsageError(
                 f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}"
             )
+        try:
+            self["nat-interval"] = float(self["nat-interval"])
+            if self["nat-interval"] < 0:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--nat-interval takes a number of seconds >= 0") from None
+        self._check_stun_alternate()
         data_dir = Path(self["data-dir"]).expanduser() if self["data-dir"] else default_data_dir()
         self["data-dir"] = data_dir
         self._check_state(data_dir)
         if self["log-format"] == "json":
             self._use_json_logs()
+
+    def _check_stun_alternate(self) -> None:
+        text = self["stun-alternate"]
+        if text is None:
+            return
+        if not self.serves_stun():
+            raise usage.UsageError("--stun-alternate needs this node to serve STUN")
+        if not self["interface"] or ipaddress.ip_address(self["interface"]).is_unspecified:
+            raise usage.UsageError(
+                "--stun-alternate needs --interface with this node's primary IP address"
+            )
+        if not self["port"]:
+            raise usage.UsageError("--stun-alternate needs a fixed --port, not 0")
+        host, sep, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+        try:
+            ip = str(ipaddress.ip_address(host.strip("[]")))
+            port_number = parse_port(port) if sep else self["port"] + 1
+        except (ValueError, AddressError) as e:
+            raise usage.UsageError(f"--stun-alternate {text!r}: expected IP[:PORT] ({e})") from None
+        if ip == self["interface"] or port_number == self["port"]:
+            raise usage.UsageError(
+                "--stun-alternate must differ from --interface in IP and from --port in port"
+            )
+        self["stun-alternate"] = (ip, port_number)
+
+    def serves_stun(self) -> bool:
+        raise NotImplementedError
 
     def _check_state(self, data_dir: Path) -> None:
         key_file = data_dir / IDENTITY_FILE
@@ -146,6 +198,10 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
         bootstrap=options["bootstrap"],
         invites=options["invite"],
         capabilities=options.capabilities(),
+        serve_stun=options.serves_stun(),
+        stun_alternate=options["stun-alternate"],
+        stun_servers=options["stun"],
+        nat_interval=options["nat-interval"],
         reactor=reactor,
     )
     node.setName("node")

@@ -12,10 +12,21 @@ from omerta.wire.messages import Capability
 class Options(NodeOptions):
     default_port = 7401
     longdesc = "Run an omerta provider node (add --relay to also serve as a relay)."
-    optFlags = [["relay", None, "Also run the relay role in this process."]]
+    optFlags = [
+        ["relay", None, "Also run the relay role in this process (serves STUN too)."],
+        ["stun-server", None, "Answer STUN requests (implied by --relay)."],
+    ]
+
+    def serves_stun(self) -> bool:
+        return bool(self["relay"] or self["stun-server"])
 
     def capabilities(self) -> Capability:
-        return Capability.PROVIDER | (Capability.RELAY if self["relay"] else Capability.NONE)
+        flags = Capability.PROVIDER
+        if self["relay"]:
+            flags |= Capability.RELAY
+        if self.serves_stun():
+            flags |= Capability.STUN
+        return flags
 
 
 def makeService(options: Options):

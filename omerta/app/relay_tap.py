@@ -1,9 +1,9 @@
 """
 C{twistd omerta-relay}: a reachable node that other nodes bootstrap from.
 
-At this stage of the product the relay role is a well-known, always-on mesh
-member (bootstrap and announcements); forwarding, STUN service and hole-punch
-coordination are added by their own components.
+A relay serves STUN on its mesh port by default (with C{--stun-alternate}
+also the RFC 5780 tests); forwarding and hole-punch coordination are added by
+their own components.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from omerta.wire.messages import Capability
 class Options(NodeOptions):
     default_port = 7400
     longdesc = "Run an omerta relay node: a public bootstrap and relay for NAT-bound peers."
+    optFlags = [["no-stun-server", None, "Do not answer STUN requests."]]
+
+    def serves_stun(self) -> bool:
+        return not self["no-stun-server"]
 
     def capabilities(self) -> Capability:
-        return Capability.RELAY
+        return Capability.RELAY | (Capability.STUN if self.serves_stun() else Capability.NONE)
 
 
 def makeService(options: Options):

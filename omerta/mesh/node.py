@@ -143,6 +143,7 @@ class MeshNode:
             for spec in specs:
                 self._add_bootstrap(spec, network_id)
         self.transport = None
+        self.nat = None
         self._sequence = int(clock.seconds() * 1000)
         self._pings: dict[int, tuple[float, bytes]] = {}
         self._handlers = {
@@ -192,7 +193,7 @@ class MeshNode:
                 "sequence": self._sequence,
                 "timestamp_ms": int(self.clock.seconds() * 1000),
                 "ttl_s": self.config.announce_ttl,
-                "nat_type": NatType.UNKNOWN,
+                "nat_type": NatType.UNKNOWN if self.nat is None else self.nat.nat_type,
                 "capabilities": int(self.capabilities),
                 "paths": [],
                 "resources": {"cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0},

@@ -22,10 +22,13 @@ from omerta import storage
 from omerta.addressing import BootstrapSpec
 from omerta.crypto.identity import load_or_create_identity
 from omerta.crypto.sealing import FrameOpener
+from omerta.mesh.events import Events
 from omerta.mesh.node import MeshConfig, MeshNode
 from omerta.mesh.protocol import NodeProtocol
 from omerta.metrics import Metrics
 from omerta.networks import NetworkStore
+from omerta.stun.discovery import NatReport
+from omerta.stun.service import StunService
 from omerta.wire.messages import Capability
 
 STATUS_FILE = "status.json"
@@ -56,6 +59,10 @@ class NodeService(Service):
         capabilities: Capability = Capability.NONE,
         config: MeshConfig | None = None,
         status_interval: float = 2.0,
+        serve_stun: bool = False,
+        stun_alternate: tuple[str, int] | None = None,
+        stun_servers: list[tuple[str, int]] = (),
+        nat_interval: float = 300.0,
         reactor=None,
     ):
         self.data_dir = Path(data_dir)
@@ -68,7 +75,13 @@ class NodeService(Service):
         self.config = config or MeshConfig()
         self.status_interval = status_interval
         self._reactor = reactor
+        self.serve_stun = serve_stun
+        self.stun_alternate = stun_alternate
+        self.stun_servers = list(stun_servers)
+        self.nat_interval = nat_interval
         self.metrics = Metrics()
+        self.events = Events()
+        self.stun: StunService | None = None
         self.node: MeshNode | None = None
         self.port = None
         self._loops: list[LoopingCall] = []
@@ -108,6 +121,17 @@ class NodeService(Service):
         protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
         self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
         self.node.transport = self.port
+        self.stun = StunService(
+            reactor,
+            self.metrics,
+            serve=self.serve_stun,
+            alternate=self.stun_alternate,
+            servers=self._discovery_servers,
+            interval=self.nat_interval,
+            on_report=self._nat_report,
+        )
+        self.stun.start(self.port)
+        protocol.stun_handler = self.stun.datagram_received
         host = self.port.getHost()
         self.log.info(
             "Node {peer_id} ({name}) listening on UDP {host}:{port} in {count} network(s)",
@@ -120,7 +144,36 @@ class NodeService(Service):
         Service.startService(self)
         self._start_loop(self.node.keepalive, self.config.keepalive, now=False)
         self._start_loop(self.write_status, self.status_interval, now=True)
-        self._resolve_bootstraps().addCallback(lambda _: self._bootstrap_tick())
+        self._resolve_bootstraps().addCallback(lambda _: self._bootstrapped())
+
+    def _bootstrapped(self) -> None:
+        self._bootstrap_tick()
+        if self.nat_interval > 0:
+            self.stun.discover()
+
+    def _discovery_servers(self) -> list[tuple[str, int]]:
+        """
+        Explicit --stun servers, else the bootstrap peers (relays serve STUN
+        on their mesh port).
+        """
+        if self.stun_servers:
+            return list(self.stun_servers)
+        return [b.address for b in self.node.bootstraps if b.address is not None]
+
+    def _nat_report(self, report: NatReport, previous: NatReport | None) -> None:
+        self.node.nat = report
+        changed = previous is None or (report.nat_type, report.mapped) != (
+            previous.nat_type, previous.mapped
+        )
+        if changed:
+            self.log.info(
+                "NAT: {classic} (mapping {mapping}, filtering {filtering}), mapped {mapped}",
+                classic=report.classic,
+                mapping=report.mapping.value,
+                filtering=report.filtering.value,
+                mapped=report.as_dict()["mapped"],
+            )
+            self.events.emit("nat_changed", report=report, previous=previous)
 
     def _start_loop(self, function, interval: float, now: bool) -> None:
         loop = LoopingCall(function)
@@ -173,6 +226,10 @@ class NodeService(Service):
         }
         if self.node is not None:
             document.update(self.node.status())
+        if self.stun is not None:
+            document["stun_server"] = self.stun.server is not None
+            report = self.stun.report
+            document["nat"] = None if report is None else report.as_dict()
         return document
 
     def write_status(self) -> None:
@@ -189,6 +246,8 @@ class NodeService(Service):
 
     def stopService(self):
         Service.stopService(self)
+        if self.stun is not None:
+            self.stun.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()

@@ -432,6 +432,62 @@ class PortRestrictedConeNat(MappingNat):
         return remote
 
 
+class FullConeNat(MappingNat):
+    """
+    Endpoint-independent mapping and filtering: once mapped, anyone may send
+    in.
+    """
+
+    @staticmethod
+    def mapping_key(src: Address, dst: Address) -> Hashable:
+        return src
+
+    @staticmethod
+    def filter_key(remote: Address) -> Hashable:
+        return None
+
+
+class RestrictedConeNat(MappingNat):
+    """
+    Endpoint-independent mapping, address-dependent filtering: a remote IP
+    the inside endpoint sent to may send in from any port.
+    """
+
+    @staticmethod
+    def mapping_key(src: Address, dst: Address) -> Hashable:
+        return src
+
+    @staticmethod
+    def filter_key(remote: Address) -> Hashable:
+        return remote[0]
+
+
+class SymmetricNat(MappingNat):
+    """
+    Address-and-port-dependent mapping and filtering: a new external port per
+    destination ip:port, replies only from that destination.
+    """
+
+    @staticmethod
+    def mapping_key(src: Address, dst: Address) -> Hashable:
+        return (src, dst)
+
+    @staticmethod
+    def filter_key(remote: Address) -> Hashable:
+        return remote
+
+
+NAT_MODELS = {
+    "full-cone": FullConeNat,
+    "restricted-cone": RestrictedConeNat,
+    "port-restricted": PortRestrictedConeNat,
+    "symmetric": SymmetricNat,
+}
+"""
+NAT models by the names the NAT lab uses for the same behaviours.
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
     """
