@@ -21,6 +21,41 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
 
 
+def require_program(name: str, package: str) -> str:
+    """
+    The path of C{name}; when it is missing, skip the test if not root (the
+    package cannot be installed), fail otherwise (CI runs as root and
+    scripts/setup-env installs C{package}).
+    """
+    import shutil
+
+    from twisted.trial.unittest import SkipTest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    if os.geteuid() != 0:
+        raise SkipTest(f"needs {name} (Debian package {package}); run scripts/setup-env as root")
+    raise AssertionError(f"{name} missing: scripts/setup-env should have installed {package}")
+
+
+def free_udp_port_pair() -> int:
+    """
+    A port P such that P and P + 1 are free on 127.0.0.1 and 127.0.0.2.
+    """
+    for _ in range(100):
+        port = free_udp_port()
+        try:
+            for ip in ("127.0.0.1", "127.0.0.2"):
+                for candidate in (port, port + 1):
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.bind((ip, candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free UDP port pair")
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -120,12 +120,18 @@ class StunServer:
         if transport is None:
             metrics.inc("stun_dropped", reason="no_socket")
             return
-        response = self._success(request, size, addr, source)
+        response = self._success(request, size, addr, source, self.other_address(local))
         transport.write(response, destination)
         metrics.inc("stun_responses", code="200")
 
-    def _success(self, request: StunMessage, size: int, addr: Address, source: Address) -> bytes:
-        other = self.other_address(source)
+    def _success(
+        self, request: StunMessage, size: int, addr: Address, source: Address, other
+    ) -> bytes:
+        """
+        @param other: OTHER-ADDRESS / CHANGED-ADDRESS: where the answer would
+            come from had both change flags been set, relative to the socket
+            the request arrived on (RFC 5780 §7.4, RFC 3489 §11.2.3).
+        """
         if request.classic:
             attributes = [(Attr.MAPPED_ADDRESS, addr), (Attr.SOURCE_ADDRESS, source)]
             if other is not None:
