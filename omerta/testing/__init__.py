@@ -9,7 +9,10 @@ Test infrastructure: fakes and the simulated network.
   latency, loss, duplication, reordering, partitions and NAT models, driven
   by one clock, so that many nodes run their real protocol code in one
   process.
+- L{omerta.testing.natlab}: the NAT lab: real network namespaces and
+  nftables NAT routers of each type (needs root).
 
-Nothing here opens a socket or imports the global reactor, and no module
-outside the tests and benchmarks imports this package.
+Nothing in C{udp} and C{simnet} opens a socket or imports the global reactor,
+and no module outside the tests, benchmarks and lab scripts imports this
+package.
 """
