@@ -240,15 +240,22 @@ def _record(name):
 
 
 class SeveralNetworksTests(unittest.TestCase):
-    def test_invite_bootstrap_only_in_its_network(self):
-        """A bootstrap peer from one network's invite never sees frames of the node's other networks."""
-        mesh = MeshFixture(self)
-        relay = mesh.start_relay()
+    def join_second_network(self, mesh, name):
+        """
+        Make C{name} (not started yet) a member of a second network, created
+        by a node the relay does not know.
+        """
         other_dir = f"{mesh.base}/other-creator"
         other = NetworkStore(other_dir).create(
             load_or_create_identity(other_dir), "other", None, now=time.time()
         )
-        NetworkStore(f"{mesh.base}/alice").join(other.invite, time.time())
+        NetworkStore(f"{mesh.base}/{name}").join(other.invite, time.time())
+
+    def test_invite_bootstrap_only_in_its_network(self):
+        """A bootstrap peer from one network's invite never sees frames of the node's other networks."""
+        mesh = MeshFixture(self)
+        relay = mesh.start_relay()
+        self.join_second_network(mesh, "alice")
         alice = mesh.node("10.0.0.2", "alice")
         self.assertEqual(len(alice.node.sealers), 2)
         mesh.net.run(5)
@@ -259,11 +266,7 @@ class SeveralNetworksTests(unittest.TestCase):
         """A --bootstrap peer is contacted in each of the node's networks."""
         mesh = MeshFixture(self)
         relay = mesh.start_relay()
-        other_dir = f"{mesh.base}/other-creator"
-        other = NetworkStore(other_dir).create(
-            load_or_create_identity(other_dir), "other", None, now=time.time()
-        )
-        NetworkStore(f"{mesh.base}/alice").join(other.invite, time.time())
+        self.join_second_network(mesh, "alice")
         mesh.node(
             "10.0.0.2", "alice", bootstrap=[parse_bootstrap(f"relay@{RELAY_IP}:{PORT}")]
         )
