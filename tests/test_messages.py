@@ -73,6 +73,16 @@ CASES = [
         struct.pack("!Q", 6) + P2 + struct.pack("!I", 1500) + PATH_BYTES,
     ),
     (T.PATH_FAILED, {"target": P2, "path": PATH}, P2 + PATH_BYTES),
+    (
+        T.INDIRECT_PING,
+        {"nonce": 4, "target": P2, "endpoint": ("10.0.0.9", 7400)},
+        struct.pack("!Q", 4) + P2 + ep4("10.0.0.9", 7400),
+    ),
+    (
+        T.INDIRECT_ACK,
+        {"nonce": 4, "target": P2, "alive": True, "rtt_us": 1500},
+        struct.pack("!Q", 4) + P2 + b"\x01" + struct.pack("!I", 1500),
+    ),
     (T.RELAY_RESERVE, {"lifetime_s": 600}, struct.pack("!I", 600)),
     (
         T.RELAY_ACCEPT,
@@ -110,6 +120,23 @@ CASES = [
         struct.pack("!Q", 8) + b"T" * 8 + text("vm") + struct.pack("!I", 10000) + b"q",
     ),
     (
+        T.HANDSHAKE_INIT,
+        {"handshake_id": 1, "initiator_key": b"I" * 32, "ephemeral": b"E" * 32,
+         "responder": P2, "timestamp_ms": 9, "signature": b"S" * 64},
+        struct.pack("!Q", 1) + b"I" * 32 + b"E" * 32 + P2 + struct.pack("!Q", 9) + b"S" * 64,
+    ),
+    (
+        T.HANDSHAKE_RESP,
+        {"handshake_id": 1, "responder_key": b"R" * 32, "ephemeral": b"F" * 32,
+         "signature": b"S" * 64},
+        struct.pack("!Q", 1) + b"R" * 32 + b"F" * 32 + b"S" * 64,
+    ),
+    (
+        T.SESSION_DATA,
+        {"session_id": 2, "counter": 3, "sealed": b"ciphertext"},
+        struct.pack("!QQ", 2, 3) + b"ciphertext",
+    ),
+    (
         T.RESPONSE,
         {"request_id": 8, "trace_id": b"T" * 8, "status": 0, "payload": b"a"},
         struct.pack("!Q", 8) + b"T" * 8 + b"\x00a",
@@ -143,14 +170,14 @@ class BodyTests(unittest.TestCase):
     def test_trailing_bytes_rejected(self):
         """A fixed-size body followed by extra bytes is malformed."""
         for msg_type, value, golden in CASES:
-            if msg_type in (T.APP_DATA, T.REQUEST, T.RESPONSE):
+            if msg_type in (T.APP_DATA, T.REQUEST, T.RESPONSE, T.SESSION_DATA):
                 continue
             self.assertRaises(ParseError, parse_body, msg_type, golden + b"x")
 
     def test_truncated_rejected(self):
         """Every prefix that stops before the free-form payload is malformed."""
         for msg_type, value, golden in CASES:
-            fixed = len(golden) - len(value.get("payload", b""))
+            fixed = len(golden) - len(value.get("payload", value.get("sealed", b"")))
             for cut in range(fixed):
                 self.assertRaises(ParseError, parse_body, msg_type, golden[:cut])
 

@@ -36,6 +36,8 @@ class MessageType(enum.IntEnum):
     FRESHNESS_QUERY = 0x08
     FRESHNESS_ANSWER = 0x09
     PATH_FAILED = 0x0A
+    INDIRECT_PING = 0x0B
+    INDIRECT_ACK = 0x0C
     RELAY_RESERVE = 0x10
     RELAY_ACCEPT = 0x11
     RELAY_DENY = 0x12
@@ -48,6 +50,9 @@ class MessageType(enum.IntEnum):
     APP_DATA = 0x30
     REQUEST = 0x31
     RESPONSE = 0x32
+    HANDSHAKE_INIT = 0x38
+    HANDSHAKE_RESP = 0x39
+    SESSION_DATA = 0x3A
 
 
 class NatType(enum.IntEnum):
@@ -199,6 +204,17 @@ BODIES: dict[MessageType, c.Construct] = {
         "target" / PEER_ID,
         "path" / Path,
     ),
+    MessageType.INDIRECT_PING: c.Struct(
+        "nonce" / c.Int64ub,
+        "target" / PEER_ID,
+        "endpoint" / ENDPOINT,
+    ),
+    MessageType.INDIRECT_ACK: c.Struct(
+        "nonce" / c.Int64ub,
+        "target" / PEER_ID,
+        "alive" / c.Flag,
+        "rtt_us" / c.Int32ub,
+    ),
     MessageType.RELAY_RESERVE: c.Struct(
         "lifetime_s" / c.Int32ub,
     ),
@@ -260,6 +276,25 @@ BODIES: dict[MessageType, c.Construct] = {
         "trace_id" / c.Bytes(8),
         "status" / c.Int8ub,
         "payload" / c.GreedyBytes,
+    ),
+    MessageType.HANDSHAKE_INIT: c.Struct(
+        "handshake_id" / c.Int64ub,
+        "initiator_key" / c.Bytes(32),
+        "ephemeral" / c.Bytes(32),
+        "responder" / PEER_ID,
+        "timestamp_ms" / c.Int64ub,
+        "signature" / c.Bytes(64),
+    ),
+    MessageType.HANDSHAKE_RESP: c.Struct(
+        "handshake_id" / c.Int64ub,
+        "responder_key" / c.Bytes(32),
+        "ephemeral" / c.Bytes(32),
+        "signature" / c.Bytes(64),
+    ),
+    MessageType.SESSION_DATA: c.Struct(
+        "session_id" / c.Int64ub,
+        "counter" / c.Int64ub,
+        "sealed" / c.GreedyBytes,
     ),
 }
 
