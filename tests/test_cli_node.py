@@ -14,7 +14,7 @@ from omerta.storage import write_json
 
 PEER = {
     "peer_id": "ab" * 16, "name": "relay", "endpoint": "127.0.0.1:7400", "networks": [],
-    "capabilities": ["relay"], "verified": True, "state": "online", "last_seen_ago_s": 1.0,
+    "capabilities": ["relay"], "state": "online", "last_heard_ago_s": 1.0,
     "rtt_ms": 0.5, "frames": 3,
 }
 
@@ -44,7 +44,7 @@ class NodeStatusTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         document = json.loads(out)
         self.assertTrue(document["alive"])
-        self.assertEqual(document["peers"][0]["last_seen_ago_s"], 11.0)
+        self.assertEqual(document["peers"][0]["last_heard_ago_s"], 11.0)
 
     def test_text(self):
         """The text form shows the node and a row per peer."""

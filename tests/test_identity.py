@@ -89,3 +89,10 @@ class PeerIdTests(unittest.TestCase):
         self.assertEqual(validate_name("provider-1"), "provider-1")
         for bad in ("", "-x", "a b", "x" * 64, "é", "0123456789abcdef0123456789abcdef"):
             self.assertRaises(IdentityError, validate_name, bad)
+
+
+class WeakKeyTests(unittest.TestCase):
+    def test_small_order_key_signatures_refused(self):
+        """A 'signature' by a small-order key (the all-zero key) never verifies."""
+        self.assertFalse(verify_signature(bytes(32), bytes(64), b"anything"))
+        self.assertFalse(verify_signature(b"\x01" + bytes(31), b"\x01" + bytes(63), b""))

@@ -61,7 +61,7 @@ class TwoDaemonsTests(unittest.TestCase):
             for daemon in (self.relay, self.provider):
                 status = daemon.status()
                 [peer] = status["peers"]
-                self.assertTrue(peer["verified"])
+                self.assertEqual(peer["state"], "online")
                 self.assertGreater(status["metrics"]["frames_in"], 0)
                 self.assertNotIn("drops", status["metrics"])
             result = run_cli("--data-dir", self.provider_dir, "--output", "json", "node", "status")
@@ -88,8 +88,10 @@ class TwoDaemonsTests(unittest.TestCase):
                 30, "the restarted provider to see the relay", describe=self.describe,
             )
             self.assertEqual(self.provider.status()["peer_id"], first_id)
+            listen = self.provider.status()["listen"]
             await wait_for(
-                lambda: any(p["peer_id"] == first_id and p["frames"] > 0
+                lambda: any(p["peer_id"] == first_id and p["endpoint"] == listen
+                            and p["state"] == "online"
                             for p in self.relay.status().get("peers", [])),
                 30, "the relay to hear from the restarted provider", describe=self.describe,
             )

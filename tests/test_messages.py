@@ -58,7 +58,12 @@ CASES = [
         struct.pack("!QQ", 1, 2) + ep4("192.0.2.1", 7400) + b"\x00",
     ),
     (T.ANNOUNCE, {"hops": 2, "announcement": SIGNED}, b"\x02" + SIGNED_BYTES),
-    (T.PEER_LIST, {"announcements": [SIGNED, SIGNED]}, b"\x02" + SIGNED_BYTES * 2),
+    (
+        T.PEER_LIST,
+        {"request": True, "announcements": [{"hops": 1, "announcement": SIGNED},
+                                            {"hops": 2, "announcement": SIGNED}]},
+        b"\x01\x02" + b"\x01" + SIGNED_BYTES + b"\x02" + SIGNED_BYTES,
+    ),
     (T.FIND_PEER, {"query_id": 5, "target": P1, "hops": 3}, struct.pack("!Q", 5) + P1 + b"\x03"),
     (T.PEER_INFO, {"query_id": 5, "announcement": SIGNED}, struct.pack("!Q", 5) + SIGNED_BYTES),
     (T.PEER_NOT_FOUND, {"query_id": 5, "target": P1}, struct.pack("!Q", 5) + P1),

@@ -12,7 +12,6 @@ from twisted.trial import unittest
 from omerta.addressing import parse_bootstrap
 from omerta.crypto.announce import sign_announcement
 from omerta.crypto.identity import Identity, load_or_create_identity
-from omerta.mesh.node import MeshConfig
 from omerta.mesh.service import STATUS_FILE, NodeService
 from omerta.networks import NetworkStore
 from omerta.testing.simnet import SimNetwork
@@ -58,7 +57,15 @@ class MeshFixture:
 
 
 def names(service):
-    return {p.name for p in service.node.peers.values() if p.public_key is not None}
+    return {r.name for r in service.node.overlay().registry.all()}
+
+
+def online(service):
+    return {r.name for r in service.node.overlay().registry.online()}
+
+
+def record(service, peer_id):
+    return service.node.overlay().registry.get(peer_id)
 
 
 class BootstrapTests(unittest.TestCase):
@@ -71,29 +78,31 @@ class BootstrapTests(unittest.TestCase):
         a = self.mesh.node("10.0.0.2", "alice")
         b = self.mesh.node("10.0.0.3", "bob")
         self.assertTrue(self.mesh.net.run_until(
-            lambda: names(relay) == {"alice", "bob"} and "relay" in names(a) and "relay" in names(b),
+            lambda: online(relay) == {"alice", "bob"} and {"relay", "bob"} <= names(a)
+            and "relay" in online(b),
             timeout=5,
         ))
-        peer = relay.node.peers[a.node.peer_id]
+        peer = record(relay, a.node.peer_id)
         self.assertEqual(peer.endpoint, ("10.0.0.2", PORT))
         self.assertEqual(peer.capabilities, 0)
-        self.assertEqual(a.node.peers[relay.node.peer_id].capabilities, Capability.RELAY)
+        self.assertEqual(record(a, relay.node.peer_id).capabilities, Capability.RELAY)
 
     def test_rtt_measured(self):
         """A ping/pong over a 10 ms link measures about 20 ms."""
         self.mesh.start_relay()
         a = self.mesh.node("10.0.0.2", "alice")
         self.mesh.net.run(1)
-        rtt = next(iter(a.node.peers.values())).rtt
+        relay_id = self.mesh.relay_id
+        rtt = a.node.overlay().registry.lookup(relay_id).rtt
         self.assertAlmostEqual(rtt, 0.020, places=3)
 
     def test_retry_with_backoff_until_relay_starts(self):
         """A node started before its bootstrap retries with growing delays and gets through."""
         a = self.mesh.node("10.0.0.2", "alice")
         self.mesh.net.run(10)
-        pings = a.metrics.get("frames_out", type="ping")
+        announces = a.metrics.get("frames_out", type="announce")
         # attempts at 0, 1, 3, 7 s: backoff doubles from 1 s
-        self.assertEqual(pings, 4)
+        self.assertEqual(announces, 4)
         relay = self.mesh.start_relay()
         self.assertTrue(self.mesh.net.run_until(
             lambda: "alice" in names(relay) and a.status()["bootstrap"][0]["reached"],
@@ -143,6 +152,7 @@ class BootstrapTests(unittest.TestCase):
             status = json.load(f)
         self.assertEqual([p["name"] for p in status["peers"]], ["alice"])
         self.assertEqual(status["peers"][0]["state"], "online")
+        self.assertTrue(status["peers"][0]["active"])
         self.assertEqual(status["listen"], f"{RELAY_IP}:{PORT}")
 
     def test_stop_releases_everything(self):
@@ -152,17 +162,24 @@ class BootstrapTests(unittest.TestCase):
         self.mesh.net.run(2)
         for service in (a, relay):
             service.stopService()
+        self.mesh.net.run(1)  # datagrams already in flight land (or drop)
         self.assertEqual(self.mesh.net.clock.getDelayedCalls(), [])
 
-    def test_peer_goes_stale(self):
-        """A peer silent for three keepalive periods is shown stale."""
+    def test_silent_peer_goes_offline(self):
+        """A peer silent for three keepalive periods is suspected, then offline after indirect probes."""
         relay = self.mesh.start_relay()
         a = self.mesh.node("10.0.0.2", "alice")
         self.mesh.net.run(2)
         a.stopService()
-        self.mesh.net.run(3 * 15 + 16)
+        config = relay.config
+        # first keepalive within one period (random phase), three missed, then
+        # the indirect probes' timeout
+        bound = config.keepalive * (config.suspect_after_missed + 1) + config.indirect_timeout + 2
+        self.mesh.net.run(bound - 5)
         [peer] = relay.status()["peers"]
-        self.assertEqual(peer["state"], "stale")
+        self.assertNotEqual(peer["state"], "online")
+        self.assertTrue(self.mesh.net.run_until(
+            lambda: relay.status()["peers"][0]["state"] == "offline", timeout=10))
 
 
 class RejectionTests(unittest.TestCase):
@@ -172,68 +189,82 @@ class RejectionTests(unittest.TestCase):
         self.alice = self.mesh.node("10.0.0.2", "alice")
         self.mesh.net.run(1)
         self.network_id = self.mesh.membership.key.network_id
+        self.overlay = self.alice.node.overlay()
 
-    def test_forged_announcement(self):
-        """A member cannot announce another identity: sender_mismatch."""
-        mallory = Identity.generate()
-        self.alice.node.send(
-            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0,
-            announcement=sign_announcement(mallory, self.network_id, _record("mallory")),
-        )
+    def announce(self, signed):
+        self.overlay.send((RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0, announcement=signed)
         self.mesh.net.run(1)
-        self.assertEqual(self.relay.metrics.get("drops", reason="sender_mismatch"), 1)
-        self.assertNotIn("mallory", names(self.relay))
+
+    def outcomes(self):
+        return self.relay.metrics.by_label("gossip_announcements", "outcome")
+
+    def test_relayed_announcement_accepted(self):
+        """A member may pass on another member's signed announcement (that is gossip)."""
+        carol = Identity.generate()
+        self.announce(sign_announcement(carol, self.network_id, _record("carol")))
+        self.assertIn("carol", names(self.relay))
+        self.assertNotIn("carol", online(self.relay))
+
+    def test_name_claimed_by_another_key(self):
+        """A second key claiming a name held by an unexpired record is refused."""
+        mallory = Identity.generate()
+        self.announce(sign_announcement(mallory, self.network_id, _record("alice")))
+        self.assertEqual(self.outcomes().get("name_taken"), 1)
+        self.assertIsNone(record(self.relay, mallory.peer_id))
 
     def test_bad_signature(self):
         """A record whose signature does not verify is dropped."""
-        signed = sign_announcement(self.alice.node.identity, self.network_id, _record("alice2"))
+        signed = sign_announcement(self.alice.node.identity, self.network_id,
+                                   dict(_record("alice2"), sequence=2**62 + 1))
         signed["signature"] = bytes(64)
-        self.alice.node.send(
-            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0, announcement=signed
-        )
-        self.mesh.net.run(1)
-        self.assertEqual(self.relay.metrics.get("drops", reason="bad_signature"), 1)
-        self.assertEqual(self.relay.node.peers[self.alice.node.peer_id].name, "alice")
+        self.announce(signed)
+        self.assertEqual(self.outcomes().get("bad_signature"), 1)
+        self.assertEqual(record(self.relay, self.alice.node.peer_id).name, "alice")
+
+    def test_other_network_signature(self):
+        """A record signed for another network does not verify in this one."""
+        other = bytes(8)
+        self.announce(sign_announcement(Identity.generate(), other, _record("eve")))
+        self.assertEqual(self.outcomes().get("bad_signature"), 1)
 
     def test_stale_sequence(self):
         """An older announcement does not overwrite a newer one."""
-        record = dict(_record("old-name"), sequence=1)
-        self.alice.node.send(
-            self.network_id, (RELAY_IP, PORT), MessageType.ANNOUNCE, hops=0,
-            announcement=sign_announcement(self.alice.node.identity, self.network_id, record),
-        )
-        self.mesh.net.run(1)
-        self.assertEqual(self.relay.metrics.get("drops", reason="stale_sequence"), 1)
-        self.assertEqual(self.relay.node.peers[self.alice.node.peer_id].name, "alice")
+        self.announce(sign_announcement(self.alice.node.identity, self.network_id,
+                                        dict(_record("old-name"), sequence=0)))
+        self.assertEqual(self.outcomes().get("stale"), 1)
+        self.assertEqual(record(self.relay, self.alice.node.peer_id).name, "alice")
+
+    def test_expired(self):
+        """An announcement whose TTL has run out is refused."""
+        self.announce(sign_announcement(Identity.generate(), self.network_id,
+                                        dict(_record("late"), timestamp_ms=0, ttl_s=1)))
+        self.assertEqual(self.outcomes().get("expired"), 1)
 
     def test_malformed_body(self):
         """A sealed frame whose body does not parse is counted, not fatal."""
-        sealer = self.alice.node.sealers[self.network_id]
-        self.alice.port.write(sealer.seal(MessageType.PING, b"\x01"), (RELAY_IP, PORT))
+        self.alice.port.write(self.overlay.sealer.seal(MessageType.PING, b"\x01"), (RELAY_IP, PORT))
         self.mesh.net.run(1)
         self.assertEqual(self.relay.metrics.get("drops", reason="malformed_body"), 1)
 
     def test_unexpected_pong(self):
         """A pong that answers no ping of ours gives no RTT and is counted."""
-        self.alice.node.send(
-            self.network_id, (RELAY_IP, PORT), MessageType.PONG, nonce=12345,
-            echo_ms=0, observed=("10.0.0.2", PORT), contacts=[],
-        )
+        self.overlay.send((RELAY_IP, PORT), MessageType.PONG, nonce=12345, echo_ms=0,
+                          observed=("10.0.0.2", PORT), contacts=[])
         self.mesh.net.run(1)
         self.assertEqual(self.relay.metrics.get("drops", reason="unexpected_pong"), 1)
 
     def test_peer_table_bounded(self):
-        """Beyond max_peers new senders are dropped, not stored."""
-        self.relay.node.config = MeshConfig(max_peers=1)
+        """Beyond max_peers new announcements are refused, not stored."""
+        self.relay.node.overlay().registry.max_peers = 1
         self.mesh.node("10.0.0.3", "bob")
         self.mesh.net.run(2)
-        self.assertEqual(len(self.relay.node.peers), 1)
-        self.assertGreater(self.relay.metrics.get("drops", reason="peer_table_full"), 0)
+        self.assertEqual(len(self.relay.node.overlay().registry), 1)
+        self.assertGreater(self.outcomes().get("full", 0), 0)
 
 
 def _record(name):
     return {
-        "name": name, "sequence": 2**62, "timestamp_ms": 0, "ttl_s": 60, "nat_type": 0,
+        "name": name, "sequence": 2**62, "timestamp_ms": 1000, "ttl_s": 3600, "nat_type": 0,
         "capabilities": 0, "paths": [],
         "resources": {"cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0},
     }
@@ -257,7 +288,7 @@ class SeveralNetworksTests(unittest.TestCase):
         relay = mesh.start_relay()
         self.join_second_network(mesh, "alice")
         alice = mesh.node("10.0.0.2", "alice")
-        self.assertEqual(len(alice.node.sealers), 2)
+        self.assertEqual(len(alice.node.overlays), 2)
         mesh.net.run(5)
         self.assertIn("alice", names(relay))
         self.assertEqual(relay.metrics.get("drops", reason="unknown_network"), 0)

@@ -68,7 +68,8 @@ def _read_status(invocation: Invocation) -> dict | None:
     age = max(0.0, invocation.now() - float(document.get("updated_at", 0)))
     document["status_age_s"] = round(age, 3)
     for peer in document.get("peers", []):
-        peer["last_seen_ago_s"] = round(peer["last_seen_ago_s"] + age, 3)
+        if peer.get("last_heard_ago_s") is not None:
+            peer["last_heard_ago_s"] = round(peer["last_heard_ago_s"] + age, 3)
     return document
 
 
@@ -121,13 +122,15 @@ def _format(document: dict, invocation: Invocation) -> str:
     lines.append(f"peers     {len(peers)}")
     if peers:
         lines.append(
-            f"  {'PEER ID':32}  {'NAME':14}  {'ENDPOINT':21}  {'STATE':6}  {'RTT':>9}  LAST SEEN"
+            f"  {'PEER ID':32}  {'NAME':14}  {'ENDPOINT':21}  {'STATE':7}  {'RTT':>9}  LAST HEARD"
         )
         for p in peers:
             rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms"
+            heard = p.get("last_heard_ago_s")
+            heard = "never" if heard is None else f"{heard:.1f} s ago"
             lines.append(
-                f"  {p['peer_id']:32}  {(p['name'] or '-'):14}  {p['endpoint']:21}"
-                f"  {p['state']:6}  {rtt:>9}  {p['last_seen_ago_s']:.1f} s ago"
+                f"  {p['peer_id']:32}  {(p['name'] or '-'):14}  {(p.get('endpoint') or '-'):21}"
+                f"  {p['state']:7}  {rtt:>9}  {heard}"
             )
     metrics = document.get("metrics", {})
     if metrics:

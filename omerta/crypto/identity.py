@@ -88,12 +88,37 @@ def validate_name(name: str) -> str:
     return name
 
 
+# Encodings of the small-order points (sign bit cleared): "signatures" by
+# these keys can be made without any private key, and OpenSSL accepts them.
+_SMALL_ORDER_KEYS = frozenset(bytes.fromhex(h) for h in (
+    "00" * 32,
+    "01" + "00" * 31,
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",
+    "ee" + "ff" * 30 + "7f",
+))
+
+
+def weak_identity_key(public_key: bytes) -> bool:
+    """
+    Whether an Ed25519 public key is of small order, so that signatures
+    "by" it can be made without any private key.
+    """
+    return public_key[:31] + bytes((public_key[31] & 0x7F,)) in _SMALL_ORDER_KEYS
+
+
+
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """
     Whether C{signature} is a valid Ed25519 signature of C{data} by
-    C{public_key}.  Malformed keys or signatures are simply invalid.
+    C{public_key}.  Malformed keys or signatures, and keys of small order
+    (whose signatures anyone can forge), are simply invalid.
     """
     if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        return False
+    if weak_identity_key(public_key):
         return False
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)

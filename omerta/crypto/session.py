@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from omerta.crypto.identity import Identity, peer_id_for, verify_signature
+from omerta.crypto.identity import Identity, peer_id_for, verify_signature, weak_identity_key
 from omerta.crypto.network import NETWORK_ID_SIZE
 from omerta.crypto.sealing import ReplayWindow
 from omerta.wire.messages import MessageType, build_body
@@ -73,15 +73,6 @@ _KEY_SIZE = 32
 # small-order points and the two non-canonical encodings of such points
 # (y = p, p + 1), with the sign bit cleared.  OpenSSL verifies signatures
 # against them, so a handshake refuses them (the same list as libsodium).
-_SMALL_ORDER_KEYS = frozenset(bytes.fromhex(h) for h in (
-    "00" * 32,
-    "01" + "00" * 31,
-    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
-    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
-    "ec" + "ff" * 30 + "7f",
-    "ed" + "ff" * 30 + "7f",
-    "ee" + "ff" * 30 + "7f",
-))
 
 MAX_COUNTER = 2**64 - 1
 REKEY_AFTER_MESSAGES = 2**32
@@ -265,14 +256,6 @@ class Session:
 
 
 # the handshake
-
-
-def weak_identity_key(public_key: bytes) -> bool:
-    """
-    Whether an Ed25519 public key is of small order, so that signatures
-    "by" it can be made without any private key.
-    """
-    return public_key[:31] + bytes((public_key[31] & 0x7F,)) in _SMALL_ORDER_KEYS
 
 
 def _field(fields: Mapping, name: str):

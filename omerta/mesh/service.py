@@ -59,6 +59,8 @@ class NodeService(Service):
         capabilities: Capability = Capability.NONE,
         config: MeshConfig | None = None,
         status_interval: float = 2.0,
+        resources: dict | None = None,
+        peers_interval: float = 60.0,
         serve_stun: bool = False,
         stun_alternate: tuple[str, int] | None = None,
         stun_servers: list[tuple[str, int]] = (),
@@ -76,6 +78,8 @@ class NodeService(Service):
         self.status_interval = status_interval
         self._reactor = reactor
         self.serve_stun = serve_stun
+        self.resources = resources
+        self.peers_interval = peers_interval
         self.stun_alternate = stun_alternate
         self.stun_servers = list(stun_servers)
         self.nat_interval = nat_interval
@@ -112,15 +116,19 @@ class NodeService(Service):
             [m.key for m in memberships],
             clock=reactor,
             metrics=self.metrics,
+            events=self.events,
             name=self.node_name,
             capabilities=self.capabilities,
+            resources=self.resources,
             bootstrap=self.bootstrap_specs,
             network_bootstrap={m.key.network_id: list(m.bootstrap) for m in memberships},
             config=self.config,
         )
+        for overlay in self.node.overlays.values():
+            overlay.load_peers(self.data_dir)
         protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
         self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
-        self.node.transport = self.port
+        self.node.attach(self.port)
         self.stun = StunService(
             reactor,
             self.metrics,
@@ -142,8 +150,9 @@ class NodeService(Service):
             count=len(memberships),
         )
         Service.startService(self)
-        self._start_loop(self.node.keepalive, self.config.keepalive, now=False)
+        self.node.start()
         self._start_loop(self.write_status, self.status_interval, now=True)
+        self._start_loop(self.save_peers, self.peers_interval, now=False)
         self._resolve_bootstraps().addCallback(lambda _: self._bootstrapped())
 
     def _bootstrapped(self) -> None:
@@ -216,6 +225,13 @@ class NodeService(Service):
         self._bootstrap_call = self.reactor.callLater(self._bootstrap_delay, self._bootstrap_tick)
         self._bootstrap_delay = min(self._bootstrap_delay * 2, self.config.bootstrap_retry_max)
 
+    def save_peers(self) -> None:
+        """
+        Persist each network's known peers (re-verified when loaded).
+        """
+        for overlay in self.node.overlays.values():
+            overlay.save_peers(self.data_dir)
+
     def status(self) -> dict:
         host = self.port.getHost() if self.port is not None else None
         document = {
@@ -248,6 +264,9 @@ class NodeService(Service):
         Service.stopService(self)
         if self.stun is not None:
             self.stun.stop()
+        if self.node is not None:
+            self.node.stop()
+            self.save_peers()
         for loop in self._loops:
             if loop.running:
                 loop.stop()

@@ -172,7 +172,10 @@ BODIES: dict[MessageType, c.Construct] = {
         "announcement" / SignedAnnouncement,
     ),
     MessageType.PEER_LIST: c.Struct(
-        "announcements" / c.PrefixedArray(c.Int8ub, SignedAnnouncement),
+        "request" / c.Flag,
+        "announcements" / c.PrefixedArray(
+            c.Int8ub, c.Struct("hops" / c.Int8ub, "announcement" / SignedAnnouncement)
+        ),
     ),
     MessageType.FIND_PEER: c.Struct(
         "query_id" / c.Int64ub,

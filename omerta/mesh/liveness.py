@@ -1,0 +1,288 @@
+"""
+Who is alive, in one network: an active set of direct neighbours kept with
+keepalives, and SWIM-style indirect confirmation before anyone is declared
+offline.
+
+- The active set holds up to C{degree} peers this node exchanges keepalives
+  with (bootstrap peers first, then peers that contact us, then random known
+  peers), at most C{max_active}.  Gossip rounds and queries go to it, so the
+  overlay is a bounded-degree random graph whatever the mesh size.
+- Every C{keepalive} seconds each active peer is pinged (the pong gives the
+  RTT).  A period with no frame at all from it is a missed keepalive; after
+  C{suspect_after_missed} the peer is *suspected*, and one or two other active
+  peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
+  any frame from the peer, clears the suspicion; silence for
+  C{indirect_timeout} makes it *offline*: it leaves the active set, its
+  endpoint is reported failed, and a replacement is found.  So one lossy link
+  does not evict a live peer.
+- Offline peers are forgotten after C{offline_cleanup} seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.wire.messages import MessageType
+
+
+@dataclass
+class Link:
+    peer_id: bytes
+    address: tuple
+    since: float
+    last_heard: float
+    next_ping: float
+    missed: int = 0
+    heard_this_period: bool = True
+    suspected_at: float | None = None
+    indirect_nonce: int | None = None
+    rtt: float | None = None
+
+
+@dataclass
+class _IndirectProbe:
+    requester: tuple
+    nonce: int
+    target: bytes
+    sent: float
+    call: object
+
+
+class Liveness:
+    log = Logger()
+
+    def __init__(self, overlay, rng: random.Random | None = None):
+        self.overlay = overlay
+        self.config = overlay.config
+        self.rng = rng or random.Random()
+        self.links: dict[bytes, Link] = {}
+        self._pings: dict[int, tuple[bytes, float, tuple]] = {}
+        self._probes: dict[int, _IndirectProbe] = {}
+        self._waiters: dict[int, Deferred] = {}
+
+    # contact
+
+    def heard(self, peer_id: bytes, address: tuple, now: float) -> Link | None:
+        """
+        A frame from C{peer_id} arrived directly from C{address}.
+        """
+        link = self.links.get(peer_id)
+        if link is None:
+            if len(self.links) >= self.config.max_active:
+                return None
+            link = Link(peer_id, address, now, now, now + self._jitter())
+            self.links[peer_id] = link
+            self.overlay.events.emit("peer_connected", network=self.overlay.network_id,
+                                     peer_id=peer_id, address=address)
+        elif link.address != address:
+            self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(peer_id),
+                          address=f"{address[0]}:{address[1]}")
+            self.overlay.events.emit("path_changed", network=self.overlay.network_id,
+                                     peer_id=peer_id, old=link.address, new=address)
+            link.address = address
+        link.last_heard = now
+        link.heard_this_period = True
+        if link.suspected_at is not None:
+            self._clear_suspicion(link, now)
+        return link
+
+    def connect(self, peer_id: bytes, address: tuple) -> None:
+        """
+        Start keeping C{peer_id} alive at C{address} (it becomes active at
+        once; the usual missed-keepalive rules decide if it answers).
+        """
+        now = self.overlay.clock.seconds()
+        if peer_id in self.links or len(self.links) >= self.config.max_active:
+            return
+        self.links[peer_id] = Link(peer_id, address, now, now, now)
+        self.links[peer_id].heard_this_period = False
+
+    def _jitter(self) -> float:
+        return self.rng.uniform(0, self.config.keepalive)
+
+    # pings
+
+    def ping(self, peer_id: bytes, address: tuple) -> int:
+        overlay = self.overlay
+        if len(self._pings) >= self.config.max_outstanding_pings:
+            self._pings.pop(next(iter(self._pings)))
+        nonce = int.from_bytes(os.urandom(8), "big")
+        now = overlay.clock.seconds()
+        self._pings[nonce] = (peer_id, now, address)
+        overlay.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
+                     contacts=overlay.freshness.contacts_for(peer_id))
+        return nonce
+
+    def ping_and_wait(self, peer_id: bytes, address: tuple, timeout: float) -> Deferred:
+        """
+        Ping once; the Deferred fires with the RTT, or with None after
+        C{timeout} seconds without a pong.
+        """
+        nonce = self.ping(peer_id, address)
+        d = Deferred()
+        self._waiters[nonce] = d
+        call = self.overlay.clock.callLater(timeout, self._give_up, nonce)
+        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return d
+
+    def _give_up(self, nonce: int) -> None:
+        d = self._waiters.pop(nonce, None)
+        if d is not None:
+            d.callback(None)
+
+    def on_ping(self, frame, addr, ping) -> None:
+        overlay = self.overlay
+        overlay.freshness.learn_contacts(ping.contacts)
+        overlay.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
+                     observed=addr, contacts=overlay.freshness.contacts_for(frame.sender))
+
+    def on_pong(self, frame, addr, pong) -> None:
+        overlay = self.overlay
+        sent = self._pings.pop(pong.nonce, None)
+        if sent is None or sent[0] not in (frame.sender, b""):
+            overlay.metrics.inc("drops", reason="unexpected_pong")
+            return
+        rtt = overlay.clock.seconds() - sent[1]
+        overlay.registry.set_rtt(frame.sender, rtt)
+        waiter = self._waiters.pop(pong.nonce, None)
+        if waiter is not None:
+            waiter.callback(rtt)
+        link = self.links.get(frame.sender)
+        overlay.observed_address(tuple(pong.observed))
+        overlay.freshness.learn_contacts(pong.contacts)
+        for probe in [p for p in self._probes.values() if p.target == frame.sender]:
+            self._finish_probe(probe, True, rtt)
+        if link is not None:
+            link.rtt = rtt
+
+    # SWIM indirect probes
+
+    def on_indirect_ping(self, frame, addr, message) -> None:
+        """
+        Another peer asks us to ping C{target} for it.
+        """
+        overlay = self.overlay
+        if len(self._probes) >= self.config.max_indirect_probes:
+            overlay.metrics.inc("drops", reason="indirect_busy")
+            return
+        call = overlay.clock.callLater(self.config.indirect_timeout * 0.8,
+                                       self._probe_timeout, message.nonce)
+        probe = _IndirectProbe(addr, message.nonce, message.target,
+                               overlay.clock.seconds(), call)
+        self._probes[message.nonce] = probe
+        self.ping(message.target, tuple(message.endpoint))
+
+    def _probe_timeout(self, nonce: int) -> None:
+        probe = self._probes.get(nonce)
+        if probe is not None:
+            self._finish_probe(probe, False, 0.0)
+
+    def _finish_probe(self, probe: _IndirectProbe, alive: bool, rtt: float) -> None:
+        self._probes.pop(probe.nonce, None)
+        if probe.call.active():
+            probe.call.cancel()
+        self.overlay.send(probe.requester, MessageType.INDIRECT_ACK, nonce=probe.nonce,
+                          target=probe.target, alive=alive, rtt_us=int(rtt * 1e6))
+
+    def on_indirect_ack(self, frame, addr, message) -> None:
+        link = self.links.get(message.target)
+        if link is None or link.indirect_nonce != message.nonce:
+            return
+        if message.alive:
+            self.overlay.metrics.inc("liveness_indirect", result="alive")
+            self._clear_suspicion(link, self.overlay.clock.seconds())
+
+    def _suspect(self, link: Link, now: float) -> None:
+        overlay = self.overlay
+        link.suspected_at = now
+        overlay.registry.set_state(link.peer_id, "suspect", now)
+        overlay.events.emit("peer_suspected", network=overlay.network_id, peer_id=link.peer_id)
+        overlay.metrics.inc("liveness_suspected")
+        link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
+        helpers = [l for l in self.links.values()
+                   if l.peer_id != link.peer_id and l.suspected_at is None]
+        for helper in self.rng.sample(helpers, min(self.config.indirect_helpers, len(helpers))):
+            overlay.send(helper.address, MessageType.INDIRECT_PING, nonce=link.indirect_nonce,
+                         target=link.peer_id, endpoint=link.address)
+        overlay.freshness.peer_stale(link.peer_id, link.address)
+
+    def _clear_suspicion(self, link: Link, now: float) -> None:
+        link.suspected_at = None
+        link.indirect_nonce = None
+        link.missed = 0
+        self.overlay.registry.set_state(link.peer_id, "online", now)
+
+    def _declare_offline(self, link: Link, now: float) -> None:
+        overlay = self.overlay
+        del self.links[link.peer_id]
+        overlay.registry.set_state(link.peer_id, "offline", now)
+        overlay.metrics.inc("liveness_offline")
+        overlay.events.emit("peer_disconnected", network=overlay.network_id,
+                            peer_id=link.peer_id)
+        overlay.freshness.path_failed(link.peer_id, link.address)
+
+    # periodic
+
+    def tick(self) -> None:
+        """
+        Called every second: keepalives due, suspicion timeouts, refilling the
+        active set.
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        config = self.config
+        for link in list(self.links.values()):
+            if link.suspected_at is not None:
+                if now - link.suspected_at >= config.indirect_timeout:
+                    self._declare_offline(link, now)
+                continue
+            if now >= link.next_ping:
+                if not link.heard_this_period:
+                    link.missed += 1
+                    overlay.metrics.inc("liveness_missed")
+                link.heard_this_period = False
+                link.next_ping = now + config.keepalive
+                if link.missed >= config.suspect_after_missed:
+                    self._suspect(link, now)
+                else:
+                    self.ping(link.peer_id, link.address)
+        self._refill(now)
+
+    def _refill(self, now: float) -> None:
+        missing = self.config.degree - len(self.links)
+        if missing <= 0:
+            return
+        overlay = self.overlay
+        candidates = [
+            (record.peer_id, address)
+            for record in overlay.registry.all()
+            if record.peer_id not in self.links and record.state != "offline"
+            for address in [overlay.paths.address_of(record.peer_id)]
+            if address is not None
+        ]
+        for peer_id, address in self.rng.sample(candidates, min(missing, len(candidates))):
+            self.connect(peer_id, address)
+            overlay.gossip.announce_to(address)
+            self.ping(peer_id, address)
+
+    def gossip_targets(self, count: int, rng: random.Random) -> list[tuple[bytes, tuple]]:
+        healthy = [(l.peer_id, l.address) for l in self.links.values() if l.suspected_at is None]
+        return rng.sample(healthy, min(count, len(healthy)))
+
+    def address_of(self, peer_id: bytes):
+        link = self.links.get(peer_id)
+        return None if link is None else link.address
+
+    def stop(self) -> None:
+        for probe in list(self._probes.values()):
+            if probe.call.active():
+                probe.call.cancel()
+        self._probes.clear()
+        for nonce in list(self._waiters):
+            self._give_up(nonce)

@@ -1,0 +1,166 @@
+"""
+Everything one node does in one network: the registry of its members,
+gossip, liveness, freshness, messaging, and the path seam.  A node in several
+networks has one L{Overlay} per network on its single socket.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from omerta import storage
+from omerta.crypto.network import NetworkKey
+from omerta.crypto.sealing import FrameSealer, OpenedFrame
+from omerta.mesh.freshness import Freshness
+from omerta.mesh.gossip import Gossip
+from omerta.mesh.liveness import Liveness
+from omerta.mesh.messaging import Messaging
+from omerta.mesh.paths import DirectPaths
+from omerta.mesh.registry import PeerRegistry
+from omerta.wire import ParseError
+from omerta.wire.messages import MessageType, parse_body
+
+
+class Overlay:
+    log = Logger()
+
+    def __init__(self, node, key: NetworkKey, rng: random.Random | None = None):
+        self.node = node
+        self.key = key
+        self.network_id = key.network_id
+        self.config = node.config
+        self.clock = node.clock
+        self.metrics = node.metrics
+        self.events = node.events
+        rng = rng or random.Random()
+        self.sealer = FrameSealer(key, node.peer_id)
+        self.registry = PeerRegistry(self.network_id, node.peer_id,
+                                     max_peers=self.config.max_peers)
+        self.paths = DirectPaths(self)
+        self.liveness = Liveness(self, rng)
+        self.freshness = Freshness(self)
+        self.gossip = Gossip(self, rng)
+        self.messaging = Messaging(self)
+        self._boots: OrderedDict[bytes, bytes] = OrderedDict()
+        self._loops: list[LoopingCall] = []
+        self._handlers = {
+            MessageType.PING: self.liveness.on_ping,
+            MessageType.PONG: self.liveness.on_pong,
+            MessageType.INDIRECT_PING: self.liveness.on_indirect_ping,
+            MessageType.INDIRECT_ACK: self.liveness.on_indirect_ack,
+            MessageType.ANNOUNCE: self.gossip.on_announce,
+            MessageType.PEER_LIST: self.gossip.on_peer_list,
+            MessageType.FRESHNESS_QUERY: self.freshness.on_query,
+            MessageType.FRESHNESS_ANSWER: self.freshness.on_answer,
+            MessageType.PATH_FAILED: self.freshness.on_path_failed,
+            MessageType.HANDSHAKE_INIT: self.messaging.on_handshake_init,
+            MessageType.HANDSHAKE_RESP: self.messaging.on_handshake_resp,
+            MessageType.SESSION_DATA: self.messaging.on_session_data,
+        }
+
+    # sending
+
+    def send(self, address: tuple, msg_type: MessageType, **fields) -> None:
+        from omerta.wire.messages import build_body
+
+        frame = self.sealer.seal(msg_type, build_body(msg_type, fields))
+        self.node.send_frame(frame, address, msg_type)
+
+    # receiving
+
+    def frame_received(self, frame: OpenedFrame, addr: tuple) -> None:
+        handler = self._handlers.get(frame.type)
+        if handler is None:
+            self.metrics.inc("drops", reason="unhandled_type")
+            return
+        try:
+            message = parse_body(frame.type, frame.body)
+        except ParseError:
+            self.metrics.inc("drops", reason="malformed_body")
+            return
+        now = self.clock.seconds()
+        sender = frame.sender
+        self.freshness.heard(sender, addr, now)
+        self.registry.heard_from(sender, addr, now)
+        link = self.liveness.heard(sender, addr, now)
+        if link is not None and self._boots.get(sender) != frame.boot:
+            self._introduce(sender, frame.boot, addr)
+        handler(frame, addr, message)
+
+    def _introduce(self, peer_id: bytes, boot: bytes, addr: tuple) -> None:
+        """
+        First frame of a peer's run on an active link: exchange announcements
+        and peer lists, and measure the round trip.
+        """
+        self._boots[peer_id] = boot
+        self._boots.move_to_end(peer_id)
+        while len(self._boots) > 4 * self.config.max_active:
+            self._boots.popitem(last=False)
+        self.gossip.announce_to(addr)
+        self.gossip.send_peer_list(addr, request=True)
+        self.liveness.ping(peer_id, addr)
+
+    # what the node tells us
+
+    def own_endpoints(self) -> list[tuple]:
+        return self.node.public_endpoints()
+
+    def observed_address(self, address: tuple) -> None:
+        self.node.observed_address(address)
+
+    def bootstrap_answered(self, addr: tuple, peer_id: bytes) -> None:
+        self.node.bootstrap_answered(addr, peer_id)
+
+    # lifecycle
+
+    def start(self) -> None:
+        config = self.config
+        for function, interval in (
+            (self.gossip.round, config.gossip_interval),
+            (self.tick, 1.0),
+            (self.gossip.reannounce, config.reannounce),
+        ):
+            loop = LoopingCall(function)
+            loop.clock = self.clock
+            loop.start(interval, now=False).addErrback(
+                lambda f, name=function.__name__: self.log.failure(
+                    "Periodic {name} failed", f, name=name)
+            )
+            self._loops.append(loop)
+
+    def tick(self) -> None:
+        now = self.clock.seconds()
+        self.liveness.tick()
+        self.registry.expire(now)
+        self.registry.cleanup_offline(now, self.config.offline_cleanup)
+        self.messaging.sessions.expire(now)
+
+    def stop(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        self.liveness.stop()
+        self.freshness.stop()
+        self.messaging.stop()
+
+    # persistence
+
+    def peers_file(self, data_dir: Path) -> Path:
+        return Path(data_dir) / f"peers-{self.network_id.hex()}.json"
+
+    def load_peers(self, data_dir: Path) -> None:
+        path = self.peers_file(data_dir)
+        if path.exists():
+            try:
+                self.registry.load(path, self.clock.seconds())
+            except storage.StateFileError as e:
+                self.log.warn("Known peers not loaded: {error}", error=str(e))
+
+    def save_peers(self, data_dir: Path) -> None:
+        self.registry.save(self.peers_file(data_dir))

@@ -1,0 +1,136 @@
+"""
+Many real mesh nodes on the simulated network, for tests and the gossip
+benchmark.  Each node is the product's L{MeshNode} with its own identity,
+L{NodeProtocol} and socket on a L{SimHost}; only the network is simulated.
+
+    sim = MeshSim(seed=1)
+    seed = sim.add_node("198.51.100.1")
+    for i in range(50):
+        sim.add_node(f"10.1.{i // 250}.{i % 250 + 1}", bootstrap=[seed])
+    sim.run_until(sim.converged, timeout=60)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from omerta.addressing import BootstrapSpec, Endpoint
+from omerta.crypto.identity import Identity
+from omerta.crypto.network import NetworkKey
+from omerta.crypto.sealing import FrameOpener
+from omerta.mesh.node import MeshConfig, MeshNode
+from omerta.mesh.protocol import NodeProtocol
+from omerta.metrics import Metrics
+from omerta.testing.simnet import SimNetwork
+
+PORT = 7400
+
+
+@dataclass
+class SimNode:
+    node: MeshNode
+    host: object
+    port: object
+    identity: Identity
+    address: tuple
+    bootstrap_call: object = None
+
+    @property
+    def overlay(self):
+        return self.node.overlay()
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.identity.peer_id
+
+    def knows(self) -> set[bytes]:
+        return {r.peer_id for r in self.overlay.registry.all()}
+
+
+class MeshSim:
+    def __init__(self, seed: int = 0, config: MeshConfig | None = None,
+                 network_key: NetworkKey | None = None, **net_options):
+        self.net = SimNetwork(seed=seed, **net_options)
+        self.clock = self.net.clock
+        self.rng = random.Random(seed)
+        self.key = network_key or NetworkKey(bytes(self.rng.getrandbits(8) for _ in range(32)))
+        self.config = config or MeshConfig()
+        self.nodes: list[SimNode] = []
+        self.dead: set[int] = set()
+
+    def add_node(self, ip: str, bootstrap: list[SimNode] = (), name: str = "",
+                 identity: Identity | None = None, port: int = PORT) -> SimNode:
+        identity = identity or Identity.generate()
+        host = self.net.host(ip)
+        metrics = Metrics()
+        specs = [BootstrapSpec(Endpoint(*b.address), peer_id=b.identity.peer_id_text)
+                 for b in bootstrap]
+        node = MeshNode(identity, [self.key], clock=host.reactor, metrics=metrics, name=name,
+                        bootstrap=specs, config=self.config,
+                        rng=random.Random(self.rng.random()))
+        protocol = NodeProtocol(FrameOpener({self.key.network_id: self.key}), node, metrics)
+        port_ = host.reactor.listenUDP(port, protocol, interface=ip)
+        node.attach(port_)
+        for boot in node.bootstraps:
+            boot.address = (boot.spec.endpoint.host, boot.spec.endpoint.port)
+        node.start()
+        sim_node = SimNode(node, host, port_, identity, (ip, port))
+        self.nodes.append(sim_node)
+        self._bootstrap_tick(sim_node, self.config.bootstrap_retry_initial)
+        return sim_node
+
+    def _bootstrap_tick(self, sim_node: SimNode, delay: float) -> None:
+        if id(sim_node) in self.dead or not sim_node.node.contact_bootstraps():
+            return
+        sim_node.bootstrap_call = self.clock.callLater(
+            delay, self._bootstrap_tick, sim_node,
+            min(delay * 2, self.config.bootstrap_retry_max))
+
+    def kill(self, sim_node: SimNode) -> None:
+        """
+        Stop a node abruptly (no goodbye): its socket closes, timers stop.
+        """
+        self.dead.add(id(sim_node))
+        sim_node.node.stop()
+        sim_node.port.stopListening()
+        if sim_node.bootstrap_call is not None and sim_node.bootstrap_call.active():
+            sim_node.bootstrap_call.cancel()
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes if id(n) not in self.dead]
+
+    def converged(self) -> bool:
+        """
+        Every live node knows every other live node.
+        """
+        live = self.live()
+        everyone = {n.peer_id for n in live}
+        return all(everyone - {n.peer_id} <= n.knows() for n in live)
+
+    def knowledge(self) -> float:
+        """
+        The fraction of (live node, live peer) pairs known.
+        """
+        live = self.live()
+        everyone = {n.peer_id for n in live}
+        total = len(live) * (len(live) - 1)
+        if total == 0:
+            return 1.0
+        known = sum(len((everyone - {n.peer_id}) & n.knows()) for n in live)
+        return known / total
+
+    def run(self, seconds: float) -> None:
+        self.net.run(seconds)
+
+    def run_until(self, predicate, timeout: float, check_every: float = 0.5) -> bool:
+        deadline = self.clock.seconds() + timeout
+        while self.clock.seconds() < deadline:
+            self.net.run(check_every)
+            if predicate():
+                return True
+        return predicate()
+
+    def stop(self) -> None:
+        for sim_node in self.live():
+            self.kill(sim_node)
