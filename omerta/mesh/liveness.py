@@ -43,6 +43,7 @@ class Link:
     suspected_at: float | None = None
     indirect_nonce: int | None = None
     rtt: float | None = None
+    established: bool = False
 
 
 @dataclass
@@ -78,8 +79,6 @@ class Liveness:
                 return None
             link = Link(peer_id, address, now, now, now + self._jitter())
             self.links[peer_id] = link
-            self.overlay.events.emit("peer_connected", network=self.overlay.network_id,
-                                     peer_id=peer_id, address=address)
         elif link.address != address:
             self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(peer_id),
                           address=f"{address[0]}:{address[1]}")
@@ -88,6 +87,10 @@ class Liveness:
             link.address = address
         link.last_heard = now
         link.heard_this_period = True
+        if not link.established:
+            link.established = True
+            self.overlay.events.emit("peer_connected", network=self.overlay.network_id,
+                                     peer_id=peer_id, address=address)
         if link.suspected_at is not None:
             self._clear_suspicion(link, now)
         return link

@@ -33,6 +33,12 @@ class MeshNetwork:
         from the keyword arguments (see L{NodeService}).
     """
 
+    FRESH_CONTACT = 2.0
+    """
+    C{connect} trusts an existing path heard from this recently; older ones
+    are confirmed with a ping first.
+    """
+
     def __init__(self, data_dir: Path | None = None, *, service: NodeService | None = None,
                  network: bytes | str | None = None, **options):
         if service is None:
@@ -131,8 +137,10 @@ class MeshNetwork:
         peer_id = self.resolve(peer, network)
         timeout = overlay.config.request_timeout if timeout is None else timeout
         deadline = self.clock.seconds() + timeout
+        link = overlay.liveness.links.get(peer_id)
         connection = overlay.paths.connection(peer_id)
-        if connection is not None and connection.rtt is not None:
+        if (connection is not None and connection.rtt is not None
+                and self.clock.seconds() - link.last_heard <= self.FRESH_CONTACT):
             return connection
         tried = set()
         while self.clock.seconds() < deadline:
