@@ -35,7 +35,12 @@ from omerta.crypto.network import NetworkKeyError
 from omerta.networks import MembershipError
 from omerta.storage import StateFileError
 
-COMMAND_MODULES = ("omerta.app.cli_network", "omerta.app.cli_node", "omerta.app.cli_nat")
+COMMAND_MODULES = (
+    "omerta.app.cli_network",
+    "omerta.app.cli_node",
+    "omerta.app.cli_nat",
+    "omerta.app.cli_mesh",
+)
 """
 Modules whose C{register(subparsers)} adds commands, imported when the
 parser is built.

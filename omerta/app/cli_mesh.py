@@ -1,0 +1,732 @@
+"""
+C{omerta mesh ...}: look at a network's mesh from a short-lived node.
+
+    omerta mesh status  [--invite LINK | --network REF] [--bootstrap ID_OR_NAME@HOST:PORT]...
+    omerta mesh peers   [...]
+    omerta mesh ping PEER [--count N] [--interval SECONDS] [...]
+    omerta mesh connect PEER [...]
+
+Each command joins the mesh for as long as it runs, as a node of its own:
+its identity, its copy of the network and the peers it learnt last time
+live in C{<data-dir>/cli/} (created on first use), so it never shares a peer
+id with a daemon running on C{<data-dir>} and can bootstrap from that very
+daemon.  The node has no name and no capabilities, binds an ephemeral UDP
+port (C{--port} to choose one) and runs no NAT discovery.
+
+The network is C{--invite LINK}, else the membership of C{<data-dir>} that
+C{--network REF} names (id, id prefix or name; default: the first one), else
+the network the last C{mesh} command used.  The C{cli} directory keeps only
+that one network, so the node never announces itself in networks nobody
+asked about.  Bootstrap peers are the network's own plus every
+C{--bootstrap}.
+
+Nothing waits a fixed time: a command waits (polling every 0.1 s, for at
+most C{--timeout} seconds) until a bootstrap peer has answered and the
+number of known and online peers has not changed for a second, or, for
+C{ping} and C{connect}, until the peer asked for is known.  No answer from
+any bootstrap peer within the timeout is an error (exit status 2).
+
+Examples::
+
+    omerta mesh peers --invite omerta://join/...
+    omerta --output json mesh status --network lab --timeout 5
+    omerta mesh ping provider-1 --count 5 --interval 0.5
+    omerta mesh connect 3f2a
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import statistics as stats
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+
+from omerta.addressing import AddressError, BootstrapSpec, parse_bootstrap
+from omerta.app.cli import CommandError, Invocation, run_reactor
+from omerta.crypto.identity import Identity, load_or_create_identity
+from omerta.crypto.invite import InviteError, parse_invite
+from omerta.crypto.network import NetworkKey
+from omerta.mesh.network import ConnectError, MeshNetwork
+from omerta.mesh.paths import Connection
+from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord
+from omerta.networks import Membership, MembershipError, NetworkStore
+
+CLI_DIR = "cli"
+"""
+The subdirectory of the data directory where the command's own node lives.
+"""
+
+POLL_INTERVAL = 0.1
+SETTLE_TIME = 1.0
+"""
+How long the peer counts must stay unchanged for the view to count as
+settled.
+"""
+
+STATUS_INTERVAL = 3600.0
+"""
+The short-lived node writes its status file at start and stop only.
+"""
+
+
+# -- arguments --------------------------------------------------------------
+
+
+def _bootstrap_arg(text: str) -> BootstrapSpec:
+    try:
+        return parse_bootstrap(text)
+    except AddressError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number in 0-65535")
+    return int(text)
+
+
+def _interface_arg(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address of this host") from None
+
+
+def _common_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("joining the mesh")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument(
+        "--invite",
+        metavar="LINK",
+        help="the network to look at, from an invite link (kept in <data-dir>/cli)",
+    )
+    which.add_argument(
+        "--network",
+        metavar="REF",
+        help="the network of --data-dir to look at: id, id prefix or name"
+        " (default: its first network)",
+    )
+    group.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=_bootstrap_arg,
+        metavar="ID_OR_NAME@HOST:PORT",
+        help="a peer to start from, besides the network's own (repeatable)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_seconds_arg,
+        default=10.0,
+        metavar="SECONDS",
+        help="the longest the command waits for the mesh (default 10)",
+    )
+    group.add_argument(
+        "--port", type=_port_arg, default=0, help="local UDP port (default: any free one)"
+    )
+    group.add_argument(
+        "--interface",
+        type=_interface_arg,
+        default=None,
+        metavar="IP",
+        help="local address to bind (default: all IPv4)",
+    )
+    return options
+
+
+def register(subparsers: Any) -> None:
+    """
+    Add C{mesh} and its commands.
+    """
+    mesh = subparsers.add_parser(
+        "mesh",
+        help="look at a network's mesh from a short-lived node of its own",
+        description="Join a network's mesh for the duration of the command (as"
+        " the node kept in <data-dir>/cli, never the daemon's identity) and"
+        " report what it sees.",
+    )
+    commands = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
+    common = _common_options()
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="this command's node, the bootstrap peers and the traffic",
+        description="Join the mesh, wait until the view settles, and show the"
+        " command's own peer id, the network, which bootstrap peers answered,"
+        " how many peers are known and online, and the traffic counters.",
+    )
+    status.set_defaults(func=status_command)
+
+    peers = commands.add_parser(
+        "peers",
+        parents=[common],
+        help="the peers of the network",
+        description="Join the mesh, wait until the view settles, and list every"
+        " peer known: id, name, state, capabilities, resources, NAT type,"
+        " announced endpoints and round-trip time.",
+    )
+    peers.set_defaults(func=peers_command)
+
+    ping = commands.add_parser(
+        "ping",
+        parents=[common],
+        help="measure the round trip to a peer",
+        description="Join the mesh, connect to PEER and ping it; print each"
+        " reply (round trip, path, endpoint, local port) and a summary.",
+    )
+    ping.add_argument("peer", metavar="PEER", help="peer id, unique id prefix or name")
+    ping.add_argument("--count", "-c", type=_count_arg, default=4, metavar="N",
+                      help="how many pings (default 4)")
+    ping.add_argument("--interval", "-i", type=_seconds_arg, default=1.0, metavar="SECONDS",
+                      help="time between pings (default 1)")
+    ping.add_argument("--reply-timeout", type=_seconds_arg, default=2.0, metavar="SECONDS",
+                      help="how long to wait for each reply (default 2)")
+    ping.set_defaults(func=ping_command)
+
+    connect = commands.add_parser(
+        "connect",
+        parents=[common],
+        help="find a live path to a peer",
+        description="Join the mesh and make sure there is a live path to PEER"
+        " (its known address, else one the mesh heard from recently); print"
+        " the path.",
+    )
+    connect.add_argument("peer", metavar="PEER", help="peer id, unique id prefix or name")
+    connect.set_defaults(func=connect_command)
+
+
+# -- the command's own node ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """
+    What a C{mesh} command joins: its node's directory and identity, the
+    network (as copied into that directory) and the bootstrap peers.
+    """
+
+    cli_dir: Path
+    identity: Identity
+    network: Membership
+    bootstrap: tuple[BootstrapSpec, ...]
+
+
+def prepare(invocation: Invocation) -> Plan:
+    """
+    Create (or load) the command's node in C{<data-dir>/cli} and put in it
+    the network to join, and only that one.
+
+    @raise CommandError: no network to join, or nothing to bootstrap from.
+    """
+    args = invocation.args
+    now = invocation.now()
+    cli_dir = invocation.data_dir / CLI_DIR
+    cli_store = NetworkStore(cli_dir)
+    if args.invite:
+        network_id, text, name, extra = _from_invite(args.invite, now)
+    else:
+        source = _pick_membership(invocation, cli_store)
+        network_id, text, name, extra = _from_membership(source, now)
+    identity = load_or_create_identity(cli_dir)
+    for membership in cli_store.list():
+        if membership.network_id != network_id:
+            cli_store.leave(membership.network_id, force=True)
+    network = cli_store.join(text, now, name, exist_ok=True).membership
+    bootstrap: list[BootstrapSpec] = []
+    for spec in [*args.bootstrap, *extra, *network.bootstrap]:
+        if spec not in bootstrap:
+            bootstrap.append(spec)
+    if not bootstrap:
+        raise CommandError(
+            f"network {network.name} ({network.network_id}) names no bootstrap peer:"
+            f" give one with --bootstrap ID_OR_NAME@HOST:PORT"
+        )
+    return Plan(cli_dir, identity, network, tuple(bootstrap))
+
+
+def _from_invite(text: str, now: float) -> tuple[str, str, str | None, tuple]:
+    text = text.strip()
+    if "://" not in text and len(text) <= 64:
+        key = NetworkKey.from_text(text)
+        return key.network_id_text, text, f"net-{key.network_id_text[:8]}", ()
+    invite = parse_invite(text, now)
+    return invite.network_id_text, text, None, ()
+
+
+def _from_membership(source: Membership, now: float) -> tuple[str, str, str | None, tuple]:
+    """
+    How to copy C{source} into the cli store: by its invite while that is
+    still accepted, else by its key (then its bootstrap list comes along
+    separately).
+    """
+    if source.invite is not None:
+        try:
+            parse_invite(source.invite, now)
+        except InviteError:
+            pass
+        else:
+            return source.network_id, source.invite, source.name, ()
+    return source.network_id, source.key.to_text(), source.name, source.bootstrap
+
+
+def _pick_membership(invocation: Invocation, cli_store: NetworkStore) -> Membership:
+    ref = invocation.args.network
+    data_dir = invocation.data_dir
+    own = NetworkStore(data_dir)
+    if ref is not None:
+        try:
+            return own.get(ref)
+        except MembershipError as e:
+            try:
+                return cli_store.get(ref)
+            except MembershipError:
+                raise e from None
+    for store in (own, cli_store):
+        memberships = store.list()
+        if memberships:
+            return memberships[0]
+    raise CommandError(
+        f"{data_dir} belongs to no network: pass --invite LINK, or join one with"
+        f" 'omerta --data-dir {data_dir} network join LINK'"
+    )
+
+
+class _View:
+    """
+    The running node seen by one command: conditions to wait for, with one
+    deadline for the whole command.
+    """
+
+    def __init__(self, mesh: MeshNetwork, plan: Plan, timeout: float):
+        self.mesh = mesh
+        self.plan = plan
+        self.timeout = timeout
+        self.clock = mesh.clock
+        self.started = self.clock.seconds()
+        self.deadline = self.started + timeout
+
+    @property
+    def registry(self):
+        return self.mesh.overlay().registry
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - self.clock.seconds())
+
+    def elapsed(self) -> float:
+        return self.clock.seconds() - self.started
+
+    def answered(self) -> bool:
+        """
+        A bootstrap peer proved who it is, or some peer is heard directly.
+        """
+        return any(b.reached for b in self.mesh.node.bootstraps) or bool(self.registry.online())
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.registry), len(self.registry.online())
+
+    async def until(self, predicate: Callable[[], Any]) -> bool:
+        while not predicate():
+            if self.clock.seconds() >= self.deadline:
+                return False
+            await deferLater(self.clock, POLL_INTERVAL, lambda: None)
+        return True
+
+    async def joined(self) -> None:
+        """
+        Wait until L{answered}.
+
+        @raise CommandError: not within the timeout.
+        """
+        if not await self.until(self.answered):
+            raise CommandError(self.no_answer())
+
+    async def settled(self, done: Callable[[], bool] = lambda: False) -> None:
+        """
+        Wait until the peer counts stayed the same for L{SETTLE_TIME}, C{done()}
+        is true, or the deadline passes.
+        """
+        last, since = None, self.clock.seconds()
+        while not done():
+            now = self.clock.seconds()
+            counts = self.counts()
+            if counts != last:
+                last, since = counts, now
+            elif now - since >= SETTLE_TIME:
+                return
+            if now >= self.deadline:
+                return
+            await deferLater(self.clock, POLL_INTERVAL, lambda: None)
+
+    def no_answer(self) -> str:
+        boots = self.mesh.node.bootstraps
+        where = ", ".join(str(b.spec.endpoint) for b in boots)
+        if len(boots) == 1:
+            question = f"is the relay at {where} running?"
+        else:
+            question = f"are the bootstrap peers at {where} running?"
+        hints = []
+        unresolved = [str(b.spec) for b in boots if b.address is None]
+        if unresolved:
+            hints.append(f"could not resolve {', '.join(unresolved)}")
+        if self.mesh.service.metrics.by_label("drops", "reason").get("bootstrap_mismatch"):
+            hints.append("a peer answered with another peer id than the one given")
+        network = self.plan.network
+        hints.append(
+            f"check that UDP reaches it and that it is in network {network.name}"
+            f" ({network.network_id}); give another with --bootstrap ID_OR_NAME@HOST:PORT"
+            f" or wait longer with --timeout"
+        )
+        return f"no bootstrap peer answered within {self.timeout:g} s: {question} " + "; ".join(
+            hints
+        )
+
+    def resolve(self, ref: str) -> PeerRecord:
+        try:
+            return self.registry.lookup(ref)
+        except PeerNotFound:
+            raise CommandError(
+                f"no peer named or with an id starting {ref.strip()!r} in network"
+                f" {self.plan.network.name} after {self.elapsed():.1f} s"
+                f" ({len(self.registry)} peer(s) known); 'omerta mesh peers' lists them"
+            ) from None
+        except AmbiguousPeer as e:
+            raise CommandError(str(e)) from None
+
+    def knows(self, ref: str) -> bool:
+        try:
+            self.registry.lookup(ref)
+        except PeerNotFound:
+            return False
+        except AmbiguousPeer:
+            return True
+        return True
+
+
+def _run(
+    invocation: Invocation, body: Callable[[_View], Awaitable[Any]]
+) -> Any:
+    """
+    Prepare the node, run it on the reactor for the duration of C{body(view)}
+    and return what C{body} returns.
+    """
+    plan = prepare(invocation)
+    args = invocation.args
+
+    async def session(reactor) -> Any:
+        mesh = MeshNetwork(
+            plan.cli_dir,
+            network=plan.network.network_id,
+            port=args.port,
+            interface=args.interface or "",
+            bootstrap=list(plan.bootstrap),
+            nat_interval=0,
+            status_interval=STATUS_INTERVAL,
+            reactor=reactor,
+        )
+
+        def stop_on_shutdown():
+            if mesh.service.running:
+                return mesh.stop()
+            return None
+
+        try:
+            await mesh.start()
+        except CannotListenError as e:
+            where = f"{args.interface or '*'}:{args.port}"
+            raise CommandError(
+                f"cannot bind UDP {where}: {e.socketError}; choose another --port"
+                f" (0 picks a free one)"
+            ) from None
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", stop_on_shutdown)
+        try:
+            return await body(_View(mesh, plan, args.timeout))
+        finally:
+            reactor.removeSystemEventTrigger(trigger)
+            await mesh.stop()
+
+    return run_reactor(session)
+
+
+# -- status -------------------------------------------------------------------
+
+
+def status_command(invocation: Invocation) -> int:
+    async def body(view: _View) -> dict:
+        await view.until(view.answered)
+        if view.answered():
+            await view.settled()
+        return status_document(view)
+
+    document = _run(invocation, body)
+    invocation.emit(format_status(document), document)
+    if not document["answered"]:
+        invocation.stdout.flush()
+        raise CommandError(document["error"])
+    return 0
+
+
+def status_document(view: _View) -> dict:
+    mesh = view.mesh
+    host = mesh.service.port.getHost()
+    network = view.plan.network
+    known, online = view.counts()
+    document = {
+        "peer_id": mesh.peer_id,
+        "data_dir": str(view.plan.cli_dir),
+        "listen": f"{host.host}:{host.port}",
+        "network": {"id": network.network_id, "name": network.name},
+        "bootstrap": [
+            {"spec": str(b.spec), "reached": b.reached} for b in mesh.node.bootstraps
+        ],
+        "answered": view.answered(),
+        "peers": {"known": known, "online": online},
+        "waited_s": round(view.elapsed(), 3),
+        "statistics": mesh.statistics(),
+    }
+    if not document["answered"]:
+        document["error"] = view.no_answer()
+    return document
+
+
+def format_status(document: dict) -> str:
+    network = document["network"]
+    statistics = document["statistics"]
+    lines = [
+        f"cli node   {document['peer_id']} ({document['data_dir']})",
+        f"listening  udp {document['listen']}",
+        f"network    {network['id']} ({network['name']})",
+    ]
+    for index, boot in enumerate(document["bootstrap"]):
+        label = "bootstrap" if index == 0 else ""
+        state = "answered" if boot["reached"] else "no answer"
+        lines.append(f"{label:9}  {boot['spec']}: {state}")
+    peers = document["peers"]
+    lines.append(f"peers      {peers['known']} known, {peers['online']} online"
+                 f" (after {document['waited_s']:.1f} s)")
+    drops = statistics["drops"]
+    lines.append(
+        f"traffic    frames in {statistics['frames_in']}, out {statistics['frames_out']};"
+        f" bytes in {statistics['bytes_in']}, out {statistics['bytes_out']}; drops: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none")
+    )
+    return "\n".join(lines)
+
+
+# -- peers ----------------------------------------------------------------------
+
+
+def peers_command(invocation: Invocation) -> int:
+    async def body(view: _View) -> list[dict]:
+        await view.joined()
+        await view.settled()
+        now = view.clock.seconds()
+        records = sorted(view.registry.all(), key=lambda r: (r.name == "", r.name, r.peer_id))
+        return [record.as_dict(now) for record in records]
+
+    peers = _run(invocation, body)
+    invocation.emit(format_peers(peers), peers)
+    return 0
+
+
+def _resources(resources: dict) -> str:
+    if not any(resources.values()):
+        return "-"
+    return (
+        f"cpu {resources['cpu_cores']}, {resources['memory_mb']} MB,"
+        f" {resources['disk_gb']} GB, gpu {resources['gpus']}"
+    )
+
+
+def format_peers(peers: list[dict]) -> str:
+    if not peers:
+        return "no peers known"
+    rows = [("PEER ID", "NAME", "STATE", "RTT", "NAT", "CAPABILITIES", "ENDPOINTS", "RESOURCES")]
+    for p in peers:
+        rows.append((
+            p["peer_id"],
+            p["name"] or "-",
+            p["state"],
+            "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms",
+            str(p["nat_type"]),
+            ",".join(p["capabilities"]) or "-",
+            " ".join(path["endpoint"] for path in p["paths"]) or "-",
+            _resources(p["resources"]),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        for row in rows
+    ).rstrip()
+
+
+# -- ping and connect --------------------------------------------------------------
+
+
+async def _find(view: _View, ref: str) -> PeerRecord:
+    """
+    Wait until the registry knows C{ref} (or the view settled without it).
+    """
+    if not view.knows(ref):
+        await view.joined()
+        await view.settled(lambda: view.knows(ref))
+    return view.resolve(ref)
+
+
+async def _connect(view: _View, record: PeerRecord) -> Connection:
+    try:
+        connection = await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
+    except ConnectError:
+        raise CommandError(
+            f"no path to {_label(record)} within {view.timeout:g} s: it did not answer"
+            f" at its known address and no peer heard from it recently (its state"
+            f" here: {record.state}); is it running? try a longer --timeout"
+        ) from None
+    if connection.rtt is None and record.rtt is not None:
+        # The pong that proved the path fires connect() before the link
+        # stores its round trip; the registry already has the same value.
+        connection = replace(connection, rtt=record.rtt)
+    return connection
+
+
+def _label(record: PeerRecord) -> str:
+    return f"{record.name} ({record.peer_id_text})" if record.name else record.peer_id_text
+
+
+def connect_command(invocation: Invocation) -> int:
+    async def body(view: _View) -> dict:
+        record = await _find(view, invocation.args.peer)
+        connection = await _connect(view, record)
+        return dict(connection.as_dict(), name=record.name)
+
+    document = _run(invocation, body)
+    invocation.emit(format_connection(document), document)
+    return 0
+
+
+def format_connection(document: dict) -> str:
+    who = document["name"] or document["peer_id"]
+    rtt = "-" if document["rtt_ms"] is None else f"{document['rtt_ms']:.3f} ms"
+    lines = [
+        f"connected to {who}",
+        f"peer id     {document['peer_id']}",
+        f"path        {document['kind']}" + (f" via {document['via']}" if document["via"] else ""),
+        f"endpoint    {document['endpoint']}",
+        f"local port  {document['local_port']}",
+        f"rtt         {rtt}",
+    ]
+    return "\n".join(lines)
+
+
+def ping_command(invocation: Invocation) -> int:
+    args = invocation.args
+    out = invocation.stdout
+    live = not invocation.wants_json
+
+    async def body(view: _View) -> dict:
+        record = await _find(view, args.peer)
+        connection = await _connect(view, record)
+        if live:
+            out.write(
+                f"PING {_label(record)}: {connection.kind} path to"
+                f" {connection.as_dict()['endpoint']} from local port {connection.local_port}\n"
+            )
+            out.flush()
+        replies = []
+        for seq in range(1, args.count + 1):
+            if seq > 1:
+                await deferLater(view.clock, args.interval, lambda: None)
+            rtt, now_connection = await view.mesh.ping(record.peer_id, timeout=args.reply_timeout)
+            connection = now_connection or connection
+            if rtt is None:
+                if live:
+                    out.write(f"seq {seq}: no reply within {args.reply_timeout:g} s\n")
+                continue
+            path = connection.as_dict()
+            reply = {
+                "seq": seq,
+                "rtt_ms": round(rtt * 1000, 3),
+                "kind": path["kind"],
+                "endpoint": path["endpoint"],
+                "local_port": path["local_port"],
+            }
+            replies.append(reply)
+            if live:
+                out.write(format_reply(reply) + "\n")
+                out.flush()
+        return {
+            "peer_id": record.peer_id_text,
+            "name": record.name,
+            "replies": replies,
+            "summary": summarise(args.count, [r["rtt_ms"] for r in replies]),
+        }
+
+    document = _run(invocation, body)
+    invocation.emit(format_summary(document), document)
+    if not document["replies"]:
+        invocation.stdout.flush()
+        raise CommandError(
+            f"no reply from {document['name'] or document['peer_id']} to"
+            f" {args.count} ping(s)"
+        )
+    return 0
+
+
+def format_reply(reply: dict) -> str:
+    return (
+        f"seq {reply['seq']}: rtt {reply['rtt_ms']:.3f} ms, {reply['kind']}"
+        f" {reply['endpoint']}, local port {reply['local_port']}"
+    )
+
+
+def summarise(sent: int, rtts_ms: list[float]) -> dict:
+    """
+    ping(8)'s summary: counts, loss and min/avg/max round trip (None
+    without replies).
+    """
+    received = len(rtts_ms)
+    return {
+        "sent": sent,
+        "received": received,
+        "loss_pct": round(100.0 * (sent - received) / sent, 1),
+        "rtt_min_ms": min(rtts_ms) if rtts_ms else None,
+        "rtt_avg_ms": round(stats.fmean(rtts_ms), 3) if rtts_ms else None,
+        "rtt_max_ms": max(rtts_ms) if rtts_ms else None,
+    }
+
+
+def format_summary(document: dict) -> str:
+    summary = document["summary"]
+    lines = [
+        f"--- {document['name'] or document['peer_id']} ping statistics ---",
+        f"{summary['sent']} sent, {summary['received']} received,"
+        f" {summary['loss_pct']:g}% loss",
+    ]
+    if summary["received"]:
+        lines[-1] += (
+            f"; rtt min/avg/max {summary['rtt_min_ms']:.3f}/{summary['rtt_avg_ms']:.3f}"
+            f"/{summary['rtt_max_ms']:.3f} ms"
+        )
+    return "\n".join(lines)
