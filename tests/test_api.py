@@ -125,3 +125,9 @@ class ApiTests(unittest.TestCase):
             self.result(mesh.stop())
         self.net.run(1)
         self.assertEqual(self.net.clock.getDelayedCalls(), [])
+
+    def test_connect_reports_rtt(self):
+        """A path connect() had to confirm carries the RTT it just measured."""
+        self.net.run(MeshNetwork.FRESH_CONTACT + 1)
+        connection = self.result(self.alice.connect("bob"))
+        self.assertAlmostEqual(connection.rtt, 0.020, places=3)

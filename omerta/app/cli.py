@@ -228,4 +228,8 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as "python -m omerta.app.cli": use the imported module, not this
+    # __main__ copy, so the command modules' exceptions are the same classes.
+    from omerta.app import cli
+
+    sys.exit(cli.main())

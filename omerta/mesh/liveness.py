@@ -153,16 +153,16 @@ class Liveness:
             return
         rtt = overlay.clock.seconds() - sent[1]
         overlay.registry.set_rtt(frame.sender, rtt)
-        waiter = self._waiters.pop(pong.nonce, None)
-        if waiter is not None:
-            waiter.callback(rtt)
         link = self.links.get(frame.sender)
+        if link is not None:
+            link.rtt = rtt
         overlay.observed_address(tuple(pong.observed))
         overlay.freshness.learn_contacts(pong.contacts)
         for probe in [p for p in self._probes.values() if p.target == frame.sender]:
             self._finish_probe(probe, True, rtt)
-        if link is not None:
-            link.rtt = rtt
+        waiter = self._waiters.pop(pong.nonce, None)
+        if waiter is not None:
+            waiter.callback(rtt)
 
     # SWIM indirect probes
 
