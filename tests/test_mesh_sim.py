@@ -258,3 +258,55 @@ class MessagingTests(unittest.TestCase):
         self.sim.run(1)
         after = self.b.node.metrics.by_label("drops", "reason")
         self.assertEqual(after.get("unknown_session", 0), before.get("unknown_session", 0) + 1)
+
+
+class AmplificationTests(unittest.TestCase):
+    def spoof(self, frame_for):
+        """
+        Deliver to a converged mesh's seed a frame sealed by a member but
+        with the victim's source address; return what the seed sends the
+        victim over the next minute.
+        """
+        sim = MeshSim(seed=9)
+        self.addCleanup(sim.stop)
+        seed, nodes = star(sim, 20)
+        self.assertTrue(sim.run_until(sim.converged, timeout=60))
+        victim = ("192.0.2.66", 9999)
+        frame = frame_for(nodes[0].overlay)
+        sent = []
+        original = seed.port.write
+        seed.port.write = lambda data, addr: (sent.append((data, addr)), original(data, addr))[1]
+        seed.port.protocol.datagramReceived(frame, victim)
+        sim.run(60)
+        return frame, [data for data, addr in sent if addr == victim]
+
+    def test_small_spoofed_frame_gets_nothing(self):
+        """A frame smaller than a ping from an unproven address gets no answer at all."""
+        from omerta.wire.messages import MessageType, build_body
+
+        frame, answers = self.spoof(lambda overlay: overlay.sealer.seal(
+            MessageType.PEER_LIST, build_body(MessageType.PEER_LIST, request=True, announcements=[])))
+        self.assertEqual(answers, [])
+
+    def test_spoofed_announcement_gets_one_smaller_ping(self):
+        """A large spoofed frame gets one challenge ping, no bigger than itself, and nothing after."""
+        from omerta.wire.messages import MessageType, build_body
+
+        frame, answers = self.spoof(lambda overlay: overlay.sealer.seal(
+            MessageType.ANNOUNCE, build_body(MessageType.ANNOUNCE, hops=0,
+                                             announcement=overlay.gossip.own_announcement())))
+        self.assertEqual(len(answers), 1)
+        self.assertLessEqual(len(answers[0]), len(frame))
+
+    def test_indirect_ping_to_unknown_address_refused(self):
+        """An INDIRECT_PING naming an address we do not know for the target is dropped."""
+        from omerta.wire.messages import MessageType
+
+        sim = MeshSim(seed=10)
+        self.addCleanup(sim.stop)
+        seed, (a, b) = star(sim, 2)
+        self.assertTrue(sim.run_until(sim.converged, timeout=30))
+        a.overlay.send(seed.address, MessageType.INDIRECT_PING, nonce=1, target=b.peer_id,
+                       endpoint=("192.0.2.66", 53))
+        sim.run(1)
+        self.assertEqual(seed.node.metrics.get("drops", reason="indirect_unknown_endpoint"), 1)

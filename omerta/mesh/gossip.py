@@ -126,6 +126,11 @@ class Gossip:
         overlay.metrics.inc("gossip_announcements", outcome=str(outcome.value))
         if outcome in (Outcome.NEW, Outcome.UPDATED):
             record = overlay.registry.get(announcer(signed))
+            link = overlay.liveness.links.get(record.peer_id)
+            if outcome is Outcome.NEW and link is not None and link.established:
+                # We talked to it before its announcement arrived.
+                overlay.registry.heard_from(record.peer_id, link.address, link.last_heard)
+                overlay.registry.set_rtt(record.peer_id, link.rtt)
             if outcome is Outcome.NEW:
                 overlay.events.emit("peer_discovered", network=overlay.network_id,
                                     peer_id=record.peer_id)
@@ -142,9 +147,20 @@ class Gossip:
 
     def on_peer_list(self, frame, addr, message) -> None:
         for entry in message.announcements:
-            self.accept(entry.announcement, entry.hops)
+            outcome = self.accept(entry.announcement, entry.hops)
+            if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
+                if announcer(entry.announcement) == frame.sender:
+                    self.overlay.bootstrap_answered(addr, frame.sender)
         if message.request:
-            self.send_peer_list(addr, request=False)
+            link = self.overlay.liveness.links.get(frame.sender)
+            if self.overlay.liveness.verified(frame.sender, addr):
+                if not link.list_sent:
+                    link.list_sent = True
+                    self.send_peer_list(addr, request=False)
+            else:
+                # Unproven address: our list goes out when our own ping to it
+                # is answered (Overlay.link_verified), not on request.
+                self.overlay.metrics.inc("drops", reason="peer_list_unverified")
 
     # sending
 

@@ -44,6 +44,10 @@ class Link:
     indirect_nonce: int | None = None
     rtt: float | None = None
     established: bool = False
+    verified: bool = False
+    list_sent: bool = False
+    initiated: bool = False
+    pending_address: tuple | None = None
 
 
 @dataclass
@@ -69,9 +73,16 @@ class Liveness:
 
     # contact
 
-    def heard(self, peer_id: bytes, address: tuple, now: float) -> Link | None:
+    def heard(self, peer_id: bytes, address: tuple, now: float, size: int) -> Link | None:
         """
-        A frame from C{peer_id} arrived directly from C{address}.
+        A frame of C{size} bytes from C{peer_id} arrived from C{address}.
+
+        The sender id is only proven to be *a* member, and the source address
+        not at all, so a frame from a new address does not move an existing
+        link: it starts a challenge (a contact-free ping, sent only if the
+        frame was at least as large), and the link moves when the pong comes
+        back from there (L{on_pong}).  Returns the link when C{address} is
+        the link's address.
         """
         link = self.links.get(peer_id)
         if link is None:
@@ -80,11 +91,11 @@ class Liveness:
             link = Link(peer_id, address, now, now, now + self._jitter())
             self.links[peer_id] = link
         elif link.address != address:
-            self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(peer_id),
-                          address=f"{address[0]}:{address[1]}")
-            self.overlay.events.emit("path_changed", network=self.overlay.network_id,
-                                     peer_id=peer_id, old=link.address, new=address)
-            link.address = address
+            if link.pending_address != address:
+                link.pending_address = address
+                if size >= self.overlay.challenge_size:
+                    self.ping(peer_id, address, contacts=False)
+            return None
         link.last_heard = now
         link.heard_this_period = True
         if not link.established:
@@ -103,7 +114,7 @@ class Liveness:
         now = self.overlay.clock.seconds()
         if peer_id in self.links or len(self.links) >= self.config.max_active:
             return
-        self.links[peer_id] = Link(peer_id, address, now, now, now)
+        self.links[peer_id] = Link(peer_id, address, now, now, now, initiated=True)
         self.links[peer_id].heard_this_period = False
 
     def _jitter(self) -> float:
@@ -111,7 +122,11 @@ class Liveness:
 
     # pings
 
-    def ping(self, peer_id: bytes, address: tuple) -> int:
+    def ping(self, peer_id: bytes, address: tuple, contacts: bool = True) -> int:
+        """
+        Send a ping; C{contacts=False} for a challenge to an address not
+        proven yet (no piggybacked contacts: smaller, and nothing leaked).
+        """
         overlay = self.overlay
         if len(self._pings) >= self.config.max_outstanding_pings:
             self._pings.pop(next(iter(self._pings)))
@@ -119,8 +134,24 @@ class Liveness:
         now = overlay.clock.seconds()
         self._pings[nonce] = (peer_id, now, address)
         overlay.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
-                     contacts=overlay.freshness.contacts_for(peer_id))
+                     contacts=overlay.freshness.contacts_for(peer_id) if contacts else [])
         return nonce
+
+    def _move(self, link: Link, address: tuple, now: float) -> None:
+        """
+        A pong proved C{link}'s peer answers at C{address}: the path moves.
+        """
+        self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(link.peer_id),
+                      address=f"{address[0]}:{address[1]}")
+        self.overlay.events.emit("path_changed", network=self.overlay.network_id,
+                                 peer_id=link.peer_id, old=link.address, new=address)
+        link.address = address
+        link.pending_address = None
+        link.verified = False
+        link.last_heard = now
+        link.heard_this_period = True
+        if link.suspected_at is not None:
+            self._clear_suspicion(link, now)
 
     def ping_and_wait(self, peer_id: bytes, address: tuple, timeout: float) -> Deferred:
         """
@@ -154,8 +185,15 @@ class Liveness:
         rtt = overlay.clock.seconds() - sent[1]
         overlay.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)
-        if link is not None:
+        if link is not None and sent[2] == addr and link.pending_address == addr:
+            self._move(link, addr, now=overlay.clock.seconds())
+        if link is not None and link.address == addr:
             link.rtt = rtt
+            if not link.verified and sent[2] == addr:
+                # A pong to a nonce we sent to this address: the address
+                # really leads to this peer (return routability).
+                link.verified = True
+                overlay.link_verified(frame.sender, addr)
         overlay.observed_address(tuple(pong.observed))
         overlay.freshness.learn_contacts(pong.contacts)
         for probe in [p for p in self._probes.values() if p.target == frame.sender]:
@@ -174,12 +212,18 @@ class Liveness:
         if len(self._probes) >= self.config.max_indirect_probes:
             overlay.metrics.inc("drops", reason="indirect_busy")
             return
+        endpoint = tuple(message.endpoint)
+        if endpoint not in overlay.paths.known_addresses(message.target):
+            # Never ping an address on a member's word alone: that would make
+            # this node a reflector towards third parties.
+            overlay.metrics.inc("drops", reason="indirect_unknown_endpoint")
+            return
         call = overlay.clock.callLater(self.config.indirect_timeout * 0.8,
                                        self._probe_timeout, message.nonce)
         probe = _IndirectProbe(addr, message.nonce, message.target,
                                overlay.clock.seconds(), call)
         self._probes[message.nonce] = probe
-        self.ping(message.target, tuple(message.endpoint))
+        self.ping(message.target, endpoint)
 
     def _probe_timeout(self, nonce: int) -> None:
         probe = self._probes.get(nonce)
@@ -241,6 +285,13 @@ class Liveness:
         now = overlay.clock.seconds()
         config = self.config
         for link in list(self.links.values()):
+            if not link.verified and not link.initiated:
+                # Opened by a frame from an unproven address: its challenge
+                # ping went out once; no keepalives until it is answered.
+                if now - link.since >= config.keepalive:
+                    del self.links[link.peer_id]
+                    overlay.metrics.inc("liveness_unverified_dropped")
+                continue
             if link.suspected_at is not None:
                 if now - link.suspected_at >= config.indirect_timeout:
                     self._declare_offline(link, now)
@@ -281,6 +332,10 @@ class Liveness:
     def address_of(self, peer_id: bytes):
         link = self.links.get(peer_id)
         return None if link is None else link.address
+
+    def verified(self, peer_id: bytes, address: tuple) -> bool:
+        link = self.links.get(peer_id)
+        return link is not None and link.verified and link.address == address
 
     def stop(self) -> None:
         for probe in list(self._probes.values()):

@@ -23,7 +23,17 @@ from omerta.mesh.messaging import Messaging
 from omerta.mesh.paths import DirectPaths
 from omerta.mesh.registry import PeerRegistry
 from omerta.wire import ParseError
-from omerta.wire.messages import MessageType, parse_body
+from omerta.wire.envelope import MIN_FRAME_SIZE
+from omerta.wire.messages import MessageType, build_body, parse_body
+
+
+CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
+    build_body(MessageType.PING, nonce=0, sent_ms=0, contacts=[])
+)
+"""
+Bytes of a contact-free PING frame: a frame smaller than this from an
+unproven address gets no answer at all.
+"""
 
 
 class Overlay:
@@ -66,8 +76,6 @@ class Overlay:
     # sending
 
     def send(self, address: tuple, msg_type: MessageType, **fields) -> None:
-        from omerta.wire.messages import build_body
-
         frame = self.sealer.seal(msg_type, build_body(msg_type, fields))
         self.node.send_frame(frame, address, msg_type)
 
@@ -85,25 +93,51 @@ class Overlay:
             return
         now = self.clock.seconds()
         sender = frame.sender
-        self.freshness.heard(sender, addr, now)
-        self.registry.heard_from(sender, addr, now)
-        link = self.liveness.heard(sender, addr, now)
-        if link is not None and self._boots.get(sender) != frame.boot:
-            self._introduce(sender, frame.boot, addr)
+        size = MIN_FRAME_SIZE + len(frame.body)
+        link = self.liveness.heard(sender, addr, now, size)
+        if link is not None:
+            if link.verified:
+                # Only a proven address becomes what others are told.
+                self.freshness.heard(sender, addr, now)
+                self.registry.heard_from(sender, addr, now)
+            if self._boots.get(sender) != frame.boot:
+                self._introduce(sender, frame.boot, addr, size)
         handler(frame, addr, message)
 
-    def _introduce(self, peer_id: bytes, boot: bytes, addr: tuple) -> None:
+    def _introduce(self, peer_id: bytes, boot: bytes, addr: tuple, size: int) -> None:
         """
-        First frame of a peer's run on an active link: exchange announcements
-        and peer lists, and measure the round trip.
+        First frame of a peer's run on an active link: a ping, and nothing
+        else, since the source address is not proven yet (a ping is smaller
+        than any frame that can trigger it: no amplification).  Our
+        announcement and the peer-list exchange follow once the pong proves
+        the address (L{link_verified}).
         """
         self._boots[peer_id] = boot
         self._boots.move_to_end(peer_id)
         while len(self._boots) > 4 * self.config.max_active:
             self._boots.popitem(last=False)
+        link = self.liveness.links.get(peer_id)
+        if link is not None:
+            link.verified = False  # a new run of the peer: prove it again
+            link.list_sent = False
+        if size >= self.challenge_size:
+            self.liveness.ping(peer_id, addr, contacts=False)
+
+    challenge_size = CHALLENGE_SIZE
+
+    def link_verified(self, peer_id: bytes, addr: tuple) -> None:
+        """
+        A pong proved C{addr} leads to C{peer_id}: record it, send our
+        announcement and everything we know, and ask for the same.
+        """
+        now = self.clock.seconds()
+        self.freshness.heard(peer_id, addr, now)
+        self.registry.heard_from(peer_id, addr, now)
+        link = self.liveness.links.get(peer_id)
+        if link is not None:
+            link.list_sent = True
         self.gossip.announce_to(addr)
         self.gossip.send_peer_list(addr, request=True)
-        self.liveness.ping(peer_id, addr)
 
     # what the node tells us
 

@@ -85,6 +85,30 @@ class DirectPaths:
             return tuple(record.endpoint)
         return announced[0] if announced else None
 
+    def known_addresses(self, peer_id: bytes) -> set[tuple]:
+        """
+        Every address this node itself has for C{peer_id}: its link, a
+        recent contact, a candidate, the registry's endpoint and announced
+        paths.
+        """
+        overlay = self.overlay
+        out = set()
+        address = overlay.liveness.address_of(peer_id)
+        if address is not None:
+            out.add(address)
+        contact = overlay.freshness.contacts.get(peer_id)
+        if contact is not None:
+            out.add(contact.address)
+        candidate = self._candidates.get(peer_id)
+        if candidate is not None:
+            out.add(candidate[0])
+        record = overlay.registry.get(peer_id)
+        if record is not None:
+            if record.endpoint is not None:
+                out.add(tuple(record.endpoint))
+            out.update(tuple(e) for _kind, e, _via in record.paths)
+        return out
+
     def connection(self, peer_id: bytes) -> Connection | None:
         overlay = self.overlay
         link = overlay.liveness.links.get(peer_id)
