@@ -70,6 +70,7 @@ class Gossip:
         self._sequence = int(overlay.clock.seconds() * 1000)
         self._own: dict | None = None
         self._own_fields: tuple | None = None
+        self._full_sent: dict[bytes, float] = {}
 
     # origination
 
@@ -152,11 +153,11 @@ class Gossip:
                 if announcer(entry.announcement) == frame.sender:
                     self.overlay.bootstrap_answered(addr, frame.sender)
         if message.request:
-            link = self.overlay.liveness.links.get(frame.sender)
             if self.overlay.liveness.verified(frame.sender, addr):
-                if not link.list_sent:
-                    link.list_sent = True
-                    self.send_peer_list(addr, request=False)
+                last = self._full_sent.get(frame.sender)
+                now = self.overlay.clock.seconds()
+                if last is None or now - last >= self.config.sync_interval / 2:
+                    self.send_peer_list(addr, request=False, peer_id=frame.sender)
             else:
                 # Unproven address: our list goes out when our own ping to it
                 # is answered (Overlay.link_verified), not on request.
@@ -164,11 +165,16 @@ class Gossip:
 
     # sending
 
-    def send_peer_list(self, address, request: bool) -> None:
+    def send_peer_list(self, address, request: bool, peer_id: bytes | None = None) -> None:
         """
         Everything this node knows (its own announcement first), in as many
-        PEER_LIST datagrams as it takes.
+        PEER_LIST datagrams as it takes.  Only ever sent to addresses a pong
+        has proven.
         """
+        if peer_id is not None:
+            self._full_sent[peer_id] = self.overlay.clock.seconds()
+            while len(self._full_sent) > self.config.proven_memory:
+                self._full_sent.pop(next(iter(self._full_sent)))
         entries = [Rumour(self.own_announcement(), 0, 0)]
         entries += [Rumour(r.signed, 1, 0) for r in self.overlay.registry.all() if r.signed]
         batch, size = [], 0
@@ -187,6 +193,16 @@ class Gossip:
             request=request,
             announcements=[{"hops": r.hops, "announcement": r.signed} for r in batch],
         )
+
+    def sync(self) -> None:
+        """
+        Anti-entropy: every C{sync_interval}, a full peer-list exchange with
+        one random proven active peer, so a node that no rumour reached (or
+        that missed some) catches up.
+        """
+        targets = self.overlay.liveness.gossip_targets(1, self.rng)
+        for peer_id, address in targets:
+            self.send_peer_list(address, request=True, peer_id=peer_id)
 
     def round(self) -> None:
         """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -45,7 +46,8 @@ class Link:
     rtt: float | None = None
     established: bool = False
     verified: bool = False
-    list_sent: bool = False
+    retries: int = 0
+    second_round: bool = False
     initiated: bool = False
     pending_address: tuple | None = None
 
@@ -70,6 +72,10 @@ class Liveness:
         self._pings: dict[int, tuple[bytes, float, tuple]] = {}
         self._probes: dict[int, _IndirectProbe] = {}
         self._waiters: dict[int, Deferred] = {}
+        # (peer, address) pairs whose address a pong proved, active or not:
+        # bootstrap service and peer lists do not depend on a free slot in
+        # the active set.
+        self._proven: OrderedDict[tuple, float] = OrderedDict()
 
     # contact
 
@@ -87,6 +93,10 @@ class Liveness:
         link = self.links.get(peer_id)
         if link is None:
             if len(self.links) >= self.config.max_active:
+                # No room to keep it, but let it prove its address so it can
+                # be served (peer lists) all the same.
+                if (peer_id, address) not in self._proven and size >= self.overlay.challenge_size:
+                    self.ping(peer_id, address, contacts=False)
                 return None
             link = Link(peer_id, address, now, now, now + self._jitter())
             self.links[peer_id] = link
@@ -185,6 +195,8 @@ class Liveness:
         rtt = overlay.clock.seconds() - sent[1]
         overlay.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)
+        if sent[2] == addr and (frame.sender, addr) not in self._proven:
+            self._prove(frame.sender, addr, link)
         if link is not None and sent[2] == addr and link.pending_address == addr:
             self._move(link, addr, now=overlay.clock.seconds())
         if link is not None and link.address == addr:
@@ -193,7 +205,6 @@ class Liveness:
                 # A pong to a nonce we sent to this address: the address
                 # really leads to this peer (return routability).
                 link.verified = True
-                overlay.link_verified(frame.sender, addr)
         overlay.observed_address(tuple(pong.observed))
         overlay.freshness.learn_contacts(pong.contacts)
         for probe in [p for p in self._probes.values() if p.target == frame.sender]:
@@ -252,12 +263,17 @@ class Liveness:
         overlay.events.emit("peer_suspected", network=overlay.network_id, peer_id=link.peer_id)
         overlay.metrics.inc("liveness_suspected")
         link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
-        helpers = [l for l in self.links.values()
-                   if l.peer_id != link.peer_id and l.suspected_at is None]
-        for helper in self.rng.sample(helpers, min(self.config.indirect_helpers, len(helpers))):
-            overlay.send(helper.address, MessageType.INDIRECT_PING, nonce=link.indirect_nonce,
-                         target=link.peer_id, endpoint=link.address)
+        link.second_round = False
+        self._ask_helpers(link)
         overlay.freshness.peer_stale(link.peer_id, link.address)
+
+    def _ask_helpers(self, link: Link) -> None:
+        helpers = [l for l in self.links.values()
+                   if l.peer_id != link.peer_id and l.suspected_at is None and l.verified]
+        for helper in self.rng.sample(helpers, min(self.config.indirect_helpers, len(helpers))):
+            self.overlay.send(helper.address, MessageType.INDIRECT_PING,
+                              nonce=link.indirect_nonce, target=link.peer_id,
+                              endpoint=link.address)
 
     def _clear_suspicion(self, link: Link, now: float) -> None:
         link.suspected_at = None
@@ -295,12 +311,23 @@ class Liveness:
             if link.suspected_at is not None:
                 if now - link.suspected_at >= config.indirect_timeout:
                     self._declare_offline(link, now)
+                elif not link.second_round and now - link.suspected_at >= config.indirect_timeout / 2:
+                    link.second_round = True
+                    self._ask_helpers(link)
+                    self.ping(link.peer_id, link.address)
                 continue
+            if (not link.heard_this_period and link.retries < config.ping_retries
+                    and now >= link.next_ping - config.keepalive + (link.retries + 1) * config.ping_retry):
+                # No answer yet this period: try again before counting a miss,
+                # so a lossy link needs several losses in a row to look dead.
+                link.retries += 1
+                self.ping(link.peer_id, link.address)
             if now >= link.next_ping:
                 if not link.heard_this_period:
                     link.missed += 1
                     overlay.metrics.inc("liveness_missed")
                 link.heard_this_period = False
+                link.retries = 0
                 link.next_ping = now + config.keepalive
                 if link.missed >= config.suspect_after_missed:
                     self._suspect(link, now)
@@ -326,7 +353,8 @@ class Liveness:
             self.ping(peer_id, address)
 
     def gossip_targets(self, count: int, rng: random.Random) -> list[tuple[bytes, tuple]]:
-        healthy = [(l.peer_id, l.address) for l in self.links.values() if l.suspected_at is None]
+        healthy = [(l.peer_id, l.address) for l in self.links.values()
+                   if l.suspected_at is None and l.verified]
         return rng.sample(healthy, min(count, len(healthy)))
 
     def address_of(self, peer_id: bytes):
@@ -334,8 +362,23 @@ class Liveness:
         return None if link is None else link.address
 
     def verified(self, peer_id: bytes, address: tuple) -> bool:
-        link = self.links.get(peer_id)
-        return link is not None and link.verified and link.address == address
+        """
+        Whether a pong has proven that C{address} leads to C{peer_id}.
+        """
+        return (peer_id, address) in self._proven
+
+    def forget_proof(self, peer_id: bytes) -> None:
+        """
+        The peer restarted: its addresses must be proven again.
+        """
+        for key in [k for k in self._proven if k[0] == peer_id]:
+            del self._proven[key]
+
+    def _prove(self, peer_id: bytes, address: tuple, link) -> None:
+        self._proven[(peer_id, address)] = self.overlay.clock.seconds()
+        while len(self._proven) > self.config.proven_memory:
+            self._proven.popitem(last=False)
+        self.overlay.address_proven(peer_id, address, link)
 
     def stop(self) -> None:
         for probe in list(self._probes.values()):

@@ -76,7 +76,8 @@ class Messaging:
     def __init__(self, overlay):
         self.overlay = overlay
         self.config = overlay.config
-        self.sessions = SessionTable(overlay.node.identity, overlay.network_id)
+        self.sessions = SessionTable(overlay.node.identity, overlay.network_id,
+                                     retry_after=self.config.request_retry)
         self.handlers: dict[str, Handler] = {}
         self._queued: defaultdict[bytes, list[tuple[int, bytes]]] = defaultdict(list)
         self._requests: dict[int, _Request] = {}

@@ -41,6 +41,9 @@ class MeshConfig:
     max_active: int = 16
     offline_cleanup: float = 3600.0
     max_outstanding_pings: int = 1024
+    ping_retries: int = 2
+    ping_retry: float = 2.0
+    proven_memory: int = 4096
     # gossip
     announce_ttl: int = 3600
     reannounce: float = 300.0
@@ -48,6 +51,7 @@ class MeshConfig:
     fanout: int = 3
     retransmit_mult: int = 4
     gossip_hop_limit: int = 8
+    sync_interval: float = 30.0
     max_peers: int = 10000
     # freshness
     contacts_kept: int = 100

@@ -119,25 +119,22 @@ class Overlay:
         link = self.liveness.links.get(peer_id)
         if link is not None:
             link.verified = False  # a new run of the peer: prove it again
-            link.list_sent = False
+        self.liveness.forget_proof(peer_id)
         if size >= self.challenge_size:
             self.liveness.ping(peer_id, addr, contacts=False)
 
     challenge_size = CHALLENGE_SIZE
 
-    def link_verified(self, peer_id: bytes, addr: tuple) -> None:
+    def address_proven(self, peer_id: bytes, addr: tuple, link) -> None:
         """
-        A pong proved C{addr} leads to C{peer_id}: record it, send our
-        announcement and everything we know, and ask for the same.
+        A pong proved C{addr} leads to C{peer_id} (for the first time): record
+        it, send our announcement and everything we know, and ask for the same.
         """
         now = self.clock.seconds()
         self.freshness.heard(peer_id, addr, now)
         self.registry.heard_from(peer_id, addr, now)
-        link = self.liveness.links.get(peer_id)
-        if link is not None:
-            link.list_sent = True
         self.gossip.announce_to(addr)
-        self.gossip.send_peer_list(addr, request=True)
+        self.gossip.send_peer_list(addr, request=True, peer_id=peer_id)
 
     # what the node tells us
 
@@ -158,6 +155,7 @@ class Overlay:
             (self.gossip.round, config.gossip_interval),
             (self.tick, 1.0),
             (self.gossip.reannounce, config.reannounce),
+            (self.gossip.sync, config.sync_interval),
         ):
             loop = LoopingCall(function)
             loop.clock = self.clock
