@@ -11,6 +11,7 @@ that would belong to no network.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,16 @@ class NodeOptions(usage.Options):
          "Second address IP[:PORT] for RFC 5780 STUN (needs --interface; port"
          " defaults to --port + 1)."],
         ["nat-interval", None, "300", "Seconds between NAT discoveries (0: never)."],
+        ["config", "c", None, "TOML file with any of these options; flags override it."],
+        ["manhole", None, None,
+         "SSH manhole endpoint, e.g. tcp:7422:interface=127.0.0.1 (off by default)."],
+        ["manhole-keys", None, None,
+         "authorized_keys file for the manhole (default: ~/.ssh/authorized_keys)."],
+        ["metrics", None, None,
+         "Prometheus metrics endpoint, e.g. tcp:9400:interface=127.0.0.1 (off by default)."],
+    ]
+    optFlags = [
+        ["manhole-allow-remote", None, "Allow a manhole endpoint that is not loopback."],
     ]
 
     def __init__(self) -> None:
@@ -55,6 +66,21 @@ class NodeOptions(usage.Options):
         self["bootstrap"] = []
         self["invite"] = []
         self["stun"] = []
+
+    def parseOptions(self, options=None) -> None:
+        """
+        With C{--config PATH} (or C{-c PATH}), the file's settings are applied
+        first, so every flag given on the command line overrides them.
+        """
+        if options is None:
+            options = sys.argv[1:]
+        options = list(options)
+        path = config_path(options)
+        if path is not None:
+            from omerta.app.config import apply_config_file
+
+            apply_config_file(self, path)
+        super().parseOptions(options)
 
     def opt_bootstrap(self, spec: str) -> None:
         """
@@ -113,6 +139,14 @@ class NodeOptions(usage.Options):
         except ValueError:
             raise usage.UsageError("--nat-interval takes a number of seconds >= 0") from None
         self._check_stun_alternate()
+        if self["manhole"] is not None:
+            from omerta.app.manhole import check_manhole_options
+
+            check_manhole_options(self)
+        if self["metrics"] is not None:
+            from omerta.app.metrics_web import check_metrics_endpoint
+
+            check_metrics_endpoint(self["metrics"])
         data_dir = Path(self["data-dir"]).expanduser() if self["data-dir"] else default_data_dir()
         self["data-dir"] = data_dir
         self._check_state(data_dir)
@@ -187,7 +221,8 @@ class NodeOptions(usage.Options):
 
 def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     """
-    Assemble (without starting) the services of one node.
+    Assemble (without starting) the services of one node: the node itself,
+    and the metrics endpoint and manhole when asked for.
     """
     top = MultiService()
     node = NodeService(
@@ -206,4 +241,27 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     )
     node.setName("node")
     node.setServiceParent(top)
+    if options["metrics"] is not None:
+        from omerta.app.metrics_web import MetricsService
+
+        MetricsService(options["metrics"], node, reactor=reactor).setServiceParent(top)
+    if options["manhole"] is not None:
+        from omerta.app.manhole import make_manhole_service
+
+        make_manhole_service(options, node, reactor=reactor).setServiceParent(top)
     return top
+
+
+def config_path(argv: list[str]) -> str | None:
+    """
+    The value of C{--config}/C{-c} in C{argv} (last one wins), or None.
+    """
+    path = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("-c") and len(arg) > 2 and not arg.startswith("--"):
+            path = arg[2:]
+    return path
