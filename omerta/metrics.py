@@ -16,9 +16,44 @@ class Metrics:
     Named counters and gauges with optional labels.
     """
 
+    BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
     def __init__(self) -> None:
         self._counters: defaultdict[tuple, int] = defaultdict(int)
         self._gauges: dict[tuple, float] = {}
+        self._histograms: dict[tuple, list] = {}
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """
+        Add one observation (seconds) to a histogram with L{BUCKETS}.
+        """
+        key = (name, tuple(sorted(labels.items())))
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            histogram = self._histograms[key] = [[0] * len(self.BUCKETS), 0, 0.0]
+        counts = histogram[0]
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                counts[i] += 1
+        histogram[1] += 1
+        histogram[2] += value
+
+    def histograms(self):
+        """
+        C{(name, labels dict, cumulative bucket counts, count, sum)} for each
+        histogram series.
+        """
+        for (name, labels), (counts, count, total) in sorted(self._histograms.items()):
+            yield name, dict(labels), list(counts), count, total
+
+    def series(self):
+        """
+        C{(kind, name, labels dict, value)} for every counter and gauge.
+        """
+        for (name, labels), value in sorted(self._counters.items()):
+            yield "counter", name, dict(labels), value
+        for (name, labels), value in sorted(self._gauges.items()):
+            yield "gauge", name, dict(labels), value
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += amount
@@ -65,4 +100,7 @@ class Metrics:
                 out.setdefault(name, []).append({"labels": dict(labels), "value": value})
             else:
                 out[name] = value
+        for name, labels, _buckets, count, total in self.histograms():
+            out.setdefault(name, []).append(
+                {"labels": labels, "count": count, "sum": round(total, 6)})
         return out

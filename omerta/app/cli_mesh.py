@@ -505,6 +505,7 @@ def status_document(view: _View) -> dict:
         "peers": {"known": known, "online": online},
         "waited_s": round(view.elapsed(), 3),
         "statistics": mesh.statistics(),
+        "metrics": mesh.service.metrics.snapshot(),
     }
     if not document["answered"]:
         document["error"] = view.no_answer()

@@ -66,6 +66,8 @@ class _Request:
     deferred: Deferred
     deadline: float
     timeout: float
+    trace_id: bytes = b""
+    started: float = 0.0
     retry: object = None
     sent: int = 0
 
@@ -115,19 +117,25 @@ class Messaging:
         overlay = self.overlay
         timeout = self.config.request_timeout if timeout is None else timeout
         request_id = int.from_bytes(os.urandom(8), "big")
+        trace_id = trace_id or os.urandom(8)
         body = build_body(
             MessageType.REQUEST,
             request_id=request_id,
-            trace_id=trace_id or os.urandom(8),
+            trace_id=trace_id,
             channel=channel,
             timeout_ms=int(timeout * 1000),
             payload=payload,
         )
         d = Deferred(lambda _: self._forget(request_id))
         now = overlay.clock.seconds()
-        request = _Request(peer_id, channel, body, d, now + timeout, timeout)
+        request = _Request(peer_id, channel, body, d, now + timeout, timeout, trace_id, now)
         self._requests[request_id] = request
         overlay.metrics.inc("requests", direction="out")
+        self.log.info(
+            "Request {request_id:016x} to {peer} on {channel}",
+            request_id=request_id, peer=format_peer_id(peer_id), channel=channel,
+            trace_id=trace_id.hex(),
+        )
         self._transmit(request_id)
         return d
 
@@ -257,6 +265,11 @@ class Messaging:
         self._answers[key] = None
         self._trim_answers(now)
         overlay.metrics.inc("requests", direction="in")
+        self.log.info(
+            "Request {request_id:016x} from {peer} on {channel}",
+            request_id=message.request_id, peer=format_peer_id(peer_id),
+            channel=message.channel, trace_id=message.trace_id.hex(),
+        )
         handler = self.handlers.get(message.channel)
         if handler is None:
             self._respond(key, message, ResponseStatus.NO_SUCH_CHANNEL,
@@ -278,6 +291,11 @@ class Messaging:
     def _respond(self, key: tuple, request, status: int, payload: bytes) -> None:
         body = build_body(MessageType.RESPONSE, request_id=request.request_id,
                           trace_id=request.trace_id, status=status, payload=payload)
+        self.log.info(
+            "Answered {request_id:016x} from {peer}: {status}",
+            request_id=request.request_id, peer=format_peer_id(key[0]),
+            status=ResponseStatus(status).name.lower(), trace_id=request.trace_id.hex(),
+        )
         self._answers[key] = (body, self.overlay.clock.seconds())
         self._deliver(key[0], MessageType.RESPONSE, body)
 
@@ -297,6 +315,14 @@ class Messaging:
             self.overlay.metrics.inc("drops", reason="unexpected_response")
             return
         self._forget(message.request_id)
+        latency = self.overlay.clock.seconds() - request.started
+        self.overlay.metrics.observe("request_latency", latency)
+        self.log.info(
+            "Response to {request_id:016x} from {peer}: {status} after {latency_ms:.1f} ms",
+            request_id=message.request_id, peer=format_peer_id(peer_id),
+            status=ResponseStatus(message.status).name.lower(), latency_ms=latency * 1000,
+            trace_id=message.trace_id.hex(),
+        )
         if message.status == ResponseStatus.OK:
             request.deferred.callback(message.payload)
         else:

@@ -23,7 +23,7 @@ from omerta.addressing import BootstrapSpec
 from omerta.crypto.identity import load_or_create_identity
 from omerta.crypto.sealing import FrameOpener
 from omerta.mesh.events import Events
-from omerta.mesh.node import MeshConfig, MeshNode
+from omerta.mesh.node import MeshConfig, MeshNode, capability_names
 from omerta.mesh.protocol import NodeProtocol
 from omerta.metrics import Metrics
 from omerta.networks import NetworkStore
@@ -32,6 +32,7 @@ from omerta.stun.service import StunService
 from omerta.wire.messages import Capability
 
 STATUS_FILE = "status.json"
+INFO_CHANNEL = "omerta.info"
 
 
 class NodeService(Service):
@@ -126,6 +127,7 @@ class NodeService(Service):
         )
         for overlay in self.node.overlays.values():
             overlay.load_peers(self.data_dir)
+            overlay.messaging.on_channel(INFO_CHANNEL, self._info)
         protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
         self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
         self.node.attach(self.port)
@@ -150,6 +152,7 @@ class NodeService(Service):
             count=len(memberships),
         )
         Service.startService(self)
+        self._started_at = reactor.seconds()
         self.node.start()
         self._start_loop(self.write_status, self.status_interval, now=True)
         self._start_loop(self.save_peers, self.peers_interval, now=False)
@@ -224,6 +227,23 @@ class NodeService(Service):
             return
         self._bootstrap_call = self.reactor.callLater(self._bootstrap_delay, self._bootstrap_tick)
         self._bootstrap_delay = min(self._bootstrap_delay * 2, self.config.bootstrap_retry_max)
+
+    def _info(self, peer_id: bytes, payload: bytes) -> bytes:
+        """
+        The built-in C{omerta.info} channel: who this node is, as JSON.
+        """
+        import json
+
+        from omerta import __version__
+
+        return json.dumps({
+            "peer_id": self.node.identity.peer_id_text,
+            "name": self.node_name,
+            "capabilities": capability_names(self.capabilities),
+            "version": __version__,
+            "uptime_s": round(self.reactor.seconds() - self._started_at, 3),
+            "nat_type": None if self.node.nat is None else self.node.nat.nat_type.name.lower(),
+        }).encode()
 
     def save_peers(self) -> None:
         """
