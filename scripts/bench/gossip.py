@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -54,6 +55,21 @@ CONFIG_FIELDS = (
     "indirect_helpers", "reannounce", "announce_ttl",
 )
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def code_version() -> str:
+    """
+    The commit the protocol code comes from, and whether omerta/ differs
+    from it (other work in progress), so a figure can be tied to the code.
+    """
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "omerta"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes under omerta/" if dirty else "")
 
 
 def rss_gb() -> float:
@@ -227,9 +243,12 @@ class Bench:
         cpu0 = time.process_time()
         wall0 = time.monotonic()
         converged = False
+        # Small steps at large N, where 0.1 simulated seconds can take minutes,
+        # so the wall-clock budget is checked often enough.
+        step = min(0.1, 100.0 / n)
         try:
             while sim.clock.seconds() < args.cold_cap:
-                sim.net.run(0.1)
+                sim.net.run(step)
                 now = sim.clock.seconds()
                 fraction = self.known / pairs
                 for mark in marks:
@@ -474,8 +493,9 @@ def fmt(value, spec=".1f", unit="") -> str:
     return f"{value:{spec}}{unit}"
 
 
-def report(config: MeshConfig, args, results: list[dict]) -> None:
+def report(config: MeshConfig, args, results: list[dict], version: str) -> None:
     print("# gossip benchmark (simulated network, real protocol code)")
+    print(f"code: {version}")
     print("command: " + " ".join([".venv/bin/python", "scripts/bench/gossip.py"] + sys.argv[1:]))
     print("config: " + ", ".join(f"{k}={getattr(config, k)}" for k in CONFIG_FIELDS))
     print(f"network: latency {args.latency * 1000:.0f} ms one way, no loss except phase 5; "
@@ -631,6 +651,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    version = code_version()
     results = []
     for n in args.sizes:
         bench = Bench(n, args)
@@ -639,12 +660,13 @@ def main(argv=None) -> int:
         del bench
     config = MeshConfig()
     if args.json:
-        json.dump({"config": {k: getattr(config, k) for k in CONFIG_FIELDS},
+        json.dump({"code": version,
+                   "config": {k: getattr(config, k) for k in CONFIG_FIELDS},
                    "args": {k: v for k, v in vars(args).items()},
                    "results": results}, sys.stdout, indent=2, default=str)
         print()
     else:
-        report(config, args, results)
+        report(config, args, results, version)
     return 0
 
 
