@@ -128,13 +128,17 @@ class Overlay:
     def address_proven(self, peer_id: bytes, addr: tuple, link) -> None:
         """
         A pong proved C{addr} leads to C{peer_id} (for the first time): record
-        it, send our announcement and everything we know, and ask for the same.
+        it and send our announcement.  A node that still knows few peers (it
+        just started) also asks for the peer's whole list; an established one
+        relies on rumours and the periodic sync, so contacts cost O(1), not
+        O(mesh size).
         """
         now = self.clock.seconds()
         self.freshness.heard(peer_id, addr, now)
         self.registry.heard_from(peer_id, addr, now)
         self.gossip.announce_to(addr)
-        self.gossip.send_peer_list(addr, request=True, peer_id=peer_id)
+        if len(self.registry) < self.config.degree:
+            self.gossip.send_peer_list(addr, request=True, peer_id=peer_id)
 
     # what the node tells us
 
