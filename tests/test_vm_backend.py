@@ -1,0 +1,309 @@
+"""
+Tests for L{omerta.roles.vm}: the libvirt VM backend on libvirt's test driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from omerta.metrics import Metrics
+from omerta.roles import vm
+from omerta.roles.vm import (
+    IVMBackend,
+    LibvirtBackend,
+    Quota,
+    QuotaExceeded,
+    UnknownVM,
+    VMSpec,
+    build_domain_xml,
+    parse_domain_metadata,
+)
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover
+    libvirt = None
+    if os.geteuid() == 0:
+        raise  # as root the environment can install it: never skip silently
+
+OWNER = "ab" * 32
+
+
+def spec(**kw) -> VMSpec:
+    values = dict(vcpus=1, memory_mb=128, disk_gb=1, image="busybox", owner=OWNER, name="t")
+    values.update(kw)
+    return VMSpec(**values)
+
+
+class RecordingConnection:
+    """
+    A libvirt connection proxy that records the thread of every call, on the
+    connection and on the domains it returns.
+    """
+
+    def __init__(self, conn, threads):
+        self._conn = conn
+        self._threads = threads
+
+    def __getattr__(self, name):
+        target = getattr(self._conn, name)
+        if not callable(target):
+            return target
+
+        def call(*args, **kwargs):
+            self._threads.append((name, threading.current_thread()))
+            result = target(*args, **kwargs)
+            if isinstance(result, libvirt.virDomain):
+                return RecordingConnection(result, self._threads)
+            if isinstance(result, list):
+                return [
+                    RecordingConnection(r, self._threads)
+                    if isinstance(r, libvirt.virDomain)
+                    else r
+                    for r in result
+                ]
+            return result
+
+        return call
+
+
+class LibvirtBackendTests(unittest.TestCase):
+    skip = None if libvirt is not None else "libvirt-python is not installed (and not root)"
+
+    def setUp(self):
+        # test:///default keeps its state while one connection is open: hold
+        # one for the whole test so a "restarted" backend finds its domains,
+        # and close it afterwards so the next test starts from a fresh driver
+        self.keeper = libvirt.open("test:///default")
+        self.addCleanup(self.keeper.close)
+        self.data_dir = Path(self.mktemp())
+        self.metrics = Metrics()
+
+    @defer.inlineCallbacks
+    def backend(self, **kw):
+        kw.setdefault("metrics", self.metrics)
+        b = LibvirtBackend(self.data_dir, **kw)
+        b.startService()
+        self.addCleanup(lambda: b.stopService() if b.running else None)
+        yield b.whenReady
+        return b
+
+    def ours(self):
+        return sorted(
+            d.name() for d in self.keeper.listAllDomains(0) if d.name().startswith("omerta-")
+        )
+
+    @defer.inlineCallbacks
+    def test_interface(self):
+        """LibvirtBackend provides IVMBackend."""
+        b = yield self.backend()
+        self.assertTrue(verifyObject(IVMBackend, b))
+
+    @defer.inlineCallbacks
+    def test_lifecycle(self):
+        """create defines a stopped VM; start, info, list, stop and destroy drive it through libvirt."""
+        b = yield self.backend()
+        info = yield b.create(spec(vcpus=2, memory_mb=256, disk_gb=2))
+        self.assertEqual(info.state, "shutoff")
+        self.assertEqual((info.vcpus, info.memory_mb, info.disk_gb, info.owner), (2, 256, 2, OWNER))
+        self.assertEqual(self.ours(), ["omerta-" + info.vm_id])
+        self.assertTrue(b.disk_path(info.vm_id).exists())
+        self.assertEqual((yield b.start(info.vm_id)).state, "running")
+        self.assertEqual((yield b.info(info.vm_id)).state, "running")
+        self.assertEqual([i.vm_id for i in (yield b.list())], [info.vm_id])
+        self.assertEqual((yield b.stop(info.vm_id)).state, "shutoff")
+        self.assertEqual(b.committed(), vm.Resources(vms=1, cpu_cores=2, memory_mb=256, disk_gb=2))
+        yield b.destroy(info.vm_id)
+        self.assertEqual(self.ours(), [])
+        self.assertFalse(b.disk_path(info.vm_id).exists())
+        self.assertEqual((yield b.list()), [])
+        self.assertEqual(b.committed(), vm.Resources())
+        self.assertEqual(self.metrics.get("vm_created"), 1)
+        self.assertEqual(self.metrics.get("vm_destroyed"), 1)
+
+    @defer.inlineCallbacks
+    def test_destroy_running(self):
+        """destroy powers off a running VM before undefining it."""
+        b = yield self.backend()
+        info = yield b.create(spec())
+        yield b.start(info.vm_id)
+        yield b.destroy(info.vm_id)
+        self.assertEqual(self.ours(), [])
+
+    @defer.inlineCallbacks
+    def test_unknown_vm(self):
+        """Operations on an id this provider never created fail with UnknownVM."""
+        b = yield self.backend()
+        for op in (b.info, b.start, b.stop, b.destroy):
+            yield self.assertFailure(op("0" * 16), UnknownVM)
+
+    @defer.inlineCallbacks
+    def test_bad_spec(self):
+        """A spec with no memory or a path as image is refused before libvirt is called."""
+        b = yield self.backend()
+        yield self.assertFailure(b.create(spec(memory_mb=0)), vm.BadSpec)
+        yield self.assertFailure(b.create(spec(image="../etc")), vm.BadSpec)
+        yield self.assertFailure(b.create(spec(owner="not hex")), vm.BadSpec)
+        self.assertEqual(self.ours(), [])
+
+    @defer.inlineCallbacks
+    def test_quota_max_vms(self):
+        """A request beyond max_vms is refused with reason max_vms and nothing is defined."""
+        b = yield self.backend(quota=Quota(max_vms=1))
+        yield b.create(spec())
+        e = yield self.assertFailure(b.create(spec()), QuotaExceeded)
+        self.assertEqual(e.reason, "max_vms")
+        self.assertEqual(len(self.ours()), 1)
+        self.assertEqual(self.metrics.get("vm_quota_refused", reason="max_vms"), 1)
+
+    @defer.inlineCallbacks
+    def test_quota_memory(self):
+        """Memory headroom counts every committed VM, including ones still being defined."""
+        b = yield self.backend(quota=Quota(memory_mb=300))
+        first = b.create(spec(memory_mb=200))  # not yet fired: reserved
+        e = yield self.assertFailure(b.create(spec(memory_mb=200)), QuotaExceeded)
+        self.assertEqual(e.reason, "memory")
+        self.assertIn("100 of 300 free", str(e))
+        yield first
+        yield b.create(spec(memory_mb=100))
+
+    @defer.inlineCallbacks
+    def test_quota_released_by_destroy(self):
+        """Destroying a VM gives its resources back to the quota."""
+        b = yield self.backend(quota=Quota(max_vms=1, cpu_cores=2, disk_gb=1))
+        info = yield b.create(spec(vcpus=2))
+        yield self.assertFailure(b.create(spec()), QuotaExceeded)
+        yield b.destroy(info.vm_id)
+        yield b.create(spec(vcpus=2))
+
+    @defer.inlineCallbacks
+    def test_ledger_persisted(self):
+        """The ledger is written atomically (no temp file left, mode 0600) and a restarted backend reloads it."""
+        b = yield self.backend()
+        info = yield b.create(spec(name="web"))
+        document = json.loads(b.ledger_path.read_text())
+        self.assertEqual(document["vms"][info.vm_id]["state"], "defined")
+        self.assertEqual(document["vms"][info.vm_id]["owner"], OWNER)
+        self.assertEqual(os.stat(b.ledger_path).st_mode & 0o777, 0o600)
+        self.assertEqual([p.name for p in self.data_dir.iterdir() if ".tmp" in p.name], [])
+        provider = b.provider_id
+        yield b.stopService()
+        b2 = yield self.backend()
+        self.assertEqual(b2.provider_id, provider)
+        self.assertEqual(b2.lastReconcile, vm.ReconcileReport())
+        [again] = yield b2.list()
+        self.assertEqual((again.vm_id, again.name, again.created_at), (info.vm_id, "web", info.created_at))
+
+    @defer.inlineCallbacks
+    def test_reconcile_lost(self):
+        """After a restart, a ledger entry whose domain vanished is removed with its disk."""
+        b = yield self.backend()
+        info = yield b.create(spec())
+        yield b.stopService()
+        self.keeper.lookupByName("omerta-" + info.vm_id).undefine()
+        b2 = yield self.backend()
+        self.assertEqual(b2.lastReconcile.lost, [info.vm_id])
+        self.assertEqual((yield b2.list()), [])
+        self.assertFalse(b2.disk_path(info.vm_id).exists())
+        self.assertNotIn(info.vm_id, json.loads(b2.ledger_path.read_text())["vms"])
+        self.assertEqual(self.metrics.get("vm_reconciled", outcome="lost"), 1)
+
+    @defer.inlineCallbacks
+    def test_reconcile_orphan(self):
+        """A domain tagged with this provider's id but never recorded is destroyed; others are left alone."""
+        b = yield self.backend()
+        provider = b.provider_id
+        yield b.stopService()
+        orphan = self.keeper.defineXML(
+            build_domain_xml("test", "00" * 8, provider, spec(), 1.0, Path("/nonexistent"))
+        )
+        orphan.create()
+        stranger = self.keeper.defineXML(
+            build_domain_xml("test", "11" * 8, "another-provider", spec(), 1.0, Path("/x"))
+        )
+        b2 = yield self.backend()
+        self.assertEqual(b2.lastReconcile.orphans_destroyed, ["omerta-" + "00" * 8])
+        self.assertEqual(self.ours(), ["omerta-" + "11" * 8])
+        self.assertEqual((yield b2.list()), [])
+        stranger.undefine()
+
+    @defer.inlineCallbacks
+    def test_reconcile_completes_defining(self):
+        """An entry recorded as defining whose domain exists is kept and marked defined."""
+        b = yield self.backend()
+        info = yield b.create(spec())
+        yield b.stopService()
+        document = json.loads(b.ledger_path.read_text())
+        document["vms"][info.vm_id]["state"] = "defining"
+        b.ledger_path.write_text(json.dumps(document))
+        b2 = yield self.backend()
+        self.assertEqual(b2.lastReconcile.completed, [info.vm_id])
+        self.assertEqual([i.vm_id for i in (yield b2.list())], [info.vm_id])
+
+    @defer.inlineCallbacks
+    def test_off_reactor_thread(self):
+        """Every libvirt call, including opening the connection, runs on the worker thread."""
+        threads = []
+
+        def connect(uri):
+            threads.append(("open", threading.current_thread()))
+            return RecordingConnection(libvirt.open(uri), threads)
+
+        b = yield self.backend(connect=connect)
+        info = yield b.create(spec())
+        yield b.start(info.vm_id)
+        yield b.list()
+        yield b.stop(info.vm_id)
+        yield b.destroy(info.vm_id)
+        yield b.stopService()
+        names = {n for n, _ in threads}
+        self.assertTrue({"open", "defineXML", "lookupByName", "create", "destroy", "undefine", "close"} <= names)
+        reactor_thread = threading.current_thread()
+        self.assertEqual([n for n, t in threads if t is reactor_thread], [])
+
+    @defer.inlineCallbacks
+    def test_not_running(self):
+        """A stopped backend fails calls instead of touching libvirt on the reactor thread."""
+        b = yield self.backend()
+        yield b.stopService()
+        yield self.assertFailure(b.list(), vm.VMError)
+
+
+class DomainXMLTests(unittest.TestCase):
+    def test_metadata_round_trip(self):
+        """The omerta metadata written into domain XML parses back to the spec."""
+        xml = build_domain_xml("test", "aa" * 8, "p1", spec(vcpus=3), 2.5, Path("/d"))
+        meta = parse_domain_metadata(xml)
+        self.assertEqual(
+            (meta["vm_id"], meta["provider"], meta["owner"], meta["vcpus"], meta["created_at"]),
+            ("aa" * 8, "p1", OWNER, "3", 2.5),
+        )
+
+    def test_no_metadata(self):
+        """A domain without omerta metadata is not ours."""
+        self.assertIsNone(parse_domain_metadata("<domain type='test'><name>x</name></domain>"))
+        self.assertIsNone(parse_domain_metadata("not xml"))
+
+    def test_qemu_xml(self):
+        """The qemu domain boots the cached kernel and initrd under TCG with a serial log and a bridged NIC."""
+        xml = build_domain_xml(
+            "qemu", "aa" * 8, "p", spec(), 1.0, Path("/d/disk.raw"),
+            image_dir=Path("/img/busybox"), serial_log=Path("/d/serial.log"), bridge="omerta0",
+        )
+        for needle in (
+            "type=\"qemu\"",
+            "<kernel>/img/busybox/vmlinuz</kernel>",
+            "<initrd>/img/busybox/initrd.gz</initrd>",
+            "console=ttyS0",
+            "<source bridge=\"omerta0\" />",
+            "<source path=\"/d/serial.log\" />",
+            "<memory unit=\"MiB\">128</memory>",
+        ):
+            self.assertIn(needle, xml)
