@@ -125,6 +125,19 @@ def read_json(path: Path, default: Callable[[], Any]) -> Any:
         ) from e
 
 
+def pid_alive(pid: int) -> bool:
+    """
+    Whether the process a state file names (by pid) still runs.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_private(path: Path) -> None:
     """
     Refuse a secret file that users other than its owner can read or write.

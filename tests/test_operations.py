@@ -12,7 +12,6 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 

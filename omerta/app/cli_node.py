@@ -9,7 +9,6 @@ number of peers.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from omerta.app.cli import CommandError, Invocation
 from omerta.crypto.identity import IDENTITY_FILE, load_or_create_identity
 from omerta.mesh.service import STATUS_FILE
 from omerta.networks import NetworkStore
-from omerta.storage import read_json
+from omerta.storage import pid_alive, read_json
 
 POLL_INTERVAL = 0.2
 
@@ -50,21 +49,11 @@ def register(subparsers: Any) -> None:
     status.set_defaults(func=status_command)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_status(invocation: Invocation) -> dict | None:
     document = read_json(invocation.data_dir / STATUS_FILE, lambda: None)
     if document is None:
         return None
-    document["alive"] = bool(document.get("running")) and _alive(int(document.get("pid", 0)))
+    document["alive"] = bool(document.get("running")) and pid_alive(int(document.get("pid", 0)))
     age = max(0.0, invocation.now() - float(document.get("updated_at", 0)))
     document["status_age_s"] = round(age, 3)
     for peer in document.get("peers", []):

@@ -47,6 +47,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omerta.storage import pid_alive
+
 NAT_TYPES = ("none", "full-cone", "restricted-cone", "port-restricted", "symmetric")
 DEFAULT_PREFIX = "omlab"
 DEFAULT_PUBLIC_NET = "198.51.100.0/24"
@@ -116,16 +118,6 @@ def _tag_pattern(prefix: str) -> re.Pattern:
     return re.compile(rf"^({re.escape(prefix)}-(\d+)-([0-9a-f]{{4}}))-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _namespace_pids(ns: str) -> list[int]:
     """
     @return: the processes whose network namespace is C{ns}.
@@ -162,7 +154,7 @@ def _kill_namespace_processes(namespaces: Iterable[str], grace: float = 2.0) -> 
             pass
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _pid_alive(pid) and not _is_zombie(pid)]
+        pids = [pid for pid in pids if pid_alive(pid) and not _is_zombie(pid)]
         if pids:
             time.sleep(0.02)
     for pid in pids:
@@ -258,7 +250,7 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX, include_detached: bool = False) 
         if _state_path(tag).exists():
             if not include_detached:
                 continue
-        elif _pid_alive(pid):
+        elif pid_alive(pid):
             continue
         doomed.append(ns)
     removed = _remove_namespaces(doomed)
