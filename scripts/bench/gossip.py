@@ -114,6 +114,7 @@ class Bench:
         self.timeline: list[tuple[float, float]] = []
         self.result: dict = {"n": n}
         self.traffic: list[tuple[float, int, int, int]] = []
+        self.backlog: list[tuple[float, float, float]] = []
         self.sim.clock.callLater(0, self._sample_traffic)
 
     # nodes and events
@@ -153,7 +154,17 @@ class Bench:
         """
         net = self.sim.net
         sent_bytes = sum(host.bytes_sent for host in net.hosts.values())
-        self.traffic.append((self.sim.clock.seconds(), net.sent, sent_bytes, len(self.sim.live())))
+        live = self.sim.live()
+        self.traffic.append((self.sim.clock.seconds(), net.sent, sent_bytes, len(live)))
+        # Rumours still queued, and transmissions they still have to make,
+        # per live node: the backlog the gossip rounds are working through.
+        queued = sends = 0
+        for node in live:
+            rumours = node.overlay.gossip.rumours
+            queued += len(rumours)
+            sends += sum(r.left for r in rumours.values())
+        if live:
+            self.backlog.append((self.sim.clock.seconds(), queued / len(live), sends / len(live)))
         self.sim.clock.callLater(10.0, self._sample_traffic)
 
     def traffic_summary(self) -> dict:
@@ -171,6 +182,7 @@ class Bench:
         peak = by_msgs[-1]
         median = by_msgs[len(by_msgs) // 2]
         return {"buckets": [(t, round(m, 2), round(b)) for t, m, b in buckets],
+                "backlog": [(t, round(q, 1), round(left, 1)) for t, q, left in self.backlog],
                 "median_msgs": median[1], "median_bytes": median[2],
                 "peak_at": peak[0], "peak_msgs": peak[1], "peak_bytes": peak[2]}
 
@@ -583,6 +595,9 @@ def report(config: MeshConfig, args, results: list[dict], version: str) -> None:
                   f"per node per s")
             print("  per-node frames/s by bucket start: " + ", ".join(
                 f"{t:g}:{m}" for t, m, _ in tr["buckets"]))
+            print("  rumour backlog per node (queued rumours/transmissions left) every 10 s: "
+                  + ", ".join(f"{t:g}:{q:g}/{left:g}" for t, q, left in tr["backlog"]
+                              if q or left))
         j = r.get("join")
         if j:
             print(f"  join: {j['fraction_knowing']:.4f} of nodes know the newcomer; p50 "
