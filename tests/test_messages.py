@@ -94,8 +94,18 @@ CASES = [
         {"lifetime_s": 600, "session_limit": 50, "free_sessions": 49},
         struct.pack("!IHH", 600, 50, 49),
     ),
-    (T.RELAY_DENY, {"reason": 1, "detail": "full"}, b"\x01" + text("full")),
-    (T.RELAY_END, {"session_id": 9, "reason": 2}, struct.pack("!QB", 9, 2)),
+    (
+        T.RELAY_DENY,
+        {"request": 0x14, "target": P2, "reason": 1, "detail": "full"},
+        b"\x14" + P2 + b"\x01" + text("full"),
+    ),
+    (T.RELAY_END, {"session": b"S" * 8, "reason": 2}, b"S" * 8 + b"\x02"),
+    (T.RELAY_CONNECT, {"target": P1}, P1),
+    (
+        T.RELAY_SESSION,
+        {"session": b"S" * 8, "peer": P2, "lifetime_s": 3600, "max_bytes": 2**30},
+        b"S" * 8 + P2 + struct.pack("!IQ", 3600, 2**30),
+    ),
     (
         T.PUNCH_REQUEST,
         {"attempt_id": 7, "target": P2, "nat_type": 5,
@@ -104,10 +114,15 @@ CASES = [
     ),
     (
         T.PUNCH_EXECUTE,
-        {"attempt_id": 7, "peer": P1, "strategy": 1, "start_in_ms": 250, "candidates": []},
-        struct.pack("!Q", 7) + P1 + struct.pack("!BIB", 1, 250, 0),
+        {"attempt_id": 7, "peer": P1, "strategy": 1, "start_in_ms": 250, "spray": 64,
+         "candidates": []},
+        struct.pack("!Q", 7) + P1 + struct.pack("!BIHB", 1, 250, 64, 0),
     ),
-    (T.PUNCH_PROBE, {"attempt_id": 7, "seq": 3}, struct.pack("!QH", 7, 3)),
+    (
+        T.PUNCH_PROBE,
+        {"attempt_id": 7, "seq": 3, "sent_ms": 5},
+        struct.pack("!QHQ", 7, 3, 5),
+    ),
     (
         T.PUNCH_ACK,
         {"attempt_id": 7, "seq": 3, "observed": ("198.51.100.1", 40000)},

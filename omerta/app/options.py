@@ -56,6 +56,11 @@ class NodeOptions(usage.Options):
          "authorized_keys file for the manhole (default: ~/.ssh/authorized_keys)."],
         ["metrics", None, None,
          "Prometheus metrics endpoint, e.g. tcp:9400:interface=127.0.0.1 (off by default)."],
+        ["relay-sessions", None, "50", "Relay role: most sessions open at once."],
+        ["relay-sessions-per-peer", None, "8", "Relay role: most sessions per member."],
+        ["relay-rate", None, "4000", "Relay role: most packets/s forwarded per source."],
+        ["relay-session-mb", None, "1024", "Relay role: most MiB forwarded per session."],
+        ["relay-session-duration", None, "3600", "Relay role: longest session, seconds."],
     ]
     optFlags = [
         ["manhole-allow-remote", None, "Allow a manhole endpoint that is not loopback."],
@@ -81,6 +86,13 @@ class NodeOptions(usage.Options):
 
             apply_config_file(self, path)
         super().parseOptions(options)
+
+    def relay_role(self) -> bool:
+        """
+        Whether this node plays the relay role (forwarding, punch
+        coordination).
+        """
+        return False
 
     def opt_bootstrap(self, spec: str) -> None:
         """
@@ -139,6 +151,14 @@ class NodeOptions(usage.Options):
         except ValueError:
             raise usage.UsageError("--nat-interval takes a number of seconds >= 0") from None
         self._check_stun_alternate()
+        for key in ("relay-sessions", "relay-sessions-per-peer", "relay-rate",
+                    "relay-session-mb", "relay-session-duration"):
+            try:
+                self[key] = int(self[key])
+                if self[key] <= 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise usage.UsageError(f"--{key} takes a whole number > 0") from None
         if self["manhole"] is not None:
             from omerta.app.manhole import check_manhole_options
 
@@ -225,6 +245,17 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     and the metrics endpoint and manhole when asked for.
     """
     top = MultiService()
+    relay = None
+    if options.relay_role():
+        from omerta.mesh.relay import RelayConfig
+
+        relay = RelayConfig(
+            max_sessions=options["relay-sessions"],
+            sessions_per_peer=options["relay-sessions-per-peer"],
+            packets_per_second=options["relay-rate"],
+            session_bytes=options["relay-session-mb"] << 20,
+            session_duration=float(options["relay-session-duration"]),
+        )
     node = NodeService(
         options["data-dir"],
         port=options["port"],
@@ -237,6 +268,7 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
         stun_alternate=options["stun-alternate"],
         stun_servers=options["stun"],
         nat_interval=options["nat-interval"],
+        relay=relay,
         reactor=reactor,
     )
     node.setName("node")

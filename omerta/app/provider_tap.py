@@ -20,6 +20,9 @@ class Options(NodeOptions):
     def serves_stun(self) -> bool:
         return bool(self["relay"] or self["stun-server"])
 
+    def relay_role(self) -> bool:
+        return bool(self["relay"])
+
     def capabilities(self) -> Capability:
         flags = Capability.PROVIDER
         if self["relay"]:

@@ -2,8 +2,9 @@
 C{twistd omerta-relay}: a reachable node that other nodes bootstrap from.
 
 A relay serves STUN on its mesh port by default (with C{--stun-alternate}
-also the RFC 5780 tests); forwarding and hole-punch coordination are added by
-their own components.
+also the RFC 5780 tests), holds reservations for NAT-bound members, forwards
+relayed data between members (C{--relay-*} limits) and coordinates hole
+punches (docs/traversal.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ class Options(NodeOptions):
 
     def serves_stun(self) -> bool:
         return not self["no-stun-server"]
+
+    def relay_role(self) -> bool:
+        return True
 
     def capabilities(self) -> Capability:
         return Capability.RELAY | (Capability.STUN if self.serves_stun() else Capability.NONE)

@@ -84,10 +84,10 @@ class Gossip:
         paths = [
             {"kind": PathKind.DIRECT, "endpoint": endpoint, "via": bytes(16)}
             for endpoint in overlay.own_endpoints()
-        ]
+        ] + overlay.own_relayed_paths()
         nat_type = 0 if node.nat is None else int(node.nat.nat_type)
         fields = (node.name, nat_type, int(node.capabilities), tuple(
-            (p["kind"], p["endpoint"]) for p in paths), tuple(node.resources.items()))
+            (p["kind"], p["endpoint"], p["via"]) for p in paths), tuple(node.resources.items()))
         if self._own is None or fields != self._own_fields:
             self._sequence = max(self._sequence + 1, int(overlay.clock.seconds() * 1000))
             self._own_fields = fields

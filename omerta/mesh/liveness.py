@@ -29,7 +29,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.paths import is_relayed
 from omerta.wire.messages import MessageType
+
+UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Link:
     second_round: bool = False
     initiated: bool = False
     pending_address: tuple | None = None
+    unanswered: int = 0
+    first_unanswered: float | None = None
 
 
 @dataclass
@@ -101,6 +106,11 @@ class Liveness:
             link = Link(peer_id, address, now, now, now + self._jitter())
             self.links[peer_id] = link
         elif link.address != address:
+            if (is_relayed(address) and not is_relayed(link.address) and link.verified
+                    and link.suspected_at is None):
+                # The peer still sends through a relay while our direct path
+                # works: take the frame, keep the path.
+                return None
             if link.pending_address != address:
                 link.pending_address = address
                 if size >= self.overlay.challenge_size:
@@ -108,6 +118,8 @@ class Liveness:
             return None
         link.last_heard = now
         link.heard_this_period = True
+        link.unanswered = 0
+        link.first_unanswered = None
         if not link.established:
             link.established = True
             self.overlay.events.emit("peer_connected", network=self.overlay.network_id,
@@ -143,6 +155,11 @@ class Liveness:
         nonce = int.from_bytes(os.urandom(8), "big")
         now = overlay.clock.seconds()
         self._pings[nonce] = (peer_id, now, address)
+        link = self.links.get(peer_id)
+        if link is not None and link.address == address:
+            link.unanswered += 1
+            if link.first_unanswered is None:
+                link.first_unanswered = now
         overlay.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
                      contacts=overlay.freshness.contacts_for(peer_id) if contacts else [])
         return nonce
@@ -160,8 +177,31 @@ class Liveness:
         link.verified = False
         link.last_heard = now
         link.heard_this_period = True
+        link.unanswered = 0
+        link.first_unanswered = None
+        link.missed = 0
         if link.suspected_at is not None:
             self._clear_suspicion(link, now)
+
+    def switch(self, link: Link, address, proven: bool) -> None:
+        """
+        The path manager moves C{link} to another path (a relay session, a
+        punched address); C{proven} when a probe/ack exchange already proved
+        it.  Keepalives go on, on the new path.
+        """
+        self._move(link, address, self.overlay.clock.seconds())
+        link.initiated = True
+        link.rtt = None
+        if proven:
+            link.verified = True
+
+    def proven(self, peer_id: bytes, address) -> None:
+        """
+        Something other than a pong (a hole-punch ack) proved C{address}
+        leads to C{peer_id}.
+        """
+        if (peer_id, address) not in self._proven:
+            self._prove(peer_id, address, self.links.get(peer_id))
 
     def ping_and_wait(self, peer_id: bytes, address: tuple, timeout: float) -> Deferred:
         """
@@ -184,7 +224,8 @@ class Liveness:
         overlay = self.overlay
         overlay.freshness.learn_contacts(ping.contacts)
         overlay.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
-                     observed=addr, contacts=overlay.freshness.contacts_for(frame.sender))
+                     observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
+                     contacts=overlay.freshness.contacts_for(frame.sender))
 
     def on_pong(self, frame, addr, pong) -> None:
         overlay = self.overlay
@@ -205,7 +246,8 @@ class Liveness:
                 # A pong to a nonce we sent to this address: the address
                 # really leads to this peer (return routability).
                 link.verified = True
-        overlay.observed_address(tuple(pong.observed))
+        if not is_relayed(addr) and tuple(pong.observed) != UNKNOWN_ENDPOINT:
+            overlay.observed_address(tuple(pong.observed))
         overlay.freshness.learn_contacts(pong.contacts)
         for probe in [p for p in self._probes.values() if p.target == frame.sender]:
             self._finish_probe(probe, True, rtt)
@@ -265,9 +307,12 @@ class Liveness:
         link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
         link.second_round = False
         self._ask_helpers(link)
-        overlay.freshness.peer_stale(link.peer_id, link.address)
+        if not is_relayed(link.address):
+            overlay.freshness.peer_stale(link.peer_id, link.address)
 
     def _ask_helpers(self, link: Link) -> None:
+        if is_relayed(link.address):
+            return  # the session is ours: no helper can ping through it
         helpers = [l for l in self.links.values()
                    if l.peer_id != link.peer_id and l.suspected_at is None and l.verified]
         for helper in self.rng.sample(helpers, min(self.config.indirect_helpers, len(helpers))):
@@ -288,7 +333,8 @@ class Liveness:
         overlay.metrics.inc("liveness_offline")
         overlay.events.emit("peer_disconnected", network=overlay.network_id,
                             peer_id=link.peer_id)
-        overlay.freshness.path_failed(link.peer_id, link.address)
+        if not is_relayed(link.address):
+            overlay.freshness.path_failed(link.peer_id, link.address)
 
     # periodic
 
@@ -307,6 +353,14 @@ class Liveness:
                 if now - link.since >= config.keepalive:
                     del self.links[link.peer_id]
                     overlay.metrics.inc("liveness_unverified_dropped")
+                continue
+            if (link.suspected_at is None and link.unanswered >= config.suspect_after_missed
+                    and now - link.first_unanswered >= config.path_dead_after
+                    and overlay.paths.path_failed(link)):
+                # The path stopped answering and another one was taken.
+                link.unanswered = 0
+                link.first_unanswered = None
+                link.missed = 0
                 continue
             if link.suspected_at is not None:
                 if now - link.suspected_at >= config.indirect_timeout:
@@ -330,6 +384,11 @@ class Liveness:
                 link.retries = 0
                 link.next_ping = now + config.keepalive
                 if link.missed >= config.suspect_after_missed:
+                    if overlay.paths.path_failed(link):
+                        link.missed = 0
+                        link.unanswered = 0
+                        link.first_unanswered = None
+                        continue
                     self._suspect(link, now)
                 else:
                     self.ping(link.peer_id, link.address)
@@ -355,6 +414,7 @@ class Liveness:
     def gossip_targets(self, count: int, rng: random.Random) -> list[tuple[bytes, tuple]]:
         healthy = [(l.peer_id, l.address) for l in self.links.values()
                    if l.suspected_at is None and l.verified]
+        # (relayed links included: gossip reaches NAT-bound peers through them)
         return rng.sample(healthy, min(count, len(healthy)))
 
     def address_of(self, peer_id: bytes):

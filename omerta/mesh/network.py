@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import deferLater
 
 from omerta.mesh.paths import Connection
 from omerta.mesh.registry import PeerRecord, Requirements
@@ -127,8 +128,12 @@ class MeshNetwork:
     def connect(self, peer, timeout: float | None = None, network=None) -> Deferred:
         """
         Make sure there is a live path to C{peer} and return it (a
-        L{Connection}): the known address is tried, then the mesh is asked
-        who heard from the peer recently (freshness query).
+        L{Connection}).  Every way that may work starts at once (its direct
+        address, a relay session through a relay it announces, a hole punch
+        coordinated there); the first to answer a ping wins, and a punched
+        path replaces a relayed one later (L{wait_direct}).  Without any of
+        those, the mesh is asked who heard from the peer recently
+        (freshness query).
         """
         return ensureDeferred(self._connect(peer, timeout, network))
 
@@ -136,31 +141,68 @@ class MeshNetwork:
         overlay = self.overlay(network)
         peer_id = self.resolve(peer, network)
         timeout = overlay.config.request_timeout if timeout is None else timeout
-        deadline = self.clock.seconds() + timeout
+        clock = self.clock
+        deadline = clock.seconds() + timeout
         link = overlay.liveness.links.get(peer_id)
         connection = overlay.paths.connection(peer_id)
         if (connection is not None and connection.rtt is not None
-                and self.clock.seconds() - link.last_heard <= self.FRESH_CONTACT):
+                and clock.seconds() - link.last_heard <= self.FRESH_CONTACT):
             return connection
+        overlay.paths.establish(peer_id)
         tried = set()
-        while self.clock.seconds() < deadline:
+        while clock.seconds() < deadline:
             address = overlay.paths.address_of(peer_id)
             if address is None or address in tried:
+                if peer_id in overlay.relays.pending:
+                    # a relay session is being opened: it becomes the address
+                    await _sleep(clock, 0.05)
+                    continue
                 answers = await overlay.freshness.query(peer_id, overlay.config.contact_max_age)
                 fresh = [a.address for a in answers if a.address not in tried]
                 if not fresh:
+                    if peer_id in overlay.relays.pending or overlay.paths.state(peer_id).punching:
+                        continue
                     break
                 address = fresh[0]
+                overlay.liveness.connect(peer_id, address)
+                overlay.gossip.announce_to(address)
             tried.add(address)
-            overlay.liveness.connect(peer_id, address)
-            overlay.gossip.announce_to(address)
-            wait = max(0.1, min(1.0, deadline - self.clock.seconds()))
+            wait = max(0.1, min(1.0, deadline - clock.seconds()))
             rtt = await overlay.liveness.ping_and_wait(peer_id, address, wait)
-            if rtt is not None:
-                connection = overlay.paths.connection(peer_id)
-                if connection is not None:
-                    return connection
+            connection = overlay.paths.connection(peer_id)
+            if rtt is not None and connection is not None:
+                return connection
+            if connection is not None and connection.rtt is not None and connection.endpoint != address:
+                return connection  # another path answered meanwhile
         raise ConnectError(f"no path to {peer_id.hex()} within {timeout:g} s")
+
+    def wait_direct(self, peer, timeout: float, network=None) -> Deferred:
+        """
+        Wait up to C{timeout} seconds for the path to C{peer} to be direct
+        (its own address or a punched one); fires with the L{Connection}
+        then, or with the current one (or None) at the deadline.
+        """
+        return ensureDeferred(self._wait_direct(peer, timeout, network))
+
+    async def _wait_direct(self, peer, timeout, network):
+        overlay = self.overlay(network)
+        peer_id = self.resolve(peer, network)
+        deadline = self.clock.seconds() + timeout
+        while True:
+            connection = overlay.paths.connection(peer_id)
+            if connection is not None and connection.direct and connection.rtt is not None:
+                return connection
+            if self.clock.seconds() >= deadline:
+                return connection
+            await _sleep(self.clock, 0.05)
+
+    def punch_attempts(self, peer, network=None) -> int:
+        """
+        How many hole punches this node asked for towards C{peer}.
+        """
+        overlay = self.overlay(network)
+        state = overlay.paths.peers.get(self.resolve(peer, network))
+        return 0 if state is None else state.punch_attempts
 
     def ping(self, peer, timeout: float = 2.0, network=None) -> Deferred:
         """
@@ -233,3 +275,7 @@ class MeshNetwork:
             "frames_out": metrics.total("frames_out"),
             "drops": metrics.by_label("drops", "reason"),
         }
+
+
+def _sleep(clock, seconds: float) -> Deferred:
+    return deferLater(clock, seconds, lambda: None)

@@ -18,6 +18,7 @@ from omerta.crypto.network import NetworkKey
 from omerta.crypto.sealing import OpenedFrame
 from omerta.mesh.events import Events
 from omerta.mesh.overlay import Overlay
+from omerta.mesh.paths import RelayRoute
 from omerta.metrics import Metrics
 from omerta.wire.messages import Capability, MessageType
 
@@ -72,6 +73,25 @@ class MeshConfig:
     # bootstrap
     bootstrap_retry_initial: float = 1.0
     bootstrap_retry_max: float = 30.0
+    # relays (member side)
+    relay_count: int = 3
+    reserve_lifetime: int = 120
+    reserve_refresh: float = 10.0
+    reserve_retry: float = 2.0
+    reserve_tries: int = 3
+    relay_avoid: float = 60.0
+    relay_connect_timeout: float = 5.0
+    # paths
+    path_dead_after: float = 3.0
+    failover_timeout: float = 10.0
+    upgrade_first: float = 5.0
+    upgrade_initial: float = 30.0
+    upgrade_max: float = 600.0
+    # hole punching
+    punch_timeout: float = 10.0
+    punch_margin: float = 0.05
+    punch_linger: float = 3.0
+    max_punch_attempts: int = 64
 
 
 @dataclass
@@ -134,6 +154,9 @@ class MeshNode:
         self.config = config or MeshConfig()
         self.rng = rng or random.Random()
         self.nat = None
+        self.relay = None          # RelayServer when this node relays
+        self.coordinator = None    # punch Coordinator when this node relays
+        self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession
         self.transport = None
         self.local_port = 0
         self._bound: Address | None = None
@@ -211,11 +234,53 @@ class MeshNode:
         self.local_port = host.port
         if not ipaddress.ip_address(host.host).is_unspecified:
             self._bound = (host.host, host.port)
+        if self.relay is not None:
+            self.relay.attach(transport)
 
-    def send_frame(self, frame: bytes, address: Address, msg_type: MessageType) -> None:
-        self.transport.write(frame, address)
+    def send_frame(self, frame: bytes, address, msg_type: MessageType) -> None:
+        if type(address) is RelayRoute:
+            frame = address.header + frame
+            address = (address.host, address.port)
+            self.metrics.inc("frames_out_relayed")
+        try:
+            self.transport.write(frame, address)
+        except OSError as e:
+            # e.g. no route to a candidate address during a hole punch
+            self.metrics.inc("drops", reason="send_failed")
+            self.log.debug("Send to {address} failed: {error}", address=address, error=e)
+            return
         self.metrics.inc("frames_out", type=msg_type.name.lower())
         self.metrics.inc("bytes_out", len(frame))
+
+    def relay_route(self, header: bytes, addr: Address):
+        """
+        The session a relayed datagram with C{header} from C{addr} belongs
+        to (a L{omerta.mesh.relayclient.ClientSession}), or None.
+        """
+        session = self.relay_routes.get(header)
+        if session is None or session.route.relay_address != addr:
+            return None
+        return session
+
+    # the relay role
+
+    @property
+    def relay_role(self) -> bool:
+        return self.relay is not None
+
+    def enable_relay(self, config=None) -> None:
+        """
+        Play the relay role (reservations, forwarding, punch coordination)
+        on this node's socket.
+        """
+        from omerta.mesh.punch import Coordinator
+        from omerta.mesh.relay import RelayServer
+
+        self.relay = RelayServer(self, config)
+        self.coordinator = Coordinator(self)
+        self.capabilities |= Capability.RELAY | Capability.COORDINATOR
+        if self.transport is not None:
+            self.relay.attach(self.transport)
 
     def frame_received(self, frame: OpenedFrame, addr: Address) -> None:
         overlay = self.overlays.get(frame.network_id)
@@ -248,10 +313,14 @@ class MeshNode:
     # lifecycle
 
     def start(self) -> None:
+        if self.relay is not None:
+            self.relay.start()
         for overlay in self.overlays.values():
             overlay.start()
 
     def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
         for overlay in self.overlays.values():
             overlay.stop()
 

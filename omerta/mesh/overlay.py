@@ -20,11 +20,13 @@ from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
 from omerta.mesh.liveness import Liveness
 from omerta.mesh.messaging import Messaging
-from omerta.mesh.paths import DirectPaths
+from omerta.mesh.paths import PathManager, is_relayed
+from omerta.mesh.punch import Puncher
+from omerta.mesh.relayclient import RelayClient
 from omerta.mesh.registry import PeerRegistry
 from omerta.wire import ParseError
 from omerta.wire.envelope import MIN_FRAME_SIZE
-from omerta.wire.messages import MessageType, build_body, parse_body
+from omerta.wire.messages import MessageType, RelayDenyReason, build_body, parse_body
 
 
 CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
@@ -51,7 +53,9 @@ class Overlay:
         self.sealer = FrameSealer(key, node.peer_id)
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers)
-        self.paths = DirectPaths(self)
+        self.paths = PathManager(self)
+        self.relays = RelayClient(self)
+        self.punch = Puncher(self)
         self.liveness = Liveness(self, rng)
         self.freshness = Freshness(self)
         self.gossip = Gossip(self, rng)
@@ -71,7 +75,51 @@ class Overlay:
             MessageType.HANDSHAKE_INIT: self.messaging.on_handshake_init,
             MessageType.HANDSHAKE_RESP: self.messaging.on_handshake_resp,
             MessageType.SESSION_DATA: self.messaging.on_session_data,
+            MessageType.RELAY_RESERVE: self._relay_role("on_reserve"),
+            MessageType.RELAY_CONNECT: self._relay_role("on_connect"),
+            MessageType.RELAY_ACCEPT: self.relays.on_accept,
+            MessageType.RELAY_DENY: self.relays.on_deny,
+            MessageType.RELAY_SESSION: self.relays.on_session,
+            MessageType.RELAY_END: self._relay_end,
+            MessageType.PUNCH_REQUEST: self._coordinator("on_request"),
+            MessageType.PUNCH_RESULT: self._coordinator("on_result"),
+            MessageType.PUNCH_EXECUTE: self.punch.on_execute,
+            MessageType.PUNCH_PROBE: self.punch.on_probe,
+            MessageType.PUNCH_ACK: self.punch.on_ack,
         }
+
+    def _relay_role(self, method: str):
+        def handle(frame, addr, message):
+            relay = self.node.relay
+            if relay is None:
+                if method == "on_reserve" and message.lifetime_s == 0:
+                    return
+                self.metrics.inc("relay_denied", reason="not_a_relay")
+                self.send(addr, MessageType.RELAY_DENY, request=int(frame.type),
+                          target=getattr(message, "target", bytes(16)),
+                          reason=int(RelayDenyReason.NOT_A_RELAY), detail="not a relay")
+                return
+            getattr(relay, method)(self, frame, addr, message)
+        return handle
+
+    def _coordinator(self, method: str):
+        def handle(frame, addr, message):
+            coordinator = self.node.coordinator
+            if coordinator is None:
+                self.metrics.inc("drops", reason="not_a_coordinator")
+                return
+            getattr(coordinator, method)(self, frame, addr, message)
+        return handle
+
+    def _relay_end(self, frame, addr, message) -> None:
+        relay = self.node.relay
+        if relay is not None and not is_relayed(addr):
+            from omerta.wire.relay import session_header
+
+            if session_header(message.session) in relay.sessions:
+                relay.on_end(self, frame, addr, message)
+                return
+        self.relays.on_end(frame, addr, message)
 
     # sending
 
@@ -96,7 +144,9 @@ class Overlay:
         size = MIN_FRAME_SIZE + len(frame.body)
         link = self.liveness.heard(sender, addr, now, size)
         if link is not None:
-            if link.verified:
+            if link.verified and is_relayed(addr):
+                self.registry.heard_from(sender, None, now)
+            elif link.verified:
                 # Only a proven address becomes what others are told.
                 self.freshness.heard(sender, addr, now)
                 self.registry.heard_from(sender, addr, now)
@@ -134,8 +184,11 @@ class Overlay:
         O(mesh size).
         """
         now = self.clock.seconds()
-        self.freshness.heard(peer_id, addr, now)
-        self.registry.heard_from(peer_id, addr, now)
+        if is_relayed(addr):
+            self.registry.heard_from(peer_id, None, now)
+        else:
+            self.freshness.heard(peer_id, addr, now)
+            self.registry.heard_from(peer_id, addr, now)
         self.gossip.announce_to(addr)
         if len(self.registry) < self.config.degree:
             self.gossip.send_peer_list(addr, request=True, peer_id=peer_id)
@@ -144,6 +197,9 @@ class Overlay:
 
     def own_endpoints(self) -> list[tuple]:
         return self.node.public_endpoints()
+
+    def own_relayed_paths(self) -> list[dict]:
+        return self.relays.own_paths()
 
     def observed_address(self, address: tuple) -> None:
         self.node.observed_address(address)
@@ -172,6 +228,8 @@ class Overlay:
     def tick(self) -> None:
         now = self.clock.seconds()
         self.liveness.tick()
+        self.relays.tick()
+        self.paths.tick()
         self.registry.expire(now)
         self.registry.cleanup_offline(now, self.config.offline_cleanup)
         self.messaging.sessions.expire(now)
@@ -184,6 +242,8 @@ class Overlay:
         self.liveness.stop()
         self.freshness.stop()
         self.messaging.stop()
+        self.punch.stop()
+        self.relays.stop()
 
     # persistence
 

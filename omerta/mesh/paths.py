@@ -1,18 +1,61 @@
 """
-The path seam: where to send a datagram so it reaches a peer.
+Path management: where to send a datagram so it reaches a peer, and keeping
+the best path live.
 
-Today every path is direct: the address a live keepalive link uses, else the
-freshest address heard from the peer, else an address learned from a
-piggybacked contact, else the DIRECT path in the peer's signed announcement.
-Relayed and hole-punched paths plug in here (a path kind, an address, a
-relay), without the messaging, gossip or liveness code changing.
+A peer can be reached over three kinds of path:
+
+- C{direct}: the peer's own address (public, or on the same LAN);
+- C{punched}: an address a hole punch opened through the NATs;
+- C{relayed}: a session on a relay (L{RelayRoute}), which works whatever the
+  NATs.
+
+The path in use is the address of the peer's liveness link: keepalives go on
+it (15 s), and a path whose pings go unanswered (3 in a row over at least
+C{path_dead_after} seconds: a keepalive and its two retries, or three
+application pings) is given up: the link moves to a relay session (an open
+one at once, else one is asked for), and an upgrade back to a direct path is
+tried on a schedule by hole punching (5 s after a direct path failed, then
+30 s, doubling to 10 min).  Messages are retried by the request/response
+layer, which asks C{address_of} at every transmission, so they follow the
+move.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from omerta.wire.messages import PathKind
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.wire.messages import NatType, PathKind
+
+DIRECT = "direct"
+PUNCHED = "punched"
+RELAYED = "relayed"
+
+
+class RelayRoute(NamedTuple):
+    """
+    A peer reached through a relay session: datagrams go to the relay at
+    (host, port) prefixed with the session's 12-byte C{header}.  It stands in
+    for an address everywhere the mesh keeps one (a 3-tuple never equals a
+    (host, port) pair).
+    """
+
+    host: str
+    port: int
+    header: bytes
+
+    @property
+    def relay_address(self) -> tuple:
+        return (self.host, self.port)
+
+
+def is_relayed(address) -> bool:
+    return type(address) is RelayRoute
 
 
 @dataclass(frozen=True)
@@ -20,10 +63,12 @@ class Connection:
     """
     How this node reaches a peer right now (what C{connect()} returns).
 
-    @ivar endpoint: the peer's address the datagrams go to.
+    @ivar endpoint: where the datagrams go: the peer's address, or the
+        relay's for a relayed path.
     @ivar local_port: this node's UDP port they leave from.
-    @ivar kind: C{"direct"} (later also C{"relayed"}, C{"punched"}).
+    @ivar kind: C{"direct"}, C{"punched"} or C{"relayed"}.
     @ivar rtt: the last measured round-trip time in seconds, or None.
+    @ivar via: the relay's peer id for a relayed path.
     """
 
     peer_id: bytes
@@ -32,6 +77,10 @@ class Connection:
     kind: str
     rtt: float | None
     via: bytes | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.kind != RELAYED
 
     def as_dict(self) -> dict:
         return {
@@ -44,11 +93,46 @@ class Connection:
         }
 
 
-class DirectPaths:
-    def __init__(self, overlay, max_candidates: int = 4096):
+@dataclass
+class PeerPaths:
+    """
+    What this node knows of its paths to one peer.
+    """
+
+    peer_id: bytes
+    punched: dict = field(default_factory=dict)   # address -> time punched
+    failed: dict = field(default_factory=dict)    # address -> time it failed
+    next_upgrade: float | None = None
+    upgrade_backoff: float = 0.0
+    punching: bool = False
+    punch_attempts: int = 0
+    failing_over_since: float | None = None
+
+
+# NAT types a peer can be reached at directly, without any punch.
+OPEN_NATS = (NatType.PUBLIC,)
+
+
+class PathManager:
+    log = Logger()
+
+    def __init__(self, overlay, max_candidates: int = 4096, max_peers: int = 4096):
         self.overlay = overlay
+        self.config = overlay.config
         self.max_candidates = max_candidates
+        self.max_peers = max_peers
         self._candidates: dict[bytes, tuple[tuple, float]] = {}
+        self.peers: dict[bytes, PeerPaths] = {}
+
+    def state(self, peer_id: bytes) -> PeerPaths:
+        state = self.peers.get(peer_id)
+        if state is None:
+            if len(self.peers) >= self.max_peers:
+                self.peers.pop(next(iter(self.peers)))
+            state = self.peers[peer_id] = PeerPaths(peer_id)
+        return state
+
+    # addresses others told us about
 
     def candidate(self, peer_id: bytes, address: tuple, heard: float) -> None:
         """
@@ -60,11 +144,12 @@ class DirectPaths:
         if current is None or current[1] < heard:
             self._candidates[peer_id] = (address, heard)
 
-    def address_of(self, peer_id: bytes) -> tuple | None:
+    def direct_address(self, peer_id: bytes) -> tuple | None:
+        """
+        The best guess at the peer's own address: a recent contact, a
+        candidate, its announced address, where it was last heard.
+        """
         overlay = self.overlay
-        address = overlay.liveness.address_of(peer_id)
-        if address is not None:
-            return address
         contact = overlay.freshness.contacts.get(peer_id)
         candidate = self._candidates.get(peer_id)
         if contact is not None and (candidate is None or candidate[1] <= contact.heard):
@@ -85,16 +170,32 @@ class DirectPaths:
             return tuple(record.endpoint)
         return announced[0] if announced else None
 
+    def address_of(self, peer_id: bytes):
+        """
+        Where a datagram for C{peer_id} goes now: the live link's path, else
+        an open relay session, else the peer's direct address.
+        """
+        overlay = self.overlay
+        link = overlay.liveness.links.get(peer_id)
+        if link is not None and (link.suspected_at is None or is_relayed(link.address)):
+            return link.address
+        route = overlay.relays.route_to(peer_id)
+        if route is not None:
+            return route
+        if link is not None:
+            return link.address
+        return self.direct_address(peer_id)
+
     def known_addresses(self, peer_id: bytes) -> set[tuple]:
         """
-        Every address this node itself has for C{peer_id}: its link, a
+        Every direct address this node itself has for C{peer_id}: its link, a
         recent contact, a candidate, the registry's endpoint and announced
-        paths.
+        direct paths.
         """
         overlay = self.overlay
         out = set()
         address = overlay.liveness.address_of(peer_id)
-        if address is not None:
+        if address is not None and not is_relayed(address):
             out.add(address)
         contact = overlay.freshness.contacts.get(peer_id)
         if contact is not None:
@@ -106,12 +207,242 @@ class DirectPaths:
         if record is not None:
             if record.endpoint is not None:
                 out.add(tuple(record.endpoint))
-            out.update(tuple(e) for _kind, e, _via in record.paths)
+            out.update(tuple(e) for kind, e, _via in record.paths if kind == PathKind.DIRECT)
         return out
+
+    def kind_of(self, peer_id: bytes, address) -> str:
+        if is_relayed(address):
+            return RELAYED
+        state = self.peers.get(peer_id)
+        if state is not None and address in state.punched:
+            return PUNCHED
+        return DIRECT
 
     def connection(self, peer_id: bytes) -> Connection | None:
         overlay = self.overlay
         link = overlay.liveness.links.get(peer_id)
         if link is None or link.suspected_at is not None:
             return None
-        return Connection(peer_id, link.address, overlay.node.local_port, "direct", link.rtt)
+        address = link.address
+        kind = self.kind_of(peer_id, address)
+        via = overlay.relays.relay_of(address) if kind == RELAYED else None
+        endpoint = address.relay_address if kind == RELAYED else address
+        return Connection(peer_id, endpoint, overlay.node.local_port, kind, link.rtt, via)
+
+    # what a peer's announcement says about reaching it
+
+    def needs_traversal(self, peer_id: bytes) -> bool:
+        """
+        Whether the peer sits behind a NAT that a plain datagram to its
+        address will not cross (anything but a public address, as far as
+        its signed announcement says).
+        """
+        record = self.overlay.registry.get(peer_id)
+        if record is None:
+            return False
+        return record.nat_type not in OPEN_NATS
+
+    # establishing
+
+    def establish(self, peer_id: bytes) -> None:
+        """
+        Start every way to reach C{peer_id} that may work: a ping to its
+        direct address, a relay session through one of the relays it
+        announces, and a hole punch coordinated by that relay.  The liveness
+        link takes whichever answers first; a punched path replaces a
+        relayed one when it succeeds.
+        """
+        overlay = self.overlay
+        address = self.direct_address(peer_id)
+        link = overlay.liveness.links.get(peer_id)
+        if address is not None and (link is None or not is_relayed(link.address)):
+            overlay.liveness.connect(peer_id, address)
+            overlay.gossip.announce_to(address)
+            overlay.liveness.ping(peer_id, address)
+        if self.needs_traversal(peer_id) or address is None:
+            overlay.relays.open_session(peer_id)
+            self.try_punch(peer_id)
+
+    def relay_session_opened(self, peer_id: bytes, route: RelayRoute, requested: bool) -> None:
+        """
+        A relay session to C{peer_id} is open.  When we asked for it and have
+        no live path (or are failing over), the link takes it.
+        """
+        overlay = self.overlay
+        link = overlay.liveness.links.get(peer_id)
+        state = self.state(peer_id)
+        if link is None:
+            if not requested:
+                return
+            overlay.liveness.connect(peer_id, route)
+        elif not (state.failing_over_since is not None or not link.verified
+                  or link.suspected_at is not None):
+            return
+        else:
+            overlay.liveness.switch(link, route, proven=False)
+        state.failing_over_since = None
+        overlay.gossip.announce_to(route)
+        overlay.liveness.ping(peer_id, route)
+
+    def relay_session_closed(self, peer_id: bytes, route: RelayRoute) -> None:
+        link = self.overlay.liveness.links.get(peer_id)
+        if link is not None and link.address == route:
+            self.path_failed(link)
+
+    # hole punching
+
+    def try_punch(self, peer_id: bytes) -> None:
+        overlay = self.overlay
+        state = self.state(peer_id)
+        if state.punching:
+            return
+        coordinator = overlay.relays.coordinator_for(peer_id)
+        if coordinator is None:
+            return
+        state.punching = True
+        state.punch_attempts += 1
+        d = overlay.punch.request(peer_id, coordinator)
+        d.addCallback(self._punched, peer_id)
+
+    def _punched(self, address, peer_id: bytes) -> None:
+        state = self.state(peer_id)
+        state.punching = False
+        now = self.overlay.clock.seconds()
+        if address is None:
+            self._schedule_upgrade(state, now)
+            return
+        self.use_punched(peer_id, address)
+
+    def use_punched(self, peer_id: bytes, address: tuple) -> None:
+        """
+        A probe/ack exchange proved C{address} reaches the peer directly.
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        state = self.state(peer_id)
+        state.punched[address] = now
+        while len(state.punched) > 4:
+            state.punched.pop(next(iter(state.punched)))
+        state.failed.pop(address, None)
+        state.next_upgrade = None
+        state.upgrade_backoff = 0.0
+        link = overlay.liveness.links.get(peer_id)
+        if link is None:
+            overlay.liveness.connect(peer_id, address)
+            overlay.liveness.proven(peer_id, address)
+            link = overlay.liveness.links.get(peer_id)
+            if link is not None:
+                link.verified = True
+        elif link.address != address and (is_relayed(link.address) or link.suspected_at
+                                          is not None or not link.verified):
+            overlay.liveness.switch(link, address, proven=True)
+        overlay.liveness.ping(peer_id, address)
+
+    # failure and upgrade
+
+    def path_failed(self, link) -> bool:
+        """
+        The link's path stopped answering.  Move it to another path if there
+        is one, or start opening one (True); False, with nothing changed,
+        when there is no other path to try (the caller then suspects the
+        peer as before).
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        peer_id = link.peer_id
+        state = self.state(peer_id)
+        old = link.address
+        if state.failing_over_since is not None:
+            if now - state.failing_over_since < self.config.failover_timeout:
+                return True
+            state.failing_over_since = None
+            return False
+        route = overlay.relays.route_to(peer_id)
+        if route == old:
+            route = None
+        relay_of_old = overlay.relays.relay_of(old)
+        if route is None and not overlay.relays.can_open(peer_id, exclude_relay=relay_of_old):
+            return False
+        self._forget_path(state, old, now)
+        soon = not is_relayed(old)
+        if route is None:
+            # the failed session is gone now: ask another relay
+            route = overlay.relays.route_to(peer_id)
+        if route is not None:
+            self.log.info("Path to {peer} failed; moving to a relay session",
+                          peer=format_peer_id(peer_id))
+            overlay.liveness.switch(link, route, proven=False)
+            overlay.liveness.ping(peer_id, route)
+            overlay.metrics.inc("path_failovers", to="relayed")
+        else:
+            overlay.relays.open_session(peer_id, exclude_relay=relay_of_old)
+            state.failing_over_since = now
+            overlay.metrics.inc("path_failovers", to="relay_requested")
+        self._schedule_upgrade(state, now, soon=soon)
+        return True
+
+    def _forget_path(self, state: PeerPaths, old, now: float) -> None:
+        overlay = self.overlay
+        state.failed[old] = now
+        while len(state.failed) > 8:
+            state.failed.pop(next(iter(state.failed)))
+        if is_relayed(old):
+            overlay.relays.session_failed(old)
+        else:
+            state.punched.pop(old, None)
+            overlay.freshness.path_failed(state.peer_id, old)
+
+    def _schedule_upgrade(self, state: PeerPaths, now: float, soon: bool = False) -> None:
+        config = self.config
+        if soon:
+            state.upgrade_backoff = config.upgrade_first
+        else:
+            state.upgrade_backoff = min(config.upgrade_max,
+                                        max(config.upgrade_initial, 2 * state.upgrade_backoff))
+        state.next_upgrade = now + state.upgrade_backoff
+
+    def tick(self) -> None:
+        """
+        Every second: upgrade attempts due on relayed links; a relayed link
+        to a peer that needs no traversal tries its direct address.
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        for link in list(overlay.liveness.links.values()):
+            if not is_relayed(link.address):
+                continue
+            state = self.state(link.peer_id)
+            if state.next_upgrade is None:
+                self._schedule_upgrade(state, now)
+                continue
+            if now >= state.next_upgrade and not state.punching:
+                state.next_upgrade = None
+                self.try_punch(link.peer_id)
+                if state.punching:
+                    overlay.metrics.inc("path_upgrade_attempts")
+                else:
+                    self._schedule_upgrade(state, now)
+
+    def statistics(self) -> dict:
+        kinds = {DIRECT: 0, PUNCHED: 0, RELAYED: 0}
+        for link in self.overlay.liveness.links.values():
+            if link.suspected_at is None:
+                kinds[self.kind_of(link.peer_id, link.address)] += 1
+        return kinds
+
+
+def is_private(address: tuple) -> bool:
+    try:
+        return ipaddress.ip_address(address[0]).is_private
+    except ValueError:
+        return False
+
+
+def waiter(clock, timeout: float):
+    """
+    A Deferred that fires with None after C{timeout} unless fired first.
+    """
+    d = Deferred()
+    call = clock.callLater(timeout, lambda: d.called or d.callback(None))
+    d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+    return d

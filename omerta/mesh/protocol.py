@@ -16,12 +16,16 @@ from twisted.logger import Logger
 from omerta.crypto.sealing import FrameOpener, FrameRejected, OpenedFrame
 from omerta.metrics import Metrics
 from omerta.wire.demux import Kind, classify
+from omerta.wire.relay import HEADER_SIZE as RELAY_HEADER_SIZE
+from omerta.wire.relay import PREFIX as RELAY_PREFIX
 
 Address = tuple[str, int]
 
 
 class FrameHandler(TypingProtocol):
     def frame_received(self, frame: OpenedFrame, addr: Address) -> None: ...
+
+    def relay_route(self, header: bytes, addr: Address): ...
 
 
 class NodeProtocol(DatagramProtocol):
@@ -47,13 +51,44 @@ class NodeProtocol(DatagramProtocol):
         self.handler = handler
         self.metrics = metrics
         self.stun_handler = stun_handler
+        self.relay = None  # a RelayServer: relayed data it forwards never goes further
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         try:
+            if datagram.startswith(RELAY_PREFIX):
+                # The relayed-data fast path: a dict lookup and a send.
+                relay = self.relay
+                if relay is None or not relay.forward(datagram, addr):
+                    self._relayed(datagram, (addr[0], addr[1]))
+                return
             self._dispatch(datagram, (addr[0], addr[1]))
         except Exception:
             self.metrics.inc("drops", reason="internal_error")
             self.log.failure("Error handling a datagram from {addr}", addr=addr)
+
+    def _relayed(self, datagram: bytes, addr: Address) -> None:
+        """
+        Relayed data for this node: open the payload and hand it on as a
+        frame from the session's peer, arrived over the session's route.
+        """
+        metrics = self.metrics
+        metrics.inc("packets_in")
+        metrics.inc("bytes_in", len(datagram))
+        session = self.handler.relay_route(datagram[:RELAY_HEADER_SIZE], addr)
+        if session is None:
+            metrics.inc("drops", reason="relay_unknown_session")
+            return
+        try:
+            frame = self.opener.open(datagram[RELAY_HEADER_SIZE:])
+        except FrameRejected as e:
+            metrics.inc("drops", reason=e.reason)
+            return
+        if frame.sender != session.peer_id or frame.network_id != session.network_id:
+            metrics.inc("drops", reason="relay_sender_mismatch")
+            return
+        metrics.inc("frames_in")
+        metrics.inc("frames_in_relayed")
+        self.handler.frame_received(frame, session.route)
 
     def _dispatch(self, datagram: bytes, addr: Address) -> None:
         metrics = self.metrics

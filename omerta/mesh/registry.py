@@ -441,10 +441,11 @@ class PeerRegistry:
 
     # -- observations ------------------------------------------------------
 
-    def heard_from(self, peer_id: bytes, endpoint: Address, now: float) -> bool:
+    def heard_from(self, peer_id: bytes, endpoint: Address | None, now: float) -> bool:
         """
-        A frame arrived directly from C{peer_id} at C{endpoint}: the peer is
-        online.  Only peers with a verified announcement are tracked.
+        A frame arrived from C{peer_id} (directly from C{endpoint}, or
+        through a relay when C{endpoint} is None): the peer is online.  Only
+        peers with a verified announcement are tracked.
 
         @return: False if the peer is not in the registry.
         """
@@ -453,7 +454,8 @@ class PeerRegistry:
             return False
         self._set_state(peer, PeerState.ONLINE, now)
         peer.last_heard = now
-        peer.endpoint = (endpoint[0], endpoint[1])
+        if endpoint is not None:
+            peer.endpoint = (endpoint[0], endpoint[1])
         return True
 
     def set_rtt(self, peer_id: bytes, rtt: float | None) -> bool:

@@ -66,6 +66,7 @@ class NodeService(Service):
         stun_alternate: tuple[str, int] | None = None,
         stun_servers: list[tuple[str, int]] = (),
         nat_interval: float = 300.0,
+        relay=None,
         reactor=None,
     ):
         self.data_dir = Path(data_dir)
@@ -84,6 +85,7 @@ class NodeService(Service):
         self.stun_alternate = stun_alternate
         self.stun_servers = list(stun_servers)
         self.nat_interval = nat_interval
+        self.relay_config = relay
         self.metrics = Metrics()
         self.events = Events()
         self.stun: StunService | None = None
@@ -125,10 +127,13 @@ class NodeService(Service):
             network_bootstrap={m.key.network_id: list(m.bootstrap) for m in memberships},
             config=self.config,
         )
+        if self.relay_config is not None:
+            self.node.enable_relay(self.relay_config)
         for overlay in self.node.overlays.values():
             overlay.load_peers(self.data_dir)
             overlay.messaging.on_channel(INFO_CHANNEL, self._info)
         protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
+        protocol.relay = self.node.relay
         self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
         self.node.attach(self.port)
         self.stun = StunService(

@@ -42,6 +42,8 @@ class MessageType(enum.IntEnum):
     RELAY_ACCEPT = 0x11
     RELAY_DENY = 0x12
     RELAY_END = 0x13
+    RELAY_CONNECT = 0x14
+    RELAY_SESSION = 0x15
     PUNCH_REQUEST = 0x20
     PUNCH_EXECUTE = 0x21
     PUNCH_PROBE = 0x22
@@ -87,6 +89,12 @@ class CandidateKind(enum.IntEnum):
 
 
 class PunchStrategy(enum.IntEnum):
+    """
+    What the coordinator tells one side of a hole punch (the other side gets
+    the mirror image): both probe at once, this side first, the other side
+    first (this one answers what arrives), or no punch at all.
+    """
+
     SIMULTANEOUS = 1
     YOU_FIRST = 2
     THEY_FIRST = 3
@@ -107,6 +115,17 @@ class RelayDenyReason(enum.IntEnum):
     RATE_LIMITED = 4
     TOO_MANY_SESSIONS = 5
     NO_RESERVATION = 6
+    UNPROVEN = 7
+    SELF = 8
+
+
+class RelayEndReason(enum.IntEnum):
+    CLOSED = 1
+    EXPIRED = 2
+    BYTE_LIMIT = 3
+    RESERVATION_GONE = 4
+    RELAY_STOPPING = 5
+    REPLACED = 6
 
 
 Contact = c.Struct(
@@ -227,12 +246,23 @@ BODIES: dict[MessageType, c.Construct] = {
         "free_sessions" / c.Int16ub,
     ),
     MessageType.RELAY_DENY: c.Struct(
+        "request" / c.Int8ub,
+        "target" / PEER_ID,
         "reason" / c.Int8ub,
         "detail" / SHORT_TEXT,
     ),
     MessageType.RELAY_END: c.Struct(
-        "session_id" / c.Int64ub,
+        "session" / c.Bytes(8),
         "reason" / c.Int8ub,
+    ),
+    MessageType.RELAY_CONNECT: c.Struct(
+        "target" / PEER_ID,
+    ),
+    MessageType.RELAY_SESSION: c.Struct(
+        "session" / c.Bytes(8),
+        "peer" / PEER_ID,
+        "lifetime_s" / c.Int32ub,
+        "max_bytes" / c.Int64ub,
     ),
     MessageType.PUNCH_REQUEST: c.Struct(
         "attempt_id" / c.Int64ub,
@@ -245,11 +275,13 @@ BODIES: dict[MessageType, c.Construct] = {
         "peer" / PEER_ID,
         "strategy" / c.Int8ub,
         "start_in_ms" / c.Int32ub,
+        "spray" / c.Int16ub,
         "candidates" / c.PrefixedArray(c.Int8ub, Candidate),
     ),
     MessageType.PUNCH_PROBE: c.Struct(
         "attempt_id" / c.Int64ub,
         "seq" / c.Int16ub,
+        "sent_ms" / c.Int64ub,
     ),
     MessageType.PUNCH_ACK: c.Struct(
         "attempt_id" / c.Int64ub,

@@ -1,0 +1,461 @@
+"""
+Coordinated hole punching.
+
+1. A asks a coordinator (a relay both A and B reach; B holds a reservation
+   there or has a session through it) with PUNCH_REQUEST: target B, A's NAT
+   type, A's candidates (host address and the STUN-mapped one).
+2. The coordinator adds the address it sees A at, takes B's candidates from
+   B's signed announcement and from where it reaches B, picks a strategy from
+   the two NAT types (L{choose_strategy}), and sends PUNCH_EXECUTE to both
+   with the other's candidates and a start delay computed from its measured
+   round trips so both start at the same moment.
+3. Both sides send PUNCH_PROBE from the node's single socket (so the mapping
+   STUN discovered is the one punched) to every candidate, at 0, 0.1, 0.3,
+   0.7, 1.5, 3.1, 4.7 ... s (100 ms doubling, capped at 1.6 s) until
+   C{punch_timeout}.  A probe is answered with PUNCH_ACK to the address it
+   came from, and that address (peer-reflexive, the only way to learn a
+   symmetric NAT's new mapping) becomes a candidate probed at once.
+4. The first authenticated ACK wins: its source address is the punched path.
+   Both report PUNCH_RESULT to the coordinator.
+
+Probes and acks are sealed frames of the network, accepted only for an
+attempt this node knows with that peer; an ack is no larger than a probe.
+For symmetric towards port-restricted NATs the coordinator asks the
+port-restricted side to "spray": probe C{spray} ports of the symmetric
+side's address around the ports it was seen on, within the same schedule
+(port prediction, which only helps NATs that allocate ports sequentially).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
+                                  PathKind, PunchStrategy)
+
+S = PunchStrategy
+N = NatType
+
+# Reachable at the mapped address by anyone once it has sent anything.
+_OPEN = (N.PUBLIC, N.FULL_CONE)
+# Same mapping for every destination.
+_CONE = (N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
+
+
+def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
+    """
+    The strategy for each side of a punch between NAT types C{a} and C{b}:
+    C{(strategy_a, strategy_b, spray_a, spray_b)}.
+
+    - either side blocked, or both symmetric: impossible;
+    - a side reachable by anyone (public, full cone): the other side goes
+      first, the open side answers where the probes come from;
+    - symmetric with a cone: the symmetric side first (its new mapping is
+      learnt from its probes); towards a port-restricted cone, the cone side
+      also sprays ports of the symmetric side's address (port prediction);
+    - otherwise (cones, or unknown types): simultaneous open.
+    """
+    a, b = _nat(a), _nat(b)
+    if N.BLOCKED in (a, b) or (a == N.SYMMETRIC and b == N.SYMMETRIC):
+        return S.IMPOSSIBLE, S.IMPOSSIBLE, 0, 0
+    if a in _OPEN and b in _OPEN:
+        return S.SIMULTANEOUS, S.SIMULTANEOUS, 0, 0
+    if a in _OPEN:
+        return S.THEY_FIRST, S.YOU_FIRST, 0, 0
+    if b in _OPEN:
+        return S.YOU_FIRST, S.THEY_FIRST, 0, 0
+    if a == N.SYMMETRIC and b in _CONE:
+        return S.YOU_FIRST, S.THEY_FIRST, 0, spray if b == N.PORT_RESTRICTED_CONE else 0
+    if b == N.SYMMETRIC and a in _CONE:
+        return S.THEY_FIRST, S.YOU_FIRST, spray if a == N.PORT_RESTRICTED_CONE else 0, 0
+    return S.SIMULTANEOUS, S.SIMULTANEOUS, 0, 0
+
+
+def _nat(value: int) -> NatType:
+    try:
+        return NatType(value)
+    except ValueError:
+        return N.UNKNOWN
+
+
+def probe_schedule(timeout: float, first: float = 0.1, cap: float = 1.6) -> list[float]:
+    """
+    Offsets (seconds from the start) of the probe rounds: 0, then gaps of
+    100 ms doubling up to C{cap}, until C{timeout}.
+    """
+    out, t, gap = [0.0], 0.0, first
+    while t + gap < timeout:
+        t += gap
+        out.append(round(t, 6))
+        gap = min(cap, gap * 2)
+    return out
+
+
+def spray_ports(seen: list[int], count: int) -> list[int]:
+    """
+    C{count} ports to probe for a symmetric NAT seen using ports C{seen}:
+    the ports just above and below each, nearest first (sequential
+    allocators hand out the next port for a new destination).
+    """
+    out: list[int] = []
+    for distance in range(1, count + 1):
+        for port in seen:
+            for candidate in (port + distance, port - distance):
+                if 1024 <= candidate <= 65535 and candidate not in out and candidate not in seen:
+                    out.append(candidate)
+                    if len(out) >= count:
+                        return out
+    return out
+
+
+# -- the coordinator (on relays) ---------------------------------------------
+
+
+@dataclass
+class _Coordinated:
+    attempt_id: int
+    pair: frozenset
+    started: float
+    results: dict = field(default_factory=dict)
+
+
+class Coordinator:
+    """
+    Hole-punch coordination on a relay node, for every network it is in.
+    """
+
+    log = Logger()
+
+    def __init__(self, node, max_attempts: int = 256, spray: int = 128):
+        self.node = node
+        self.metrics = node.metrics
+        self.max_attempts = max_attempts
+        self.spray = spray
+        self.attempts: dict[int, _Coordinated] = {}
+
+    def _peer_address(self, overlay, peer_id: bytes):
+        relay = self.node.relay
+        if relay is not None:
+            reservation = relay.reservations.get((overlay.network_id, peer_id))
+            if reservation is not None:
+                return reservation.address
+        link = overlay.liveness.links.get(peer_id)
+        if link is not None and link.verified and type(link.address) is tuple:
+            return link.address
+        return None
+
+    def on_request(self, overlay, frame, addr, message) -> None:
+        config = overlay.config
+        now = overlay.clock.seconds()
+        a, b = frame.sender, message.target
+        for attempt_id, attempt in list(self.attempts.items()):
+            if now - attempt.started > config.punch_timeout + 5:
+                self._finish(attempt_id)
+        impossible = dict(attempt_id=message.attempt_id, peer=b,
+                          strategy=int(S.IMPOSSIBLE), start_in_ms=0, spray=0, candidates=[])
+        if not overlay.liveness.verified(a, addr) or a == b:
+            self.metrics.inc("punch_coordinated", outcome="refused")
+            overlay.send(addr, MessageType.PUNCH_EXECUTE, **impossible)
+            return
+        b_address = self._peer_address(overlay, b)
+        record_b = overlay.registry.get(b)
+        pair = frozenset((a, b))
+        busy = any(x.pair == pair for x in self.attempts.values())
+        if b_address is None or record_b is None or busy or len(self.attempts) >= self.max_attempts:
+            self.metrics.inc("punch_coordinated",
+                             outcome="busy" if busy else "unreachable")
+            overlay.send(addr, MessageType.PUNCH_EXECUTE, **impossible)
+            return
+        strategy_a, strategy_b, spray_a, spray_b = choose_strategy(
+            message.nat_type, record_b.nat_type, self.spray)
+        if strategy_a == S.IMPOSSIBLE:
+            self.metrics.inc("punch_coordinated", outcome="impossible")
+            overlay.send(addr, MessageType.PUNCH_EXECUTE, **impossible)
+            return
+        candidates_a = _merge(message.candidates, [(CandidateKind.SERVER_REFLEXIVE, addr)])
+        candidates_b = _merge(
+            [], [(CandidateKind.SERVER_REFLEXIVE, tuple(e))
+                 for kind, e, _via in record_b.paths if kind == PathKind.DIRECT]
+            + [(CandidateKind.SERVER_REFLEXIVE, b_address)])
+        rtt_a = _rtt(overlay, a)
+        rtt_b = _rtt(overlay, b)
+        lead = max(rtt_a, rtt_b) / 2 + config.punch_margin
+        start_a = int(1000 * (lead - rtt_a / 2))
+        start_b = int(1000 * (lead - rtt_b / 2))
+        self.attempts[message.attempt_id] = _Coordinated(message.attempt_id, pair, now)
+        overlay.send(addr, MessageType.PUNCH_EXECUTE, attempt_id=message.attempt_id, peer=b,
+                     strategy=int(strategy_a), start_in_ms=start_a, spray=spray_a,
+                     candidates=candidates_b)
+        overlay.send(b_address, MessageType.PUNCH_EXECUTE, attempt_id=message.attempt_id, peer=a,
+                     strategy=int(strategy_b), start_in_ms=start_b, spray=spray_b,
+                     candidates=candidates_a)
+        self.metrics.inc("punch_coordinated", outcome="executed")
+        self.log.debug("Punch {a} <-> {b}: {sa}/{sb}", a=format_peer_id(a), b=format_peer_id(b),
+                       sa=strategy_a.name, sb=strategy_b.name)
+
+    def on_result(self, overlay, frame, addr, message) -> None:
+        attempt = self.attempts.get(message.attempt_id)
+        if attempt is None or frame.sender not in attempt.pair:
+            return
+        attempt.results[frame.sender] = message.success
+        self.metrics.inc("punch_results", outcome="success" if message.success else "failure")
+        if len(attempt.results) == 2:
+            self._finish(message.attempt_id)
+
+    def _finish(self, attempt_id: int) -> None:
+        self.attempts.pop(attempt_id, None)
+
+
+def _rtt(overlay, peer_id: bytes) -> float:
+    link = overlay.liveness.links.get(peer_id)
+    if link is not None and link.rtt is not None:
+        return link.rtt
+    record = overlay.registry.get(peer_id)
+    if record is not None and record.rtt is not None:
+        return record.rtt
+    return 0.1
+
+
+def _merge(candidates, extra) -> list[dict]:
+    out, seen = [], set()
+    for kind, endpoint in [(c.kind, tuple(c.endpoint)) for c in candidates] + list(extra):
+        if endpoint in seen or len(out) >= 8:
+            continue
+        seen.add(endpoint)
+        out.append({"kind": int(kind), "endpoint": endpoint})
+    return out
+
+
+# -- the two ends ---------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    attempt_id: int
+    peer_id: bytes
+    coordinator: tuple | None
+    started: float
+    deferred: Deferred
+    targets: list = field(default_factory=list)
+    spray: list = field(default_factory=list)
+    seq: int = 0
+    sent: dict = field(default_factory=dict)   # seq -> time
+    calls: list = field(default_factory=list)
+    result: tuple | None = None
+    executed: bool = False
+    probes: int = 0
+
+
+class Puncher:
+    """
+    This node's side of hole punches, in one network.
+    """
+
+    log = Logger()
+
+    def __init__(self, overlay):
+        self.overlay = overlay
+        self.config = overlay.config
+        self.attempts: dict[int, Attempt] = {}
+
+    def own_candidates(self, towards: tuple) -> list[dict]:
+        """
+        Host (the local address the node's traffic to C{towards} leaves
+        from) and server-reflexive (STUN-mapped, observed) candidates.
+        """
+        node = self.overlay.node
+        out = []
+        host = _local_address(towards)
+        if host is not None and node.local_port:
+            out.append({"kind": int(CandidateKind.HOST), "endpoint": (host, node.local_port)})
+        for endpoint in node.public_endpoints():
+            if all(c["endpoint"] != endpoint for c in out):
+                out.append({"kind": int(CandidateKind.SERVER_REFLEXIVE), "endpoint": endpoint})
+        return out
+
+    def request(self, peer_id: bytes, coordinator: tuple) -> Deferred:
+        """
+        Ask C{coordinator} (relay id, address) for a punch to C{peer_id}.
+        Fires with the punched address, or None.
+        """
+        overlay = self.overlay
+        relay_id, address = coordinator
+        attempt_id = int.from_bytes(os.urandom(8), "big")
+        d = Deferred()
+        now = overlay.clock.seconds()
+        attempt = Attempt(attempt_id, peer_id, address, now, d)
+        self._add(attempt)
+        nat = overlay.node.nat
+        overlay.send(address, MessageType.PUNCH_REQUEST, attempt_id=attempt_id, target=peer_id,
+                     nat_type=0 if nat is None else int(nat.nat_type),
+                     candidates=self.own_candidates(address))
+        overlay.metrics.inc("punch_attempts", role="initiator")
+        attempt.calls.append(overlay.clock.callLater(
+            self.config.punch_timeout, self._give_up, attempt_id))
+        return d
+
+    def _add(self, attempt: Attempt) -> None:
+        while len(self.attempts) >= self.config.max_punch_attempts:
+            self._give_up(next(iter(self.attempts)))
+        self.attempts[attempt.attempt_id] = attempt
+
+    def on_execute(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        attempt = self.attempts.get(message.attempt_id)
+        if attempt is not None:
+            if attempt.coordinator != addr or attempt.peer_id != message.peer or attempt.executed:
+                overlay.metrics.inc("drops", reason="punch_unexpected_execute")
+                return
+        else:
+            record = overlay.registry.get(frame.sender)
+            if (record is None or not record.capabilities & (Capability.RELAY | Capability.COORDINATOR)
+                    or frame.sender not in overlay.relays.held):
+                # Only a relay we hold a reservation on may start a punch we
+                # did not ask for: no member can make us probe addresses.
+                overlay.metrics.inc("drops", reason="punch_unsolicited")
+                return
+            if message.strategy == S.IMPOSSIBLE:
+                return
+            attempt = Attempt(message.attempt_id, message.peer, addr,
+                              overlay.clock.seconds(), Deferred())
+            self._add(attempt)
+            attempt.calls.append(overlay.clock.callLater(
+                self.config.punch_timeout, self._give_up, message.attempt_id))
+            attempt.deferred.addCallback(self._answered_punch, message.peer)
+            overlay.metrics.inc("punch_attempts", role="responder")
+        attempt.executed = True
+        if message.strategy == S.IMPOSSIBLE:
+            self._give_up(message.attempt_id)
+            return
+        attempt.targets = [tuple(c.endpoint) for c in message.candidates][:8]
+        if message.spray:
+            hosts = {t[0] for t in attempt.targets}
+            for host in sorted(hosts):
+                ports = [t[1] for t in attempt.targets if t[0] == host]
+                attempt.spray += [(host, p) for p in spray_ports(ports, message.spray)]
+            attempt.spray = attempt.spray[:message.spray]
+        delay = message.start_in_ms / 1000
+        if message.strategy == S.THEY_FIRST:
+            delay += self.config.punch_margin
+        clock = overlay.clock
+        schedule = probe_schedule(self.config.punch_timeout - delay)
+        for round_number, offset in enumerate(schedule):
+            attempt.calls.append(clock.callLater(delay + offset, self._probe_round,
+                                                 message.attempt_id, round_number))
+
+    def _answered_punch(self, address, peer_id: bytes):
+        if address is not None:
+            self.overlay.paths.use_punched(peer_id, address)
+        return address
+
+    def _probe_round(self, attempt_id: int, round_number: int) -> None:
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None or attempt.result is not None:
+            return
+        targets = list(attempt.targets)
+        if attempt.spray and round_number < 4:
+            # spread the spray over the first rounds
+            share = -(-len(attempt.spray) // 4)
+            targets += attempt.spray[round_number * share:(round_number + 1) * share]
+        for target in targets:
+            self._probe(attempt, target)
+
+    def _probe(self, attempt: Attempt, target: tuple) -> None:
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        attempt.seq = (attempt.seq + 1) & 0xFFFF
+        attempt.sent[attempt.seq] = now
+        attempt.probes += 1
+        overlay.send(target, MessageType.PUNCH_PROBE, attempt_id=attempt.attempt_id,
+                     seq=attempt.seq, sent_ms=int(now * 1000))
+        overlay.metrics.inc("punch_probes")
+
+    def on_probe(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        attempt = self.attempts.get(message.attempt_id)
+        if attempt is None or attempt.peer_id != frame.sender:
+            overlay.metrics.inc("drops", reason="punch_unknown_attempt")
+            return
+        overlay.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
+                     seq=message.seq, observed=addr)
+        if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
+            # Peer-reflexive: the mapping its NAT made towards us.
+            attempt.targets.append(addr)
+            self._probe(attempt, addr)
+
+    def on_ack(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        attempt = self.attempts.get(message.attempt_id)
+        if (attempt is None or attempt.peer_id != frame.sender
+                or message.seq not in attempt.sent):
+            overlay.metrics.inc("drops", reason="punch_unknown_ack")
+            return
+        if attempt.result is not None:
+            return
+        now = overlay.clock.seconds()
+        rtt = now - attempt.sent[message.seq]
+        attempt.result = addr
+        overlay.liveness.proven(frame.sender, addr)
+        overlay.registry.set_rtt(frame.sender, rtt)
+        overlay.metrics.inc("punch_success")
+        elapsed = now - attempt.started
+        self.log.info("Punched a path to {peer} at {address} in {elapsed:.2f} s",
+                      peer=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}",
+                      elapsed=elapsed)
+        if attempt.coordinator is not None:
+            overlay.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                         attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
+                         endpoint=addr, elapsed_ms=int(elapsed * 1000))
+        # Keep answering the peer's probes for a moment, then forget.
+        attempt.calls.append(overlay.clock.callLater(self.config.punch_linger,
+                                                     self._forget, attempt.attempt_id))
+        if not attempt.deferred.called:
+            attempt.deferred.callback(addr)
+
+    def _give_up(self, attempt_id: int) -> None:
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None:
+            return
+        if attempt.result is None:
+            overlay = self.overlay
+            overlay.metrics.inc("punch_failure")
+            if attempt.coordinator is not None and attempt.executed:
+                overlay.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                             attempt_id=attempt_id, peer=attempt.peer_id, success=False,
+                             endpoint=("0.0.0.0", 0),
+                             elapsed_ms=int(1000 * (overlay.clock.seconds() - attempt.started)))
+        self._forget(attempt_id)
+        if not attempt.deferred.called:
+            attempt.deferred.callback(None)
+
+    def _forget(self, attempt_id: int) -> None:
+        attempt = self.attempts.pop(attempt_id, None)
+        if attempt is None:
+            return
+        for call in attempt.calls:
+            if call.active():
+                call.cancel()
+
+    def stop(self) -> None:
+        for attempt_id in list(self.attempts):
+            self._give_up(attempt_id)
+
+
+def _local_address(towards: tuple) -> str | None:
+    """
+    The local address the kernel would send from towards C{towards} (a
+    connected UDP socket; nothing is sent).
+    """
+    family = socket.AF_INET6 if ":" in towards[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((towards[0], towards[1] or 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None

@@ -1,0 +1,362 @@
+"""
+The relay role: reservations for NAT-bound members and the forwarding of
+relayed data between two members of a network.
+
+Control is sealed mesh frames (authenticated by the network key, from an
+address a pong proved leads to the sender):
+
+- RELAY_RESERVE(lifetime) from B: "forward to me".  Accepted (RELAY_ACCEPT
+  with the granted lifetime and the relay's free sessions) or denied with a
+  reason.  B renews before it expires; lifetime 0 releases it.
+- RELAY_CONNECT(B) from A: "open a session to B".  Only towards a member with
+  a live reservation in the same network; the relay draws a random 8-byte
+  session id and sends RELAY_SESSION to both ends.
+- RELAY_END(session) from either end closes it; the relay sends RELAY_END to
+  both ends when a session ends on its side (expiry, byte limit, the
+  reservation gone, the relay stopping).
+
+Data is L{omerta.wire.relay}: the relay looks the 12-byte header up in a
+dict, checks the datagram came from one of the session's two addresses and
+the per-source packet rate, adds to the session's byte count, and sends the
+same bytes to the other address through the socket itself (Twisted's
+C{Port.write} re-validates the address on every call).  Nothing else runs
+per packet; durations and reservations are checked once a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.wire.messages import MessageType, RelayDenyReason, RelayEndReason
+from omerta.wire.relay import HEADER_SIZE, session_header
+
+NO_PEER = bytes(16)
+
+
+@dataclass
+class RelayConfig:
+    """
+    Limits of the relay role (see docs/traversal.md).
+    """
+
+    max_reservations: int = 1000
+    max_lifetime: int = 120
+    max_sessions: int = 50
+    sessions_per_peer: int = 8
+    session_bytes: int = 1 << 30
+    session_duration: float = 3600.0
+    packets_per_second: int = 4000
+
+
+@dataclass(eq=False)
+class Reservation:
+    network_id: bytes
+    peer_id: bytes
+    address: tuple
+    expires: float
+    granted: float
+
+
+class Leg:
+    """
+    One end of a relay session: its address and its packet-rate window.
+    """
+
+    __slots__ = ("peer_id", "address", "window_end", "count")
+
+    def __init__(self, peer_id: bytes, address: tuple):
+        self.peer_id = peer_id
+        self.address = address
+        self.window_end = 0.0
+        self.count = 0
+
+
+class RelaySession:
+    __slots__ = ("header", "network_id", "a", "b", "bytes", "packets", "started",
+                 "deadline", "limited")
+
+    def __init__(self, header: bytes, network_id: bytes, a: Leg, b: Leg, now: float,
+                 duration: float):
+        self.header = header
+        self.network_id = network_id
+        self.a = a
+        self.b = b
+        self.bytes = 0
+        self.packets = 0
+        self.started = now
+        self.deadline = now + duration
+        self.limited = 0
+
+    def involves(self, peer_id: bytes) -> bool:
+        return peer_id in (self.a.peer_id, self.b.peer_id)
+
+    def pair(self) -> frozenset:
+        return frozenset((self.a.peer_id, self.b.peer_id))
+
+
+class RelayServer:
+    """
+    The relay role of one node, for every network the node is in.
+
+    @param node: the L{omerta.mesh.node.MeshNode} whose socket it shares.
+    """
+
+    log = Logger()
+
+    def __init__(self, node, config: RelayConfig | None = None):
+        self.node = node
+        self.config = config or RelayConfig()
+        self.metrics = node.metrics
+        self.clock = node.clock
+        self.reservations: dict[tuple[bytes, bytes], Reservation] = {}
+        self.sessions: dict[bytes, RelaySession] = {}
+        self._sendto = None
+        self._loop: LoopingCall | None = None
+        # The hot path only adds to a session's ints; totals reach the
+        # metrics once a second (L{flush_counters}).
+        self.closed_packets = 0
+        self.closed_bytes = 0
+        self.dropped = 0
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(1.0, now=False).addErrback(
+            lambda f: self.log.failure("Relay tick failed", f))
+
+    def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            self._end(session, RelayEndReason.RELAY_STOPPING)
+        self.reservations.clear()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def attach(self, transport) -> None:
+        """
+        Send relayed data through the socket itself when the transport has
+        one (a real UDP port), through C{transport.write} otherwise.
+        """
+        sock = getattr(transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else transport.write
+
+    # the data path
+
+    def forward(self, datagram: bytes, addr: tuple) -> bool:
+        """
+        Forward a relayed-data datagram.  Returns False when its session is
+        not one of this relay's (the node may be an end of it instead).
+        """
+        session = self.sessions.get(datagram[:HEADER_SIZE])
+        if session is None:
+            return False
+        a = session.a
+        if addr == a.address:
+            source, target = a, session.b
+        elif addr == session.b.address:
+            source, target = session.b, a
+        else:
+            self.dropped += 1
+            self.metrics.inc("relay_drops", reason="not_bound")
+            return True
+        now = self.clock.seconds()
+        if now >= source.window_end:
+            source.window_end = now + 1.0
+            source.count = 0
+        source.count += 1
+        if source.count > self.config.packets_per_second:
+            session.limited += 1
+            self.dropped += 1
+            return True
+        session.bytes += len(datagram)
+        session.packets += 1
+        try:
+            self._sendto(datagram, target.address)
+        except OSError as e:
+            self.dropped += 1
+            self.metrics.inc("relay_drops", reason=errno.errorcode.get(e.errno, "oserror").lower())
+            return True
+        if session.bytes > self.config.session_bytes:
+            self._end(session, RelayEndReason.BYTE_LIMIT)
+        return True
+
+    # control
+
+    def on_reserve(self, overlay, frame, addr, message) -> None:
+        now = self.clock.seconds()
+        key = (overlay.network_id, frame.sender)
+        existing = self.reservations.get(key)
+        if message.lifetime_s == 0:
+            if existing is not None and existing.address == addr:
+                self._drop_reservation(existing)
+            return
+        if not overlay.liveness.verified(frame.sender, addr):
+            self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER,
+                       RelayDenyReason.UNPROVEN, "address not proven yet; retry after a ping")
+            return
+        if existing is None and len(self.reservations) >= self.config.max_reservations:
+            self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER,
+                       RelayDenyReason.FULL, f"{self.config.max_reservations} reservations held")
+            return
+        lifetime = min(message.lifetime_s, self.config.max_lifetime)
+        if existing is None:
+            self.reservations[key] = Reservation(overlay.network_id, frame.sender, addr,
+                                                 now + lifetime, now)
+            self.metrics.inc("relay_reservations", event="granted")
+            self.log.info("Relay reservation for {peer} at {address}",
+                          peer=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}")
+        else:
+            if existing.address != addr:
+                # The member moved (its NAT rebound): its sessions follow.
+                self._moved(existing, addr)
+            existing.expires = now + lifetime
+            self.metrics.inc("relay_reservations", event="renewed")
+        overlay.send(addr, MessageType.RELAY_ACCEPT, lifetime_s=lifetime,
+                     session_limit=self.config.max_sessions,
+                     free_sessions=max(0, self.config.max_sessions - len(self.sessions)))
+
+    def on_connect(self, overlay, frame, addr, message) -> None:
+        target = message.target
+        requester = frame.sender
+        config = self.config
+
+        def deny(reason, detail):
+            self._deny(overlay, addr, MessageType.RELAY_CONNECT, target, reason, detail)
+
+        if target == requester:
+            return deny(RelayDenyReason.SELF, "a session to yourself")
+        if not overlay.liveness.verified(requester, addr):
+            return deny(RelayDenyReason.UNPROVEN, "address not proven yet; retry after a ping")
+        reservation = self.reservations.get((overlay.network_id, target))
+        if reservation is None:
+            return deny(RelayDenyReason.NO_RESERVATION,
+                        f"{format_peer_id(target)} holds no reservation here")
+        pair = frozenset((requester, target))
+        for session in self.sessions.values():
+            if session.network_id == overlay.network_id and session.pair() == pair:
+                if {session.a.address, session.b.address} == {addr, reservation.address}:
+                    # A retransmitted connect: tell both ends again.
+                    self._announce(overlay, session)
+                    return None
+                self._end(session, RelayEndReason.REPLACED)
+                break
+        if len(self.sessions) >= config.max_sessions:
+            return deny(RelayDenyReason.FULL, f"{config.max_sessions} sessions open")
+        for peer in (requester, target):
+            count = sum(1 for s in self.sessions.values() if s.involves(peer))
+            if count >= config.sessions_per_peer:
+                return deny(RelayDenyReason.TOO_MANY_SESSIONS,
+                            f"{format_peer_id(peer)} has {count} sessions here")
+        header = session_header(os.urandom(8))
+        session = RelaySession(header, overlay.network_id, Leg(requester, addr),
+                               Leg(target, reservation.address), self.clock.seconds(),
+                               config.session_duration)
+        self.sessions[header] = session
+        self.metrics.inc("relay_sessions", event="opened")
+        self._announce(overlay, session)
+        return None
+
+    def on_end(self, overlay, frame, addr, message) -> None:
+        session = self.sessions.get(session_header(message.session))
+        if session is None:
+            return
+        leg = session.a if session.a.peer_id == frame.sender else session.b
+        if leg.peer_id != frame.sender or leg.address != addr:
+            self.metrics.inc("relay_drops", reason="end_not_yours")
+            return
+        self._end(session, RelayEndReason.CLOSED)
+
+    def _announce(self, overlay, session: RelaySession) -> None:
+        remaining = max(0, int(session.deadline - self.clock.seconds()))
+        for leg, other in ((session.a, session.b), (session.b, session.a)):
+            overlay.send(leg.address, MessageType.RELAY_SESSION, session=session.header[4:],
+                         peer=other.peer_id, lifetime_s=remaining,
+                         max_bytes=self.config.session_bytes)
+
+    def _deny(self, overlay, addr, request, target, reason, detail) -> None:
+        self.metrics.inc("relay_denied", reason=reason.name.lower())
+        overlay.send(addr, MessageType.RELAY_DENY, request=int(request), target=target,
+                     reason=int(reason), detail=detail)
+
+    # bookkeeping
+
+    def _end(self, session: RelaySession, reason: RelayEndReason) -> None:
+        if self.sessions.pop(session.header, None) is None:
+            return
+        self.closed_packets += session.packets
+        self.closed_bytes += session.bytes
+        self.metrics.inc("relay_sessions", event=reason.name.lower())
+        if session.limited:
+            self.metrics.inc("relay_drops", session.limited, reason="rate_limited")
+        overlay = self.node.overlays.get(session.network_id)
+        if overlay is None:
+            return
+        for leg in (session.a, session.b):
+            overlay.send(leg.address, MessageType.RELAY_END, session=session.header[4:],
+                         reason=int(reason))
+
+    def _moved(self, reservation: Reservation, addr: tuple) -> None:
+        for session in self.sessions.values():
+            for leg in (session.a, session.b):
+                if leg.peer_id == reservation.peer_id and leg.address == reservation.address:
+                    leg.address = addr
+        reservation.address = addr
+
+    def _drop_reservation(self, reservation: Reservation) -> None:
+        self.reservations.pop((reservation.network_id, reservation.peer_id), None)
+        self.metrics.inc("relay_reservations", event="released")
+        for session in list(self.sessions.values()):
+            if (session.network_id == reservation.network_id
+                    and session.involves(reservation.peer_id)):
+                self._end(session, RelayEndReason.RESERVATION_GONE)
+
+    def tick(self) -> None:
+        now = self.clock.seconds()
+        for reservation in [r for r in self.reservations.values() if r.expires <= now]:
+            self.metrics.inc("relay_reservations", event="expired")
+            self._drop_reservation(reservation)
+        for session in [s for s in self.sessions.values() if s.deadline <= now]:
+            self._end(session, RelayEndReason.EXPIRED)
+        self.flush_counters()
+
+    def flush_counters(self) -> None:
+        metrics = self.metrics
+        metrics.set("relay_forwarded_packets",
+                    self.closed_packets + sum(s.packets for s in self.sessions.values()))
+        metrics.set("relay_forwarded_bytes",
+                    self.closed_bytes + sum(s.bytes for s in self.sessions.values()))
+        metrics.set("relay_dropped_packets", self.dropped)
+        metrics.set("relay_sessions_open", len(self.sessions))
+        metrics.set("relay_reservations_held", len(self.reservations))
+
+    def status(self) -> dict:
+        now = self.clock.seconds()
+        return {
+            "reservations": len(self.reservations),
+            "sessions": [
+                {
+                    "a": format_peer_id(s.a.peer_id),
+                    "b": format_peer_id(s.b.peer_id),
+                    "bytes": s.bytes,
+                    "packets": s.packets,
+                    "age_s": round(now - s.started, 1),
+                    "rate_limited": s.limited,
+                }
+                for s in self.sessions.values()
+            ],
+            "limits": {
+                "max_reservations": self.config.max_reservations,
+                "max_sessions": self.config.max_sessions,
+                "sessions_per_peer": self.config.sessions_per_peer,
+                "session_bytes": self.config.session_bytes,
+                "session_duration_s": self.config.session_duration,
+                "packets_per_second": self.config.packets_per_second,
+            },
+        }

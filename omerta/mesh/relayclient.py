@@ -1,0 +1,384 @@
+"""
+The member's side of relaying, in one network.
+
+- Reservations: a node that is not on a public address keeps reservations on
+  up to C{relay_count} relays (members announcing the RELAY capability),
+  chosen by round-trip time among those not recently failed or full, renewed
+  every C{reserve_refresh} seconds.  A renewal that goes unanswered
+  C{reserve_tries} times, a relay that goes offline or denies, is replaced.
+  Each live reservation is announced as a RELAYED path ("reach me via R"),
+  re-signed whenever the set changes.
+- Sessions: to reach a peer through one of the relays it announces, send
+  RELAY_CONNECT; the relay answers both ends with RELAY_SESSION and the
+  session's route (L{omerta.mesh.paths.RelayRoute}) becomes a path to the
+  peer.  Sessions are also registered with the node, which receives the
+  relayed data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.mesh.paths import RelayRoute, is_relayed
+from omerta.wire.messages import (Capability, MessageType, NatType, PathKind,
+                                  RelayDenyReason)
+from omerta.wire.relay import session_header
+
+
+@dataclass
+class Held:
+    """
+    A reservation this node holds (or is asking for) on one relay.
+    """
+
+    relay_id: bytes
+    address: tuple
+    live: bool = False
+    expires: float = 0.0
+    sent: float = 0.0
+    unanswered: int = 0
+    free_sessions: int | None = None
+
+
+@dataclass
+class ClientSession:
+    network_id: bytes
+    peer_id: bytes
+    relay_id: bytes
+    route: RelayRoute
+    opened: float
+    requested: bool
+
+
+@dataclass
+class _Pending:
+    sent: float
+    relays: list = field(default_factory=list)
+
+
+class RelayClient:
+    log = Logger()
+
+    def __init__(self, overlay):
+        self.overlay = overlay
+        self.config = overlay.config
+        self.held: dict[bytes, Held] = {}
+        self.avoid: dict[bytes, float] = {}      # relay id -> until
+        self.sessions: dict[bytes, dict[bytes, ClientSession]] = {}  # peer -> relay -> session
+        self.pending: dict[bytes, _Pending] = {}  # peer -> connect in flight
+        self._tried: dict[bytes, set] = {}       # peer -> relays that failed it
+
+    # do we need relays at all
+
+    def needs_relays(self) -> bool:
+        node = self.overlay.node
+        if node.nat is None:
+            return not node.relay_role  # not discovered yet: be reachable anyway
+        return node.nat.nat_type not in (NatType.PUBLIC,)
+
+    def candidates(self, now: float) -> list:
+        """
+        Relays we could reserve on, best first: members with the RELAY
+        capability, not offline, not avoided, with a direct address; by
+        round-trip time (unknown last).
+        """
+        overlay = self.overlay
+        out = []
+        for record in overlay.registry.all():
+            if not record.capabilities & Capability.RELAY or record.state == "offline":
+                continue
+            if self.avoid.get(record.peer_id, 0) > now or record.peer_id in self.held:
+                continue
+            address = overlay.paths.direct_address(record.peer_id)
+            if address is None:
+                continue
+            out.append((record.rtt is None, record.rtt or 0.0, record.peer_id, address))
+        out.sort()
+        return [(peer_id, address) for _, _, peer_id, address in out]
+
+    # reservations
+
+    def tick(self) -> None:
+        overlay = self.overlay
+        config = self.config
+        now = overlay.clock.seconds()
+        if not self.needs_relays():
+            if self.held:
+                for held in self.held.values():
+                    overlay.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
+                self.held.clear()
+                overlay.gossip.reannounce()
+            return
+        changed = False
+        for held in list(self.held.values()):
+            record = overlay.registry.get(held.relay_id)
+            gone = record is None or record.state == "offline"
+            if held.unanswered >= config.reserve_tries or gone or (
+                    held.live and held.expires <= now):
+                self._lose(held, now, "no answer" if not gone else "offline")
+                changed = changed or held.live
+                continue
+            due = held.sent + (config.reserve_refresh if held.live else config.reserve_retry)
+            if now >= due:
+                self._reserve(held, now)
+        for relay_id, address in self.candidates(now)[:max(0, config.relay_count - len(self.held))]:
+            held = self.held[relay_id] = Held(relay_id, address)
+            self._reserve(held, now)
+        if changed:
+            overlay.gossip.reannounce()
+        for peer_id, pending in list(self.pending.items()):
+            if now - pending.sent >= config.relay_connect_timeout:
+                del self.pending[peer_id]
+
+    def _reserve(self, held: Held, now: float) -> None:
+        if held.sent and now - held.sent < 0.5:
+            return
+        held.sent = now
+        held.unanswered += 1
+        self.overlay.send(held.address, MessageType.RELAY_RESERVE,
+                          lifetime_s=self.config.reserve_lifetime)
+
+    def _lose(self, held: Held, now: float, why: str) -> None:
+        self.held.pop(held.relay_id, None)
+        self.avoid[held.relay_id] = now + self.config.relay_avoid
+        if held.live:
+            self.log.info("Lost relay reservation on {relay}: {why}",
+                          relay=format_peer_id(held.relay_id), why=why)
+            self.overlay.metrics.inc("relay_reservations_lost")
+        for sessions in self.sessions.values():
+            session = sessions.get(held.relay_id)
+            if session is not None:
+                self._close(session)
+
+    def on_accept(self, frame, addr, message) -> None:
+        held = self.held.get(frame.sender)
+        if held is None or held.address != addr:
+            self.overlay.metrics.inc("drops", reason="unexpected_relay_accept")
+            return
+        now = self.overlay.clock.seconds()
+        was_live = held.live
+        held.live = True
+        held.unanswered = 0
+        held.expires = now + message.lifetime_s
+        held.free_sessions = message.free_sessions
+        if not was_live:
+            self.log.info("Relay reservation on {relay} at {address}",
+                          relay=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}")
+            self.overlay.gossip.reannounce()
+
+    def on_deny(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        reason = message.reason
+        overlay.metrics.inc("relay_denials", reason=_reason_name(reason))
+        if message.request == MessageType.RELAY_RESERVE:
+            held = self.held.get(frame.sender)
+            if held is None or held.address != addr:
+                return
+            if reason == RelayDenyReason.UNPROVEN:
+                held.unanswered = 0  # it answered; the ping in flight proves us
+                return
+            self.log.info("Relay {relay} refused a reservation: {detail}",
+                          relay=format_peer_id(frame.sender), detail=message.detail)
+            self._lose(held, now, message.detail)
+            return
+        if message.request == MessageType.RELAY_CONNECT:
+            pending = self.pending.get(message.target)
+            if pending is None or frame.sender not in pending.relays:
+                return
+            if reason == RelayDenyReason.UNPROVEN:
+                return  # retried by the next establish / failover
+            pending.relays.remove(frame.sender)
+            self.avoid_for(message.target, frame.sender)
+            if not pending.relays:
+                del self.pending[message.target]
+                self.open_session(message.target)
+
+    def avoid_for(self, peer_id: bytes, relay_id: bytes) -> None:
+        if peer_id not in self._tried and len(self._tried) >= self.config.max_active * 64:
+            self._tried.pop(next(iter(self._tried)))
+        self._tried.setdefault(peer_id, set()).add(relay_id)
+
+    def own_paths(self) -> list[dict]:
+        """
+        The RELAYED paths to announce: one per live reservation.
+        """
+        return [
+            {"kind": PathKind.RELAYED, "endpoint": held.address, "via": held.relay_id}
+            for held in sorted(self.held.values(), key=lambda h: h.relay_id)
+            if held.live
+        ]
+
+    # sessions
+
+    def announced_relays(self, peer_id: bytes) -> list[tuple[bytes, tuple]]:
+        """
+        The relays a peer says it can be reached through, as (relay id,
+        address we reach the relay at).
+        """
+        overlay = self.overlay
+        record = overlay.registry.get(peer_id)
+        if record is None:
+            return []
+        out = []
+        for kind, endpoint, via in record.paths:
+            if kind != PathKind.RELAYED or via == overlay.node.peer_id:
+                continue
+            address = overlay.paths.direct_address(via) or tuple(endpoint)
+            out.append((via, address))
+        return out
+
+    def can_open(self, peer_id: bytes, exclude_relay: bytes | None = None) -> bool:
+        """
+        Whether the peer announces a relay (other than C{exclude_relay}) to
+        open a session through.
+        """
+        return any(r != exclude_relay for r, _ in self.announced_relays(peer_id))
+
+    def open_session(self, peer_id: bytes, exclude_relay: bytes | None = None) -> bool:
+        """
+        Ask a relay the peer announces for a session to it.  Returns whether
+        a request went out (or one is already in flight).
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        if peer_id in self.pending:
+            return True
+        excluded_relay = exclude_relay
+        tried = self._tried.get(peer_id, set())
+        relays = [(r, a) for r, a in self.announced_relays(peer_id)
+                  if r != excluded_relay and r not in tried
+                  and self.avoid.get(r, 0) <= now]
+        if not relays:
+            self._tried.pop(peer_id, None)
+            relays = [(r, a) for r, a in self.announced_relays(peer_id) if r != excluded_relay]
+        if not relays:
+            return False
+
+        def rank(item):
+            record = overlay.registry.get(item[0])
+            rtt = None if record is None else record.rtt
+            return (item[0] not in self.held, rtt is None, rtt or 0.0)
+
+        relays.sort(key=rank)
+        relay_id, address = relays[0]
+        self.pending[peer_id] = _Pending(now, [relay_id])
+        overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
+        overlay.metrics.inc("relay_connects")
+        return True
+
+    def on_session(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        relay_id = frame.sender
+        record = overlay.registry.get(relay_id)
+        if record is None or not record.capabilities & Capability.RELAY:
+            overlay.metrics.inc("drops", reason="relay_session_not_a_relay")
+            return
+        peer_id = message.peer
+        pending = self.pending.get(peer_id)
+        requested = pending is not None and relay_id in pending.relays
+        if not requested and relay_id not in self.held:
+            # Only a relay we asked, or one we hold a reservation on, may
+            # open a session to us.
+            overlay.metrics.inc("drops", reason="relay_session_unsolicited")
+            return
+        if requested:
+            del self.pending[peer_id]
+        route = RelayRoute(addr[0], addr[1], session_header(message.session))
+        sessions = self.sessions.setdefault(peer_id, {})
+        old = sessions.get(relay_id)
+        if old is not None and old.route != route:
+            self._close(old, tell_relay=False)
+        session = ClientSession(overlay.network_id, peer_id, relay_id, route,
+                                overlay.clock.seconds(), requested)
+        sessions[relay_id] = session
+        overlay.node.relay_routes[route.header] = session
+        overlay.metrics.inc("relay_sessions_joined")
+        overlay.paths.relay_session_opened(peer_id, route, requested)
+
+    def on_end(self, frame, addr, message) -> None:
+        overlay = self.overlay
+        session = overlay.node.relay_routes.get(session_header(message.session))
+        if (session is None or session.relay_id != frame.sender
+                or session.route.relay_address != addr):
+            return
+        self._close(session, tell_relay=False)
+
+    def _close(self, session: ClientSession, tell_relay: bool = True,
+               notify: bool = True) -> None:
+        overlay = self.overlay
+        sessions = self.sessions.get(session.peer_id, {})
+        if sessions.get(session.relay_id) is session:
+            del sessions[session.relay_id]
+            if not sessions:
+                self.sessions.pop(session.peer_id, None)
+        overlay.node.relay_routes.pop(session.route.header, None)
+        if tell_relay:
+            overlay.send(session.route.relay_address, MessageType.RELAY_END,
+                         session=session.route.header[4:], reason=1)
+        if notify:
+            overlay.paths.relay_session_closed(session.peer_id, session.route)
+
+    def session_failed(self, route: RelayRoute) -> None:
+        """
+        The link stopped answering through C{route}: forget the session and
+        do not pick its relay for this peer again soon.
+        """
+        session = self.overlay.node.relay_routes.get(route.header)
+        if session is not None:
+            self.avoid_for(session.peer_id, session.relay_id)
+            self._close(session, tell_relay=False, notify=False)
+
+    def route_to(self, peer_id: bytes) -> RelayRoute | None:
+        sessions = self.sessions.get(peer_id)
+        if not sessions:
+            return None
+        return max(sessions.values(), key=lambda s: s.opened).route
+
+    def relay_of(self, route) -> bytes | None:
+        if not is_relayed(route):
+            return None
+        session = self.overlay.node.relay_routes.get(route.header)
+        return None if session is None else session.relay_id
+
+    def coordinator_for(self, peer_id: bytes) -> tuple | None:
+        """
+        A relay both we and the peer reach, to coordinate a hole punch: the
+        one carrying our session with the peer, else one it announces.
+        """
+        sessions = self.sessions.get(peer_id)
+        if sessions:
+            session = max(sessions.values(), key=lambda s: s.opened)
+            return session.relay_id, session.route.relay_address
+        relays = self.announced_relays(peer_id)
+        return relays[0] if relays else None
+
+    def stop(self) -> None:
+        for sessions in list(self.sessions.values()):
+            for session in list(sessions.values()):
+                self._close(session, tell_relay=False)
+
+    def status(self) -> dict:
+        now = self.overlay.clock.seconds()
+        return {
+            "reservations": [
+                {"relay": format_peer_id(h.relay_id), "address": f"{h.address[0]}:{h.address[1]}",
+                 "live": h.live, "expires_in_s": round(max(0.0, h.expires - now), 1)
+                 if h.live else None}
+                for h in self.held.values()
+            ],
+            "sessions": [
+                {"peer": format_peer_id(s.peer_id), "relay": format_peer_id(s.relay_id)}
+                for sessions in self.sessions.values() for s in sessions.values()
+            ],
+        }
+
+
+def _reason_name(reason: int) -> str:
+    try:
+        return RelayDenyReason(reason).name.lower()
+    except ValueError:
+        return str(reason)
