@@ -335,10 +335,14 @@ class Puncher:
             return
         attempt.targets = [tuple(c.endpoint) for c in message.candidates][:8]
         if message.spray:
-            hosts = {t[0] for t in attempt.targets}
-            for host in sorted(hosts):
-                ports = [t[1] for t in attempt.targets if t[0] == host]
-                attempt.spray += [(host, p) for p in spray_ports(ports, message.spray)]
+            # around the ports the peer's NAT was seen using (server-reflexive)
+            reflexive = [tuple(c.endpoint) for c in message.candidates
+                         if c.kind == CandidateKind.SERVER_REFLEXIVE]
+            hosts = sorted({t[0] for t in reflexive})
+            share = -(-message.spray // max(1, len(hosts)))
+            for host in hosts:
+                ports = [t[1] for t in reflexive if t[0] == host]
+                attempt.spray += [(host, p) for p in spray_ports(ports, share)]
             attempt.spray = attempt.spray[:message.spray]
         delay = message.start_in_ms / 1000
         if message.strategy == S.THEY_FIRST:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from omerta.addressing import BootstrapSpec, Endpoint
 from omerta.crypto.identity import Identity
@@ -22,7 +23,17 @@ from omerta.crypto.sealing import FrameOpener
 from omerta.mesh.node import MeshConfig, MeshNode
 from omerta.mesh.protocol import NodeProtocol
 from omerta.metrics import Metrics
-from omerta.testing.simnet import SimNetwork
+from omerta.testing.simnet import NAT_MODELS, SimNetwork
+from omerta.wire.messages import NatType
+
+NAT_TYPES = {
+    "none": NatType.PUBLIC,
+    "full-cone": NatType.FULL_CONE,
+    "restricted-cone": NatType.RESTRICTED_CONE,
+    "port-restricted": NatType.PORT_RESTRICTED_CONE,
+    "symmetric": NatType.SYMMETRIC,
+}
+"""The NAT lab's names for the NAT types, and what discovery reports for them."""
 
 PORT = 7400
 
@@ -60,7 +71,13 @@ class MeshSim:
         self.dead: set[int] = set()
 
     def add_node(self, ip: str, bootstrap: list[SimNode] = (), name: str = "",
-                 identity: Identity | None = None, port: int = PORT) -> SimNode:
+                 identity: Identity | None = None, port: int = PORT, relay=False,
+                 nat_type: NatType | None = None) -> SimNode:
+        """
+        A node at C{ip}.  C{relay}: play the relay role (True, or a
+        L{omerta.mesh.relay.RelayConfig}).  C{nat_type}: what the node's NAT
+        discovery would have reported (the simulation skips running it).
+        """
         identity = identity or Identity.generate()
         host = self.net.host(ip)
         metrics = Metrics()
@@ -69,7 +86,12 @@ class MeshSim:
         node = MeshNode(identity, [self.key], clock=host.reactor, metrics=metrics, name=name,
                         bootstrap=specs, config=self.config,
                         rng=random.Random(self.rng.random()))
+        if relay:
+            node.enable_relay(None if relay is True else relay)
+        if nat_type is not None:
+            node.nat = SimpleNamespace(nat_type=nat_type, mapped=None)
         protocol = NodeProtocol(FrameOpener({self.key.network_id: self.key}), node, metrics)
+        protocol.relay = node.relay
         port_ = host.reactor.listenUDP(port, protocol, interface=ip)
         node.attach(port_)
         for boot in node.bootstraps:
@@ -86,6 +108,17 @@ class MeshSim:
         sim_node.bootstrap_call = self.clock.callLater(
             delay, self._bootstrap_tick, sim_node,
             min(delay * 2, self.config.bootstrap_retry_max))
+
+    def add_behind_nat(self, nat: str, inside_ip: str, public_ip: str,
+                       bootstrap: list[SimNode] = (), name: str = "", **options) -> SimNode:
+        """
+        A node at C{inside_ip} behind a NAT of type C{nat} (a L{NAT_MODELS}
+        name, or "none" for a public node at C{public_ip}) at C{public_ip}.
+        """
+        if nat == "none":
+            return self.add_node(public_ip, bootstrap, name, nat_type=NatType.PUBLIC, **options)
+        self.net.add_nat(public_ip, NAT_MODELS[nat](public_ip, self.clock), [inside_ip])
+        return self.add_node(inside_ip, bootstrap, name, nat_type=NAT_TYPES[nat], **options)
 
     def kill(self, sim_node: SimNode) -> None:
         """
