@@ -204,7 +204,7 @@ class MeshOfThreeTests(unittest.TestCase):
         peers = {p["name"]: p for p in json.loads(result.stdout)}
         self.assertEqual(set(peers), {"relay", "provider-1", "provider-2"})
         self.assertEqual({name: p["peer_id"] for name, p in peers.items()}, self.ids())
-        self.assertEqual(peers["relay"]["capabilities"], ["relay", "stun"])
+        self.assertEqual(peers["relay"]["capabilities"], ["relay", "stun", "coordinator"])
         self.assertEqual(peers["provider-1"]["capabilities"], ["provider"])
         self.assertEqual(peers["provider-2"]["capabilities"], ["provider"])
         self.assertEqual(peers["relay"]["state"], "online")

@@ -215,7 +215,11 @@ def register(subparsers: Any) -> None:
         " the path.",
     )
     connect.add_argument("peer", metavar="PEER", help="peer id, unique id prefix or name")
-    connect.set_defaults(func=connect_command)
+    connect.add_argument("--wait-direct", type=_seconds_arg, default=0.0, metavar="SECONDS",
+                         help="after connecting, wait up to SECONDS for a direct (or"
+                         " hole-punched) path to replace a relayed one (default 0)")
+    connect.set_defaults(func=connect_command, discover_nat=True)
+    ping.set_defaults(discover_nat=True)
 
 
 # -- the command's own node ----------------------------------------------------
@@ -442,7 +446,8 @@ def _run(
             port=args.port,
             interface=args.interface or "",
             bootstrap=list(plan.bootstrap),
-            nat_interval=0,
+            # NAT discovery (for hole punching) only for commands that connect
+            nat_interval=300 if getattr(args, "discover_nat", False) else 0,
             status_interval=STATUS_INTERVAL,
             reactor=reactor,
         )
@@ -617,10 +622,26 @@ def _label(record: PeerRecord) -> str:
 
 
 def connect_command(invocation: Invocation) -> int:
+    args = invocation.args
+
     async def body(view: _View) -> dict:
-        record = await _find(view, invocation.args.peer)
+        record = await _find(view, args.peer)
+        started = view.clock.seconds()
         connection = await _connect(view, record)
-        return dict(connection.as_dict(), name=record.name)
+        first = view.clock.seconds() - started
+        direct = first if connection.direct else None
+        if not connection.direct and args.wait_direct > 0:
+            later = await view.mesh.wait_direct(record.peer_id, args.wait_direct)
+            if later is not None and later.direct:
+                connection = later
+                direct = view.clock.seconds() - started
+            elif later is not None:
+                connection = later
+        return dict(connection.as_dict(), name=record.name, timings={
+            "first_message_s": round(first, 3),
+            "direct_s": None if direct is None else round(direct, 3),
+            "punch_attempts": view.mesh.punch_attempts(record.peer_id),
+        })
 
     document = _run(invocation, body)
     invocation.emit(format_connection(document), document)
@@ -638,6 +659,14 @@ def format_connection(document: dict) -> str:
         f"local port  {document['local_port']}",
         f"rtt         {rtt}",
     ]
+    timings = document.get("timings")
+    if timings:
+        direct = timings["direct_s"]
+        lines.append(
+            f"timings     first answer {timings['first_message_s']:.3f} s, direct "
+            + ("never" if direct is None else f"{direct:.3f} s")
+            + f", {timings['punch_attempts']} punch attempt(s)"
+        )
     return "\n".join(lines)
 
 
@@ -656,9 +685,11 @@ def ping_command(invocation: Invocation) -> int:
             )
             out.flush()
         replies = []
+        first_sent = view.clock.seconds()
         for seq in range(1, args.count + 1):
             if seq > 1:
                 await deferLater(view.clock, args.interval, lambda: None)
+            sent = view.clock.seconds() - first_sent
             rtt, now_connection = await view.mesh.ping(record.peer_id, timeout=args.reply_timeout)
             connection = now_connection or connection
             if rtt is None:
@@ -672,6 +703,8 @@ def ping_command(invocation: Invocation) -> int:
                 "kind": path["kind"],
                 "endpoint": path["endpoint"],
                 "local_port": path["local_port"],
+                "via": path["via"],
+                "t_s": round(sent, 3),
             }
             replies.append(reply)
             if live:
@@ -699,6 +732,7 @@ def format_reply(reply: dict) -> str:
     return (
         f"seq {reply['seq']}: rtt {reply['rtt_ms']:.3f} ms, {reply['kind']}"
         f" {reply['endpoint']}, local port {reply['local_port']}"
+        + (f", via {reply['via']}" if reply.get("via") else "")
     )
 
 

@@ -154,6 +154,7 @@ class MeshNode:
         self.config = config or MeshConfig()
         self.rng = rng or random.Random()
         self.nat = None
+        self.discovering = False   # NAT discovery under way
         self.relay = None          # RelayServer when this node relays
         self.coordinator = None    # punch Coordinator when this node relays
         self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession
@@ -346,12 +347,16 @@ class MeshNode:
                 "id": network_id.hex(),
                 "peers": overlay.registry.statistics(),
                 "active": len(overlay.liveness.links),
+                "paths": overlay.paths.statistics(),
+                "relays": overlay.relays.status(),
             })
             for record in overlay.registry.all():
                 entry = record.as_dict(now)
                 entry["network"] = network_id.hex()
                 link = overlay.liveness.links.get(record.peer_id)
                 entry["active"] = link is not None
+                connection = overlay.paths.connection(record.peer_id)
+                entry["path"] = None if connection is None else connection.as_dict()
                 peers.append(entry)
         return {
             "peer_id": self.identity.peer_id_text,
@@ -361,5 +366,6 @@ class MeshNode:
             "network_status": networks,
             "public_endpoints": [f"{h}:{p}" for h, p in self.public_endpoints()],
             "bootstrap": [{"spec": str(b.spec), "reached": b.reached} for b in self.bootstraps],
+            "relay": None if self.relay is None else self.relay.status(),
             "peers": peers,
         }

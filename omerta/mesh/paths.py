@@ -291,10 +291,21 @@ class PathManager:
 
     # hole punching
 
-    def try_punch(self, peer_id: bytes) -> None:
+    def try_punch(self, peer_id: bytes, waited: float = 0.0) -> None:
         overlay = self.overlay
         state = self.state(peer_id)
         if state.punching:
+            return
+        if overlay.node.nat is None and overlay.node.discovering and waited < 20:
+            # The coordinator picks the strategy from both NAT types: wait
+            # for ours (the relayed path carries traffic meanwhile).
+            state.punching = True
+
+            def again():
+                state.punching = False
+                self.try_punch(peer_id, waited + 0.5)
+
+            overlay.clock.callLater(0.5, again)
             return
         coordinator = overlay.relays.coordinator_for(peer_id)
         if coordinator is None:
@@ -320,13 +331,21 @@ class PathManager:
         overlay = self.overlay
         now = overlay.clock.seconds()
         state = self.state(peer_id)
-        state.punched[address] = now
+        link = overlay.liveness.links.get(peer_id)
+        already = link is not None and link.address == address and link.verified
+        record = overlay.registry.get(peer_id)
+        nat = NatType.UNKNOWN if record is None else record.nat_type
+        # Punched: the peer is behind a NAT (a public peer's address is just
+        # direct, and so is one of unknown NAT a plain ping reached first).
+        if nat != NatType.PUBLIC and not (already and nat == NatType.UNKNOWN):
+            state.punched[address] = now
+        if already:
+            return
         while len(state.punched) > 4:
             state.punched.pop(next(iter(state.punched)))
         state.failed.pop(address, None)
         state.next_upgrade = None
         state.upgrade_backoff = 0.0
-        link = overlay.liveness.links.get(peer_id)
         if link is None:
             overlay.liveness.connect(peer_id, address)
             overlay.liveness.proven(peer_id, address)
