@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from omerta.testing import natlab
-from omerta.testing.natlab import NAT_TYPES, Lab, LabError
+from omerta.testing.natlab import NAT_TYPES, Lab
 
 REPO = Path(__file__).resolve().parent.parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
