@@ -150,7 +150,13 @@ class MeshNetwork:
             return connection
         overlay.paths.establish(peer_id)
         tried = set()
+        started = clock.seconds()
         while clock.seconds() < deadline:
+            link = overlay.liveness.links.get(peer_id)
+            connection = overlay.paths.connection(peer_id)
+            if (connection is not None and connection.rtt is not None and link.verified
+                    and link.last_heard >= started):
+                return connection  # a path came up meanwhile (relayed, punched)
             address = overlay.paths.address_of(peer_id)
             if address is None or address in tried:
                 if peer_id in overlay.relays.pending:
@@ -160,14 +166,20 @@ class MeshNetwork:
                 answers = await overlay.freshness.query(peer_id, overlay.config.contact_max_age)
                 fresh = [a.address for a in answers if a.address not in tried]
                 if not fresh:
-                    if peer_id in overlay.relays.pending or overlay.paths.state(peer_id).punching:
+                    if overlay.relays.can_open(peer_id):
+                        # relayed: ask again (a denied or lost request)
+                        overlay.paths.establish(peer_id)
+                        await _sleep(clock, 0.2)
                         continue
                     break
                 address = fresh[0]
                 overlay.liveness.connect(peer_id, address)
                 overlay.gossip.announce_to(address)
             tried.add(address)
-            wait = max(0.1, min(1.0, deadline - clock.seconds()))
+            # a NAT-bound peer's direct address rarely answers: do not hold
+            # up the relayed path that is being opened meanwhile
+            patience = 0.25 if peer_id in overlay.relays.pending else 1.0
+            wait = max(0.1, min(patience, deadline - clock.seconds()))
             rtt = await overlay.liveness.ping_and_wait(peer_id, address, wait)
             connection = overlay.paths.connection(peer_id)
             if rtt is not None and connection is not None:

@@ -154,7 +154,6 @@ class MeshNode:
         self.config = config or MeshConfig()
         self.rng = rng or random.Random()
         self.nat = None
-        self.discovering = False   # NAT discovery under way
         self.relay = None          # RelayServer when this node relays
         self.coordinator = None    # punch Coordinator when this node relays
         self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession

@@ -291,21 +291,10 @@ class PathManager:
 
     # hole punching
 
-    def try_punch(self, peer_id: bytes, waited: float = 0.0) -> None:
+    def try_punch(self, peer_id: bytes) -> None:
         overlay = self.overlay
         state = self.state(peer_id)
         if state.punching:
-            return
-        if overlay.node.nat is None and overlay.node.discovering and waited < 20:
-            # The coordinator picks the strategy from both NAT types: wait
-            # for ours (the relayed path carries traffic meanwhile).
-            state.punching = True
-
-            def again():
-                state.punching = False
-                self.try_punch(peer_id, waited + 0.5)
-
-            overlay.clock.callLater(0.5, again)
             return
         coordinator = overlay.relays.coordinator_for(peer_id)
         if coordinator is None:

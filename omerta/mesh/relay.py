@@ -241,12 +241,13 @@ class RelayServer:
         pair = frozenset((requester, target))
         for session in self.sessions.values():
             if session.network_id == overlay.network_id and session.pair() == pair:
-                if {session.a.address, session.b.address} == {addr, reservation.address}:
-                    # A retransmitted connect: tell both ends again.
-                    self._announce(overlay, session)
-                    return None
-                self._end(session, RelayEndReason.REPLACED)
-                break
+                # Either end asking again (a retransmission, both ends
+                # failing over at once, a NAT rebinding): one session per
+                # pair, its legs at the addresses proven now.
+                for leg in (session.a, session.b):
+                    leg.address = addr if leg.peer_id == requester else reservation.address
+                self._announce(overlay, session)
+                return None
         if len(self.sessions) >= config.max_sessions:
             return deny(RelayDenyReason.FULL, f"{config.max_sessions} sessions open")
         for peer in (requester, target):

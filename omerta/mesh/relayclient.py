@@ -190,12 +190,20 @@ class RelayClient:
             if pending is None or frame.sender not in pending.relays:
                 return
             if reason == RelayDenyReason.UNPROVEN:
-                return  # retried by the next establish / failover
+                # Our address is being proven (the relay's challenge ping is
+                # on its way): ask again shortly.
+                overlay.clock.callLater(0.3, self._retry_connect, message.target,
+                                        frame.sender, addr, pending)
+                return
             pending.relays.remove(frame.sender)
             self.avoid_for(message.target, frame.sender)
             if not pending.relays:
                 del self.pending[message.target]
                 self.open_session(message.target)
+
+    def _retry_connect(self, peer_id: bytes, relay_id: bytes, address, pending) -> None:
+        if self.pending.get(peer_id) is pending and relay_id in pending.relays:
+            self.overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
 
     def avoid_for(self, peer_id: bytes, relay_id: bytes) -> None:
         if peer_id not in self._tried and len(self._tried) >= self.config.max_active * 64:

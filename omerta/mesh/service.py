@@ -166,16 +166,7 @@ class NodeService(Service):
     def _bootstrapped(self) -> None:
         self._bootstrap_tick()
         if self.nat_interval > 0:
-            running = self.stun.discover()
-            if running is not None:
-                # Hole punches wait for the result (they need the NAT type).
-                self.node.discovering = True
-                running.addBoth(self._discovered)
-
-    def _discovered(self, result):
-        if self.node is not None:
-            self.node.discovering = False
-        return result
+            self.stun.discover()
 
     def _discovery_servers(self) -> list[tuple[str, int]]:
         """

@@ -223,23 +223,16 @@ class Daemon:
         return {p.get("name") or p.get("peer_id")
                 for p in self.status().get("peers", []) if p.get("state") == "online"}
 
-    def relays(self) -> list:
+    def relays(self) -> list[dict]:
         """
-        The relays the daemon says it holds reservations on (from its status
-        file, under whichever key the mesh code uses), or [].
+        The live relay reservations the daemon lists in its status file
+        (C{network_status[].relays.reservations}: relay id, address, live).
         """
-        status = self.status()
-        for key in ("relays", "reservations", "relay_reservations"):
-            value = status.get(key)
-            if value:
-                return value if isinstance(value, list) else [value]
-        for value in status.values():
-            if isinstance(value, dict):
-                for key in ("relays", "reservations"):
-                    if value.get(key):
-                        inner = value[key]
-                        return inner if isinstance(inner, list) else [inner]
-        return []
+        held = []
+        for network in self.status().get("network_status", []):
+            relays = network.get("relays") or {}
+            held += [r for r in relays.get("reservations", []) if r.get("live", True)]
+        return held
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -399,6 +392,7 @@ class PingEvent:
     kind: str | None = None
     endpoint: str | None = None
     local_port: int | None = None
+    via: str | None = None
 
     @property
     def replied(self) -> bool:
@@ -432,6 +426,7 @@ class FailoverResult:
     notes: list[str] = field(default_factory=list)
     ok: bool = False
     restart_error: str | None = None
+    relays_held: int | None = None
 
     def summary(self) -> str:
         def fmt(v):
@@ -450,7 +445,7 @@ class FailoverResult:
 
 
 _REPLY = re.compile(
-    r"^seq (\d+): rtt ([\d.]+) ms, (\S+) (\S+), local port (\d+)"
+    r"^seq (\d+): rtt ([\d.]+) ms, (\S+) (\S+), local port (\d+)(?:, via (\S+))?"
 )
 _MISSED = re.compile(r"^seq (\d+): no reply")
 
@@ -459,7 +454,7 @@ def parse_ping_line(line: str, at: float) -> PingEvent | None:
     match = _REPLY.match(line)
     if match:
         return PingEvent(at, int(match.group(1)), float(match.group(2)), match.group(3),
-                         match.group(4), int(match.group(5)))
+                         match.group(4), int(match.group(5)), match.group(6))
     match = _MISSED.match(line)
     if match:
         return PingEvent(at, int(match.group(1)))
@@ -913,7 +908,10 @@ class MatrixLab:
         result = FailoverResult("relay", initiator, target, "kill -9 the relay in use")
         target_daemon = self.targets[target]
         held = self._wait_relays_held(target_daemon, 2, 20.0)
-        result.notes.append(f"target status lists relays: {held if held else 'none'}")
+        names = sorted(self.relay_endpoints().get(r.get("address"), str(r.get("address")))
+                       for r in held)
+        result.notes.append(f"target holds reservations on: {', '.join(names) or 'none'}")
+        result.relays_held = len(held)
         live = self._start_ping(initiator, target, interval, reply_timeout)
         events: list[PingEvent] = []
         killed = None
@@ -926,6 +924,10 @@ class MatrixLab:
             result.before = before
             endpoints = self.relay_endpoints()
             killed = endpoints.get(before.endpoint)
+            if killed is None and before.via:
+                for name, relay in self.relays.items():
+                    if relay.status().get("peer_id", "").startswith(before.via[:16]):
+                        killed = name
             if killed is None:
                 via = self._via_from_status(target_daemon)
                 if via is not None:
@@ -978,17 +980,14 @@ class MatrixLab:
         return result
 
     def _via_from_status(self, target: Daemon) -> str | None:
-        relays = target.relays()
-        names = {spec[0] for spec in self.relay_specs}
+        """
+        The relay of the target's first live reservation (by address).
+        """
         endpoints = self.relay_endpoints()
-        for entry in relays:
-            text = json.dumps(entry) if not isinstance(entry, str) else entry
-            for endpoint, name in endpoints.items():
-                if endpoint in text:
-                    return name
-            for name in names:
-                if f'"{name}"' in text or text == name:
-                    return name
+        for reservation in target.relays():
+            name = endpoints.get(reservation.get("address"))
+            if name is not None:
+                return name
         return None
 
     def failover_conntrack(self, initiator: str = "port-restricted",

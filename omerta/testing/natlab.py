@@ -372,6 +372,14 @@ def nft_ruleset(nat_type: str, public_address: str, loss: int = 0) -> str:
             "    }",
         ]
     lines += [
+        "    # Like a home router's firewall: nothing unsolicited reaches the",
+        "    # router itself.  (Otherwise a punch probe that arrives before the",
+        "    # host behind has sent leaves a conntrack entry for the router's own",
+        "    # port, and masquerade moves the host's mapping off that tuple.)",
+        "    chain input {",
+        "        type filter hook input priority filter; policy accept;",
+        f'        iifname "{ROUTER_OUTSIDE}" meta l4proto udp ct state new drop',
+        "    }",
         "    chain loss {",
         "    }",
         "    chain forward {",
