@@ -319,7 +319,7 @@ class NamespaceTests(unittest.TestCase):
         self.assertIs(ns["events"], self.service.events)
         self.assertIs(ns["stun"], self.service.stun)
         self.assertIs(ns["clock"], self.reactor)
-        self.assertIsNone(ns["relay"])
+        self.assertIs(ns["relay"], self.service.node.relay)
         self.assertIsNone(ns["provider"])
         self.assertEqual(ns["status"]()["peer_id"], ns["node"].peer_id)
 

@@ -61,9 +61,9 @@ it fires.  Every session gets a fresh namespace, built when it opens:
  - C{metrics}, C{events}, C{stun}: the node's metrics object, event bus and
    STUN service;
  - C{clock}: the reactor (C{clock.seconds()}, C{clock.callLater(...)});
- - C{relay}, C{provider}: None for now.  The relay and provider roles are not
-   separate objects yet; these names become the role objects when the roles
-   land;
+ - C{relay}: the relay role (L{omerta.mesh.relay.RelayServer}: its
+   reservations, sessions and C{status()}), None on a node that does not
+   relay; C{provider}: None until the provider role lands;
  - C{status()}: the node's status document (what C{omerta node status} shows);
  - C{show()} or C{help()}: print this list.  C{help(obj)} prints the
    documentation of C{obj} (the interactive C{help()} of Python would block
@@ -503,7 +503,7 @@ NAMES = (
     ("events", "event bus: events.subscribe(kind, callback)"),
     ("stun", "the STUN service (server and NAT discovery; stun.report)"),
     ("clock", "the reactor: clock.seconds(), clock.callLater(delay, f)"),
-    ("relay", "relay role object (None until the relay role lands)"),
+    ("relay", "relay role (RelayServer: reservations, sessions, status()); None if not a relay"),
     ("provider", "provider role object (None until the provider role lands)"),
     ("status()", "the status document, as 'omerta node status' shows it"),
     ("show()", "this list (also help(); help(obj) documents obj)"),
@@ -549,7 +549,7 @@ def make_namespace(node_service) -> dict:
         "events": node_service.events,
         "stun": node_service.stun,
         "clock": node_service.reactor,
-        "relay": None,
+        "relay": node_service.node.relay if node_service.node is not None else None,
         "provider": None,
         "status": status,
         "show": show,
