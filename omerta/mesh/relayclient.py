@@ -57,6 +57,8 @@ class ClientSession:
 class _Pending:
     sent: float
     relays: list = field(default_factory=list)
+    address: tuple | None = None
+    last_sent: float = 0.0
 
 
 class RelayClient:
@@ -132,6 +134,10 @@ class RelayClient:
         for peer_id, pending in list(self.pending.items()):
             if now - pending.sent >= config.relay_connect_timeout:
                 del self.pending[peer_id]
+            elif now - pending.last_sent >= 1.0 and pending.address is not None:
+                # lost on the way (or its answer was): ask again
+                pending.last_sent = now
+                overlay.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
 
     def _reserve(self, held: Held, now: float) -> None:
         if held.sent and now - held.sent < 0.5:
@@ -273,7 +279,7 @@ class RelayClient:
 
         relays.sort(key=rank)
         relay_id, address = relays[0]
-        self.pending[peer_id] = _Pending(now, [relay_id])
+        self.pending[peer_id] = _Pending(now, [relay_id], address, now)
         overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
         overlay.metrics.inc("relay_connects")
         return True
