@@ -384,6 +384,12 @@ class _View:
                 return
             await deferLater(self.clock, POLL_INTERVAL, lambda: None)
 
+    def ask_peer_lists(self) -> None:
+        overlay = self.mesh.node.overlay()
+        for boot in self.mesh.node.bootstraps:
+            if boot.reached and boot.address is not None:
+                overlay.gossip.send_peer_list(boot.address, request=True)
+
     def no_answer(self) -> str:
         boots = self.mesh.node.bootstraps
         where = ", ".join(str(b.spec.endpoint) for b in boots)
@@ -598,6 +604,13 @@ async def _find(view: _View, ref: str) -> PeerRecord:
     if not view.knows(ref):
         await view.joined()
         await view.settled(lambda: view.knows(ref))
+        for _ in range(2):
+            if view.knows(ref) or view.remaining() <= 0:
+                break
+            # A lost peer-list datagram (a lossy path) must not make a
+            # known peer look absent: ask the bootstrap peers once more.
+            view.ask_peer_lists()
+            await view.settled(lambda: view.knows(ref))
     return view.resolve(ref)
 
 
