@@ -27,6 +27,7 @@ from omerta.mesh.registry import PeerRegistry
 from omerta.wire import ParseError
 from omerta.wire.envelope import MIN_FRAME_SIZE
 from omerta.wire.messages import MessageType, RelayDenyReason, build_body, parse_body
+from omerta.wire.relay import session_header
 
 
 CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
@@ -114,8 +115,6 @@ class Overlay:
     def _relay_end(self, frame, addr, message) -> None:
         relay = self.node.relay
         if relay is not None and not is_relayed(addr):
-            from omerta.wire.relay import session_header
-
             if session_header(message.session) in relay.sessions:
                 relay.on_end(self, frame, addr, message)
                 return

@@ -22,11 +22,9 @@ move.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
@@ -101,7 +99,6 @@ class PeerPaths:
 
     peer_id: bytes
     punched: dict = field(default_factory=dict)   # address -> time punched
-    failed: dict = field(default_factory=dict)    # address -> time it failed
     next_upgrade: float | None = None
     upgrade_backoff: float = 0.0
     punching: bool = False
@@ -332,7 +329,6 @@ class PathManager:
             return
         while len(state.punched) > 4:
             state.punched.pop(next(iter(state.punched)))
-        state.failed.pop(address, None)
         state.next_upgrade = None
         state.upgrade_backoff = 0.0
         if link is None:
@@ -371,7 +367,7 @@ class PathManager:
         relay_of_old = overlay.relays.relay_of(old)
         if route is None and not overlay.relays.can_open(peer_id, exclude_relay=relay_of_old):
             return False
-        self._forget_path(state, old, now)
+        self._forget_path(state, old)
         soon = not is_relayed(old)
         if route is None:
             # the failed session is gone now: ask another relay
@@ -389,11 +385,8 @@ class PathManager:
         self._schedule_upgrade(state, now, soon=soon)
         return True
 
-    def _forget_path(self, state: PeerPaths, old, now: float) -> None:
+    def _forget_path(self, state: PeerPaths, old) -> None:
         overlay = self.overlay
-        state.failed[old] = now
-        while len(state.failed) > 8:
-            state.failed.pop(next(iter(state.failed)))
         if is_relayed(old):
             overlay.relays.session_failed(old)
         else:
@@ -438,19 +431,3 @@ class PathManager:
                 kinds[self.kind_of(link.peer_id, link.address)] += 1
         return kinds
 
-
-def is_private(address: tuple) -> bool:
-    try:
-        return ipaddress.ip_address(address[0]).is_private
-    except ValueError:
-        return False
-
-
-def waiter(clock, timeout: float):
-    """
-    A Deferred that fires with None after C{timeout} unless fired first.
-    """
-    d = Deferred()
-    call = clock.callLater(timeout, lambda: d.called or d.callback(None))
-    d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
-    return d

@@ -78,17 +78,26 @@ class NodeProtocol(DatagramProtocol):
         if session is None:
             metrics.inc("drops", reason="relay_unknown_session")
             return
-        try:
-            frame = self.opener.open(datagram[RELAY_HEADER_SIZE:])
-        except FrameRejected as e:
-            metrics.inc("drops", reason=e.reason)
+        frame = self._open(datagram[RELAY_HEADER_SIZE:])
+        if frame is None:
             return
         if frame.sender != session.peer_id or frame.network_id != session.network_id:
             metrics.inc("drops", reason="relay_sender_mismatch")
             return
-        metrics.inc("frames_in")
         metrics.inc("frames_in_relayed")
         self.handler.frame_received(frame, session.route)
+
+    def _open(self, datagram: bytes) -> OpenedFrame | None:
+        """
+        Open a sealed frame, or count why not and return None.
+        """
+        try:
+            frame = self.opener.open(datagram)
+        except FrameRejected as e:
+            self.metrics.inc("drops", reason=e.reason)
+            return None
+        self.metrics.inc("frames_in")
+        return frame
 
     def _dispatch(self, datagram: bytes, addr: Address) -> None:
         metrics = self.metrics
@@ -96,13 +105,9 @@ class NodeProtocol(DatagramProtocol):
         metrics.inc("bytes_in", len(datagram))
         kind = classify(datagram)
         if kind is Kind.FRAME:
-            try:
-                frame = self.opener.open(datagram)
-            except FrameRejected as e:
-                metrics.inc("drops", reason=e.reason)
-                return
-            metrics.inc("frames_in")
-            self.handler.frame_received(frame, addr)
+            frame = self._open(datagram)
+            if frame is not None:
+                self.handler.frame_received(frame, addr)
         elif kind is Kind.STUN:
             if self.stun_handler is None:
                 metrics.inc("drops", reason="stun_unhandled")

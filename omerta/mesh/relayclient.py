@@ -17,7 +17,7 @@ The member's side of relaying, in one network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
@@ -55,10 +55,12 @@ class ClientSession:
 
 @dataclass
 class _Pending:
+    """A RELAY_CONNECT in flight, resent every second until answered."""
+
+    relay_id: bytes
+    address: tuple
     sent: float
-    relays: list = field(default_factory=list)
-    address: tuple | None = None
-    last_sent: float = 0.0
+    last_sent: float
 
 
 class RelayClient:
@@ -134,7 +136,7 @@ class RelayClient:
         for peer_id, pending in list(self.pending.items()):
             if now - pending.sent >= config.relay_connect_timeout:
                 del self.pending[peer_id]
-            elif now - pending.last_sent >= 1.0 and pending.address is not None:
+            elif now - pending.last_sent >= 1.0:
                 # lost on the way (or its answer was): ask again
                 pending.last_sent = now
                 overlay.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
@@ -193,23 +195,15 @@ class RelayClient:
             return
         if message.request == MessageType.RELAY_CONNECT:
             pending = self.pending.get(message.target)
-            if pending is None or frame.sender not in pending.relays:
+            if pending is None or frame.sender != pending.relay_id:
                 return
             if reason == RelayDenyReason.UNPROVEN:
                 # Our address is being proven (the relay's challenge ping is
-                # on its way): ask again shortly.
-                overlay.clock.callLater(0.3, self._retry_connect, message.target,
-                                        frame.sender, addr, pending)
+                # on its way): the once-a-second resend in tick() asks again.
                 return
-            pending.relays.remove(frame.sender)
+            del self.pending[message.target]
             self.avoid_for(message.target, frame.sender)
-            if not pending.relays:
-                del self.pending[message.target]
-                self.open_session(message.target)
-
-    def _retry_connect(self, peer_id: bytes, relay_id: bytes, address, pending) -> None:
-        if self.pending.get(peer_id) is pending and relay_id in pending.relays:
-            self.overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
+            self.open_session(message.target)
 
     def avoid_for(self, peer_id: bytes, relay_id: bytes) -> None:
         if peer_id not in self._tried and len(self._tried) >= self.config.max_active * 64:
@@ -279,7 +273,7 @@ class RelayClient:
 
         relays.sort(key=rank)
         relay_id, address = relays[0]
-        self.pending[peer_id] = _Pending(now, [relay_id], address, now)
+        self.pending[peer_id] = _Pending(relay_id, address, now, now)
         overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
         overlay.metrics.inc("relay_connects")
         return True
@@ -293,7 +287,7 @@ class RelayClient:
             return
         peer_id = message.peer
         pending = self.pending.get(peer_id)
-        requested = pending is not None and relay_id in pending.relays
+        requested = pending is not None and relay_id == pending.relay_id
         if not requested and relay_id not in self.held:
             # Only a relay we asked, or one we hold a reservation on, may
             # open a session to us.
