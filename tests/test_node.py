@@ -138,6 +138,22 @@ class BootstrapTests(unittest.TestCase):
             {"spec": f"{wrong}@{RELAY_IP}:{PORT}", "reached": False}
         ])
 
+    def test_same_peer_named_twice_contacted_once(self):
+        """
+        The invite names the relay by id and --bootstrap by name, at the same
+        address: one announcement goes out per attempt, and both specs count
+        as reached when it answers.
+        """
+        b = self.mesh.node(
+            "10.0.0.3", "bob", bootstrap=[parse_bootstrap(f"relay@{RELAY_IP}:{PORT}")],
+        )
+        self.mesh.net.run(0.5)
+        self.assertEqual(len(b.node.bootstraps), 2)
+        self.assertEqual(b.metrics.get("frames_out", type="announce"), 1)
+        self.mesh.start_relay()
+        self.assertTrue(self.mesh.net.run_until(
+            lambda: all(s["reached"] for s in b.status()["bootstrap"]), timeout=10))
+
     def test_no_bootstrap_to_self(self):
         """The network creator does not bootstrap from its own invite entry."""
         relay = self.mesh.start_relay()

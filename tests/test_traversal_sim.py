@@ -287,6 +287,54 @@ class RelayRuleTests(unittest.TestCase):
         self.assertNotIn(key, relay.reservations)
 
 
+    def test_session_of_a_vanished_end_ends_when_idle(self):
+        """
+        A crashed end sends no RELAY_END: its leg falls silent and the relay
+        ends the session after C{session_idle} seconds, telling the other
+        end; a session in use (keepalives both ways) stays.
+        """
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0].node.relay
+        echo(b)
+        request(sim, a, b, b"x")
+        sim.run(relay.config.session_idle + 30)
+        self.assertEqual(len(relay.sessions), 1, "a session in use was ended")
+        sim.kill(a)
+        killed = sim.clock.seconds()
+        self.assertTrue(sim.run_until(lambda: not relay.sessions, 120))
+        self.assertLessEqual(sim.clock.seconds() - killed, relay.config.session_idle + 2)
+        self.assertEqual(relays[0].node.metrics.get("relay_sessions", event="idle"), 1)
+        sim.run(1)
+        self.assertEqual(b.overlay.relays.sessions, {})
+
+    def test_leaving_node_ends_sessions_and_releases_reservations(self):
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0].node.relay
+        echo(b)
+        request(sim, a, b, b"x")
+        self.assertEqual(len(relay.sessions), 1)
+        a.node.stop()
+        sim.run(1)
+        self.assertEqual(relay.sessions, {})
+        self.assertEqual(relays[0].node.metrics.get("relay_sessions", event="closed"), 1)
+        self.assertNotIn((relays[0].overlay.network_id, a.peer_id), relay.reservations)
+        self.assertIn((relays[0].overlay.network_id, b.peer_id), relay.reservations)
+
+    def test_lost_reservation_ends_only_sessions_towards_its_holder(self):
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0].node.relay
+        network = relays[0].overlay.network_id
+        echo(b)
+        request(sim, a, b, b"x")  # a asked: a is leg a, b (the target) leg b
+        session = next(iter(relay.sessions.values()))
+        self.assertEqual((session.a.peer_id, session.b.peer_id), (a.peer_id, b.peer_id))
+        relay._drop_reservation(relay.reservations[(network, a.peer_id)], "expired")
+        self.assertIn(session.header, relay.sessions)
+        relay._drop_reservation(relay.reservations[(network, b.peer_id)], "expired")
+        self.assertNotIn(session.header, relay.sessions)
+        self.assertEqual(relays[0].node.metrics.get("relay_sessions", event="reservation_gone"), 1)
+
+
 def send_connect(node, address, peer) -> None:
     from omerta.wire.messages import MessageType
 

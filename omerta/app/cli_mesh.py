@@ -11,7 +11,10 @@ its identity, its copy of the network and the peers it learnt last time
 live in C{<data-dir>/cli/} (created on first use), so it never shares a peer
 id with a daemon running on C{<data-dir>} and can bootstrap from that very
 daemon.  The node has no name and no capabilities, binds an ephemeral UDP
-port (C{--port} to choose one) and runs no NAT discovery.
+port (C{--port} to choose one), holds no relay reservations, announces
+itself for 10 minutes only, and runs NAT discovery only for C{ping} and
+C{connect} (hole punching needs it).  When it leaves it ends its relay
+sessions.
 
 The network is C{--invite LINK}, else the membership of C{<data-dir>} that
 C{--network REF} names (id, id prefix or name; default: the first one), else
@@ -52,6 +55,7 @@ from omerta.crypto.identity import Identity, load_or_create_identity
 from omerta.crypto.invite import InviteError, parse_invite
 from omerta.crypto.network import NetworkKey
 from omerta.mesh.network import ConnectError, MeshNetwork
+from omerta.mesh.node import MeshConfig
 from omerta.mesh.paths import Connection
 from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord
 from omerta.networks import Membership, MembershipError, NetworkStore
@@ -63,12 +67,22 @@ The subdirectory of the data directory where the command's own node lives.
 
 POLL_INTERVAL = 0.1
 SETTLE_TIME = 1.0
+#: A peer not in the first peer lists: ask the bootstrap peers this many
+#: more times, this many seconds apart (their MeshConfig.peer_list_interval
+#: is 2 s), before saying it is not there.
+PEER_LIST_ASKS = 4
+PEER_LIST_SPACING = 2.0
 """
 How long the peer counts must stay unchanged for the view to count as
 settled.
 """
 
 STATUS_INTERVAL = 3600.0
+#: The command's node is short-lived: it holds no relay reservations (it
+#: opens sessions through its target's relays, and leaves within the
+#: command's run), and its announcement lapses after 10 minutes, so the
+#: network forgets it soon after it is gone.
+CLI_MESH_CONFIG = MeshConfig(relay_count=0, announce_ttl=600)
 """
 The short-lived node writes its status file at start and stop only.
 """
@@ -367,6 +381,12 @@ class _View:
         if not await self.until(self.answered):
             raise CommandError(self.no_answer())
 
+    async def pause(self, seconds: float) -> None:
+        """Wait C{seconds}, or less when the deadline comes first."""
+        seconds = min(seconds, self.remaining())
+        if seconds > 0:
+            await deferLater(self.clock, seconds, lambda: None)
+
     async def settled(self, done: Callable[[], bool] = lambda: False) -> None:
         """
         Wait until the peer counts stayed the same for L{SETTLE_TIME}, C{done()}
@@ -455,6 +475,7 @@ def _run(
             # NAT discovery (for hole punching) only for commands that connect
             nat_interval=300 if getattr(args, "discover_nat", False) else 0,
             status_interval=STATUS_INTERVAL,
+            config=CLI_MESH_CONFIG,
             reactor=reactor,
         )
 
@@ -604,11 +625,13 @@ async def _find(view: _View, ref: str) -> PeerRecord:
     if not view.knows(ref):
         await view.joined()
         await view.settled(lambda: view.knows(ref))
-        for _ in range(2):
+        for _ in range(PEER_LIST_ASKS):
             if view.knows(ref) or view.remaining() <= 0:
                 break
-            # A lost peer-list datagram (a lossy path) must not make a
-            # known peer look absent: ask the bootstrap peers once more.
+            # A lost peer-list datagram (a lossy path; a big network's list
+            # takes dozens) must not make a known peer look absent: ask the
+            # bootstrap peers again, no sooner than they answer again.
+            await view.pause(PEER_LIST_SPACING)
             view.ask_peer_lists()
             await view.settled(lambda: view.knows(ref))
     return view.resolve(ref)

@@ -61,6 +61,8 @@ class NodeOptions(usage.Options):
         ["relay-rate", None, "4000", "Relay role: most packets/s forwarded per source."],
         ["relay-session-mb", None, "1024", "Relay role: most MiB forwarded per session."],
         ["relay-session-duration", None, "3600", "Relay role: longest session, seconds."],
+        ["relay-session-idle", None, "90",
+         "Relay role: end a session that carried nothing for this many seconds."],
     ]
     optFlags = [
         ["manhole-allow-remote", None, "Allow a manhole endpoint that is not loopback."],
@@ -152,7 +154,7 @@ class NodeOptions(usage.Options):
             raise usage.UsageError("--nat-interval takes a number of seconds >= 0") from None
         self._check_stun_alternate()
         for key in ("relay-sessions", "relay-sessions-per-peer", "relay-rate",
-                    "relay-session-mb", "relay-session-duration"):
+                    "relay-session-mb", "relay-session-duration", "relay-session-idle"):
             try:
                 self[key] = int(self[key])
                 if self[key] <= 0:
@@ -255,6 +257,7 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
             packets_per_second=options["relay-rate"],
             session_bytes=options["relay-session-mb"] << 20,
             session_duration=float(options["relay-session-duration"]),
+            session_idle=float(options["relay-session-idle"]),
         )
     node = NodeService(
         options["data-dir"],

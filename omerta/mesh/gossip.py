@@ -156,7 +156,7 @@ class Gossip:
             if self.overlay.liveness.verified(frame.sender, addr):
                 last = self._full_sent.get(frame.sender)
                 now = self.overlay.clock.seconds()
-                if last is None or now - last >= self.config.sync_interval / 2:
+                if last is None or now - last >= self.config.peer_list_interval:
                     self.send_peer_list(addr, request=False, peer_id=frame.sender)
             else:
                 # Unproven address: our list goes out when our own ping to it

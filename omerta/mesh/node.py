@@ -53,6 +53,9 @@ class MeshConfig:
     retransmit_mult: int = 4
     gossip_hop_limit: int = 8
     sync_interval: float = 30.0
+    # a full peer list is sent to one member at most this often on request
+    # (a newcomer whose first list lost a datagram asks again)
+    peer_list_interval: float = 2.0
     max_peers: int = 10000
     # freshness
     contacts_kept: int = 100
@@ -197,11 +200,15 @@ class MeshNode:
         Announce to and ping every bootstrap peer not reached yet, in its
         networks.  Returns whether any remain unreached.
         """
+        contacted = set()  # an invite and --bootstrap may name one peer twice
         for boot in self.bootstraps:
             if boot.reached or boot.address is None:
                 continue
             for network_id, overlay in self.overlays.items():
                 if boot.networks is None or network_id in boot.networks:
+                    if (network_id, boot.address) in contacted:
+                        continue
+                    contacted.add((network_id, boot.address))
                     overlay.gossip.announce_to(boot.address)
                     overlay.liveness.ping(b"", boot.address)
         return any(not b.reached for b in self.bootstraps)

@@ -12,8 +12,11 @@ address a pong proved leads to the sender):
   a live reservation in the same network; the relay draws a random 8-byte
   session id and sends RELAY_SESSION to both ends.
 - RELAY_END(session) from either end closes it; the relay sends RELAY_END to
-  both ends when a session ends on its side (expiry, byte limit, the
-  reservation gone, the relay stopping).
+  both ends when a session ends on its side (expiry, byte limit, no traffic
+  from one of its ends for C{session_idle} seconds, the target's
+  reservation gone, the relay stopping).  The idle rule frees sessions whose
+  ends vanished without a word (a crash, a lost RELAY_END); it costs the
+  data path nothing, being read from the per-source rate windows.
 
 Data is L{omerta.wire.relay}: the relay looks the 12-byte header up in a
 dict, checks the datagram came from one of the session's two addresses and
@@ -51,6 +54,7 @@ class RelayConfig:
     sessions_per_peer: int = 8
     session_bytes: int = 1 << 30
     session_duration: float = 3600.0
+    session_idle: float = 90.0
     packets_per_second: int = 4000
 
 
@@ -79,7 +83,7 @@ class Leg:
 
 class RelaySession:
     __slots__ = ("header", "network_id", "a", "b", "bytes", "packets", "started",
-                 "deadline", "limited")
+                 "renewed", "deadline", "limited")
 
     def __init__(self, header: bytes, network_id: bytes, a: Leg, b: Leg, now: float,
                  duration: float):
@@ -90,6 +94,7 @@ class RelaySession:
         self.bytes = 0
         self.packets = 0
         self.started = now
+        self.renewed = now  # opened, or asked for again by an end
         self.deadline = now + duration
         self.limited = 0
 
@@ -98,6 +103,16 @@ class RelaySession:
 
     def pair(self) -> frozenset:
         return frozenset((self.a.peer_id, self.b.peer_id))
+
+    def last_active(self) -> float:
+        """
+        When both ends last sent through it, to within the 1 s rate window
+        (the start of the latest window of the leg quieter of the two), or
+        when an end last asked for the session.  Liveness pings go both
+        ways, so a session one end stopped using goes quiet here even while
+        the other end still calls into it.
+        """
+        return max(self.renewed, min(self.a.window_end, self.b.window_end) - 1.0)
 
 
 class RelayServer:
@@ -195,7 +210,7 @@ class RelayServer:
         existing = self.reservations.get(key)
         if message.lifetime_s == 0:
             if existing is not None and existing.address == addr:
-                self._drop_reservation(existing)
+                self._drop_reservation(existing, "released")
             return
         if not overlay.liveness.verified(frame.sender, addr):
             self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER,
@@ -246,6 +261,7 @@ class RelayServer:
                 # pair, its legs at the addresses proven now.
                 for leg in (session.a, session.b):
                     leg.address = addr if leg.peer_id == requester else reservation.address
+                session.renewed = self.clock.seconds()
                 self._announce(overlay, session)
                 return None
         if len(self.sessions) >= config.max_sessions:
@@ -310,21 +326,29 @@ class RelayServer:
                     leg.address = addr
         reservation.address = addr
 
-    def _drop_reservation(self, reservation: Reservation) -> None:
+    def _drop_reservation(self, reservation: Reservation, event: str) -> None:
+        """
+        Forget a reservation and end the sessions opened towards its holder
+        (their leg b came from it); sessions the holder opened itself, as
+        leg a, do not depend on it and stay.
+        """
         self.reservations.pop((reservation.network_id, reservation.peer_id), None)
-        self.metrics.inc("relay_reservations", event="released")
+        self.metrics.inc("relay_reservations", event=event)
         for session in list(self.sessions.values()):
             if (session.network_id == reservation.network_id
-                    and session.involves(reservation.peer_id)):
+                    and session.b.peer_id == reservation.peer_id):
                 self._end(session, RelayEndReason.RESERVATION_GONE)
 
     def tick(self) -> None:
         now = self.clock.seconds()
         for reservation in [r for r in self.reservations.values() if r.expires <= now]:
-            self.metrics.inc("relay_reservations", event="expired")
-            self._drop_reservation(reservation)
-        for session in [s for s in self.sessions.values() if s.deadline <= now]:
-            self._end(session, RelayEndReason.EXPIRED)
+            self._drop_reservation(reservation, "expired")
+        idle_since = now - self.config.session_idle
+        for session in list(self.sessions.values()):
+            if session.deadline <= now:
+                self._end(session, RelayEndReason.EXPIRED)
+            elif session.last_active() <= idle_since:
+                self._end(session, RelayEndReason.IDLE)
         self.flush_counters()
 
     def flush_counters(self) -> None:
@@ -348,6 +372,7 @@ class RelayServer:
                     "bytes": s.bytes,
                     "packets": s.packets,
                     "age_s": round(now - s.started, 1),
+                    "idle_s": round(max(0.0, now - s.last_active()), 1),
                     "rate_limited": s.limited,
                 }
                 for s in self.sessions.values()
@@ -358,6 +383,7 @@ class RelayServer:
                 "sessions_per_peer": self.config.sessions_per_peer,
                 "session_bytes": self.config.session_bytes,
                 "session_duration_s": self.config.session_duration,
+                "session_idle_s": self.config.session_idle,
                 "packets_per_second": self.config.packets_per_second,
             },
         }

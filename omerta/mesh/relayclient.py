@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from omerta.crypto.identity import format_peer_id
 from omerta.mesh.paths import RelayRoute, is_relayed
 from omerta.wire.messages import (Capability, MessageType, NatType, PathKind,
-                                  RelayDenyReason)
+                                  RelayDenyReason, RelayEndReason)
 from omerta.wire.relay import session_header
 
 
@@ -326,7 +326,7 @@ class RelayClient:
         overlay.node.relay_routes.pop(session.route.header, None)
         if tell_relay:
             overlay.send(session.route.relay_address, MessageType.RELAY_END,
-                         session=session.route.header[4:], reason=1)
+                         session=session.route.header[4:], reason=int(RelayEndReason.CLOSED))
         if notify:
             overlay.paths.relay_session_closed(session.peer_id, session.route)
 
@@ -365,9 +365,17 @@ class RelayClient:
         return relays[0] if relays else None
 
     def stop(self) -> None:
+        """
+        Leaving: end our sessions and release our reservations on the
+        relays, so they do not hold them for a node that is gone.
+        """
         for sessions in list(self.sessions.values()):
             for session in list(sessions.values()):
-                self._close(session, tell_relay=False)
+                self._close(session, notify=False)
+        for held in self.held.values():
+            self.overlay.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
+        self.held.clear()
+        self.pending.clear()
 
     def status(self) -> dict:
         now = self.overlay.clock.seconds()

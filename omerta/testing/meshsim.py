@@ -125,8 +125,8 @@ class MeshSim:
         Stop a node abruptly (no goodbye): its socket closes, timers stop.
         """
         self.dead.add(id(sim_node))
+        sim_node.port.stopListening()  # first: the node's goodbyes go nowhere
         sim_node.node.stop()
-        sim_node.port.stopListening()
         if sim_node.bootstrap_call is not None and sim_node.bootstrap_call.active():
             sim_node.bootstrap_call.cancel()
 

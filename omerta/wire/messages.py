@@ -126,6 +126,7 @@ class RelayEndReason(enum.IntEnum):
     RESERVATION_GONE = 4
     RELAY_STOPPING = 5
     REPLACED = 6
+    IDLE = 7
 
 
 Contact = c.Struct(
