@@ -45,7 +45,9 @@ not remember defined domains across opens either.
 
 from __future__ import annotations
 
+import os
 import secrets
+import stat
 import threading
 import time
 import uuid
@@ -61,6 +63,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from omerta.roles import bridge as bridges
+from omerta.roles import guest
 from omerta.storage import ensure_private_dir, read_json, write_json
 
 OMERTA_NS = "https://omerta.invalid/xmlns/libvirt-vm/1"
@@ -275,6 +279,7 @@ def build_domain_xml(
     image_dir: Path | None = None,
     serial_log: Path | None = None,
     bridge: str | None = None,
+    cmdline: str | None = None,
 ) -> str:
     """
     The libvirt domain XML for a VM.
@@ -282,6 +287,8 @@ def build_domain_xml(
     @param kind: C{"test"} for libvirt's test driver, C{"qemu"} for QEMU
         with TCG (kernel C{vmlinuz} and C{initrd.gz} from C{image_dir}, serial
         console to C{serial_log}, a virtio NIC on C{bridge} when given).
+    @param cmdline: the kernel command line of a C{qemu} domain; default
+        L{guest.kernel_cmdline} without network configuration.
     """
     if kind not in ("test", "qemu"):
         raise ValueError(f"unknown domain kind {kind!r}")
@@ -303,7 +310,7 @@ def build_domain_xml(
         image_dir = Path(image_dir) if image_dir is not None else Path(".")
         ET.SubElement(os_, "kernel").text = str(image_dir / "vmlinuz")
         ET.SubElement(os_, "initrd").text = str(image_dir / "initrd.gz")
-        ET.SubElement(os_, "cmdline").text = f"console=ttyS0 omerta.vm={vm_id}"
+        ET.SubElement(os_, "cmdline").text = cmdline or guest.kernel_cmdline(vm_id)
         ET.SubElement(dom, "on_poweroff").text = "destroy"
         ET.SubElement(dom, "on_reboot").text = "destroy"
         ET.SubElement(dom, "on_crash").text = "destroy"
@@ -328,6 +335,17 @@ def build_domain_xml(
             ET.Element("target", type="serial", port="0")
         )
     return ET.tostring(dom, encoding="unicode")
+
+
+def _add_search(directory: Path) -> None:
+    """
+    Add search permission for group and others to C{directory} (chmod
+    go+x): they may open files in it by name but not list it.
+    """
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    wanted = mode | stat.S_IXGRP | stat.S_IXOTH
+    if wanted != mode:
+        os.chmod(directory, wanted)
 
 
 def parse_domain_metadata(xml: str) -> dict[str, Any] | None:
@@ -365,6 +383,18 @@ class LibvirtBackend(service.Service):
     @param provider_id: tag written into every domain's metadata; defaults to
         a random id kept in the ledger, so that two providers sharing one
         hypervisor never reconcile each other's domains.
+    @param bridge: the Linux bridge QEMU guests are plugged into; for a
+        C{qemu} URI C{None} means L{bridges.DEFAULT_BRIDGE} and C{""} means
+        no network at all.  Ignored by the test driver.
+    @param bridge_address: the host's address on the bridge with its prefix;
+        guests get the other addresses of that subnet (see
+        L{bridges.AddressPool}) and it as their gateway.
+    @param images_dir: where guest images are cached (default
+        C{<data_dir>/images}); see L{guest.ImageBuilder}.
+    @param image_builder: builds and caches images (tests pass a fake).
+    @param bridge_setup: called with C{(bridge, bridge_address)} on the
+        worker thread before a QEMU VM is defined or started (default
+        L{bridges.ensure_bridge}).
     """
 
     log = Logger()
@@ -380,6 +410,10 @@ class LibvirtBackend(service.Service):
         connect: Callable[[str], Any] | None = None,
         bridge: str | None = None,
         clock: Callable[[], float] = time.time,
+        bridge_address: str = bridges.DEFAULT_BRIDGE_ADDRESS,
+        images_dir: Path | None = None,
+        image_builder: guest.ImageBuilder | None = None,
+        bridge_setup: Callable[[str, str], Any] = bridges.ensure_bridge,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # noqa: rule 4, lazily
@@ -388,7 +422,16 @@ class LibvirtBackend(service.Service):
         self.uri = uri
         self.quota = quota
         self.metrics = metrics
+        if bridge is None and self.domain_kind == "qemu":
+            bridge = bridges.DEFAULT_BRIDGE
         self.bridge = bridge
+        self.bridge_address = bridge_address
+        self.addresses = bridges.AddressPool(bridge_address)
+        self.images_dir = Path(images_dir) if images_dir is not None else self.data_dir / "images"
+        self.image_builder = (
+            image_builder if image_builder is not None else guest.ImageBuilder(self.images_dir)
+        )
+        self._bridge_setup = bridge_setup
         self._provider_id = provider_id
         self._connect = connect
         self._clock = clock
@@ -457,6 +500,8 @@ class LibvirtBackend(service.Service):
     def _open(self) -> None:
         # worker thread
         ensure_private_dir(self.data_dir)
+        if self.domain_kind == "qemu":
+            self._make_reachable()
         document = read_json(self.ledger_path, dict)
         if document and document.get("version") != LEDGER_VERSION:
             raise VMError(
@@ -593,13 +638,6 @@ class LibvirtBackend(service.Service):
     # -- operations --------------------------------------------------------
 
     def create(self, spec: VMSpec) -> defer.Deferred:
-        try:
-            spec.validate()
-            # quota check and reservation happen together on the reactor
-            # thread, so two concurrent requests cannot both fit in one slot
-            self._check_quota(spec)
-        except VMError:
-            return defer.fail()
         vm_id = secrets.token_hex(8)
         entry = {
             "vm_id": vm_id,
@@ -608,8 +646,28 @@ class LibvirtBackend(service.Service):
             "address": None,
             **asdict(spec),
         }
-        with self._lock:
-            self._vms[vm_id] = entry
+        try:
+            spec.validate()
+            if self.domain_kind == "qemu":
+                try:
+                    guest.check_name(spec.image)
+                except guest.UnknownImage as e:
+                    raise BadSpec(str(e))
+            # quota check, address allocation and reservation happen together
+            # on the reactor thread, so two concurrent requests cannot both
+            # fit in one slot or get one address
+            self._check_quota(spec)
+            with self._lock:
+                if self._networked:
+                    used = [v.get("address") for v in self._vms.values()]
+                    try:
+                        entry["address"] = self.addresses.allocate(used)
+                    except bridges.AddressesExhausted as e:
+                        self._inc("vm_quota_refused", reason="addresses")
+                        raise QuotaExceeded("addresses", str(e))
+                self._vms[vm_id] = entry
+        except VMError:
+            return defer.fail()
         self._gauge()
         d = self._run(self._create, vm_id, spec, entry)
 
@@ -626,24 +684,93 @@ class LibvirtBackend(service.Service):
 
         return d.addCallbacks(created, failed)
 
+    @property
+    def _networked(self) -> bool:
+        return self.domain_kind == "qemu" and bool(self.bridge)
+
+    def _prepare(self, image: str) -> Path:
+        """
+        Build (or find cached) a QEMU guest's image and set up the bridge.
+
+        @return: the image directory.
+        """
+        # worker thread: both block (an image build takes seconds)
+        try:
+            image_dir = self.image_builder.ensure(image)
+        except guest.UnknownImage as e:
+            raise BadSpec(str(e))
+        except guest.ImageError as e:
+            raise VMError(f"guest image {image}: {e}")
+        if self.bridge:
+            try:
+                self._bridge_setup(self.bridge, self.bridge_address)
+            except bridges.BridgeError as e:
+                raise VMError(str(e))
+        return image_dir
+
+    def _make_reachable(self) -> None:
+        """
+        Let QEMU, which libvirt runs as an unprivileged user (C{libvirt-qemu}
+        on Debian), reach the disks and images: search (never read) permission
+        on the data directory; warn about an ancestor that still blocks it.
+        """
+        # worker thread
+        _add_search(self.data_dir)
+        for target in (self.data_dir, self.images_dir):
+            for d in reversed(target.resolve().parents):
+                try:
+                    mode = d.stat().st_mode
+                except FileNotFoundError:
+                    break
+                if not mode & stat.S_IXOTH:
+                    self.log.warn(
+                        "QEMU runs as an unprivileged user and cannot reach {target}:"
+                        " {blocker} has mode {mode:04o}; run 'chmod o+x {blocker}' or"
+                        " use a data directory elsewhere (e.g. under /var/lib)",
+                        target=target, blocker=d, mode=stat.S_IMODE(mode),
+                    )
+                    break
+
+    def serial_log_path(self, vm_id: str) -> Path:
+        return self.disk_path(vm_id).parent / "serial.log"
+
     def _create(self, vm_id: str, spec: VMSpec, entry: dict) -> VMInfo:
-        # worker thread: record intent, define, create the disk, record done
+        # worker thread: prepare image and bridge, record intent, define,
+        # create the disk, record done
+        kind = self.domain_kind
+        image_dir = self.images_dir / spec.image
+        cmdline = None
+        if kind == "qemu":
+            image_dir = self._prepare(spec.image)
+            address = entry.get("address")
+            cmdline = guest.kernel_cmdline(
+                vm_id,
+                self.addresses.with_prefix(address) if address else None,
+                self.addresses.gateway if address else None,
+            )
         self._save()
         disk = self.disk_path(vm_id)
         xml = build_domain_xml(
-            self.domain_kind,
+            kind,
             vm_id,
             self._provider_id,
             spec,
             entry["created_at"],
             disk,
-            image_dir=self.data_dir / "images" / spec.image,
-            serial_log=disk.parent / "serial.log",
+            image_dir=image_dir,
+            serial_log=self.serial_log_path(vm_id),
             bridge=self.bridge,
+            cmdline=cmdline,
         )
         try:
+            ensure_private_dir(disk.parent.parent)
             ensure_private_dir(disk.parent)
-            with open(disk, "wb") as f:
+            if kind == "qemu":
+                _add_search(disk.parent.parent)
+                _add_search(disk.parent)
+            # 0600: libvirt hands the file to QEMU's user while it runs
+            fd = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
                 f.truncate(spec.disk_gb * 1024**3)  # sparse
             dom = self._conn.defineXML(xml)
         except BaseException:
@@ -722,6 +849,10 @@ class LibvirtBackend(service.Service):
         def work(v):
             dom = self._existing(v)
             if not dom.isActive():
+                if self.domain_kind == "qemu":
+                    # after a host reboot the bridge is gone; the image may
+                    # have been removed: both are cheap to check
+                    self._prepare(self._vms[v]["image"])
                 dom.create()
             return self._info_of(v, dom)
 

@@ -1,0 +1,515 @@
+"""
+Guest images for the provider's QEMU VMs, built from Debian packages.
+
+An image is a directory C{<images_dir>/<name>/} holding C{vmlinuz},
+C{initrd.gz} and C{manifest.json}.  The one image there is, C{debian-busybox},
+boots Debian's cloud kernel straight into an initramfs made of
+C{busybox-static}, the virtio modules and an C{/init} script (L{init_script})
+that brings up C{eth0} with the address on the kernel command line
+(L{kernel_cmdline}) and prints L{MARKER} on the serial console.
+
+Building (L{ImageBuilder.ensure}) blocks for a few seconds: call it from a
+worker thread, never from the reactor.  It is:
+
+  - cached: a directory whose manifest names this builder's recipe (format,
+    init script, module list) is used as is; C{manifest.json} records the
+    Debian package versions it was made from;
+  - atomic: everything is made in C{.<name>.tmp-*} next to the image and
+    renamed into place at the end, so a killed build leaves no half-made
+    image (its leftovers are removed by the next build);
+  - serialised: an C{flock} on C{<images_dir>/.lock} keeps two processes
+    sharing a cache from building the same image at once.
+
+Packages are fetched with C{apt-get download} (the concrete kernel package
+is the C{Depends} of the C{linux-image-cloud-amd64} metapackage) and read
+with C{dpkg-deb}; nothing is installed on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from twisted.logger import Logger
+
+from omerta.storage import atomic_write
+
+DEFAULT_IMAGE = "debian-busybox"
+KNOWN_IMAGES = (DEFAULT_IMAGE,)
+IMAGE_FORMAT = 1
+MANIFEST = "manifest.json"
+MARKER = "omerta-guest: up"
+"""The guest prints C{omerta-guest: up vm=<id> ip=<address/prefix>}."""
+ERROR_MARKER = "omerta-guest: error"
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+VIRTIO_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+)
+"""Loaded in this order by the guest's init (each needs the ones before)."""
+
+# directories of the initramfs; busybox --install fills bin and sbin
+_DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "lib",
+         "lib/modules", "etc", "root")
+
+
+class ImageError(Exception):
+    """
+    An image cannot be built or used; the message says what to do.
+    """
+
+
+class UnknownImage(ImageError):
+    """
+    No image of this name can be built.
+    """
+
+
+def check_name(name: str) -> None:
+    """
+    @raise UnknownImage: C{name} is not one of L{KNOWN_IMAGES}.
+    """
+    if name not in KNOWN_IMAGES:
+        raise UnknownImage(
+            f"unknown image {name!r}; known images: {', '.join(KNOWN_IMAGES)}"
+        )
+
+
+def init_script(modules: Iterable[str] = VIRTIO_MODULES) -> str:
+    """
+    The guest's C{/init}: mount the kernel file systems, load the virtio
+    modules, configure C{eth0} from C{omerta.ip}/C{omerta.gw} on the kernel
+    command line, print the marker line and stay alive.
+    """
+    names = " ".join(modules)
+    return f"""#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+vm=; ip=; gw=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    omerta.vm=*) vm="${{arg#omerta.vm=}}" ;;
+    omerta.ip=*) ip="${{arg#omerta.ip=}}" ;;
+    omerta.gw=*) gw="${{arg#omerta.gw=}}" ;;
+  esac
+done
+for m in {names}; do
+  [ -d /sys/module/$m ] || insmod /lib/modules/$m.ko || echo "{ERROR_MARKER} vm=$vm insmod $m failed"
+done
+ip link set lo up
+if [ -n "$ip" ]; then
+  n=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+  if [ ! -e /sys/class/net/eth0 ]; then
+    echo "{ERROR_MARKER} vm=$vm no eth0"
+  else
+    ip addr add "$ip" dev eth0
+    ip link set eth0 up
+    [ -n "$gw" ] && ip route add default via "$gw"
+  fi
+fi
+echo "{MARKER} vm=$vm ip=$ip"
+while true; do sleep 3600; done
+"""
+
+
+def kernel_cmdline(vm_id: str, address: str | None = None, gateway: str | None = None) -> str:
+    """
+    The kernel command line of a VM.
+
+    @param address: the guest's C{eth0} address with its prefix length
+        (C{10.237.0.2/24}), or C{None} for no network configuration.
+    """
+    for value in (vm_id, address, gateway):
+        if value is not None and not re.fullmatch(r"[0-9A-Za-z.:/_-]+", value):
+            raise ValueError(f"unsafe kernel command line value {value!r}")
+    words = ["console=ttyS0", f"omerta.vm={vm_id}"]
+    if address is not None:
+        words.append(f"omerta.ip={address}")
+    if gateway is not None:
+        words.append(f"omerta.gw={gateway}")
+    return " ".join(words)
+
+
+def concrete_kernel_package(depends: str) -> str:
+    """
+    The kernel package a C{linux-image-*-amd64} metapackage depends on.
+
+    >>> concrete_kernel_package("linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)")
+    'linux-image-6.1.0-56-cloud-amd64'
+    """
+    for alternative in re.split(r"[,|]", depends):
+        name = alternative.strip().split(" ", 1)[0]
+        if re.fullmatch(r"linux-image-\d[\w.+-]*", name):
+            return name
+    raise ImageError(f"no kernel package in the metapackage's Depends: {depends!r}")
+
+
+def recipe() -> str:
+    """
+    A digest of what the image is made of besides the packages; a cached
+    image with another recipe is rebuilt.
+    """
+    text = json.dumps([IMAGE_FORMAT, init_script(), list(VIRTIO_MODULES), list(_DIRS)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- cpio ---------------------------------------------------------------------
+
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
+                ino: int = 0) -> bytes:
+    encoded = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = header + encoded
+    out += b"\0" * (-len(out) % 4)
+    out += data
+    out += b"\0" * (-len(out) % 4)
+    return out
+
+
+def cpio_newc(files: dict[str, bytes], dirs: Iterable[str] = (),
+              executables: Iterable[str] = (), chardevs: dict[str, tuple[int, int]] | None = None,
+              ) -> bytes:
+    """
+    A C{newc} cpio archive (what the kernel unpacks as an initramfs), owned by
+    root, with mtime 0 so the same input gives the same bytes.
+
+    @param files: path -> content of regular files (mode 0644, or 0755 when
+        named in C{executables}).
+    @param chardevs: path -> (major, minor) of character devices (mode 0600).
+    """
+    executables = set(executables)
+    parts = []
+    ino = 1
+    for d in dirs:
+        parts.append(_cpio_entry(d, 0o040755, ino=ino))
+        ino += 1
+    for path, (major, minor) in (chardevs or {}).items():
+        parts.append(_cpio_entry(path, 0o020600, rdev=(major, minor), ino=ino))
+        ino += 1
+    for path, data in files.items():
+        mode = 0o100755 if path in executables else 0o100644
+        parts.append(_cpio_entry(path, mode, data, ino=ino))
+        ino += 1
+    parts.append(_cpio_entry("TRAILER!!!", 0))
+    archive = b"".join(parts)
+    return archive + b"\0" * (-len(archive) % 512)
+
+
+def make_initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
+    """
+    The gzipped initramfs: busybox, the modules (name -> C{.ko} bytes, in
+    C{/lib/modules}), C{/init} and C{/dev/console}.
+    """
+    files = {"bin/busybox": busybox, "init": init_script().encode()}
+    for name, data in modules.items():
+        files[f"lib/modules/{name}.ko"] = data
+    archive = cpio_newc(
+        files, dirs=_DIRS, executables=("bin/busybox", "init"), chardevs={"dev/console": (5, 1)}
+    )
+    return gzip.compress(archive, compresslevel=6, mtime=0)
+
+
+# -- Debian packages ----------------------------------------------------------
+
+
+class DebianPackages:
+    """
+    Fetches C{.deb} files with C{apt-get download} and reads them with
+    C{dpkg-deb}; the seam L{ImageBuilder} tests replace.
+    """
+
+    def __init__(self, run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                 which: Callable[[str], str | None] = shutil.which) -> None:
+        self._run = run
+        self._which = which
+
+    def check(self) -> None:
+        """
+        @raise ImageError: C{apt-get} or C{dpkg-deb} is missing.
+        """
+        missing = [tool for tool in ("apt-get", "dpkg-deb") if self._which(tool) is None]
+        if missing:
+            raise ImageError(
+                f"building guest images needs {' and '.join(missing)} (a Debian or Ubuntu"
+                f" host); install apt and dpkg, or copy a built image into the image"
+                f" directory"
+            )
+
+    def _command(self, argv: list[str], cwd: Path | None = None) -> bytes:
+        try:
+            done = self._run(argv, cwd=cwd, capture_output=True, check=False)
+        except OSError as e:
+            raise ImageError(f"cannot run {argv[0]}: {e}") from e
+        if done.returncode != 0:
+            stderr = done.stderr.decode(errors="replace").strip()
+            hint = ""
+            if argv[0] == "apt-get":
+                hint = (
+                    "; run 'apt-get update' as root if the package lists are"
+                    " missing or stale"
+                )
+                if os.geteuid() != 0:
+                    hint += " (this process is not root)"
+            raise ImageError(
+                f"{' '.join(argv)} failed with exit status {done.returncode}:"
+                f" {stderr or '(no output)'}{hint}"
+            )
+        return done.stdout
+
+    def download(self, package: str, dest: Path) -> Path:
+        """
+        Download the candidate version of C{package} into C{dest}.
+        """
+        before = set(dest.glob("*.deb"))
+        self._command(["apt-get", "download", "-q", package], cwd=dest)
+        new = [p for p in dest.glob("*.deb") if p not in before]
+        mine = [p for p in new if p.name.startswith(package + "_")]
+        if len(mine) != 1:
+            raise ImageError(f"apt-get download {package} left {[p.name for p in new]}")
+        return mine[0]
+
+    def field(self, deb: Path, name: str) -> str:
+        return self._command(["dpkg-deb", "-f", str(deb), name]).decode().strip()
+
+    @contextlib.contextmanager
+    def members(self, deb: Path) -> Iterator[tarfile.TarFile]:
+        """
+        The package's files as a streaming tar archive (C{dpkg-deb
+        --fsys-tarfile}); read the members in order.
+        """
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(
+                    ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=err
+                )
+            except OSError as e:
+                raise ImageError(f"cannot run dpkg-deb: {e}") from e
+            try:
+                with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                    yield tar
+            finally:
+                while proc.stdout.read(1 << 16):  # the padding after the archive
+                    pass
+                proc.stdout.close()
+                code = proc.wait()
+            if code != 0:
+                err.seek(0)
+                raise ImageError(
+                    f"dpkg-deb --fsys-tarfile {deb} failed: {err.read().decode(errors='replace')}"
+                )
+
+
+def _extract(packages: DebianPackages, deb: Path, wanted: Callable[[str], str | None]
+             ) -> dict[str, bytes]:
+    """
+    Files of C{deb} for which C{wanted(path)} returns a key, by key.
+    """
+    out: dict[str, bytes] = {}
+    with packages.members(deb) as tar:
+        for member in tar:
+            key = wanted(member.name)
+            if key is not None and member.isfile():
+                out[key] = tar.extractfile(member).read()
+    return out
+
+
+# -- the builder --------------------------------------------------------------
+
+
+class ImageBuilder:
+    """
+    Builds and caches guest images in C{images_dir}; see the module
+    docstring.  Every method blocks: call them off the reactor thread.
+    """
+
+    log = Logger()
+
+    def __init__(self, images_dir: Path, packages: DebianPackages | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.images_dir = Path(images_dir)
+        self.packages = packages if packages is not None else DebianPackages()
+        self._clock = clock
+
+    def path(self, name: str) -> Path:
+        return self.images_dir / name
+
+    def cached(self, name: str) -> dict | None:
+        """
+        The manifest of a usable cached image, or C{None}.
+        """
+        directory = self.path(name)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict):
+            return None
+        if manifest.get("format") != IMAGE_FORMAT or manifest.get("recipe") != recipe():
+            return None
+        sizes = manifest.get("sizes", {})
+        for f in ("vmlinuz", "initrd.gz"):
+            try:
+                if (directory / f).stat().st_size != sizes.get(f):
+                    return None
+            except OSError:
+                return None
+        return manifest
+
+    def ensure(self, name: str = DEFAULT_IMAGE) -> Path:
+        """
+        The directory of image C{name}, built first unless cached.
+
+        @raise UnknownImage: no such image.
+        @raise ImageError: building failed; nothing is left half-made.
+        """
+        check_name(name)
+        if self.cached(name) is not None:
+            return self.path(name)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        # images are public Debian bits; QEMU (not root) must read them
+        os.chmod(self.images_dir, 0o755)
+        with open(self.images_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.cached(name) is not None:  # another process built it
+                return self.path(name)
+            self._remove_leftovers(name)
+            self._build(name)
+        return self.path(name)
+
+    def _remove_leftovers(self, name: str) -> None:
+        # under the lock, so no build is running: any temp dir is a leftover
+        for p in self.images_dir.glob(f".{name}.*"):
+            self.log.info("removing leftover {path} of an interrupted image build", path=p)
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _build(self, name: str) -> None:
+        self.packages.check()
+        started = self._clock()
+        tmp = self.images_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o755)
+        try:
+            manifest = self._make(name, tmp)
+            manifest["build_seconds"] = round(self._clock() - started, 3)
+            atomic_write(tmp / MANIFEST,
+                         (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
+                         mode=0o644)
+            final = self.path(name)
+            if final.exists():
+                old = self.images_dir / f".{name}.old-{secrets.token_hex(4)}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(self.images_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.log.info(
+            "built guest image {name} in {seconds:.1f} s from {packages}",
+            name=name, seconds=manifest["build_seconds"], packages=manifest["packages"],
+        )
+
+    def _make(self, name: str, out: Path) -> dict:
+        debs = out / "debs"
+        debs.mkdir()
+        # apt's sandbox user must be able to write here, or apt warns
+        os.chmod(debs, 0o777)
+        p = self.packages
+        meta = p.download(KERNEL_METAPACKAGE, debs)
+        kernel_pkg = concrete_kernel_package(p.field(meta, "Depends"))
+        kernel_deb = p.download(kernel_pkg, debs)
+        busybox_deb = p.download(BUSYBOX_PACKAGE, debs)
+        versions = {
+            KERNEL_METAPACKAGE: p.field(meta, "Version"),
+            kernel_pkg: p.field(kernel_deb, "Version"),
+            BUSYBOX_PACKAGE: p.field(busybox_deb, "Version"),
+        }
+
+        def kernel_file(path: str) -> str | None:
+            base = path.rsplit("/", 1)[-1]
+            if re.fullmatch(r"\.?/boot/vmlinuz-.*", path):
+                return "vmlinuz:" + base[len("vmlinuz-"):]
+            if "/lib/modules/" in path and base.endswith(".ko"):
+                module = base[:-3].replace("-", "_")
+                if module in VIRTIO_MODULES:
+                    return module
+            return None
+
+        found = _extract(p, kernel_deb, kernel_file)
+        kernels = [k for k in found if k.startswith("vmlinuz:")]
+        if len(kernels) != 1:
+            raise ImageError(f"{kernel_pkg} holds {len(kernels)} kernels, expected one")
+        release = kernels[0].split(":", 1)[1]
+        vmlinuz = found.pop(kernels[0])
+        missing = [m for m in VIRTIO_MODULES if m not in found]
+        if missing:
+            raise ImageError(f"{kernel_pkg} lacks the modules {', '.join(missing)}")
+        modules = {m: found[m] for m in VIRTIO_MODULES}
+        busybox = _extract(p, busybox_deb, lambda path: "busybox" if path in (
+            "./bin/busybox", "bin/busybox") else None).get("busybox")
+        if busybox is None:
+            raise ImageError(f"{BUSYBOX_PACKAGE} has no /bin/busybox")
+        initrd = make_initramfs(busybox, modules)
+        _write(out / "vmlinuz", vmlinuz)
+        _write(out / "initrd.gz", initrd)
+        shutil.rmtree(debs)
+        return {
+            "format": IMAGE_FORMAT,
+            "name": name,
+            "recipe": recipe(),
+            "packages": versions,
+            "kernel_release": release,
+            "modules": list(VIRTIO_MODULES),
+            "sizes": {"vmlinuz": len(vmlinuz), "initrd.gz": len(initrd)},
+            "sha256": {
+                "vmlinuz": hashlib.sha256(vmlinuz).hexdigest(),
+                "initrd.gz": hashlib.sha256(initrd).hexdigest(),
+            },
+            "built_at": self._clock(),
+        }
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
