@@ -108,7 +108,8 @@ def parse_endpoint(text: str) -> Endpoint:
 class BootstrapSpec:
     """
     A peer to bootstrap from: C{peer_id} (hex) when given as an id, otherwise
-    C{name}.
+    C{name}; neither for "whoever answers at this address" (C{omerta vm
+    request --provider HOST:PORT}).
     """
 
     endpoint: Endpoint
@@ -116,7 +117,8 @@ class BootstrapSpec:
     name: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.peer_id or self.name}@{self.endpoint}"
+        who = self.peer_id or self.name
+        return f"{who}@{self.endpoint}" if who else str(self.endpoint)
 
 
 def parse_bootstrap(text: str) -> BootstrapSpec:

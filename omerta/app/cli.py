@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "omerta.app.cli_node",
     "omerta.app.cli_nat",
     "omerta.app.cli_mesh",
+    "omerta.app.cli_vm",
 )
 """
 Modules whose C{register(subparsers)} adds commands, imported when the

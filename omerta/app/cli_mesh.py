@@ -127,7 +127,7 @@ def _interface_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address of this host") from None
 
 
-def _common_options() -> argparse.ArgumentParser:
+def mesh_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("joining the mesh")
     which = group.add_mutually_exclusive_group()
@@ -182,7 +182,7 @@ def register(subparsers: Any) -> None:
         " report what it sees.",
     )
     commands = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
-    common = _common_options()
+    common = mesh_options()
 
     status = commands.add_parser(
         "status",
@@ -332,7 +332,7 @@ def _pick_membership(invocation: Invocation, cli_store: NetworkStore) -> Members
     )
 
 
-class _View:
+class MeshView:
     """
     The running node seen by one command: conditions to wait for, with one
     deadline for the whole command.
@@ -455,8 +455,8 @@ class _View:
         return True
 
 
-def _run(
-    invocation: Invocation, body: Callable[[_View], Awaitable[Any]]
+def run_on_mesh(
+    invocation: Invocation, body: Callable[[MeshView], Awaitable[Any]]
 ) -> Any:
     """
     Prepare the node, run it on the reactor for the duration of C{body(view)}
@@ -494,7 +494,7 @@ def _run(
             ) from None
         trigger = reactor.addSystemEventTrigger("before", "shutdown", stop_on_shutdown)
         try:
-            return await body(_View(mesh, plan, args.timeout))
+            return await body(MeshView(mesh, plan, args.timeout))
         finally:
             reactor.removeSystemEventTrigger(trigger)
             await mesh.stop()
@@ -506,13 +506,13 @@ def _run(
 
 
 def status_command(invocation: Invocation) -> int:
-    async def body(view: _View) -> dict:
+    async def body(view: MeshView) -> dict:
         await view.until(view.answered)
         if view.answered():
             await view.settled()
         return status_document(view)
 
-    document = _run(invocation, body)
+    document = run_on_mesh(invocation, body)
     invocation.emit(format_status(document), document)
     if not document["answered"]:
         invocation.stdout.flush()
@@ -520,7 +520,7 @@ def status_command(invocation: Invocation) -> int:
     return 0
 
 
-def status_document(view: _View) -> dict:
+def status_document(view: MeshView) -> dict:
     mesh = view.mesh
     host = mesh.service.port.getHost()
     network = view.plan.network
@@ -572,14 +572,14 @@ def format_status(document: dict) -> str:
 
 
 def peers_command(invocation: Invocation) -> int:
-    async def body(view: _View) -> list[dict]:
+    async def body(view: MeshView) -> list[dict]:
         await view.joined()
         await view.settled()
         now = view.clock.seconds()
         records = sorted(view.registry.all(), key=lambda r: (r.name == "", r.name, r.peer_id))
         return [record.as_dict(now) for record in records]
 
-    peers = _run(invocation, body)
+    peers = run_on_mesh(invocation, body)
     invocation.emit(format_peers(peers), peers)
     return 0
 
@@ -618,7 +618,7 @@ def format_peers(peers: list[dict]) -> str:
 # -- ping and connect --------------------------------------------------------------
 
 
-async def _find(view: _View, ref: str) -> PeerRecord:
+async def find_peer(view: MeshView, ref: str) -> PeerRecord:
     """
     Wait until the registry knows C{ref} (or the view settled without it).
     """
@@ -637,12 +637,12 @@ async def _find(view: _View, ref: str) -> PeerRecord:
     return view.resolve(ref)
 
 
-async def _connect(view: _View, record: PeerRecord) -> Connection:
+async def connect_peer(view: MeshView, record: PeerRecord) -> Connection:
     try:
         connection = await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
     except ConnectError:
         raise CommandError(
-            f"no path to {_label(record)} within {view.timeout:g} s: it did not answer"
+            f"no path to {peer_label(record)} within {view.timeout:g} s: it did not answer"
             f" at its known address and no peer heard from it recently (its state"
             f" here: {record.state}); is it running? try a longer --timeout"
         ) from None
@@ -653,17 +653,17 @@ async def _connect(view: _View, record: PeerRecord) -> Connection:
     return connection
 
 
-def _label(record: PeerRecord) -> str:
+def peer_label(record: PeerRecord) -> str:
     return f"{record.name} ({record.peer_id_text})" if record.name else record.peer_id_text
 
 
 def connect_command(invocation: Invocation) -> int:
     args = invocation.args
 
-    async def body(view: _View) -> dict:
-        record = await _find(view, args.peer)
+    async def body(view: MeshView) -> dict:
+        record = await find_peer(view, args.peer)
         started = view.clock.seconds()
-        connection = await _connect(view, record)
+        connection = await connect_peer(view, record)
         first = view.clock.seconds() - started
         direct = first if connection.direct else None
         if not connection.direct and args.wait_direct > 0:
@@ -679,7 +679,7 @@ def connect_command(invocation: Invocation) -> int:
             "punch_attempts": view.mesh.punch_attempts(record.peer_id),
         })
 
-    document = _run(invocation, body)
+    document = run_on_mesh(invocation, body)
     invocation.emit(format_connection(document), document)
     return 0
 
@@ -711,12 +711,12 @@ def ping_command(invocation: Invocation) -> int:
     out = invocation.stdout
     live = not invocation.wants_json
 
-    async def body(view: _View) -> dict:
-        record = await _find(view, args.peer)
-        connection = await _connect(view, record)
+    async def body(view: MeshView) -> dict:
+        record = await find_peer(view, args.peer)
+        connection = await connect_peer(view, record)
         if live:
             out.write(
-                f"PING {_label(record)}: {connection.kind} path to"
+                f"PING {peer_label(record)}: {connection.kind} path to"
                 f" {connection.as_dict()['endpoint']} from local port {connection.local_port}\n"
             )
             out.flush()
@@ -753,7 +753,7 @@ def ping_command(invocation: Invocation) -> int:
             "summary": summarise(args.count, [r["rtt_ms"] for r in replies]),
         }
 
-    document = _run(invocation, body)
+    document = run_on_mesh(invocation, body)
     invocation.emit(format_summary(document), document)
     if not document["replies"]:
         invocation.stdout.flush()

@@ -1,12 +1,24 @@
 """
-C{twistd omerta-provider}: a node that offers compute; with C{--relay} it
-also plays the relay role in the same process.
+C{twistd omerta-provider}: a node that offers VMs; with C{--relay} it also
+plays the relay role in the same process.
+
+The VMs live on libvirt (C{--libvirt-uri}, default C{test:///default}:
+libvirt's embedded test driver, which defines and "runs" domains in memory
+without a hypervisor, so a provider runs anywhere; C{qemu:///system} for
+real guests).  What it offers is what the machine has (measured), capped by
+the C{--vm-*} quotas; see docs/provider.md.
 """
 
 from __future__ import annotations
 
+from twisted.python import usage
+
 from omerta.app.options import NodeOptions, make_node_service
 from omerta.wire.messages import Capability
+
+#: Memory kept for the host (the provider process, libvirt, QEMU's own
+#: overhead) when --vm-memory is not given.
+HOST_MEMORY_RESERVE_MB = 1024
 
 
 class Options(NodeOptions):
@@ -16,6 +28,38 @@ class Options(NodeOptions):
         ["relay", None, "Also run the relay role in this process (serves STUN too)."],
         ["stun-server", None, "Answer STUN requests (implied by --relay)."],
     ]
+    optParameters = [
+        ["libvirt-uri", None, "test:///default",
+         "libvirt connection for VMs: test:///default (embedded test driver, no"
+         " guests run) or qemu:///system (real guests, QEMU TCG)."],
+        ["max-vms", None, "16", "Most VMs at once."],
+        ["vms-per-consumer", None, "4", "Most VMs one consumer may hold."],
+        ["vm-cpus", None, None, "Most cpu cores committed to VMs (default: the host's)."],
+        ["vm-memory", None, None,
+         f"Most MiB of memory committed to VMs (default: the host's less"
+         f" {HOST_MEMORY_RESERVE_MB})."],
+        ["vm-disk", None, None,
+         "Most GiB of VM disk (default: the free space of the data directory's filesystem)."],
+        ["vm-bridge", None, "omerta-br0", "Linux bridge for real guests' NICs (qemu only)."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        for key, minimum in (("max-vms", 1), ("vms-per-consumer", 1), ("vm-cpus", 1),
+                             ("vm-memory", 16), ("vm-disk", 0)):
+            if self[key] is None:
+                continue
+            try:
+                self[key] = int(self[key])
+                if self[key] < minimum:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise usage.UsageError(f"--{key} takes a whole number >= {minimum}") from None
+        uri = self["libvirt-uri"]
+        if not uri or ":" not in uri:
+            raise usage.UsageError(
+                f"--libvirt-uri {uri!r} is not a libvirt URI; try test:///default or"
+                f" qemu:///system")
 
     def serves_stun(self) -> bool:
         return bool(self["relay"] or self["stun-server"])
@@ -32,5 +76,29 @@ class Options(NodeOptions):
         return flags
 
 
-def makeService(options: Options):
-    return make_node_service(options)
+def makeService(options: Options, reactor=None):
+    from pathlib import Path
+
+    from omerta.roles.provider import ProviderService
+    from omerta.roles.resources import measure
+    from omerta.roles.vm import LibvirtBackend, Quota
+
+    top = make_node_service(options, reactor=reactor)
+    node = top.getServiceNamed("node")
+    data_dir = Path(options["data-dir"])
+    host = measure(data_dir)
+    memory = options["vm-memory"]
+    if memory is None:
+        memory = max(0, host.memory_mb - HOST_MEMORY_RESERVE_MB)
+    quota = Quota(max_vms=options["max-vms"], cpu_cores=options["vm-cpus"] or host.cpu_cores,
+                  memory_mb=memory,
+                  disk_gb=host.disk_gb if options["vm-disk"] is None else options["vm-disk"])
+    backend = LibvirtBackend(data_dir, reactor=reactor, uri=options["libvirt-uri"], quota=quota,
+                             metrics=node.metrics, bridge=options["vm-bridge"])
+    backend.setName("vms")
+    backend.setServiceParent(top)
+    provider = ProviderService(node, backend, host, data_dir,
+                               max_per_consumer=options["vms-per-consumer"])
+    provider.setName("provider")
+    provider.setServiceParent(top)
+    return top

@@ -108,6 +108,7 @@ class _Bootstrap:
     networks: set[bytes] | None = None
     address: Address | None = None
     reached: bool = False
+    answered_by: bytes | None = None
 
 
 def capability_names(flags: int) -> list[str]:
@@ -222,6 +223,7 @@ class MeshNode:
         expected = [b for b in self.bootstraps if b.address == addr]
         matched = [b for b in expected if b.spec.peer_id in (None, text)]
         for boot in matched:
+            boot.answered_by = peer_id
             if not boot.reached:
                 boot.reached = True
                 self.log.info("Reached bootstrap {spec}", spec=str(boot.spec))

@@ -492,6 +492,18 @@ class PeerRegistry:
             peer.state = state
             peer.state_since = now
 
+    def restore_reputation(self, peer_id: bytes, reputation: float) -> bool:
+        """
+        Set a peer's reputation to one kept from earlier runs (a consumer's
+        record of its providers); values outside [0, 1] are clamped.
+        Returns whether the peer is known.
+        """
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        peer.reputation = min(1.0, max(0.0, float(reputation)))
+        return True
+
     def record_outcome(
         self, peer_id: bytes, success: bool, latency: float | None = None
     ) -> float | None:

@@ -1,0 +1,276 @@
+"""
+The provider role: VMs for consumers, asked for over the mesh.
+
+A provider node answers requests on the C{vm} channel (L{omerta.wire.vm})
+of every network it is in.  Requests arrive inside per-pair sessions, so the
+sender is authenticated and owns what it creates: only the consumer that
+created a VM can see it, ask about it or release it.
+
+    CREATE   check the request, reserve within the quota (atomically, on the
+             reactor thread), define and boot the domain, record the
+             consumer's WireGuard key, answer with the VM's record
+    RELEASE  destroy the VM (domain, disk, address), forget its tunnel key
+    LIST     the caller's VMs
+    STATUS   one of the caller's VMs
+
+What the provider can give is measured (L{omerta.roles.resources}) and
+capped by the operator's quota; what is free (capacity minus what the VMs
+hold) goes into the node's signed announcement, re-announced whenever a VM
+comes or goes, so C{find_peers(requirements)} sees it.
+
+Nothing blocks the reactor: the backend runs libvirt on its own thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from omerta.crypto.identity import format_peer_id
+from omerta.crypto.wireguard import encode_key, load_or_create_key
+from omerta.roles.resources import Capacity, HostResources
+from omerta.roles.vm import BadSpec, QuotaExceeded, UnknownVM, VMError, VMInfo, VMSpec
+from omerta.storage import read_json, write_json
+from omerta.wire import ParseError
+from omerta.wire.vm import (CHANNEL, MAX_VMS_PER_REPLY, VmOp, VmStatus, build_reply,
+                            parse_request)
+
+TUNNELS_FILE = "vm-tunnels.json"
+WIREGUARD_KEY_FILE = "wireguard.key"
+DEFAULT_IMAGE = "debian-busybox"
+
+
+class Refused(Exception):
+    """A request the provider answers with an error status."""
+
+    def __init__(self, status: VmStatus, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ProviderService(Service):
+    """
+    @param node: the L{omerta.mesh.service.NodeService} (started before this).
+    @param backend: an L{omerta.roles.vm.IVMBackend} service (started before
+        this; requests wait for its C{whenReady}).
+    @param host: the measured L{HostResources}.
+    @param max_per_consumer: most VMs one consumer may hold here.
+    """
+
+    log = Logger()
+
+    def __init__(self, node, backend, host: HostResources, data_dir: Path,
+                 max_per_consumer: int = 4, clock=time.time):
+        self.node_service = node
+        self.backend = backend
+        self.host = host
+        self.data_dir = Path(data_dir)
+        self.max_per_consumer = max_per_consumer
+        self.capacity = Capacity.of(host, backend.quota)
+        self.ready = False
+        self._clock = clock
+        self._tunnels: dict[str, dict] = {}
+        self.wireguard = None
+
+    # lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self.wireguard = load_or_create_key(self.data_dir / WIREGUARD_KEY_FILE)
+        self._tunnels = dict(read_json(self.data_dir / TUNNELS_FILE, dict).get("tunnels", {}))
+        for overlay in self.node_service.node.overlays.values():
+            overlay.messaging.on_channel(CHANNEL, self._handler(overlay))
+        self.announce_free()
+        ready = self.backend.whenReady or defer.succeed(None)
+        ready.addCallback(self._ready).addErrback(self._broken)
+
+    def stopService(self):
+        super().stopService()
+        node = self.node_service.node
+        if node is not None:
+            for overlay in node.overlays.values():
+                overlay.messaging.on_channel(CHANNEL, None)
+
+    def _ready(self, _) -> defer.Deferred:
+        return self.backend.list().addCallback(self._reconciled)
+
+    def _reconciled(self, vms: list[VMInfo]) -> None:
+        self.ready = True
+        self._forget_gone_tunnels({v.vm_id for v in vms})
+        self.announce_free()
+        c = self.capacity
+        self.log.info(
+            "Provider ready: {vms} VM(s) held; offering {cpu} cores, {mem} MiB, {disk} GiB"
+            " ({gpus} GPU(s) announced) on {uri}",
+            vms=self.backend.committed().vms, cpu=c.cpu_cores, mem=c.memory_mb,
+            disk=c.disk_gb, gpus=c.gpus, uri=getattr(self.backend, "uri", "?"))
+
+    def _broken(self, failure) -> None:
+        self.log.failure("The VM backend did not start; VM requests are refused", failure)
+
+    # what we offer
+
+    def free(self) -> dict:
+        return self.capacity.free(self.backend.committed())
+
+    def announce_free(self) -> None:
+        """
+        Put what is free into the node's announcement and spread it.
+        """
+        node = self.node_service.node
+        free = self.free()
+        if node is None or node.resources == free:
+            return
+        node.resources = free
+        for overlay in node.overlays.values():
+            overlay.gossip.reannounce()
+
+    # the channel
+
+    def _handler(self, overlay):
+        def handle(peer_id: bytes, payload: bytes):
+            d = defer.ensureDeferred(self._handle(overlay, peer_id, payload))
+            return d
+
+        return handle
+
+    async def _handle(self, overlay, peer_id: bytes, payload: bytes) -> bytes:
+        metrics = self.node_service.metrics
+        try:
+            request = parse_request(payload)
+            op = VmOp(request.op)
+        except (ParseError, ValueError) as e:
+            metrics.inc("vm_requests", op="unknown", status="bad_request")
+            return build_reply(VmStatus.BAD_REQUEST, f"not a VM request: {e}")
+        try:
+            if not self.ready:
+                raise Refused(VmStatus.UNAVAILABLE, "the provider's VM backend is not ready")
+            vms = await self._do(overlay, op, peer_id, request.body)
+        except Refused as e:
+            metrics.inc("vm_requests", op=op.name.lower(), status=e.status.name.lower())
+            self.log.info("VM {op} from {peer} refused: {detail}", op=op.name.lower(),
+                          peer=format_peer_id(peer_id), detail=e.detail)
+            return build_reply(e.status, e.detail)
+        metrics.inc("vm_requests", op=op.name.lower(), status="ok")
+        return build_reply(VmStatus.OK, "", [self._record(overlay, peer_id, v)
+                                            for v in vms[:MAX_VMS_PER_REPLY]])
+
+    async def _do(self, overlay, op: VmOp, peer_id: bytes, body) -> list[VMInfo]:
+        owner = peer_id.hex()
+        if op == VmOp.CREATE:
+            return [await self._create(owner, body)]
+        if op == VmOp.LIST:
+            return [v for v in await self.backend.list() if v.owner == owner]
+        vm_id = body.vm_id.hex()
+        info = await self._owned(vm_id, owner)
+        if op == VmOp.STATUS:
+            return [info]
+        return [await self._release(info)]
+
+    async def _owned(self, vm_id: str, owner: str) -> VMInfo:
+        try:
+            info = await self.backend.info(vm_id)
+        except UnknownVM:
+            raise Refused(VmStatus.UNKNOWN_VM, f"no VM {vm_id} on this provider") from None
+        if info.owner != owner:
+            raise Refused(VmStatus.NOT_YOURS, f"VM {vm_id} belongs to another consumer")
+        return info
+
+    async def _create(self, owner: str, body) -> VMInfo:
+        held = sum(1 for v in self._tunnels.values() if v["owner"] == owner)
+        if held >= self.max_per_consumer:
+            raise Refused(VmStatus.NO_CAPACITY,
+                          f"you hold {held} VMs here, the most one consumer may"
+                          f" ({self.max_per_consumer}); release one first")
+        spec = VMSpec(vcpus=body.vcpus, memory_mb=body.memory_mb, disk_gb=body.disk_gb,
+                      image=body.image or DEFAULT_IMAGE, owner=owner, name=body.name)
+        try:
+            info = await self.backend.create(spec)
+        except QuotaExceeded as e:
+            raise Refused(VmStatus.NO_CAPACITY, str(e)) from None
+        except BadSpec as e:
+            raise Refused(VmStatus.BAD_REQUEST, str(e)) from None
+        except VMError as e:
+            raise Refused(VmStatus.FAILED, f"could not define the VM: {e}") from None
+        self._tunnels[info.vm_id] = {"owner": owner, "consumer_key": encode_key(body.wg_public_key),
+                                     "created_at": self._clock()}
+        self._save_tunnels()
+        self.announce_free()
+        try:
+            info = await self.backend.start(info.vm_id)
+        except VMError as e:
+            await self._release(info)
+            raise Refused(VmStatus.FAILED, f"the VM did not start: {e}") from None
+        self.log.info("VM {vm} ({cpu} cores, {mem} MiB) created for {peer}", vm=info.vm_id,
+                      cpu=info.vcpus, mem=info.memory_mb, peer=format_peer_id(bytes.fromhex(owner)))
+        return info
+
+    async def _release(self, info: VMInfo) -> VMInfo:
+        try:
+            await self.backend.destroy(info.vm_id)
+        except UnknownVM:
+            pass  # released meanwhile (a second release): the outcome is the same
+        except VMError as e:
+            raise Refused(VmStatus.FAILED, f"could not release VM {info.vm_id}: {e}") from None
+        if self._tunnels.pop(info.vm_id, None) is not None:
+            self._save_tunnels()
+        self.announce_free()
+        self.log.info("VM {vm} released", vm=info.vm_id)
+        return replace(info, state="released", address=None)
+
+    # records
+
+    def _record(self, overlay, peer_id: bytes, info: VMInfo) -> dict:
+        connection = overlay.paths.connection(peer_id)
+        endpoints = overlay.node.public_endpoints()
+        if connection is not None and connection.kind == "relayed":
+            endpoint = connection.endpoint  # the relay carries us
+        else:
+            endpoint = endpoints[0] if endpoints else ("0.0.0.0", 0)
+        return {
+            "vm_id": bytes.fromhex(info.vm_id),
+            "name": info.name,
+            "state": info.state,
+            "vcpus": info.vcpus,
+            "memory_mb": info.memory_mb,
+            "disk_gb": info.disk_gb,
+            "image": getattr(info, "image", "") or "",
+            "created_ms": int(info.created_at * 1000),
+            "address": info.address or "",
+            "wg_public_key": self.wireguard.public,
+            "wg_endpoint": f"{endpoint[0]}:{endpoint[1]}",
+            "path_kind": connection.kind if connection is not None else "unknown",
+        }
+
+    # tunnel keys
+
+    def _save_tunnels(self) -> None:
+        write_json(self.data_dir / TUNNELS_FILE, {"version": 1, "tunnels": self._tunnels})
+
+    def _forget_gone_tunnels(self, held: set[str]) -> None:
+        """
+        Tunnel keys of VMs the backend no longer has (it reconciled them
+        away after a crash) go too.
+        """
+        gone = [vm_id for vm_id in self._tunnels if vm_id not in held]
+        for vm_id in gone:
+            del self._tunnels[vm_id]
+        if gone:
+            self._save_tunnels()
+
+    def status(self) -> dict:
+        return {
+            "ready": self.ready,
+            "capacity": {"cpu_cores": self.capacity.cpu_cores,
+                         "memory_mb": self.capacity.memory_mb,
+                         "disk_gb": self.capacity.disk_gb, "gpus": self.capacity.gpus},
+            "free": self.free(),
+            "vms": len(self._tunnels),
+            "max_per_consumer": self.max_per_consumer,
+        }
