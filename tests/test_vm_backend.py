@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from twisted.internet import defer
@@ -269,6 +270,16 @@ class LibvirtBackendTests(unittest.TestCase):
         self.assertEqual([n for n, t in threads if t is reactor_thread], [])
 
     @defer.inlineCallbacks
+    def test_no_address_on_test_driver(self):
+        """The test driver's VMs get no address and no bridge is set up."""
+        calls = []
+        b = yield self.backend(bridge_setup=lambda *a: calls.append(a))
+        info = yield b.create(spec())
+        self.assertIsNone(info.address)
+        yield b.start(info.vm_id)
+        self.assertEqual(calls, [])
+
+    @defer.inlineCallbacks
     def test_not_running(self):
         """A stopped backend fails calls instead of touching libvirt on the reactor thread."""
         b = yield self.backend()
@@ -307,3 +318,216 @@ class DomainXMLTests(unittest.TestCase):
             "<memory unit=\"MiB\">128</memory>",
         ):
             self.assertIn(needle, xml)
+
+
+class FakeDomain:
+    """
+    A libvirt domain as the fake connection keeps it.
+    """
+
+    def __init__(self, conn, xml):
+        self._conn = conn
+        self.xml = xml
+        self.active = False
+        self._name = ET.fromstring(xml).findtext("name")
+
+    def name(self):
+        return self._name
+
+    def XMLDesc(self, flags):
+        return self.xml
+
+    def isActive(self):
+        return self.active
+
+    def create(self):
+        self.active = True
+
+    def destroy(self):
+        self.active = False
+
+    def undefine(self):
+        del self._conn.domains[self._name]
+
+    def state(self, flags):
+        return [1 if self.active else 5, 0]
+
+
+class FakeConnection:
+    """
+    The part of a qemu:///system connection the backend uses, in memory, so
+    the qemu kind's bookkeeping is tested without root or libvirtd.
+    """
+
+    def __init__(self):
+        self.domains = {}
+        self.threads = []
+
+    def listAllDomains(self, flags):
+        return list(self.domains.values())
+
+    def defineXML(self, xml):
+        self.threads.append(threading.current_thread())
+        dom = FakeDomain(self, xml)
+        self.domains[dom.name()] = dom
+        return dom
+
+    def lookupByName(self, name):
+        if name not in self.domains:
+            e = libvirt.libvirtError(f"no domain {name}")
+            e.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, f"no domain {name}")
+            raise e
+        return self.domains[name]
+
+    def close(self):
+        pass
+
+
+class FakeImageBuilder:
+    def __init__(self, root, error=None):
+        self.root = Path(root)
+        self.error = error
+        self.calls = []
+
+    def ensure(self, name):
+        self.calls.append((name, threading.current_thread()))
+        if self.error is not None:
+            raise self.error
+        return self.root / name
+
+
+class QemuKindTests(unittest.TestCase):
+    """
+    The qemu kind (image, bridge, addresses) on a fake connection.
+    """
+
+    skip = LibvirtBackendTests.skip
+
+    def setUp(self):
+        self.conn = FakeConnection()
+        self.data_dir = Path(self.mktemp())
+        self.images = FakeImageBuilder("/images")
+        self.bridges = []
+        self.metrics = Metrics()
+
+    @defer.inlineCallbacks
+    def backend(self, **kw):
+        kw.setdefault("image_builder", self.images)
+        kw.setdefault("metrics", self.metrics)
+        b = LibvirtBackend(
+            self.data_dir, uri="qemu:///system", connect=lambda uri: self.conn,
+            bridge_setup=lambda *a: self.bridges.append((a, threading.current_thread())), **kw,
+        )
+        b.startService()
+        self.addCleanup(lambda: b.stopService() if b.running else None)
+        yield b.whenReady
+        return b
+
+    def xml(self, vm_id):
+        return ET.fromstring(self.conn.domains["omerta-" + vm_id].xml)
+
+    @defer.inlineCallbacks
+    def test_addresses_and_cmdline(self):
+        """Each VM gets its own address on the default bridge, passed with the gateway and its id on the kernel command line."""
+        b = yield self.backend()
+        one = yield b.create(spec(image="debian-busybox"))
+        two = yield b.create(spec(image="debian-busybox"))
+        self.assertEqual((one.address, two.address), ("10.237.0.2", "10.237.0.3"))
+        dom = self.xml(one.vm_id)
+        self.assertEqual(
+            dom.findtext("os/cmdline"),
+            f"console=ttyS0 omerta.vm={one.vm_id} omerta.ip=10.237.0.2/24 omerta.gw=10.237.0.1",
+        )
+        self.assertEqual(dom.findtext("os/kernel"), "/images/debian-busybox/vmlinuz")
+        self.assertEqual(dom.find("devices/interface/source").get("bridge"), "omerta-br0")
+        self.assertEqual([a for a, _ in self.bridges], [("omerta-br0", "10.237.0.1/24")] * 2)
+        self.assertEqual([n for n, _ in self.images.calls], ["debian-busybox"] * 2)
+        document = json.loads(b.ledger_path.read_text())
+        self.assertEqual(document["vms"][two.vm_id]["address"], "10.237.0.3")
+
+    @defer.inlineCallbacks
+    def test_blocking_work_off_reactor(self):
+        """Image builds and bridge setup run on the worker thread, not the reactor thread."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        reactor_thread = threading.current_thread()
+        threads = [t for _, t in self.images.calls + self.bridges] + self.conn.threads
+        self.assertEqual(len(threads), 5)
+        self.assertNotIn(reactor_thread, threads)
+
+    @defer.inlineCallbacks
+    def test_address_freed_and_persisted(self):
+        """A destroyed VM's address is free again; a restarted backend never hands out one in use."""
+        b = yield self.backend()
+        one = yield b.create(spec(image="debian-busybox"))
+        two = yield b.create(spec(image="debian-busybox"))
+        yield b.destroy(one.vm_id)
+        yield b.stopService()
+        b2 = yield self.backend()
+        three = yield b2.create(spec(image="debian-busybox"))
+        four = yield b2.create(spec(image="debian-busybox"))
+        self.assertEqual((three.address, four.address), (one.address, "10.237.0.4"))
+        self.assertEqual((yield b2.info(two.vm_id)).address, two.address)
+
+    @defer.inlineCallbacks
+    def test_addresses_exhausted(self):
+        """With no address left, create fails with QuotaExceeded(addresses) and defines nothing."""
+        b = yield self.backend(bridge_address="10.237.0.1/30")
+        yield b.create(spec(image="debian-busybox"))
+        e = yield self.assertFailure(b.create(spec(image="debian-busybox")), QuotaExceeded)
+        self.assertEqual(e.reason, "addresses")
+        self.assertEqual(len(self.conn.domains), 1)
+        self.assertEqual(b.committed().vms, 1)
+
+    @defer.inlineCallbacks
+    def test_unknown_image(self):
+        """An unknown image is a BadSpec listing the known images; no address is used."""
+        b = yield self.backend()
+        e = yield self.assertFailure(b.create(spec(image="windows")), vm.BadSpec)
+        self.assertIn("debian-busybox", str(e))
+        self.assertEqual((self.conn.domains, self.images.calls), ({}, []))
+        self.assertEqual((yield b.create(spec(image="debian-busybox"))).address, "10.237.0.2")
+
+    @defer.inlineCallbacks
+    def test_image_failure(self):
+        """A failed image build fails create with its message, and the slot and address are released."""
+        from omerta.roles.guest import ImageError
+
+        self.images.error = ImageError("apt-get download busybox-static failed")
+        b = yield self.backend()
+        e = yield self.assertFailure(b.create(spec(image="debian-busybox")), vm.VMError)
+        self.assertIn("busybox-static", str(e))
+        self.assertEqual((self.conn.domains, b.committed()), ({}, vm.Resources()))
+        self.assertEqual(json.loads(b.ledger_path.read_text())["vms"], {})
+        self.assertEqual(self.metrics.get("vm_create_failed"), 1)
+        self.images.error = None
+        self.assertEqual((yield b.create(spec(image="debian-busybox"))).address, "10.237.0.2")
+
+    @defer.inlineCallbacks
+    def test_no_bridge(self):
+        """bridge="" gives a VM without a NIC or address, and no bridge is set up."""
+        b = yield self.backend(bridge="")
+        info = yield b.create(spec(image="debian-busybox"))
+        self.assertIsNone(info.address)
+        self.assertIsNone(self.xml(info.vm_id).find("devices/interface"))
+        self.assertNotIn("omerta.ip", self.xml(info.vm_id).findtext("os/cmdline"))
+        self.assertEqual(self.bridges, [])
+
+    @defer.inlineCallbacks
+    def test_start_prepares_again(self):
+        """start sets up the bridge (gone after a host reboot) and checks the image again."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.assertEqual(len(self.bridges), 2)
+        self.assertEqual(len(self.images.calls), 2)
+
+    @defer.inlineCallbacks
+    def test_qemu_can_reach_files(self):
+        """The data directory gets search permission for QEMU's user; the disk stays 0600."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        self.assertEqual(os.stat(self.data_dir).st_mode & 0o777, 0o711)
+        self.assertEqual(os.stat(b.disk_path(info.vm_id).parent).st_mode & 0o777, 0o711)
+        self.assertEqual(os.stat(b.disk_path(info.vm_id)).st_mode & 0o777, 0o600)
