@@ -370,6 +370,7 @@ class MeshNode:
             "peer_id": self.identity.peer_id_text,
             "name": self.name,
             "capabilities": capability_names(self.capabilities),
+            "resources": dict(self.resources),
             "networks": [n["id"] for n in networks],
             "network_status": networks,
             "public_endpoints": [f"{h}:{p}" for h, p in self.public_endpoints()],
