@@ -418,7 +418,8 @@ class LibvirtBackend(service.Service):
         if reactor is None:
             from twisted.internet import reactor  # noqa: rule 4, lazily
         self.reactor = reactor
-        self.data_dir = Path(data_dir)
+        # absolute: the paths go into domain XML, read by libvirtd
+        self.data_dir = Path(data_dir).absolute()
         self.uri = uri
         self.quota = quota
         self.metrics = metrics
@@ -853,7 +854,7 @@ class LibvirtBackend(service.Service):
                     # after a host reboot the bridge is gone; the image may
                     # have been removed: both are cheap to check
                     self._prepare(self._vms[v]["image"])
-                dom.create()
+                self._boot(dom)
             return self._info_of(v, dom)
 
         return self._call(work, vm_id)
@@ -871,6 +872,20 @@ class LibvirtBackend(service.Service):
             return self._info_of(v, dom)
 
         return self._call(work, vm_id)
+
+    def _boot(self, dom) -> None:
+        import libvirt
+
+        try:
+            dom.create()
+        except libvirt.libvirtError as e:
+            if "Permission denied" not in str(e):
+                raise
+            raise VMError(
+                f"{e} (QEMU runs as an unprivileged user: every directory above"
+                f" {self.data_dir} and {self.images_dir} needs search permission,"
+                f" chmod o+x)"
+            ) from e
 
     def _existing(self, vm_id: str):
         dom = self._domain(vm_id)
