@@ -22,7 +22,10 @@ worker thread, never from the reactor.  It is:
 
 Packages are fetched with C{apt-get download} (the concrete kernel package
 is the C{Depends} of the C{linux-image-cloud-amd64} metapackage) and read
-with C{dpkg-deb}; nothing is installed on the host.
+with C{dpkg-deb}; nothing is installed on the host.  The initramfs is
+written by L{cpio_newc} and C{gzip} here, so the host needs no cpio.
+
+Pre-build an image with C{python -m omerta.roles.guest <data_dir>/images}.
 """
 
 from __future__ import annotations
@@ -513,3 +516,32 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m omerta.roles.guest IMAGES_DIR [NAME]}: build (or find
+    cached) an image ahead of time, e.g. C{<data_dir>/images}.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m omerta.roles.guest",
+        description="Build a guest image for the provider's QEMU VMs (cached).",
+    )
+    parser.add_argument("images_dir", type=Path, help="e.g. <data dir>/images")
+    parser.add_argument("name", nargs="?", default=DEFAULT_IMAGE, choices=KNOWN_IMAGES)
+    args = parser.parse_args(argv)
+    builder = ImageBuilder(args.images_dir)
+    started = time.monotonic()
+    try:
+        path = builder.ensure(args.name)
+    except ImageError as e:
+        parser.exit(1, f"error: {e}\n")
+    manifest = builder.cached(args.name) or {}
+    print(f"{path} ({time.monotonic() - started:.1f} s): {manifest.get('packages')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

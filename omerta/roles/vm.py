@@ -32,6 +32,23 @@ start and settles every disagreement between the ledger and libvirt:
 Nothing leaks and nothing is forgotten: after reconcile the ledger and the
 set of tagged domains are equal.
 
+QEMU guests
+===========
+
+For a C{qemu:} URI the domains are real TCG guests: before a VM is defined
+(and again before it is started, since a host reboot removes the bridge) the
+worker thread makes sure its image exists (L{guest.ImageBuilder}, cached in
+C{images_dir}, default C{<data_dir>/images}) and that the bridge exists
+(L{bridges.ensure_bridge}, default C{omerta-br0} with C{10.237.0.1/24}).
+Each VM gets an address of the bridge's subnet when it is created, on the
+reactor thread together with its quota reservation, so no two VMs ever share
+one; it is kept in the ledger entry's C{address} (so it survives a restart)
+and is free again once the entry goes (destroy, or reconcile finding the
+domain lost).  The guest learns it from the kernel command line
+(L{guest.kernel_cmdline}).  QEMU runs as an unprivileged user, so the data
+directory gets search permission (0711) and the disk is 0600 (libvirt hands
+it to QEMU's user while the VM runs).
+
 The test driver
 ===============
 
