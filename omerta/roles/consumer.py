@@ -118,6 +118,9 @@ class ConsumerState:
 
     @classmethod
     def from_document(cls, document: dict, path: Path) -> ConsumerState:
+        if not isinstance(document, dict):
+            raise ConsumerStateError(f"{path} is not a consumer state file (not a JSON"
+                                     f" object); it was left untouched")
         if not document:
             return cls()
         if document.get("version") != VERSION:
@@ -130,7 +133,7 @@ class ConsumerState:
                 providers={k: ProviderScore(**v)
                            for k, v in document.get("providers", {}).items()},
             )
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:  # a field of the wrong kind
             raise ConsumerStateError(f"{path} is not a consumer state file ({e});"
                                      f" it was left untouched") from None
 

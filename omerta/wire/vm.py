@@ -25,6 +25,7 @@ consumer.  Errors carry a L{VmStatus} and a detail a person can act on.
 from __future__ import annotations
 
 import enum
+import string
 
 import construct as c
 
@@ -135,7 +136,6 @@ def vm_id_bytes(vm_id: str) -> bytes:
 
     @raise ValueError: not 16 hex digits.
     """
-    raw = bytes.fromhex(vm_id)
-    if len(raw) != 8:
+    if len(vm_id) != 16 or any(ch not in string.hexdigits for ch in vm_id):
         raise ValueError(f"a VM id is 16 hex digits, not {vm_id!r}")
-    return raw
+    return bytes.fromhex(vm_id)
