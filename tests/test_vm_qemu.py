@@ -175,8 +175,10 @@ class RealGuestTests(unittest.TestCase):
         yield b.whenReady
         log.info("qemu:///system backend ready in {s:.2f} s", s=time.monotonic() - t0)
 
+        t0 = time.monotonic()
         info = yield b.create(VMSpec(vcpus=1, memory_mb=192, disk_gb=1,
                                      image=guest.DEFAULT_IMAGE, owner=OWNER, name="ci"))
+        log.info("create() took {s:.2f} s", s=time.monotonic() - t0)
         self.assertEqual(info.state, "shutoff")
         self.assertTrue(info.address.startswith("10.237.254."), info.address)
         serial = b.serial_log_path(info.vm_id)
