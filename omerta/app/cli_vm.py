@@ -36,11 +36,11 @@ from omerta.crypto.wireguard import WireGuardKey, encode_key
 from omerta.mesh.messaging import MessagingError
 from omerta.mesh.registry import PeerRecord, Requirements
 from omerta.roles.consumer import ConsumerStore, HeldVM
+from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.wire import ParseError
 from omerta.wire.messages import Capability
 from omerta.wire.vm import CHANNEL, VmOp, VmStatus, build_request, parse_reply, vm_id_bytes
 
-DEFAULT_IMAGE = "debian-busybox"
 REQUEST_TIMEOUT = 60.0
 NO_TUNNEL = ("not set up: carrying WireGuard over the mesh comes in a later release;"
              " the keys are exchanged and kept for it")

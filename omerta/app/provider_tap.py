@@ -41,6 +41,11 @@ class Options(NodeOptions):
         ["vm-disk", None, None,
          "Most GiB of VM disk (default: the free space of the data directory's filesystem)."],
         ["vm-bridge", None, "omerta-br0", "Linux bridge for real guests' NICs (qemu only)."],
+        ["vm-bridge-address", None, "10.237.0.1/24",
+         "The bridge's address; guests get the others of its subnet (qemu only)."],
+        ["vm-images", None, None,
+         "Guest image cache (default: DATA_DIR/images; build ahead with"
+         " 'python -m omerta.roles.guest DIR')."],
     ]
 
     def postOptions(self) -> None:
@@ -55,6 +60,12 @@ class Options(NodeOptions):
                     raise ValueError
             except (TypeError, ValueError):
                 raise usage.UsageError(f"--{key} takes a whole number >= {minimum}") from None
+        from omerta.roles.bridge import AddressPool, BridgeError
+
+        try:
+            AddressPool(self["vm-bridge-address"])
+        except BridgeError as e:
+            raise usage.UsageError(f"--vm-bridge-address: {e}") from None
         uri = self["libvirt-uri"]
         if not uri or ":" not in uri:
             raise usage.UsageError(
@@ -94,7 +105,10 @@ def makeService(options: Options, reactor=None):
                   memory_mb=memory,
                   disk_gb=host.disk_gb if options["vm-disk"] is None else options["vm-disk"])
     backend = LibvirtBackend(data_dir, reactor=reactor, uri=options["libvirt-uri"], quota=quota,
-                             metrics=node.metrics, bridge=options["vm-bridge"])
+                             metrics=node.metrics, bridge=options["vm-bridge"],
+                             bridge_address=options["vm-bridge-address"],
+                             images_dir=None if options["vm-images"] is None
+                             else Path(options["vm-images"]))
     backend.setName("vms")
     backend.setServiceParent(top)
     provider = ProviderService(node, backend, host, data_dir,

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
 from omerta.crypto.wireguard import encode_key, load_or_create_key
+from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.roles.resources import Capacity, HostResources
 from omerta.roles.vm import BadSpec, QuotaExceeded, UnknownVM, VMError, VMInfo, VMSpec
 from omerta.storage import read_json, write_json
@@ -42,7 +43,6 @@ from omerta.wire.vm import (CHANNEL, MAX_VMS_PER_REPLY, VmOp, VmStatus, build_re
 
 TUNNELS_FILE = "vm-tunnels.json"
 WIREGUARD_KEY_FILE = "wireguard.key"
-DEFAULT_IMAGE = "debian-busybox"
 
 
 class Refused(Exception):
@@ -240,7 +240,7 @@ class ProviderService(Service):
             "vcpus": info.vcpus,
             "memory_mb": info.memory_mb,
             "disk_gb": info.disk_gb,
-            "image": getattr(info, "image", "") or "",
+            "image": info.image,
             "created_ms": int(info.created_at * 1000),
             "address": info.address or "",
             "wg_public_key": self.wireguard.public,

@@ -170,6 +170,7 @@ class VMInfo:
     owner: str
     created_at: float
     address: str | None = None
+    image: str = ""
 
 
 @dataclass(frozen=True)
@@ -843,6 +844,7 @@ class LibvirtBackend(service.Service):
             owner=e["owner"],
             created_at=e["created_at"],
             address=e.get("address"),
+            image=e.get("image", ""),
         )
 
     def _call(self, work, vm_id: str) -> defer.Deferred:
