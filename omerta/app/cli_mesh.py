@@ -640,11 +640,12 @@ async def find_peer(view: MeshView, ref: str) -> PeerRecord:
 async def connect_peer(view: MeshView, record: PeerRecord) -> Connection:
     try:
         connection = await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
-    except ConnectError:
+    except ConnectError as e:
         raise CommandError(
             f"no path to {peer_label(record)} within {view.timeout:g} s: it did not answer"
             f" at its known address and no peer heard from it recently (its state"
-            f" here: {record.state}); is it running? try a longer --timeout"
+            f" here: {record.state}; tried: {e.attempts}); is it running? try a longer"
+            f" --timeout"
         ) from None
     if connection.rtt is None and record.rtt is not None:
         # The pong that proved the path fires connect() before the link

@@ -19,13 +19,19 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import deferLater
 
-from omerta.mesh.paths import Connection
+from omerta.mesh.paths import Connection, is_relayed
 from omerta.mesh.registry import PeerRecord, Requirements
 from omerta.mesh.service import NodeService
 
 
 class ConnectError(Exception):
-    pass
+    """
+    No path to a peer; C{attempts} says what was tried.
+    """
+
+    def __init__(self, message: str, attempts: str = ""):
+        super().__init__(f"{message} ({attempts})" if attempts else message)
+        self.attempts = attempts
 
 
 class MeshNetwork:
@@ -186,7 +192,31 @@ class MeshNetwork:
                 return connection
             if connection is not None and connection.rtt is not None and connection.endpoint != address:
                 return connection  # another path answered meanwhile
-        raise ConnectError(f"no path to {peer_id.hex()} within {timeout:g} s")
+        raise ConnectError(f"no path to {peer_id.hex()} within {timeout:g} s",
+                           self._attempts(overlay, peer_id, tried))
+
+    @staticmethod
+    def _attempts(overlay, peer_id: bytes, tried) -> str:
+        """
+        What a failed connect tried, for the person reading the error.
+        """
+        direct = sorted(f"{a[0]}:{a[1]}" for a in tried if not is_relayed(a))
+        relays = overlay.relays.announced_relays(peer_id)
+        sessions = overlay.relays.sessions.get(peer_id, {})
+        metrics = overlay.metrics
+        denied = metrics.by_label("relay_denials", "reason")
+        parts = [f"direct {', '.join(direct)} unanswered" if direct else "no direct address"]
+        if relays:
+            parts.append(
+                f"{len(relays)} relay(s) announced, {metrics.total('relay_connects')} session"
+                f" request(s), {len(sessions)} session(s) open"
+                + (f", denials {denied}" if denied else ""))
+        else:
+            parts.append("it announces no relay")
+        state = overlay.paths.peers.get(peer_id)
+        if state is not None and state.punch_attempts:
+            parts.append(f"{state.punch_attempts} hole punch(es) tried")
+        return "; ".join(parts)
 
     def wait_direct(self, peer, timeout: float, network=None) -> Deferred:
         """
