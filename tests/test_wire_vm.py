@@ -8,6 +8,7 @@ that only ParseError ever escapes, and VM ids in their printed form.
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
+from omerta.wire.codec import as_plain
 from omerta.wire import ParseError
 from omerta.wire.vm import (
     MAX_VMS_PER_REPLY,
@@ -85,14 +86,6 @@ REPLY_BYTES = unhex("01 00 00 02") + b"ok" + b"\x01" + RECORD_BYTES
 REFUSAL_BYTES = unhex("01 01 00 0b") + b"no capacity" + b"\x00"
 
 
-def _plain(value):
-    """A parsed construct Container as plain dicts and lists, without construct's _io."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if not k.startswith("_")}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
 
 class GoldenTests(unittest.TestCase):
     def test_created_ms_constant(self):
@@ -107,7 +100,7 @@ class GoldenTests(unittest.TestCase):
         parsed = parse_request(CREATE_BYTES)
         self.assertEqual(parsed.version, VERSION)
         self.assertEqual(parsed.op, VmOp.CREATE)
-        self.assertEqual(_plain(parsed.body), CREATE)
+        self.assertEqual(as_plain(parsed.body), CREATE)
 
     def test_release(self):
         """RELEASE is version, op, the 8-byte VM id."""
@@ -119,7 +112,7 @@ class GoldenTests(unittest.TestCase):
         """LIST is version and op alone."""
         self.assertEqual(build_request(VmOp.LIST), LIST_BYTES)
         parsed = parse_request(LIST_BYTES)
-        self.assertEqual((parsed.op, _plain(parsed.body)), (VmOp.LIST, {}))
+        self.assertEqual((parsed.op, as_plain(parsed.body)), (VmOp.LIST, {}))
 
     def test_status(self):
         """STATUS is version, op, the 8-byte VM id."""
@@ -133,7 +126,7 @@ class GoldenTests(unittest.TestCase):
         parsed = parse_reply(REPLY_BYTES)
         self.assertEqual(
             (parsed.version, parsed.status, parsed.detail), (VERSION, VmStatus.OK, "ok"))
-        self.assertEqual(_plain(parsed.vms), [RECORD])
+        self.assertEqual(as_plain(parsed.vms), [RECORD])
 
     def test_refusal(self):
         """An error reply carries its status and detail and no VMs."""
@@ -158,7 +151,7 @@ class RoundTripTests(unittest.TestCase):
     def test_unicode_texts(self):
         """Non-ASCII names, images and details survive a round trip."""
         body = dict(CREATE, name="vm-é✓", image="débian")
-        self.assertEqual(_plain(parse_request(build_request(VmOp.CREATE, **body)).body), body)
+        self.assertEqual(as_plain(parse_request(build_request(VmOp.CREATE, **body)).body), body)
         self.assertEqual(parse_reply(build_reply(VmStatus.FAILED, "échec ✗")).detail, "échec ✗")
 
     def test_long_detail(self):
@@ -169,7 +162,7 @@ class RoundTripTests(unittest.TestCase):
     def test_empty_address_and_no_key(self):
         """A VM without an address and a provider without a key round-trip as empty/zero."""
         record = dict(RECORD, address="", wg_public_key=NO_KEY, wg_endpoint="", path_kind="")
-        self.assertEqual(_plain(parse_reply(build_reply(VmStatus.OK, "", [record])).vms),
+        self.assertEqual(as_plain(parse_reply(build_reply(VmStatus.OK, "", [record])).vms),
                          [record])
 
     def test_most_vms(self):
@@ -191,7 +184,7 @@ class RoundTripTests(unittest.TestCase):
         """Any CREATE whose fields fit parses back to itself."""
         body = dict(vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb, image=image,
                     name=name, wg_public_key=key)
-        self.assertEqual(_plain(parse_request(build_request(VmOp.CREATE, **body)).body), body)
+        self.assertEqual(as_plain(parse_request(build_request(VmOp.CREATE, **body)).body), body)
 
 
 class BuildErrorTests(unittest.TestCase):

@@ -35,6 +35,18 @@ def parse_exact(con: c.Construct, data: bytes, what: str):
     return value
 
 
+def as_plain(value):
+    """
+    A parsed construct value as plain dicts and lists, without construct's
+    private keys (C{_io}): for comparing, printing or serialising.
+    """
+    if isinstance(value, dict):
+        return {k: as_plain(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [as_plain(v) for v in value]
+    return value
+
+
 def build(con: c.Construct, value, what: str) -> bytes:
     """
     Build C{value} with C{con}; a value that does not fit the format raises
