@@ -105,6 +105,10 @@ def _format(document: dict, invocation: Invocation) -> str:
         lines.append(f"listening udp {document['listen']}")
     if document.get("capabilities"):
         lines.append(f"roles     {', '.join(document['capabilities'])}")
+    if "provider" in document.get("capabilities", ()) and document.get("resources"):
+        r = document["resources"]
+        lines.append(f"offers    {r['cpu_cores']} cores, {r['memory_mb']} MiB,"
+                     f" {r['disk_gb']} GiB free, {r['gpus']} GPU(s)")
     for network in document.get("networks", []):
         lines.append(f"network   {network} ({names.get(network, '?')})")
     peers = document.get("peers", [])
