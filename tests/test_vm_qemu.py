@@ -32,6 +32,7 @@ from twisted.trial import unittest
 from omerta.roles import guest
 from omerta.roles.guest import ImageBuilder
 from omerta.roles.vm import LibvirtBackend, Resources, VMSpec
+from tests.integration import wait_for
 
 IMAGE_CACHE = Path(os.environ.get("OMERTA_TEST_IMAGE_CACHE", "/var/cache/omerta-test-images"))
 BRIDGE = "omerta-test0"
@@ -85,23 +86,14 @@ def running(name: str) -> bool:
     return False
 
 
-def wait_for(condition, deadline: float, what: str) -> None:
-    # blocking, for a setup step run in a thread
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up after {deadline:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def start_daemons() -> None:
     """
-    Start virtlogd and libvirtd (NATLAB.md) unless they run already.
+    Start virtlogd and libvirtd (NATLAB.md) unless they run already; the
+    caller waits for the socket.
     """
     for daemon in ("virtlogd", "libvirtd"):
         if not running(daemon):
             subprocess.run([daemon, "-d"], check=True)
-    wait_for(LIBVIRT_SOCKET.exists, DAEMON_DEADLINE, f"{LIBVIRT_SOCKET}")
     # NATLAB.md: the kvm group's access to /dev/kvm (Debian's udev default)
     # spares a ~4 s capability re-probe at every domain start, even for TCG
     kvm = Path("/dev/kvm")
@@ -158,6 +150,8 @@ class RealGuestTests(unittest.TestCase):
     def test_boot_ping_destroy(self):
         """A real guest boots on the bridge, reports its allocated address, answers ping, and destroy leaves nothing behind."""
         yield deferToThread(start_daemons)
+        yield defer.ensureDeferred(wait_for(LIBVIRT_SOCKET.exists, DAEMON_DEADLINE,
+                                            f"libvirtd's socket {LIBVIRT_SOCKET}"))
         builder = ImageBuilder(IMAGE_CACHE)
         cached = builder.cached(guest.DEFAULT_IMAGE) is not None
         t0 = time.monotonic()
