@@ -22,7 +22,8 @@ import time
 from twisted.trial import unittest
 
 from omerta.testing import natlab
-from omerta.testing.matrix import EXPECTED, MatrixLab, render_failover, render_markdown
+from omerta.testing.matrix import MatrixLab
+from omerta.testing.matrix_results import EXPECTED, render_failover, render_markdown
 
 TRIALS = 5
 LOSS_TRIALS = 2
