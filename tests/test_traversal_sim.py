@@ -335,6 +335,49 @@ class RelayRuleTests(unittest.TestCase):
         self.assertEqual(relays[0].node.metrics.get("relay_sessions", event="reservation_gone"), 1)
 
 
+    def test_lost_challenge_retried(self):
+        """
+        The relay's challenges to a newcomer are lost for 3 s: as the
+        newcomer keeps sending (bootstrap retries), the relay challenges
+        again (at most once a second), proves its address, and a relay
+        session to a peer opens.  (Before: one challenge per run of a peer,
+        and a lost one left the address unproven for good, every session
+        request denied as unproven.)
+        """
+        from omerta.wire.envelope import is_frame, parse_header
+        from omerta.wire.messages import MessageType
+
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0]
+        route = sim.net._route
+        dropped = []
+        started = sim.clock.seconds()
+
+        def lossy(src, data, addr):
+            if (src == relay.address and addr[0] == "203.0.113.3" and is_frame(data)
+                    and parse_header(data).type == MessageType.PING
+                    and sim.clock.seconds() - started < 3):
+                dropped.append(data)
+                return
+            route(src, data, addr)
+
+        self.patch(sim.net, "_route", lossy)
+        c = sim.add_behind_nat("symmetric", "10.3.0.2", "203.0.113.3", [relay], name="c")
+
+        def proven() -> bool:
+            link = relay.overlay.liveness.links.get(c.peer_id)
+            return link is not None and relay.overlay.liveness.verified(c.peer_id, link.address)
+
+        self.assertTrue(sim.run_until(proven, 8), "c's address was never proven")
+        self.assertGreaterEqual(len(dropped), 1)
+        self.assertGreaterEqual(sim.clock.seconds() - started, 3)
+        self.assertTrue(sim.run_until(lambda: c.overlay.registry.get(b.peer_id) is not None, 5))
+        c.overlay.paths.establish(b.peer_id)
+        self.assertTrue(sim.run_until(
+            lambda: c.overlay.relays.route_to(b.peer_id) is not None, 5),
+            "the session never opened")
+
+
 def send_connect(node, address, peer) -> None:
     from omerta.wire.messages import MessageType
 

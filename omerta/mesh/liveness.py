@@ -55,6 +55,7 @@ class Link:
     pending_address: tuple | None = None
     unanswered: int = 0
     first_unanswered: float | None = None
+    challenged_at: float = float("-inf")
 
 
 @dataclass
@@ -103,7 +104,8 @@ class Liveness:
                 if (peer_id, address) not in self._proven and size >= self.overlay.challenge_size:
                     self.ping(peer_id, address, contacts=False)
                 return None
-            link = Link(peer_id, address, now, now, now + self._jitter())
+            link = Link(peer_id, address, now, now, now + self._jitter(),
+                        verified=(peer_id, address) in self._proven)
             self.links[peer_id] = link
         elif link.address != address:
             if (is_relayed(address) and not is_relayed(link.address) and link.verified
@@ -113,9 +115,11 @@ class Liveness:
                 return None
             if link.pending_address != address:
                 link.pending_address = address
-                if size >= self.overlay.challenge_size:
-                    self.ping(peer_id, address, contacts=False)
+                link.challenged_at = float("-inf")
+            self._challenge(link, address, now, size)
             return None
+        elif not link.verified:
+            self._challenge(link, address, now, size)
         link.last_heard = now
         link.heard_this_period = True
         link.unanswered = 0
@@ -127,6 +131,19 @@ class Liveness:
         if link.suspected_at is not None:
             self._clear_suspicion(link, now)
         return link
+
+    def _challenge(self, link: Link, address: tuple, now: float, size: int) -> None:
+        """
+        Ping an address the peer sends from that no pong has proven yet: at
+        most once per C{challenge_retry} seconds per link, and only for a
+        frame at least as large as the ping (no amplification).  A lost
+        challenge or pong is thus retried as long as the peer keeps sending
+        (a relay denying it as unproven, for one, until it is proven).
+        """
+        if (size >= self.overlay.challenge_size
+                and now - link.challenged_at >= self.config.challenge_retry
+                and (link.peer_id, address) not in self._proven):
+            self.ping(link.peer_id, address, contacts=False)
 
     def connect(self, peer_id: bytes, address: tuple) -> None:
         """
@@ -156,6 +173,8 @@ class Liveness:
         now = overlay.clock.seconds()
         self._pings[nonce] = (peer_id, now, address)
         link = self.links.get(peer_id)
+        if link is not None and not contacts:
+            link.challenged_at = now
         if link is not None and link.address == address:
             link.unanswered += 1
             if link.first_unanswered is None:

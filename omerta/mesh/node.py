@@ -44,6 +44,9 @@ class MeshConfig:
     max_outstanding_pings: int = 1024
     ping_retries: int = 2
     ping_retry: float = 2.0
+    # an address a peer sends from, not proven yet, is challenged again at
+    # most this often while frames keep coming from it
+    challenge_retry: float = 1.0
     proven_memory: int = 4096
     # gossip
     announce_ttl: int = 3600

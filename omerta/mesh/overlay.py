@@ -169,7 +169,8 @@ class Overlay:
         if link is not None:
             link.verified = False  # a new run of the peer: prove it again
         self.liveness.forget_proof(peer_id)
-        if size >= self.challenge_size:
+        if size >= self.challenge_size and (link is None or link.challenged_at < self.clock.seconds()):
+            # (unless liveness just challenged this frame's address itself)
             self.liveness.ping(peer_id, addr, contacts=False)
 
     challenge_size = CHALLENGE_SIZE
