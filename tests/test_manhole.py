@@ -323,6 +323,17 @@ class NamespaceTests(unittest.TestCase):
         self.assertIsNone(ns["provider"])
         self.assertEqual(ns["status"]()["peer_id"], ns["node"].peer_id)
 
+    def test_provider_role(self):
+        """In a provider process, provider is the ProviderService next to the node."""
+        from twisted.application.service import MultiService, Service
+
+        top = MultiService()
+        self.service.setServiceParent(top)
+        provider = Service()
+        provider.setName("provider")
+        provider.setServiceParent(top)
+        self.assertIs(manhole.make_namespace(self.service)["provider"], provider)
+
     def test_show_lists_names(self):
         """show() and help() print every name of the namespace with a description."""
         for helper in ("show", "help"):

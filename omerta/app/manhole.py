@@ -504,7 +504,7 @@ NAMES = (
     ("stun", "the STUN service (server and NAT discovery; stun.report)"),
     ("clock", "the reactor: clock.seconds(), clock.callLater(delay, f)"),
     ("relay", "relay role (RelayServer: reservations, sessions, status()); None if not a relay"),
-    ("provider", "provider role object (None until the provider role lands)"),
+    ("provider", "provider role (ProviderService: status(), free(), backend.list()); None if not a provider"),
     ("status()", "the status document, as 'omerta node status' shows it"),
     ("show()", "this list (also help(); help(obj) documents obj)"),
 )
@@ -517,6 +517,13 @@ def make_namespace(node_service) -> dict:
     from omerta.mesh.network import MeshNetwork
 
     mesh = node_service.node
+    provider = None
+    parent = getattr(node_service, "parent", None)
+    if parent is not None:
+        try:
+            provider = parent.getServiceNamed("provider")
+        except KeyError:
+            pass
     registry = None
     if mesh is not None and mesh.overlays:
         registry = mesh.overlay().registry
@@ -550,7 +557,7 @@ def make_namespace(node_service) -> dict:
         "stun": node_service.stun,
         "clock": node_service.reactor,
         "relay": node_service.node.relay if node_service.node is not None else None,
-        "provider": None,
+        "provider": provider,
         "status": status,
         "show": show,
         "help": help,
