@@ -63,7 +63,8 @@ it fires.  Every session gets a fresh namespace, built when it opens:
  - C{clock}: the reactor (C{clock.seconds()}, C{clock.callLater(...)});
  - C{relay}: the relay role (L{omerta.mesh.relay.RelayServer}: its
    reservations, sessions and C{status()}), None on a node that does not
-   relay; C{provider}: None until the provider role lands;
+   relay; C{provider}: the provider role (L{omerta.roles.provider.ProviderService}:
+   C{status()}, C{free()}, C{backend}), None on a node that is not a provider;
  - C{status()}: the node's status document (what C{omerta node status} shows);
  - C{show()} or C{help()}: print this list.  C{help(obj)} prints the
    documentation of C{obj} (the interactive C{help()} of Python would block
