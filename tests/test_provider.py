@@ -222,6 +222,25 @@ class ProviderTests(unittest.TestCase):
         self.assertIn("release one first", third.detail)
         self.assertEqual(self.create(self.bob).status, VmStatus.OK)
 
+    def test_per_consumer_cap_holds_for_concurrent_requests(self):
+        """Requests in flight at once count against the cap while the backend works."""
+        self.provider.max_per_consumer = 1
+        slow = defer.Deferred()
+        create = self.backend.create
+        self.backend.create = lambda spec: slow.addCallback(lambda _: create(spec))
+        payload = build_request(VmOp.CREATE, vcpus=1, memory_mb=256, disk_gb=1,
+                                image="debian-busybox", name="", wg_public_key=bytes(32))
+        replies = []
+        for _ in range(2):
+            self.alice.node.overlay().messaging.request(
+                self.provider_node.node.peer_id, CHANNEL, payload, timeout=10
+            ).addCallback(lambda answer: replies.append(parse_reply(answer)))
+        self.mesh.net.run_until(lambda: len(replies) == 1, 5)
+        slow.callback(None)
+        self.mesh.net.run_until(lambda: len(replies) == 2, 5)
+        self.assertEqual(sorted(r.status for r in replies), [VmStatus.OK, VmStatus.NO_CAPACITY])
+        self.assertEqual(len(self.backend.vms), 1)
+
     def test_bad_requests(self):
         garbage = self.ask_raw(self.alice, b"\x01\x09junk")
         self.assertEqual(garbage.status, VmStatus.BAD_REQUEST)

@@ -76,6 +76,7 @@ class ProviderService(Service):
         self.ready = False
         self._clock = clock
         self._tunnels: dict[str, dict] = {}
+        self._creating: dict[str, int] = {}  # owner -> creates in progress
         self.wireguard = None
 
     # lifecycle
@@ -183,11 +184,23 @@ class ProviderService(Service):
         return info
 
     async def _create(self, owner: str, body) -> VMInfo:
-        held = sum(1 for v in self._tunnels.values() if v["owner"] == owner)
+        held = (sum(1 for v in self._tunnels.values() if v["owner"] == owner)
+                + self._creating.get(owner, 0))
         if held >= self.max_per_consumer:
             raise Refused(VmStatus.NO_CAPACITY,
                           f"you hold {held} VMs here, the most one consumer may"
                           f" ({self.max_per_consumer}); release one first")
+        # counted while the backend works, so concurrent requests cannot
+        # all pass the check above
+        self._creating[owner] = self._creating.get(owner, 0) + 1
+        try:
+            return await self._define_and_boot(owner, body)
+        finally:
+            self._creating[owner] -= 1
+            if not self._creating[owner]:
+                del self._creating[owner]
+
+    async def _define_and_boot(self, owner: str, body) -> VMInfo:
         spec = VMSpec(vcpus=body.vcpus, memory_mb=body.memory_mb, disk_gb=body.disk_gb,
                       image=body.image or DEFAULT_IMAGE, owner=owner, name=body.name)
         try:
