@@ -39,6 +39,23 @@ def require_program(name: str, package: str) -> str:
     raise AssertionError(f"{name} missing: scripts/setup-env should have installed {package}")
 
 
+def require_lab() -> None:
+    """
+    Skip the test when the NAT lab cannot run here and we are not root
+    (nothing can be installed); as root (CI), an unusable lab is a failure.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    from omerta.testing import natlab
+
+    problems = natlab.check_environment()
+    if not problems:
+        return
+    if os.geteuid() != 0:
+        raise SkipTest(f"the NAT lab needs root: {'; '.join(problems)}")
+    raise AssertionError(f"NAT lab unavailable as root: {'; '.join(problems)}")
+
+
 def free_udp_port_pair() -> int:
     """
     A port P such that P and P + 1 are free on 127.0.0.1 and 127.0.0.2.

@@ -24,6 +24,7 @@ from unittest import SkipTest
 from twisted.trial.unittest import SynchronousTestCase
 
 from omerta.testing import natlab
+from tests.integration import require_lab
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = str(Path(__file__).with_name("natlab_probe.py"))
@@ -60,10 +61,6 @@ STUN_VERDICT = {
 }
 
 
-def require_lab() -> None:
-    problems = natlab.check_environment()
-    if problems:
-        raise SkipTest("; ".join(problems))
 
 
 def require_stun_tools() -> None:

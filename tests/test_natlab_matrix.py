@@ -15,15 +15,14 @@ trials and writes docs/natlab-results.md.
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 import time
 
 from twisted.trial import unittest
 
-from omerta.testing import natlab
 from omerta.testing.matrix import MatrixLab
 from omerta.testing.matrix_results import EXPECTED, render_failover, render_markdown
+from tests.integration import require_lab
 
 TRIALS = 5
 LOSS_TRIALS = 2
@@ -35,13 +34,6 @@ RECOVERY_BOUND_S = 30.0
 WAIT_DIRECT_S = 8.0
 
 
-def require_lab():
-    problems = natlab.check_environment()
-    if not problems:
-        return
-    if os.geteuid() != 0:
-        raise unittest.SkipTest(f"the NAT lab needs root: {'; '.join(problems)}")
-    raise AssertionError(f"NAT lab unavailable as root: {'; '.join(problems)}")
 
 
 def _say(text: str) -> None:

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from omerta.crypto.identity import load_or_create_identity
 from omerta.networks import NetworkStore
 from omerta.testing import natlab
-from tests.integration import REPO, TWISTD, environment
+from tests.integration import REPO, TWISTD, environment, require_lab
 
 SERVER_IP, ALTERNATE_IP = natlab.DEFAULT_SERVER_ADDRESSES
 PORT = 3478
@@ -29,13 +29,6 @@ EXPECTED = {
 }
 
 
-def require_lab():
-    problems = natlab.check_environment()
-    if not problems:
-        return
-    if os.geteuid() != 0:
-        raise unittest.SkipTest(f"the NAT lab needs root: {'; '.join(problems)}")
-    raise AssertionError(f"NAT lab unavailable as root: {'; '.join(problems)}")
 
 
 class LabFixture:
