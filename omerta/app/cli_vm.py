@@ -307,8 +307,9 @@ class _Progress:
 def list_command(invocation: Invocation) -> int:
     args = invocation.args
     store = ConsumerStore(invocation.data_dir)
-    if args.refresh and store.load().vms:
-        _use_network_of(args, store.load().vms.values())
+    held = store.load().vms.values()
+    if args.refresh and held:
+        _use_network_of(args, held)
 
         async def body(view: MeshView) -> None:
             await view.joined()

@@ -136,8 +136,7 @@ class ProviderService(Service):
 
     def _handler(self, overlay):
         def handle(peer_id: bytes, payload: bytes):
-            d = defer.ensureDeferred(self._handle(overlay, peer_id, payload))
-            return d
+            return defer.ensureDeferred(self._handle(overlay, peer_id, payload))
 
         return handle
 
@@ -241,11 +240,10 @@ class ProviderService(Service):
 
     def _record(self, overlay, peer_id: bytes, info: VMInfo) -> dict:
         connection = overlay.paths.connection(peer_id)
-        endpoints = overlay.node.public_endpoints()
         if connection is not None and connection.kind == "relayed":
             endpoint = connection.endpoint  # the relay carries us
         else:
-            endpoint = endpoints[0] if endpoints else ("0.0.0.0", 0)
+            endpoint = next(iter(overlay.node.public_endpoints()), ("0.0.0.0", 0))
         return {
             "vm_id": bytes.fromhex(info.vm_id),
             "name": info.name,
