@@ -377,6 +377,35 @@ class RelayRuleTests(unittest.TestCase):
             lambda: c.overlay.relays.route_to(b.peer_id) is not None, 5),
             "the session never opened")
 
+    def test_no_storm_towards_a_departed_member(self):
+        """
+        b leaves cleanly (its reservation released) while its announcement
+        still lists its relayed path; a keeps trying to reach it.  The
+        relay's RELAY_DENY no_reservation is news that the path is gone: a
+        stops asking that relay for b and backs off instead of asking again
+        at once (before: a RELAY_CONNECT per round trip, a storm of
+        thousands a second that lasted as long as b's announcement).
+        """
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0].node
+        echo(b)
+        request(sim, a, b, b"x")
+        b.node.stop()
+        sim.run(1)
+        sim.kill(b)
+        before = relay.metrics.get("relay_denied", reason="no_reservation")
+        gone_seen = 0
+        for _ in range(30):  # someone keeps trying to reach b, every 2 s
+            a.overlay.paths.establish(b.peer_id)
+            sim.run(0.2)
+            gone_seen += not a.overlay.relays.can_open(b.peer_id)
+            sim.run(1.8)
+        denied = relay.metrics.get("relay_denied", reason="no_reservation") - before
+        # backoff 1 s doubling to 60 s: 7 requests in the minute
+        self.assertLessEqual(denied, 8, "a kept asking the relay for a departed peer")
+        self.assertGreater(gone_seen, 0,
+                           "b's relayed path still counts after the relay said it is gone")
+
 
 def send_connect(node, address, peer) -> None:
     from omerta.wire.messages import MessageType

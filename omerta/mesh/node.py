@@ -87,6 +87,10 @@ class MeshConfig:
     reserve_tries: int = 3
     relay_avoid: float = 60.0
     relay_connect_timeout: float = 5.0
+    # a relay that refused a session to a peer is asked for it again after
+    # this backoff, doubling while it keeps refusing
+    relay_retry_initial: float = 1.0
+    relay_retry_max: float = 60.0
     # paths
     path_dead_after: float = 3.0
     failover_timeout: float = 10.0

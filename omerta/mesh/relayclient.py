@@ -13,6 +13,12 @@ The member's side of relaying, in one network.
   session's route (L{omerta.mesh.paths.RelayRoute}) becomes a path to the
   peer.  Sessions are also registered with the node, which receives the
   relayed data.
+- Refusals: a relay that denies a session to a peer, or whose session to it
+  failed, is not asked for that peer again before a backoff (1 s doubling to
+  C{relay_retry_max}) has passed; no other relay free, nothing is sent.  A
+  denial as C{no_reservation} is news about the peer: its relayed path
+  through that relay is gone, and stays so (L{RelayClient.can_open} says
+  False) until the backoff passes or the peer announces anew.
 """
 
 from __future__ import annotations
@@ -54,6 +60,20 @@ class ClientSession:
 
 
 @dataclass
+class _Refusal:
+    """
+    A relay that refused a session to one peer (or whose session failed):
+    not asked for that peer before C{until}.  C{gone_in}: the sequence of
+    the peer's announcement when the relay said it holds no reservation for
+    the peer (that path is gone until the peer announces again), else None.
+    """
+
+    until: float
+    backoff: float
+    gone_in: int | None = None
+
+
+@dataclass
 class _Pending:
     """A RELAY_CONNECT in flight, resent every second until answered."""
 
@@ -73,7 +93,7 @@ class RelayClient:
         self.avoid: dict[bytes, float] = {}      # relay id -> until
         self.sessions: dict[bytes, dict[bytes, ClientSession]] = {}  # peer -> relay -> session
         self.pending: dict[bytes, _Pending] = {}  # peer -> connect in flight
-        self._tried: dict[bytes, set] = {}       # peer -> relays that failed it
+        self._refused: dict[bytes, dict[bytes, _Refusal]] = {}  # peer -> relay -> refusal
 
     # do we need relays at all
 
@@ -106,9 +126,25 @@ class RelayClient:
     # reservations
 
     def tick(self) -> None:
+        """
+        Every second: keep the reservations, resend or give up the session
+        requests in flight, forget old refusals.
+        """
+        now = self.overlay.clock.seconds()
+        self._keep_reservations(now)
+        self._forget_refusals(now)
+        for peer_id, pending in list(self.pending.items()):
+            if now - pending.sent >= self.config.relay_connect_timeout:
+                del self.pending[peer_id]
+                self.refused(peer_id, pending.relay_id)
+            elif now - pending.last_sent >= 1.0:
+                # lost on the way (or its answer was): ask again
+                pending.last_sent = now
+                self.overlay.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
+
+    def _keep_reservations(self, now: float) -> None:
         overlay = self.overlay
         config = self.config
-        now = overlay.clock.seconds()
         if not self.needs_relays():
             if self.held:
                 for held in self.held.values():
@@ -133,13 +169,6 @@ class RelayClient:
             self._reserve(held, now)
         if changed:
             overlay.gossip.reannounce()
-        for peer_id, pending in list(self.pending.items()):
-            if now - pending.sent >= config.relay_connect_timeout:
-                del self.pending[peer_id]
-            elif now - pending.last_sent >= 1.0:
-                # lost on the way (or its answer was): ask again
-                pending.last_sent = now
-                overlay.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
 
     def _reserve(self, held: Held, now: float) -> None:
         if held.sent and now - held.sent < 0.5:
@@ -202,13 +231,60 @@ class RelayClient:
                 # on its way): the once-a-second resend in tick() asks again.
                 return
             del self.pending[message.target]
-            self.avoid_for(message.target, frame.sender)
+            self.refused(message.target, frame.sender,
+                         gone=reason == RelayDenyReason.NO_RESERVATION)
+            # Another relay the peer announces, if one is not backing off;
+            # never this one again at once.
             self.open_session(message.target)
 
-    def avoid_for(self, peer_id: bytes, relay_id: bytes) -> None:
-        if peer_id not in self._tried and len(self._tried) >= self.config.max_active * 64:
-            self._tried.pop(next(iter(self._tried)))
-        self._tried.setdefault(peer_id, set()).add(relay_id)
+    def refused(self, peer_id: bytes, relay_id: bytes, gone: bool = False) -> None:
+        """
+        C{relay_id} denied a session to C{peer_id}, or its session failed:
+        back off before asking it for this peer again (doubling while it
+        keeps refusing).  C{gone}: the relay holds no reservation for the
+        peer, so the peer's announced path through it is gone.
+        """
+        now = self.overlay.clock.seconds()
+        refusals = self._refused.get(peer_id)
+        if refusals is None:
+            if len(self._refused) >= self.config.max_active * 64:
+                self._refused.pop(next(iter(self._refused)))
+            refusals = self._refused[peer_id] = {}
+        last = refusals.get(relay_id)
+        backoff = self.config.relay_retry_initial if last is None else min(
+            self.config.relay_retry_max, 2 * last.backoff)
+        gone_in = None
+        if gone:
+            record = self.overlay.registry.get(peer_id)
+            gone_in = None if record is None else record.sequence
+        refusals[relay_id] = _Refusal(now + backoff, backoff, gone_in)
+
+    def _backing_off(self, peer_id: bytes, relay_id: bytes, now: float) -> bool:
+        refusal = self._refused.get(peer_id, {}).get(relay_id)
+        return refusal is not None and refusal.until > now
+
+    def _gone(self, peer_id: bytes, relay_id: bytes, now: float) -> bool:
+        """
+        Whether the relay said it holds no reservation for the peer, within
+        the backoff and since the peer's last announcement.
+        """
+        refusal = self._refused.get(peer_id, {}).get(relay_id)
+        if refusal is None or refusal.gone_in is None or refusal.until <= now:
+            return False
+        record = self.overlay.registry.get(peer_id)
+        return record is not None and record.sequence == refusal.gone_in
+
+    def _forget_refusals(self, now: float) -> None:
+        """
+        Refusals whose backoff has passed and stayed quiet as long again are
+        forgotten: the next refusal starts from the initial backoff.
+        """
+        for peer_id, refusals in list(self._refused.items()):
+            for relay_id, refusal in list(refusals.items()):
+                if now >= refusal.until + refusal.backoff:
+                    del refusals[relay_id]
+            if not refusals:
+                del self._refused[peer_id]
 
     def own_paths(self) -> list[dict]:
         """
@@ -242,27 +318,28 @@ class RelayClient:
     def can_open(self, peer_id: bytes, exclude_relay: bytes | None = None) -> bool:
         """
         Whether the peer announces a relay (other than C{exclude_relay}) to
-        open a session through.
+        open a session through, now or once a backoff has passed: not one
+        that said the peer's path through it is gone.
         """
-        return any(r != exclude_relay for r, _ in self.announced_relays(peer_id))
+        now = self.overlay.clock.seconds()
+        return any(r != exclude_relay and not self._gone(peer_id, r, now)
+                   for r, _ in self.announced_relays(peer_id))
 
     def open_session(self, peer_id: bytes, exclude_relay: bytes | None = None) -> bool:
         """
         Ask a relay the peer announces for a session to it.  Returns whether
-        a request went out (or one is already in flight).
+        a request went out (or one is already in flight); False when every
+        relay it announces is backing off after a refusal (the caller asks
+        again later).
         """
         overlay = self.overlay
         now = overlay.clock.seconds()
         if peer_id in self.pending:
             return True
-        excluded_relay = exclude_relay
-        tried = self._tried.get(peer_id, set())
         relays = [(r, a) for r, a in self.announced_relays(peer_id)
-                  if r != excluded_relay and r not in tried
-                  and self.avoid.get(r, 0) <= now]
-        if not relays:
-            self._tried.pop(peer_id, None)
-            relays = [(r, a) for r, a in self.announced_relays(peer_id) if r != excluded_relay]
+                  if r != exclude_relay and not self._backing_off(peer_id, r, now)]
+        fresh = [(r, a) for r, a in relays if self.avoid.get(r, 0) <= now]
+        relays = fresh or relays
         if not relays:
             return False
 
@@ -295,6 +372,7 @@ class RelayClient:
             return
         if requested:
             del self.pending[peer_id]
+            self._refused.get(peer_id, {}).pop(relay_id, None)
         route = RelayRoute(addr[0], addr[1], session_header(message.session))
         sessions = self.sessions.setdefault(peer_id, {})
         old = sessions.get(relay_id)
@@ -337,7 +415,7 @@ class RelayClient:
         """
         session = self.overlay.node.relay_routes.get(route.header)
         if session is not None:
-            self.avoid_for(session.peer_id, session.relay_id)
+            self.refused(session.peer_id, session.relay_id)
             self._close(session, tell_relay=False, notify=False)
 
     def route_to(self, peer_id: bytes) -> RelayRoute | None:
