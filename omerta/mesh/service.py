@@ -21,10 +21,9 @@ from twisted.logger import Logger
 from omerta import storage
 from omerta.addressing import BootstrapSpec
 from omerta.crypto.identity import load_or_create_identity
-from omerta.crypto.sealing import FrameOpener
 from omerta.mesh.events import Events
+from omerta.mesh.builder import Bootstrapper, build_node
 from omerta.mesh.node import MeshConfig, MeshNode, capability_names
-from omerta.mesh.protocol import NodeProtocol
 from omerta.metrics import Metrics
 from omerta.networks import NetworkStore
 from omerta.stun.discovery import NatReport
@@ -92,8 +91,7 @@ class NodeService(Service):
         self.node: MeshNode | None = None
         self.port = None
         self._loops: list[LoopingCall] = []
-        self._bootstrap_call = None
-        self._bootstrap_delay = self.config.bootstrap_retry_initial
+        self.bootstrapper: Bootstrapper | None = None
         self._last_status: dict | None = None
 
     @property
@@ -114,10 +112,12 @@ class NodeService(Service):
                 "Joined network {network}", network=result.membership.network_id
             )
         memberships = store.list()
-        self.node = MeshNode(
+        built = build_node(
             identity,
             [m.key for m in memberships],
-            clock=reactor,
+            reactor=reactor,
+            port=self.port_number,
+            interface=self.interface,
             metrics=self.metrics,
             events=self.events,
             name=self.node_name,
@@ -126,16 +126,13 @@ class NodeService(Service):
             bootstrap=self.bootstrap_specs,
             network_bootstrap={m.key.network_id: list(m.bootstrap) for m in memberships},
             config=self.config,
+            relay=self.relay_config,
         )
-        if self.relay_config is not None:
-            self.node.enable_relay(self.relay_config)
+        self.node, self.port, self.bootstrapper = built.node, built.port, built.bootstrapper
+        protocol = built.protocol
         for overlay in self.node.overlays.values():
             overlay.load_peers(self.data_dir)
             overlay.messaging.on_channel(INFO_CHANNEL, self._info)
-        protocol = NodeProtocol(FrameOpener(store.keys()), self.node, self.metrics)
-        protocol.relay = self.node.relay
-        self.port = reactor.listenUDP(self.port_number, protocol, interface=self.interface)
-        self.node.attach(self.port)
         self.stun = StunService(
             reactor,
             self.metrics,
@@ -164,7 +161,8 @@ class NodeService(Service):
         self._resolve_bootstraps().addCallback(lambda _: self._bootstrapped())
 
     def _bootstrapped(self) -> None:
-        self._bootstrap_tick()
+        if self.running:
+            self.bootstrapper.start()
         if self.nat_interval > 0:
             self.stun.discover()
 
@@ -204,8 +202,7 @@ class NodeService(Service):
         waits = []
         for boot in self.node.bootstraps:
             endpoint = boot.spec.endpoint
-            if endpoint.is_ip:
-                boot.address = (endpoint.host, endpoint.port)
+            if boot.address is not None:
                 continue
             d = self.reactor.resolve(endpoint.host)
 
@@ -225,13 +222,6 @@ class NodeService(Service):
         from twisted.internet.defer import gatherResults
 
         return gatherResults(waits)
-
-    def _bootstrap_tick(self) -> None:
-        self._bootstrap_call = None
-        if not self.running or not self.node.contact_bootstraps():
-            return
-        self._bootstrap_call = self.reactor.callLater(self._bootstrap_delay, self._bootstrap_tick)
-        self._bootstrap_delay = min(self._bootstrap_delay * 2, self.config.bootstrap_retry_max)
 
     def _info(self, peer_id: bytes, payload: bytes) -> bytes:
         """
@@ -289,6 +279,8 @@ class NodeService(Service):
         Service.stopService(self)
         if self.stun is not None:
             self.stun.stop()
+        if self.bootstrapper is not None:
+            self.bootstrapper.stop()
         if self.node is not None:
             self.node.stop()
             self.save_peers()
@@ -296,8 +288,6 @@ class NodeService(Service):
             if loop.running:
                 loop.stop()
         self._loops.clear()
-        if self._bootstrap_call is not None and self._bootstrap_call.active():
-            self._bootstrap_call.cancel()
         if self.port is None:
             return None
         self.write_status()

@@ -19,9 +19,8 @@ from types import SimpleNamespace
 from omerta.addressing import BootstrapSpec, Endpoint
 from omerta.crypto.identity import Identity
 from omerta.crypto.network import NetworkKey
-from omerta.crypto.sealing import FrameOpener
+from omerta.mesh.builder import BuiltNode, build_node
 from omerta.mesh.node import MeshConfig, MeshNode
-from omerta.mesh.protocol import NodeProtocol
 from omerta.metrics import Metrics
 from omerta.testing.simnet import NAT_MODELS, SimNetwork
 from omerta.wire.messages import NatType
@@ -45,7 +44,7 @@ class SimNode:
     port: object
     identity: Identity
     address: tuple
-    bootstrap_call: object = None
+    built: BuiltNode
 
     @property
     def overlay(self):
@@ -80,34 +79,17 @@ class MeshSim:
         """
         identity = identity or Identity.generate()
         host = self.net.host(ip)
-        metrics = Metrics()
         specs = [BootstrapSpec(Endpoint(*b.address), peer_id=b.identity.peer_id_text)
                  for b in bootstrap]
-        node = MeshNode(identity, [self.key], clock=host.reactor, metrics=metrics, name=name,
-                        bootstrap=specs, config=self.config,
-                        rng=random.Random(self.rng.random()))
-        if relay:
-            node.enable_relay(None if relay is True else relay)
+        built = build_node(identity, [self.key], reactor=host.reactor, port=port, interface=ip,
+                           metrics=Metrics(), name=name, bootstrap=specs, config=self.config,
+                           relay=relay or None, rng=random.Random(self.rng.random()))
         if nat_type is not None:
-            node.nat = SimpleNamespace(nat_type=nat_type, mapped=None)
-        protocol = NodeProtocol(FrameOpener({self.key.network_id: self.key}), node, metrics)
-        protocol.relay = node.relay
-        port_ = host.reactor.listenUDP(port, protocol, interface=ip)
-        node.attach(port_)
-        for boot in node.bootstraps:
-            boot.address = (boot.spec.endpoint.host, boot.spec.endpoint.port)
-        node.start()
-        sim_node = SimNode(node, host, port_, identity, (ip, port))
+            built.node.nat = SimpleNamespace(nat_type=nat_type, mapped=None)
+        built.start()
+        sim_node = SimNode(built.node, host, built.port, identity, (ip, port), built)
         self.nodes.append(sim_node)
-        self._bootstrap_tick(sim_node, self.config.bootstrap_retry_initial)
         return sim_node
-
-    def _bootstrap_tick(self, sim_node: SimNode, delay: float) -> None:
-        if id(sim_node) in self.dead or not sim_node.node.contact_bootstraps():
-            return
-        sim_node.bootstrap_call = self.clock.callLater(
-            delay, self._bootstrap_tick, sim_node,
-            min(delay * 2, self.config.bootstrap_retry_max))
 
     def add_behind_nat(self, nat: str, inside_ip: str, public_ip: str,
                        bootstrap: list[SimNode] = (), name: str = "", **options) -> SimNode:
@@ -126,9 +108,7 @@ class MeshSim:
         """
         self.dead.add(id(sim_node))
         sim_node.port.stopListening()  # first: the node's goodbyes go nowhere
-        sim_node.node.stop()
-        if sim_node.bootstrap_call is not None and sim_node.bootstrap_call.active():
-            sim_node.bootstrap_call.cancel()
+        sim_node.built.stop()
 
     def live(self) -> list[SimNode]:
         return [n for n in self.nodes if id(n) not in self.dead]
