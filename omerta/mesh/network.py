@@ -213,9 +213,9 @@ class MeshNetwork:
                 + (f", denials {denied}" if denied else ""))
         else:
             parts.append("it announces no relay")
-        state = overlay.paths.peers.get(peer_id)
-        if state is not None and state.punch_attempts:
-            parts.append(f"{state.punch_attempts} hole punch(es) tried")
+        punches = overlay.paths.punch_attempts(peer_id)
+        if punches:
+            parts.append(f"{punches} hole punch(es) tried")
         return "; ".join(parts)
 
     def wait_direct(self, peer, timeout: float, network=None) -> Deferred:
@@ -242,9 +242,7 @@ class MeshNetwork:
         """
         How many hole punches this node asked for towards C{peer}.
         """
-        overlay = self.overlay(network)
-        state = overlay.paths.peers.get(self.resolve(peer, network))
-        return 0 if state is None else state.punch_attempts
+        return self.overlay(network).paths.punch_attempts(self.resolve(peer, network))
 
     def ping(self, peer, timeout: float = 2.0, network=None) -> Deferred:
         """
