@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
-from omerta.mesh.paths import is_relayed
+from omerta.mesh.peer import Connections, PeerConnection, State, is_relayed
 from omerta.wire.messages import MessageType
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
@@ -37,18 +37,22 @@ UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 
 @dataclass
 class Link:
+    """
+    Liveness bookkeeping of one peer in the active set (keepalive counters,
+    challenges, the indirect probe).  The path and what is believed of the
+    peer (proven, suspect, ...) belong to its L{PeerConnection}; the
+    read-only properties below are that connection's.
+    """
+
     peer_id: bytes
-    address: tuple
+    conn: PeerConnection
     since: float
     last_heard: float
     next_ping: float
     missed: int = 0
     heard_this_period: bool = True
-    suspected_at: float | None = None
     indirect_nonce: int | None = None
-    rtt: float | None = None
     established: bool = False
-    verified: bool = False
     retries: int = 0
     second_round: bool = False
     initiated: bool = False
@@ -56,6 +60,22 @@ class Link:
     unanswered: int = 0
     first_unanswered: float | None = None
     challenged_at: float = float("-inf")
+
+    @property
+    def address(self):
+        return self.conn.path.address
+
+    @property
+    def verified(self) -> bool:
+        return self.conn.proven
+
+    @property
+    def suspected_at(self) -> float | None:
+        return self.conn.suspected_at
+
+    @property
+    def rtt(self) -> float | None:
+        return self.conn.rtt
 
 
 @dataclass
@@ -70,8 +90,9 @@ class _IndirectProbe:
 class Liveness:
     log = Logger()
 
-    def __init__(self, overlay, rng: random.Random | None = None):
+    def __init__(self, overlay, connections: Connections, rng: random.Random | None = None):
         self.overlay = overlay
+        self.connections = connections
         self.config = overlay.config
         self.rng = rng or random.Random()
         self.links: dict[bytes, Link] = {}
@@ -104,11 +125,9 @@ class Liveness:
                 if (peer_id, address) not in self._proven and size >= self.overlay.challenge_size:
                     self.ping(peer_id, address, contacts=False)
                 return None
-            link = Link(peer_id, address, now, now, now + self._jitter(),
-                        verified=(peer_id, address) in self._proven)
-            self.links[peer_id] = link
+            link = self._link(peer_id, address, now, now + self._jitter())
         elif link.address != address:
-            if (is_relayed(address) and not is_relayed(link.address) and link.verified
+            if (is_relayed(address) and not link.conn.path.relayed and link.verified
                     and link.suspected_at is None):
                 # The peer still sends through a relay while our direct path
                 # works: take the frame, keep the path.
@@ -132,6 +151,23 @@ class Liveness:
             self._clear_suspicion(link, now)
         return link
 
+    def _link(self, peer_id: bytes, address, now: float, next_ping: float,
+              initiated: bool = False) -> Link:
+        """
+        A new link in the active set, its peer's connection moved to
+        C{address} (proven already if a pong proved it before).
+        """
+        conn = self.connections.open(peer_id)
+        proven = (peer_id, address) in self._proven
+        if conn.path is None or conn.path.address != address or conn.state is State.OFFLINE:
+            conn.move(conn.path_to(address, self.overlay.relays.relay_of(address)), now,
+                      proven=proven)
+        elif proven and not conn.proven:
+            conn.prove()
+        link = self.links[peer_id] = Link(peer_id, conn, now, now, next_ping,
+                                          initiated=initiated)
+        return link
+
     def _challenge(self, link: Link, address: tuple, now: float, size: int) -> None:
         """
         Ping an address the peer sends from that no pong has proven yet: at
@@ -153,8 +189,7 @@ class Liveness:
         now = self.overlay.clock.seconds()
         if peer_id in self.links or len(self.links) >= self.config.max_active:
             return
-        self.links[peer_id] = Link(peer_id, address, now, now, now, initiated=True)
-        self.links[peer_id].heard_this_period = False
+        self._link(peer_id, address, now, now, initiated=True).heard_this_period = False
 
     def _jitter(self) -> float:
         return self.rng.uniform(0, self.config.keepalive)
@@ -183,24 +218,24 @@ class Liveness:
                      contacts=overlay.freshness.contacts_for(peer_id) if contacts else [])
         return nonce
 
-    def _move(self, link: Link, address: tuple, now: float) -> None:
+    def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
         """
         A pong proved C{link}'s peer answers at C{address}: the path moves.
         """
         self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(link.peer_id),
                       address=f"{address[0]}:{address[1]}")
-        self.overlay.events.emit("path_changed", network=self.overlay.network_id,
-                                 peer_id=link.peer_id, old=link.address, new=address)
-        link.address = address
+        was_suspect = link.conn.suspected
+        link.conn.move(link.conn.path_to(address, self.overlay.relays.relay_of(address)), now,
+                       proven=proven)
         link.pending_address = None
-        link.verified = False
         link.last_heard = now
         link.heard_this_period = True
         link.unanswered = 0
         link.first_unanswered = None
         link.missed = 0
-        if link.suspected_at is not None:
-            self._clear_suspicion(link, now)
+        if was_suspect:
+            link.indirect_nonce = None
+            self.overlay.registry.set_state(link.peer_id, "online", now)
 
     def switch(self, link: Link, address, proven: bool) -> None:
         """
@@ -208,11 +243,8 @@ class Liveness:
         punched address); C{proven} when a probe/ack exchange already proved
         it.  Keepalives go on, on the new path.
         """
-        self._move(link, address, self.overlay.clock.seconds())
+        self._move(link, address, self.overlay.clock.seconds(), proven)
         link.initiated = True
-        link.rtt = None
-        if proven:
-            link.verified = True
 
     def proven(self, peer_id: bytes, address) -> None:
         """
@@ -260,11 +292,11 @@ class Liveness:
         if link is not None and sent[2] == addr and link.pending_address == addr:
             self._move(link, addr, now=overlay.clock.seconds())
         if link is not None and link.address == addr:
-            link.rtt = rtt
+            link.conn.rtt = rtt
             if not link.verified and sent[2] == addr:
                 # A pong to a nonce we sent to this address: the address
                 # really leads to this peer (return routability).
-                link.verified = True
+                link.conn.prove()
         if not is_relayed(addr) and tuple(pong.observed) != UNKNOWN_ENDPOINT:
             overlay.observed_address(tuple(pong.observed))
         overlay.freshness.learn_contacts(pong.contacts)
@@ -319,18 +351,17 @@ class Liveness:
 
     def _suspect(self, link: Link, now: float) -> None:
         overlay = self.overlay
-        link.suspected_at = now
+        link.conn.suspect(now)
         overlay.registry.set_state(link.peer_id, "suspect", now)
-        overlay.events.emit("peer_suspected", network=overlay.network_id, peer_id=link.peer_id)
         overlay.metrics.inc("liveness_suspected")
         link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
         link.second_round = False
         self._ask_helpers(link)
-        if not is_relayed(link.address):
+        if not link.conn.path.relayed:
             overlay.freshness.peer_stale(link.peer_id, link.address)
 
     def _ask_helpers(self, link: Link) -> None:
-        if is_relayed(link.address):
+        if link.conn.path.relayed:
             return  # the session is ours: no helper can ping through it
         helpers = [l for l in self.links.values()
                    if l.peer_id != link.peer_id and l.suspected_at is None and l.verified]
@@ -340,7 +371,7 @@ class Liveness:
                               endpoint=link.address)
 
     def _clear_suspicion(self, link: Link, now: float) -> None:
-        link.suspected_at = None
+        link.conn.heard()
         link.indirect_nonce = None
         link.missed = 0
         self.overlay.registry.set_state(link.peer_id, "online", now)
@@ -348,11 +379,12 @@ class Liveness:
     def _declare_offline(self, link: Link, now: float) -> None:
         overlay = self.overlay
         del self.links[link.peer_id]
+        link.conn.offline()
         overlay.registry.set_state(link.peer_id, "offline", now)
         overlay.metrics.inc("liveness_offline")
         overlay.events.emit("peer_disconnected", network=overlay.network_id,
                             peer_id=link.peer_id)
-        if not is_relayed(link.address):
+        if not link.conn.path.relayed:
             overlay.freshness.path_failed(link.peer_id, link.address)
 
     # periodic
@@ -371,6 +403,7 @@ class Liveness:
                 # ping went out once; no keepalives until it is answered.
                 if now - link.since >= config.keepalive:
                     del self.links[link.peer_id]
+                    link.conn.offline()
                     overlay.metrics.inc("liveness_unverified_dropped")
                 continue
             if (link.suspected_at is None and link.unanswered >= config.suspect_after_missed

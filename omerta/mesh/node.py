@@ -253,7 +253,7 @@ class MeshNode:
         if self.relay is not None:
             self.relay.attach(transport)
 
-    def send_frame(self, frame: bytes, address, msg_type: MessageType) -> None:
+    def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> None:
         if type(address) is RelayRoute:
             frame = address.header + frame
             address = (address.host, address.port)
@@ -265,7 +265,7 @@ class MeshNode:
             self.metrics.inc("drops", reason="send_failed")
             self.log.debug("Send to {address} failed: {error}", address=address, error=e)
             return
-        self.metrics.inc("frames_out", type=msg_type.name.lower())
+        self.metrics.inc("frames_out", type="data" if msg_type is None else msg_type.name.lower())
         self.metrics.inc("bytes_out", len(frame))
 
     def relay_route(self, header: bytes, addr: Address):

@@ -20,7 +20,8 @@ from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
 from omerta.mesh.liveness import Liveness
 from omerta.mesh.messaging import Messaging
-from omerta.mesh.paths import PathManager, is_relayed
+from omerta.mesh.paths import PathManager
+from omerta.mesh.peer import Connections, is_relayed
 from omerta.mesh.punch import Puncher
 from omerta.mesh.relayclient import RelayClient
 from omerta.mesh.registry import PeerRegistry
@@ -54,10 +55,12 @@ class Overlay:
         self.sealer = FrameSealer(key, node.peer_id)
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers)
-        self.paths = PathManager(self)
+        self.connections = Connections(self._emit, self._transmit,
+                                       limit=min(self.config.max_peers, 4096))
+        self.paths = PathManager(self, self.connections)
         self.relays = RelayClient(self)
         self.punch = Puncher(self)
-        self.liveness = Liveness(self, rng)
+        self.liveness = Liveness(self, self.connections, rng)
         self.freshness = Freshness(self)
         self.gossip = Gossip(self, rng)
         self.messaging = Messaging(self)
@@ -126,6 +129,12 @@ class Overlay:
         frame = self.sealer.seal(msg_type, build_body(msg_type, fields))
         self.node.send_frame(frame, address, msg_type)
 
+    def _transmit(self, frame: bytes, address) -> None:
+        self.node.send_frame(frame, address, None)
+
+    def _emit(self, kind: str, **data) -> None:
+        self.events.emit(kind, network=self.network_id, **data)
+
     # receiving
 
     def frame_received(self, frame: OpenedFrame, addr: tuple) -> None:
@@ -167,7 +176,7 @@ class Overlay:
             self._boots.popitem(last=False)
         link = self.liveness.links.get(peer_id)
         if link is not None:
-            link.verified = False  # a new run of the peer: prove it again
+            link.conn.unprove()  # a new run of the peer: prove it again
         self.liveness.forget_proof(peer_id)
         if size >= self.challenge_size and (link is None or link.challenged_at < self.clock.seconds()):
             # (unless liveness just challenged this frame's address itself)

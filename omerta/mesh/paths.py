@@ -22,39 +22,14 @@ move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
+                              State, is_relayed)
 from omerta.wire.messages import NatType, PathKind
-
-DIRECT = "direct"
-PUNCHED = "punched"
-RELAYED = "relayed"
-
-
-class RelayRoute(NamedTuple):
-    """
-    A peer reached through a relay session: datagrams go to the relay at
-    (host, port) prefixed with the session's 12-byte C{header}.  It stands in
-    for an address everywhere the mesh keeps one (a 3-tuple never equals a
-    (host, port) pair).
-    """
-
-    host: str
-    port: int
-    header: bytes
-
-    @property
-    def relay_address(self) -> tuple:
-        return (self.host, self.port)
-
-
-def is_relayed(address) -> bool:
-    return type(address) is RelayRoute
-
 
 @dataclass(frozen=True)
 class Connection:
@@ -91,21 +66,6 @@ class Connection:
         }
 
 
-@dataclass
-class PeerPaths:
-    """
-    What this node knows of its paths to one peer.
-    """
-
-    peer_id: bytes
-    punched: dict = field(default_factory=dict)   # address -> time punched
-    next_upgrade: float | None = None
-    upgrade_backoff: float = 0.0
-    punching: bool = False
-    punch_attempts: int = 0
-    failing_over_since: float | None = None
-
-
 # NAT types a peer can be reached at directly, without any punch.
 OPEN_NATS = (NatType.PUBLIC,)
 
@@ -113,21 +73,15 @@ OPEN_NATS = (NatType.PUBLIC,)
 class PathManager:
     log = Logger()
 
-    def __init__(self, overlay, max_candidates: int = 4096, max_peers: int = 4096):
+    def __init__(self, overlay, connections: Connections, max_candidates: int = 4096):
         self.overlay = overlay
+        self.connections = connections
         self.config = overlay.config
         self.max_candidates = max_candidates
-        self.max_peers = max_peers
         self._candidates: dict[bytes, tuple[tuple, float]] = {}
-        self.peers: dict[bytes, PeerPaths] = {}
 
-    def state(self, peer_id: bytes) -> PeerPaths:
-        state = self.peers.get(peer_id)
-        if state is None:
-            if len(self.peers) >= self.max_peers:
-                self.peers.pop(next(iter(self.peers)))
-            state = self.peers[peer_id] = PeerPaths(peer_id)
-        return state
+    def state(self, peer_id: bytes) -> PeerConnection:
+        return self.connections.open(peer_id)
 
     # addresses others told us about
 
@@ -174,7 +128,7 @@ class PathManager:
         """
         overlay = self.overlay
         link = overlay.liveness.links.get(peer_id)
-        if link is not None and (link.suspected_at is None or is_relayed(link.address)):
+        if link is not None and (not link.conn.suspected or link.conn.path.relayed):
             return link.address
         route = overlay.relays.route_to(peer_id)
         if route is not None:
@@ -191,9 +145,9 @@ class PathManager:
         """
         overlay = self.overlay
         out = set()
-        address = overlay.liveness.address_of(peer_id)
-        if address is not None and not is_relayed(address):
-            out.add(address)
+        link = overlay.liveness.links.get(peer_id)
+        if link is not None and not link.conn.path.relayed:
+            out.add(link.address)
         contact = overlay.freshness.contacts.get(peer_id)
         if contact is not None:
             out.add(contact.address)
@@ -207,24 +161,15 @@ class PathManager:
             out.update(tuple(e) for kind, e, _via in record.paths if kind == PathKind.DIRECT)
         return out
 
-    def kind_of(self, peer_id: bytes, address) -> str:
-        if is_relayed(address):
-            return RELAYED
-        state = self.peers.get(peer_id)
-        if state is not None and address in state.punched:
-            return PUNCHED
-        return DIRECT
-
     def connection(self, peer_id: bytes) -> Connection | None:
         overlay = self.overlay
         link = overlay.liveness.links.get(peer_id)
-        if link is None or link.suspected_at is not None:
+        if link is None or link.conn.suspected:
             return None
-        address = link.address
-        kind = self.kind_of(peer_id, address)
-        via = overlay.relays.relay_of(address) if kind == RELAYED else None
-        endpoint = address.relay_address if kind == RELAYED else address
-        return Connection(peer_id, endpoint, overlay.node.local_port, kind, link.rtt, via)
+        path = link.conn.path
+        via = path.relay_id if path.relayed else None
+        return Connection(peer_id, path.endpoint, overlay.node.local_port, path.kind,
+                          link.rtt, via)
 
     # what a peer's announcement says about reaching it
 
@@ -252,7 +197,7 @@ class PathManager:
         overlay = self.overlay
         address = self.direct_address(peer_id)
         link = overlay.liveness.links.get(peer_id)
-        if address is not None and (link is None or not is_relayed(link.address)):
+        if address is not None and (link is None or not link.conn.path.relayed):
             overlay.liveness.connect(peer_id, address)
             overlay.gossip.announce_to(address)
             overlay.liveness.ping(peer_id, address)
@@ -267,17 +212,14 @@ class PathManager:
         """
         overlay = self.overlay
         link = overlay.liveness.links.get(peer_id)
-        state = self.state(peer_id)
         if link is None:
             if not requested:
                 return
             overlay.liveness.connect(peer_id, route)
-        elif not (state.failing_over_since is not None or not link.verified
-                  or link.suspected_at is not None):
-            return
+        elif link.conn.state is State.ACTIVE and link.conn.failing_over_since is None:
+            return  # a proven path that answers: keep it
         else:
             overlay.liveness.switch(link, route, proven=False)
-        state.failing_over_since = None
         overlay.gossip.announce_to(route)
         overlay.liveness.ping(peer_id, route)
 
@@ -324,21 +266,16 @@ class PathManager:
         # Punched: the peer is behind a NAT (a public peer's address is just
         # direct, and so is one of unknown NAT a plain ping reached first).
         if nat != NatType.PUBLIC and not (already and nat == NatType.UNKNOWN):
-            state.punched[address] = now
+            state.mark_punched(address, now)
         if already:
             return
-        while len(state.punched) > 4:
-            state.punched.pop(next(iter(state.punched)))
         state.next_upgrade = None
         state.upgrade_backoff = 0.0
         if link is None:
-            overlay.liveness.connect(peer_id, address)
             overlay.liveness.proven(peer_id, address)
-            link = overlay.liveness.links.get(peer_id)
-            if link is not None:
-                link.verified = True
-        elif link.address != address and (is_relayed(link.address) or link.suspected_at
-                                          is not None or not link.verified):
+            overlay.liveness.connect(peer_id, address)
+        elif link.address != address and (link.conn.path.relayed or link.conn.suspected
+                                          or not link.verified):
             overlay.liveness.switch(link, address, proven=True)
         overlay.liveness.ping(peer_id, address)
 
@@ -354,12 +291,12 @@ class PathManager:
         overlay = self.overlay
         now = overlay.clock.seconds()
         peer_id = link.peer_id
-        state = self.state(peer_id)
+        state = link.conn
         old = link.address
         if state.failing_over_since is not None:
             if now - state.failing_over_since < self.config.failover_timeout:
                 return True
-            state.failing_over_since = None
+            state.gave_up()
             return False
         route = overlay.relays.route_to(peer_id)
         if route == old:
@@ -380,20 +317,20 @@ class PathManager:
             overlay.metrics.inc("path_failovers", to="relayed")
         else:
             overlay.relays.open_session(peer_id, exclude_relay=relay_of_old)
-            state.failing_over_since = now
+            state.path_dead(now)
             overlay.metrics.inc("path_failovers", to="relay_requested")
         self._schedule_upgrade(state, now, soon=soon)
         return True
 
-    def _forget_path(self, state: PeerPaths, old) -> None:
+    def _forget_path(self, state: PeerConnection, old) -> None:
         overlay = self.overlay
         if is_relayed(old):
             overlay.relays.session_failed(old)
         else:
-            state.punched.pop(old, None)
+            state.forget_punched(old)
             overlay.freshness.path_failed(state.peer_id, old)
 
-    def _schedule_upgrade(self, state: PeerPaths, now: float, soon: bool = False) -> None:
+    def _schedule_upgrade(self, state: PeerConnection, now: float, soon: bool = False) -> None:
         config = self.config
         if soon:
             state.upgrade_backoff = config.upgrade_first
@@ -410,9 +347,9 @@ class PathManager:
         overlay = self.overlay
         now = overlay.clock.seconds()
         for link in list(overlay.liveness.links.values()):
-            if not is_relayed(link.address):
+            if not link.conn.path.relayed:
                 continue
-            state = self.state(link.peer_id)
+            state = link.conn
             if state.next_upgrade is None:
                 self._schedule_upgrade(state, now)
                 continue
@@ -424,10 +361,15 @@ class PathManager:
                 else:
                     self._schedule_upgrade(state, now)
 
+    def punch_attempts(self, peer_id: bytes) -> int:
+        """How many hole punches this node asked for towards C{peer_id}."""
+        connection = self.connections.get(peer_id)
+        return 0 if connection is None else connection.punch_attempts
+
     def statistics(self) -> dict:
         kinds = {DIRECT: 0, PUNCHED: 0, RELAYED: 0}
         for link in self.overlay.liveness.links.values():
-            if link.suspected_at is None:
-                kinds[self.kind_of(link.peer_id, link.address)] += 1
+            if not link.conn.suspected:
+                kinds[link.conn.path.kind] += 1
         return kinds
 
