@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from omerta import storage
 from omerta.crypto.network import NetworkKey
 from omerta.crypto.sealing import FrameSealer, OpenedFrame
+from omerta.mesh.context import Basics
 from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
 from omerta.mesh.liveness import Liveness
@@ -53,6 +54,8 @@ class Overlay:
         self.events = node.events
         rng = rng or random.Random()
         self.sealer = FrameSealer(key, node.peer_id)
+        self.basics = Basics(self.network_id, node.peer_id, self.config, self.clock,
+                             self.metrics, self.send, self._emit)
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers)
         self.connections = Connections(self._emit, self._transmit,

@@ -1,0 +1,38 @@
+"""
+L{Basics}: what every component of one network's overlay uses, handed to
+each explicitly (the wiring is in L{omerta.mesh.overlay.Overlay}).  The
+components' collaborators beyond these (the registry, another component's
+method) are constructor arguments of their own, so each component can be
+built alone, on a C{Clock} with fakes (L{omerta.testing.fakes}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # node.py builds the overlays that use this
+    from omerta.mesh.node import MeshConfig
+    from omerta.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Basics:
+    """
+    @ivar network_id: the network (8 bytes).
+    @ivar peer_id: this node's peer id.
+    @ivar config: the mesh's settings.
+    @ivar clock: an C{IReactorTime} (C{seconds}, C{callLater}).
+    @ivar metrics: the node's one metrics object.
+    @ivar send: C{send(address, msg_type, **fields)} seals a message of this
+        network and sends it to an address or relay route.
+    @ivar emit: C{emit(kind, **data)} emits a node event for this network.
+    """
+
+    network_id: bytes
+    peer_id: bytes
+    config: "MeshConfig"
+    clock: Any
+    metrics: "Metrics"
+    send: Callable[..., None]
+    emit: Callable[..., None]
