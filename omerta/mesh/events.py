@@ -2,6 +2,11 @@
 Events a node emits (peer connected, NAT changed, ...): subscribers are
 called synchronously, and one failing subscriber neither stops the others nor
 the node.
+
+Subscribers run in the middle of the update that emitted the event (the
+state may be half changed: C{path_changed} comes before the link moves), so
+a subscriber that wants to look at the node's state should do so on the next
+reactor turn (L{omerta.mesh.waiting.wait_for} does).
 """
 
 from __future__ import annotations
@@ -10,6 +15,24 @@ from collections import defaultdict
 from typing import Callable
 
 from twisted.logger import Logger
+
+KINDS = {
+    "peer_discovered": "a new peer's announcement was accepted (gossip); network, peer_id",
+    "peer_changed": "a peer's record changed (registry): a new announcement, its liveness"
+                    " state, its round-trip time (a pong), or it was dropped;"
+                    " network, peer_id, change (announcement|state|rtt|removed)",
+    "peer_connected": "the first frame of a peer on a new liveness link; network, peer_id,"
+                      " address",
+    "peer_suspected": "a peer missed its keepalives; network, peer_id",
+    "peer_disconnected": "a suspected peer did not answer indirect probes either (offline);"
+                         " network, peer_id",
+    "path_changed": "a peer's path moves to another address (emitted just before the move);"
+                    " network, peer_id, old, new",
+    "nat_changed": "NAT discovery found another NAT type or mapped address; report, previous",
+}
+"""
+Every kind a node emits, with what it means and its keyword arguments.
+"""
 
 
 class Events:
@@ -21,10 +44,22 @@ class Events:
     def subscribe(self, kind: str, callback: Callable[..., object]) -> Callable[[], None]:
         """
         Call C{callback(**data)} on every C{kind} event; returns a function
-        that unsubscribes.
+        that unsubscribes (calling it again does nothing).
         """
         self._subscribers[kind].append(callback)
-        return lambda: self._subscribers[kind].remove(callback)
+
+        def unsubscribe() -> None:
+            subscribers = self._subscribers.get(kind, [])
+            if callback in subscribers:
+                subscribers.remove(callback)
+
+        return unsubscribe
+
+    def subscribers(self, kind: str) -> int:
+        """
+        How many callbacks are subscribed to C{kind} (for tests).
+        """
+        return len(self._subscribers.get(kind, ()))
 
     def emit(self, kind: str, **data) -> None:
         for callback in list(self._subscribers.get(kind, ())):

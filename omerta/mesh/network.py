@@ -7,21 +7,37 @@ L{MeshNetwork}: the public face of an omerta node (see docs/api.md).
     reply = await mesh.request("provider-1", "vm", b"...", timeout=10)
 
 Everything returns Deferreds (usable with C{await} inside
-C{ensureDeferred}); nothing blocks the reactor.  Peers are named by peer id
-(hex or bytes), a unique id prefix, or a name.  A node in several networks
-uses the first one unless C{network=} names another.
+C{ensureDeferred}); nothing blocks the reactor, and nothing polls: waits are
+Deferreds fired by the node's events (L{omerta.mesh.waiting}), with
+deadlines.  Peers are named by peer id (hex or bytes), a unique id prefix, or
+a name.  A node in several networks uses the first one unless C{network=}
+names another.
+
+This module is the one place that reaches into the mesh's internals (the
+overlays and their registry, paths, liveness, relays, gossip, freshness and
+messaging); roles and the application use only what it offers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.task import deferLater
 
+from omerta.addressing import BootstrapSpec
+from omerta.mesh import waiting
+from omerta.mesh.events import KINDS
 from omerta.mesh.paths import Connection, is_relayed
-from omerta.mesh.registry import PeerRecord, Requirements
+from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord, Requirements
 from omerta.mesh.service import NodeService
+
+PATH_EVENTS = ("path_changed", "peer_connected", "peer_changed")
+"""What may bring a path up: a move, a new link's first frame, a pong (rtt)."""
+
+REGISTRY_EVENTS = ("peer_discovered", "peer_changed")
+"""What changes the peers known and their states."""
 
 
 class ConnectError(Exception):
@@ -34,10 +50,44 @@ class ConnectError(Exception):
         self.attempts = attempts
 
 
+class NotJoined(Exception):
+    """
+    No bootstrap peer answered, and no peer is online, within the time
+    given.
+    """
+
+
+@dataclass(frozen=True)
+class BootstrapProgress:
+    """
+    One bootstrap peer and how far the node got with it.
+
+    @ivar address: the (host, port) its endpoint resolved to, None before
+        (or when the name did not resolve).
+    @ivar reached: it proved to be the peer named (a signed announcement).
+    @ivar answered_by: the peer id that answered there, if any.
+    """
+
+    spec: BootstrapSpec
+    address: tuple | None
+    reached: bool
+    answered_by: bytes | None
+
+
+def peer_label(record: PeerRecord) -> str:
+    """
+    How to name a peer to a person: C{name (id)}, or the id alone.
+    """
+    return f"{record.name} ({record.peer_id_text})" if record.name else record.peer_id_text
+
+
 class MeshNetwork:
     """
     @param service: an existing L{NodeService} to wrap; otherwise one is built
         from the keyword arguments (see L{NodeService}).
+    @param node: an already running L{omerta.mesh.node.MeshNode} to wrap (the
+        simulator's, in tests); C{start} and C{stop} are then its owner's
+        business and do nothing.
     """
 
     FRESH_CONTACT = 2.0
@@ -46,23 +96,48 @@ class MeshNetwork:
     are confirmed with a ping first.
     """
 
+    SETTLE_TIME = 1.0
+    """
+    L{wait_settled}: how long the peer counts must stay unchanged.
+    """
+
+    PEER_LIST_ASKS = 4
+    PEER_LIST_SPACING = 2.0
+    """
+    L{find_peer}: a peer not in the first peer lists: ask the reached
+    bootstrap peers this many more times, this many seconds apart (their
+    C{MeshConfig.peer_list_interval} is 2 s), before saying it is not there.
+    """
+
+    BOOTSTRAP_RECHECK = 1.0
+    RELAY_RECHECK = 0.5
+    """
+    Fallback re-checks for conditions no event announces yet: a bootstrap
+    peer's answer (L{MeshNode.bootstrap_answered}), and a relay session
+    request denied or given up (L{RelayClient.on_deny}, C{tick}).
+    """
+
     def __init__(self, data_dir: Path | None = None, *, service: NodeService | None = None,
-                 network: bytes | str | None = None, **options):
-        if service is None:
+                 node=None, network: bytes | str | None = None, **options):
+        if service is None and node is None:
             service = NodeService(data_dir, **options)
         self.service = service
+        self._node = node
         self.default_network = network
 
     # lifecycle
 
     def start(self) -> Deferred:
-        self.service.startService()
+        if self.service is not None:
+            self.service.startService()
         return succeed(self)
 
     def stop(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        if self.service is None:
+            return None
         result = self.service.stopService()
         if isinstance(result, Deferred):
             await result
@@ -72,11 +147,43 @@ class MeshNetwork:
 
     @property
     def node(self):
-        return self.service.node
+        """
+        The L{omerta.mesh.node.MeshNode} behind this API (None before
+        C{start}); for the manhole and tests, not for roles.
+        """
+        return self._live_node()
+
+    def _live_node(self):
+        node = self._node if self._node is not None else self.service.node
+        if node is not None:
+            self._wire(node)
+        return node
+
+    @property
+    def started(self) -> bool:
+        """
+        Whether the node exists (it was started).
+        """
+        return self.node is not None
 
     @property
     def clock(self):
-        return self.service.reactor
+        return self.service.reactor if self.service is not None else self._node.clock
+
+    @property
+    def events(self):
+        """
+        Subscribe with C{events.subscribe(kind, callback)}; the kinds are
+        L{omerta.mesh.events.KINDS}.
+        """
+        return self.service.events if self.service is not None else self._node.events
+
+    @property
+    def metrics(self):
+        """
+        The node's one L{omerta.metrics.Metrics} object.
+        """
+        return self.service.metrics if self.service is not None else self._node.metrics
 
     @property
     def peer_id(self) -> str:
@@ -90,17 +197,51 @@ class MeshNetwork:
         """
         return self.node.nat
 
-    @property
-    def events(self):
+    def local_address(self) -> tuple[str, int] | None:
         """
-        Subscribe with C{events.subscribe(kind, callback)}; kinds:
-        peer_discovered, peer_connected, peer_suspected, peer_disconnected,
-        path_changed, nat_changed.
+        The (host, port) the node's socket is bound to, None when it has none.
         """
-        return self.service.events
+        node = self.node
+        if node is None or node.transport is None:
+            return None
+        host = node.transport.getHost()
+        return host.host, host.port
+
+    def public_endpoints(self) -> list[tuple[str, int]]:
+        """
+        Addresses at which this node may be reachable directly, best first
+        (the STUN-mapped one, the one peers observe, the bound one).
+        """
+        return self.node.public_endpoints()
+
+    def networks(self) -> list[str]:
+        """
+        The ids (hex) of the networks this node is in.
+        """
+        return [network_id.hex() for network_id in self.node.overlays]
+
+    def network_id(self, network=None) -> str:
+        """
+        The id (hex) of the network a call with C{network} uses.
+        """
+        return self.overlay(network).network_id.hex()
 
     def overlay(self, network=None):
+        """
+        The overlay of a network: the mesh's internals, for tests and the
+        manhole; roles and the application use the methods of this class.
+        """
         return self.node.overlay(network if network is not None else self.default_network)
+
+    def _wire(self, node) -> None:
+        """
+        Registries emit C{peer_changed} on the node's event bus.
+        """
+        for overlay in node.overlays.values():
+            if overlay.registry.events is None:
+                overlay.registry.events = node.events
+
+    # peers
 
     def resolve(self, peer, network=None) -> bytes:
         """
@@ -115,13 +256,191 @@ class MeshNetwork:
     def known_peers(self, network=None) -> list[PeerRecord]:
         return list(self.overlay(network).registry.all())
 
-    def peer_info(self, peer, network=None) -> PeerRecord:
+    def peer_info(self, peer, network=None) -> PeerRecord | None:
+        """
+        The record of a peer (None for unknown peer id bytes).
+
+        @raise PeerNotFound: an unknown name, prefix or hex id.
+        @raise AmbiguousPeer: a name or prefix more than one peer matches.
+        """
         return self.overlay(network).registry.get(self.resolve(peer, network))
+
+    def knows(self, peer, network=None) -> bool:
+        """
+        Whether C{peer} names a known peer (or several: ambiguous is known).
+        """
+        try:
+            return self.peer_info(peer, network) is not None
+        except AmbiguousPeer:
+            return True
+        except PeerNotFound:
+            return False
 
     def find_peers(self, requirements: Requirements, max_results: int = 10, network=None):
         return self.overlay(network).registry.find_peers(
             requirements, max_results, now=self.clock.seconds()
         )
+
+    def record_outcome(self, peer, success: bool, latency: float | None = None,
+                       network=None) -> float | None:
+        """
+        Fold how a peer served us into its reputation (the registry's rule);
+        returns the new score, None for an unknown peer.
+        """
+        return self.overlay(network).registry.record_outcome(
+            self.resolve(peer, network), success, latency)
+
+    def restore_reputation(self, peer, reputation: float, network=None) -> bool:
+        """
+        Set a peer's reputation to one kept from earlier runs; returns
+        whether the peer is known.
+        """
+        return self.overlay(network).registry.restore_reputation(
+            self.resolve(peer, network), reputation)
+
+    # what this node announces
+
+    @property
+    def resources(self) -> dict:
+        """
+        What this node announces it offers (cpu_cores, memory_mb, disk_gb,
+        gpus).
+        """
+        return dict(self.node.resources)
+
+    def set_resources(self, resources: dict) -> bool:
+        """
+        Announce other resources, in every network (re-signed and spread at
+        once).  Returns False, announcing nothing, when they are the same.
+        """
+        node = self.node
+        resources = dict(resources)
+        if node.resources == resources:
+            return False
+        node.resources = resources
+        for overlay in node.overlays.values():
+            overlay.gossip.reannounce()
+        return True
+
+    # bootstrap
+
+    def bootstraps(self) -> list[BootstrapProgress]:
+        return [BootstrapProgress(b.spec, b.address, b.reached, b.answered_by)
+                for b in self.node.bootstraps]
+
+    def joined(self, network=None) -> bool:
+        """
+        A bootstrap peer proved who it is, or some peer is online.
+        """
+        return (any(b.reached for b in self.node.bootstraps)
+                or bool(self.overlay(network).registry.online()))
+
+    def ask_for_peer_lists(self, network=None) -> int:
+        """
+        Ask every reached bootstrap peer for its whole peer list again (a
+        lost peer-list datagram must not make a peer look absent); returns
+        how many were asked.
+        """
+        overlay = self.overlay(network)
+        asked = 0
+        for boot in self.node.bootstraps:
+            if boot.reached and boot.address is not None:
+                overlay.gossip.send_peer_list(boot.address, request=True)
+                asked += 1
+        return asked
+
+    def wait_joined(self, timeout: float, network=None) -> Deferred:
+        """
+        Fires with True once L{joined}, False at the timeout.
+        """
+        return self.wait_until(lambda: self.joined(network), timeout,
+                               fallback=self.BOOTSTRAP_RECHECK)
+
+    def wait_settled(self, timeout: float, done: Callable[[], bool] = lambda: False,
+                     network=None) -> Deferred:
+        """
+        Fires (with None) once the numbers of known and online peers stayed
+        the same for L{SETTLE_TIME}, C{done()} is true, or C{timeout} passed.
+        """
+        return ensureDeferred(self._settled(timeout, done, network))
+
+    def _counts(self, network) -> tuple[int, int]:
+        registry = self.overlay(network).registry
+        return len(registry), len(registry.online())
+
+    async def _settled(self, timeout: float, done, network) -> None:
+        deadline = self.clock.seconds() + timeout
+        while not done():
+            remaining = deadline - self.clock.seconds()
+            if remaining <= 0:
+                return
+            last = self._counts(network)
+            changed = await self.wait_until(
+                lambda: done() or self._counts(network) != last,
+                min(self.SETTLE_TIME, remaining), kinds=REGISTRY_EVENTS)
+            if not changed:
+                return
+
+    def find_peer(self, peer, timeout: float, network=None) -> Deferred:
+        """
+        The record of C{peer} (id, prefix or name) once this node knows it:
+        at once if it does, else after joining the mesh, waiting for the
+        view to settle and asking the bootstrap peers for their lists again
+        (L{PEER_LIST_ASKS} times) while it is still unknown.
+
+        Fails with L{NotJoined} (nobody answered), C{PeerNotFound} or
+        C{AmbiguousPeer}.
+        """
+        return ensureDeferred(self._find_peer(peer, timeout, network))
+
+    async def _find_peer(self, peer, timeout: float, network) -> PeerRecord:
+        deadline = self.clock.seconds() + timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - self.clock.seconds())
+
+        def knows() -> bool:
+            return self.knows(peer, network)
+
+        if not knows():
+            if not await self.wait_joined(remaining(), network):
+                raise NotJoined(f"no bootstrap peer answered within {timeout:g} s")
+            await self.wait_settled(remaining(), knows, network)
+            for _ in range(self.PEER_LIST_ASKS):
+                if knows() or remaining() <= 0:
+                    break
+                # the bootstrap peers answer a list request once per 2 s
+                await self.wait_until(knows, min(self.PEER_LIST_SPACING, remaining()),
+                                      kinds=REGISTRY_EVENTS)
+                if knows():
+                    break
+                self.ask_for_peer_lists(network)
+                await self.wait_settled(remaining(), knows, network)
+        return self.peer_info(peer, network)
+
+    # waiting on events
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float, *,
+                   kinds: Iterable[str] = tuple(KINDS), fallback: float | None = None,
+                   expired: Callable[[], Any] = lambda: False) -> Deferred:
+        """
+        Fires with the first true value of C{predicate()}, checked now and
+        after every event of C{kinds} (all kinds by default), or with
+        C{expired()} (False) after C{timeout} seconds.  C{fallback}: also
+        re-check every so many seconds (at least 0.5), for a condition no
+        event announces.  See L{omerta.mesh.waiting.wait_for}.
+        """
+        self._live_node()  # (wires the registries' events)
+        return waiting.wait_for(self.clock, predicate, timeout, events=self.events,
+                                kinds=kinds, fallback=fallback, expired=expired)
+
+    def next_event(self, kind: str, timeout: float,
+                   match: Callable[..., bool] = lambda **data: True) -> Deferred:
+        """
+        Fires with the keyword arguments (a dict) of the next C{kind} event
+        that C{match(**data)} accepts, or with None after C{timeout} seconds.
+        """
+        return waiting.next_event(self.clock, kind, timeout, events=self.events, match=match)
 
     # paths
 
@@ -146,6 +465,16 @@ class MeshNetwork:
     async def _connect(self, peer, timeout, network) -> Connection:
         overlay = self.overlay(network)
         peer_id = self.resolve(peer, network)
+        connection = await self._connect_path(overlay, peer_id, timeout)
+        if connection.rtt is None:
+            # The pong that proved the path can answer before the link
+            # stores its round trip; the registry already has the value.
+            record = overlay.registry.get(peer_id)
+            if record is not None and record.rtt is not None:
+                connection = replace(connection, rtt=record.rtt)
+        return connection
+
+    async def _connect_path(self, overlay, peer_id: bytes, timeout) -> Connection:
         timeout = overlay.config.request_timeout if timeout is None else timeout
         clock = self.clock
         deadline = clock.seconds() + timeout
@@ -157,25 +486,44 @@ class MeshNetwork:
         overlay.paths.establish(peer_id)
         tried = set()
         started = clock.seconds()
-        while clock.seconds() < deadline:
+
+        def live() -> Connection | None:
+            """A path that answered since we started (relayed, punched, direct)."""
             link = overlay.liveness.links.get(peer_id)
             connection = overlay.paths.connection(peer_id)
             if (connection is not None and connection.rtt is not None and link.verified
                     and link.last_heard >= started):
-                return connection  # a path came up meanwhile (relayed, punched)
+                return connection
+            return None
+
+        def remaining() -> float:
+            return max(0.0, deadline - clock.seconds())
+
+        while clock.seconds() < deadline:
+            connection = live()
+            if connection is not None:
+                return connection
             address = overlay.paths.address_of(peer_id)
             if address is None or address in tried:
                 if peer_id in overlay.relays.pending:
-                    # a relay session is being opened: it becomes the address
-                    await _sleep(clock, 0.05)
+                    # a relay session is being opened: it becomes the
+                    # address, or the request is denied or given up (no
+                    # event for those: the fallback re-check)
+                    await self.wait_until(
+                        lambda: live() or peer_id not in overlay.relays.pending,
+                        remaining(), kinds=PATH_EVENTS, fallback=self.RELAY_RECHECK)
                     continue
                 answers = await overlay.freshness.query(peer_id, overlay.config.contact_max_age)
                 fresh = [a.address for a in answers if a.address not in tried]
                 if not fresh:
                     if overlay.relays.can_open(peer_id):
-                        # relayed: ask again (a denied or lost request)
+                        # relayed: ask again (a denied or lost request); when
+                        # every relay it announces is backing off, nothing
+                        # goes out: look again after RELAY_RECHECK
                         overlay.paths.establish(peer_id)
-                        await _sleep(clock, 0.2)
+                        if peer_id not in overlay.relays.pending:
+                            await self.wait_until(live, min(self.RELAY_RECHECK, remaining()),
+                                                  kinds=PATH_EVENTS)
                         continue
                     break
                 address = fresh[0]
@@ -185,7 +533,7 @@ class MeshNetwork:
             # a NAT-bound peer's direct address rarely answers: do not hold
             # up the relayed path that is being opened meanwhile
             patience = 0.25 if peer_id in overlay.relays.pending else 1.0
-            wait = max(0.1, min(patience, deadline - clock.seconds()))
+            wait = max(0.1, min(patience, remaining()))
             rtt = await overlay.liveness.ping_and_wait(peer_id, address, wait)
             connection = overlay.paths.connection(peer_id)
             if rtt is not None and connection is not None:
@@ -224,19 +572,17 @@ class MeshNetwork:
         (its own address or a punched one); fires with the L{Connection}
         then, or with the current one (or None) at the deadline.
         """
-        return ensureDeferred(self._wait_direct(peer, timeout, network))
-
-    async def _wait_direct(self, peer, timeout, network):
-        overlay = self.overlay(network)
+        paths = self.overlay(network).paths
         peer_id = self.resolve(peer, network)
-        deadline = self.clock.seconds() + timeout
-        while True:
-            connection = overlay.paths.connection(peer_id)
+
+        def direct() -> Connection | None:
+            connection = paths.connection(peer_id)
             if connection is not None and connection.direct and connection.rtt is not None:
                 return connection
-            if self.clock.seconds() >= deadline:
-                return connection
-            await _sleep(self.clock, 0.05)
+            return None
+
+        return self.wait_until(direct, timeout, kinds=PATH_EVENTS,
+                               expired=lambda: paths.connection(peer_id))
 
     def punch_attempts(self, peer, network=None) -> int:
         """
@@ -266,7 +612,8 @@ class MeshNetwork:
         """
         C{handler(peer_id_bytes, payload)} for messages and requests on
         C{channel}; for a request its return value (bytes or a Deferred of
-        bytes) is the response.
+        bytes) is the response.  None removes it.  One network at a time: a
+        role serving every network registers in each of L{networks}.
         """
         self.overlay(network).messaging.on_channel(channel, handler)
 
@@ -289,33 +636,25 @@ class MeshNetwork:
         """
         Fires with True once C{count} peers are online, False at the timeout.
         """
-        return ensureDeferred(self._wait(
-            lambda: len(self.overlay(network).registry.online()) >= count, timeout))
-
-    async def _wait(self, predicate, timeout: float, interval: float = 0.05) -> bool:
-        from twisted.internet.task import deferLater
-
-        deadline = self.clock.seconds() + timeout
-        while not predicate():
-            if self.clock.seconds() >= deadline:
-                return False
-            await deferLater(self.clock, interval, lambda: None)
-        return True
+        return self.wait_until(
+            lambda: len(self.overlay(network).registry.online()) >= count, timeout,
+            kinds=REGISTRY_EVENTS)
 
     def statistics(self, network=None) -> dict:
+        """
+        Peers by state and capability; live paths by kind (direct, punched,
+        relayed); per-peer sessions; bytes and frames in and out (the node's,
+        all networks); drops by reason.
+        """
         overlay = self.overlay(network)
-        metrics = self.service.metrics
-        links = overlay.liveness.links.values()
+        metrics = self.metrics
         return {
             "peers": overlay.registry.statistics(),
-            "paths": {"direct": sum(1 for l in links if l.suspected_at is None), "relayed": 0},
+            "paths": overlay.paths.statistics(),
+            "sessions": len(overlay.messaging.sessions),
             "bytes_in": metrics.total("bytes_in"),
             "bytes_out": metrics.total("bytes_out"),
             "frames_in": metrics.total("frames_in"),
             "frames_out": metrics.total("frames_out"),
             "drops": metrics.by_label("drops", "reason"),
         }
-
-
-def _sleep(clock, seconds: float) -> Deferred:
-    return deferLater(clock, seconds, lambda: None)

@@ -7,6 +7,11 @@ Pure logic: nothing here reads a clock, a socket or a timer.  Every method
 that depends on time takes C{now}, a float in seconds on the same clock the
 caller uses everywhere else (the reactor's C{seconds()}).  The only I/O is the
 explicit L{PeerRegistry.save} / L{PeerRegistry.load} of a JSON state file.
+With an C{events} bus (L{omerta.mesh.events.Events}) it emits
+C{peer_changed(network, peer_id, change)} whenever a record is added or
+replaced (C{change="announcement"}), its liveness state or round-trip time
+changes (C{"state"}, C{"rtt"}) or it is dropped (C{"removed"}), so a waiter
+can re-check on the change instead of polling.
 
 Rules applied to an incoming announcement (L{PeerRegistry.accept}), in order
 (a record whose peer and sequence number are already held, or older, is
@@ -303,6 +308,7 @@ class PeerRegistry:
         *,
         reputation_alpha: float = 0.1,
         slow_latency_s: float = 10.0,
+        events=None,
     ) -> None:
         if max_peers < 0:
             raise ValueError("max_peers must not be negative")
@@ -318,6 +324,12 @@ class PeerRegistry:
         self.slow_latency_s = slow_latency_s
         self._peers: dict[bytes, PeerRecord] = {}
         self._names: dict[str, bytes] = {}
+        self.events = events
+
+    def _changed(self, peer_id: bytes, change: str) -> None:
+        if self.events is not None:
+            self.events.emit("peer_changed", network=self.network_id, peer_id=peer_id,
+                             change=change)
 
     # -- announcements -----------------------------------------------------
 
@@ -437,6 +449,7 @@ class PeerRegistry:
         self._peers[peer_id] = peer
         if peer.name:
             self._names[_name_key(peer.name)] = peer_id
+        self._changed(peer_id, "announcement")
         return (Outcome.UPDATED if held is not None else Outcome.NEW), peer_id
 
     # -- observations ------------------------------------------------------
@@ -470,6 +483,7 @@ class PeerRegistry:
         if peer is None:
             return False
         peer.rtt = rtt
+        self._changed(peer_id, "rtt")
         return True
 
     def set_state(self, peer_id: bytes, state: str, now: float) -> bool:
@@ -486,11 +500,11 @@ class PeerRegistry:
         self._set_state(peer, state, now)
         return True
 
-    @staticmethod
-    def _set_state(peer: PeerRecord, state: PeerState, now: float) -> None:
+    def _set_state(self, peer: PeerRecord, state: PeerState, now: float) -> None:
         if peer.state != state:
             peer.state = state
             peer.state_since = now
+            self._changed(peer.peer_id, "state")
 
     def restore_reputation(self, peer_id: bytes, reputation: float) -> bool:
         """
@@ -548,6 +562,7 @@ class PeerRegistry:
             return False
         if peer.name and self._names.get(_name_key(peer.name)) == peer_id:
             del self._names[_name_key(peer.name)]
+        self._changed(peer_id, "removed")
         return True
 
     def expire(self, now: float) -> list[bytes]:
