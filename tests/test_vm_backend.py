@@ -1,5 +1,7 @@
 """
-Tests for L{omerta.roles.vm}: the libvirt VM backend on libvirt's test driver.
+Tests for L{omerta.roles.vm}: the libvirt VM backend on libvirt's test driver
+and, for the qemu kind, on a fake connection.  The ledger alone is tested in
+L{tests.test_vm_ledger}, the domain XML in L{tests.test_domain_xml}.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from omerta.metrics import Metrics
 from omerta.roles import vm
 from omerta.roles.vm import (
+    HostTools,
     IVMBackend,
     LibvirtBackend,
     Quota,
@@ -24,8 +28,8 @@ from omerta.roles.vm import (
     UnknownVM,
     VMSpec,
     build_domain_xml,
-    parse_domain_metadata,
 )
+from omerta.roles.vmledger import VMLedger
 
 try:
     import libvirt
@@ -73,6 +77,23 @@ class RecordingConnection:
             return result
 
         return call
+
+
+class FixedTimeReactor:
+    """
+    A reactor whose clock stands still at C{now}; everything else is the
+    real reactor's.
+    """
+
+    def __init__(self, reactor, now):
+        self._reactor = reactor
+        self.now = now
+
+    def seconds(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
 
 
 class LibvirtBackendTests(unittest.TestCase):
@@ -204,13 +225,18 @@ class LibvirtBackendTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_reconcile_lost(self):
-        """After a restart, a ledger entry whose domain vanished is removed with its disk."""
+        """After a restart, a ledger entry whose domain vanished is removed with its disk, and a warning names it."""
         b = yield self.backend()
         info = yield b.create(spec())
         yield b.stopService()
         self.keeper.lookupByName("omerta-" + info.vm_id).undefine()
-        b2 = yield self.backend()
+        with capturedLogs() as events:
+            b2 = yield self.backend()
         self.assertEqual(b2.lastReconcile.lost, [info.vm_id])
+        self.assertEqual(
+            [(e["log_level"], e["owner"]) for e in events if e.get("vm_id") == info.vm_id],
+            [(LogLevel.warn, OWNER)],
+        )
         self.assertEqual((yield b2.list()), [])
         self.assertFalse(b2.disk_path(info.vm_id).exists())
         self.assertNotIn(info.vm_id, json.loads(b2.ledger_path.read_text())["vms"])
@@ -218,7 +244,7 @@ class LibvirtBackendTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_reconcile_orphan(self):
-        """A domain tagged with this provider's id but never recorded is destroyed; others are left alone."""
+        """A domain tagged with this provider's id but never recorded is destroyed with a warning; others are left alone."""
         b = yield self.backend()
         provider = b.provider_id
         yield b.stopService()
@@ -229,8 +255,13 @@ class LibvirtBackendTests(unittest.TestCase):
         stranger = self.keeper.defineXML(
             build_domain_xml("test", "11" * 8, "another-provider", spec(), 1.0, Path("/x"))
         )
-        b2 = yield self.backend()
+        with capturedLogs() as events:
+            b2 = yield self.backend()
         self.assertEqual(b2.lastReconcile.orphans_destroyed, ["omerta-" + "00" * 8])
+        self.assertEqual(
+            [e["log_level"] for e in events if e.get("name") == "omerta-" + "00" * 8],
+            [LogLevel.warn],
+        )
         self.assertEqual(self.ours(), ["omerta-" + "11" * 8])
         self.assertEqual((yield b2.list()), [])
         stranger.undefine()
@@ -257,7 +288,7 @@ class LibvirtBackendTests(unittest.TestCase):
             threads.append(("open", threading.current_thread()))
             return RecordingConnection(libvirt.open(uri), threads)
 
-        b = yield self.backend(connect=connect)
+        b = yield self.backend(tools=HostTools(connect=connect))
         info = yield b.create(spec())
         yield b.start(info.vm_id)
         yield b.list()
@@ -270,14 +301,56 @@ class LibvirtBackendTests(unittest.TestCase):
         self.assertEqual([n for n, t in threads if t is reactor_thread], [])
 
     @defer.inlineCallbacks
+    def test_ledger_on_reactor_thread(self):
+        """The ledger is loaded, read and changed on the reactor thread only."""
+        threads = []
+        for name in ("load", "snapshot", "reserve", "mark_defined", "remove", "settle",
+                     "entry", "ids", "committed"):
+            def recording(self_, *args, _original=getattr(VMLedger, name), **kwargs):
+                threads.append(threading.current_thread())
+                return _original(self_, *args, **kwargs)
+
+            self.patch(VMLedger, name, recording)
+        b = yield self.backend()
+        info = yield b.create(spec())
+        yield b.start(info.vm_id)
+        yield b.list()
+        yield b.destroy(info.vm_id)
+        yield b.reconcile()
+        self.assertTrue(threads)
+        self.assertEqual(set(threads), {threading.current_thread()})
+
+    @defer.inlineCallbacks
     def test_no_address_on_test_driver(self):
         """The test driver's VMs get no address and no bridge is set up."""
         calls = []
-        b = yield self.backend(bridge_setup=lambda *a: calls.append(a))
+        b = yield self.backend(tools=HostTools(bridge_setup=lambda *a: calls.append(a)))
         info = yield b.create(spec())
         self.assertIsNone(info.address)
         yield b.start(info.vm_id)
         self.assertEqual(calls, [])
+
+    @defer.inlineCallbacks
+    def test_created_at_from_reactor_clock(self):
+        """A VM's created_at is the reactor's time, as the ledger and the domain metadata record it."""
+        from twisted.internet import reactor
+
+        b = yield self.backend(reactor=FixedTimeReactor(reactor, 1234.5))
+        info = yield b.create(spec())
+        self.assertEqual(info.created_at, 1234.5)
+        dom = self.keeper.lookupByName("omerta-" + info.vm_id)
+        self.assertEqual(vm.parse_domain_metadata(dom.XMLDesc(0))["created_at"], 1234.5)
+
+    @defer.inlineCallbacks
+    def test_reconcile_spares_create_in_flight(self):
+        """A reconcile while a create is under way neither loses nor orphans that VM."""
+        b = yield self.backend()
+        creating = b.create(spec())
+        report = yield b.reconcile()
+        self.assertEqual(report, vm.ReconcileReport())
+        info = yield creating
+        self.assertEqual([i.vm_id for i in (yield b.list())], [info.vm_id])
+        self.assertEqual((yield b.reconcile()), vm.ReconcileReport())
 
     @defer.inlineCallbacks
     def test_not_running(self):
@@ -285,39 +358,6 @@ class LibvirtBackendTests(unittest.TestCase):
         b = yield self.backend()
         yield b.stopService()
         yield self.assertFailure(b.list(), vm.VMError)
-
-
-class DomainXMLTests(unittest.TestCase):
-    def test_metadata_round_trip(self):
-        """The omerta metadata written into domain XML parses back to the spec."""
-        xml = build_domain_xml("test", "aa" * 8, "p1", spec(vcpus=3), 2.5, Path("/d"))
-        meta = parse_domain_metadata(xml)
-        self.assertEqual(
-            (meta["vm_id"], meta["provider"], meta["owner"], meta["vcpus"], meta["created_at"]),
-            ("aa" * 8, "p1", OWNER, "3", 2.5),
-        )
-
-    def test_no_metadata(self):
-        """A domain without omerta metadata is not ours."""
-        self.assertIsNone(parse_domain_metadata("<domain type='test'><name>x</name></domain>"))
-        self.assertIsNone(parse_domain_metadata("not xml"))
-
-    def test_qemu_xml(self):
-        """The qemu domain boots the cached kernel and initrd under TCG with a serial log and a bridged NIC."""
-        xml = build_domain_xml(
-            "qemu", "aa" * 8, "p", spec(), 1.0, Path("/d/disk.raw"),
-            image_dir=Path("/img/busybox"), serial_log=Path("/d/serial.log"), bridge="omerta0",
-        )
-        for needle in (
-            "type=\"qemu\"",
-            "<kernel>/img/busybox/vmlinuz</kernel>",
-            "<initrd>/img/busybox/initrd.gz</initrd>",
-            "console=ttyS0",
-            "<source bridge=\"omerta0\" />",
-            "<source path=\"/d/serial.log\" />",
-            "<memory unit=\"MiB\">128</memory>",
-        ):
-            self.assertIn(needle, xml)
 
 
 class FakeDomain:
@@ -412,12 +452,13 @@ class QemuKindTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def backend(self, **kw):
-        kw.setdefault("image_builder", self.images)
         kw.setdefault("metrics", self.metrics)
-        b = LibvirtBackend(
-            self.data_dir, uri="qemu:///system", connect=lambda uri: self.conn,
-            bridge_setup=lambda *a: self.bridges.append((a, threading.current_thread())), **kw,
+        tools = HostTools(
+            connect=lambda uri: self.conn,
+            image_builder=self.images,
+            bridge_setup=lambda *a: self.bridges.append((a, threading.current_thread())),
         )
+        b = LibvirtBackend(self.data_dir, uri="qemu:///system", tools=tools, **kw)
         b.startService()
         self.addCleanup(lambda: b.stopService() if b.running else None)
         yield b.whenReady

@@ -31,7 +31,7 @@ from twisted.trial import unittest
 
 from omerta.roles import guest
 from omerta.roles.guest import ImageBuilder
-from omerta.roles.vm import LibvirtBackend, Resources, VMSpec
+from omerta.roles.vm import HostTools, LibvirtBackend, Resources, VMSpec
 from tests.integration import wait_for
 
 IMAGE_CACHE = Path(os.environ.get("OMERTA_TEST_IMAGE_CACHE", "/var/cache/omerta-test-images"))
@@ -162,7 +162,8 @@ class RealGuestTests(unittest.TestCase):
         if not (yield deferToThread(bridge_exists, BRIDGE)):
             self.addCleanup(deferToThread, delete_bridge, BRIDGE)
         b = LibvirtBackend(self.data_dir, uri="qemu:///system", images_dir=IMAGE_CACHE,
-                           image_builder=builder, bridge=BRIDGE, bridge_address=BRIDGE_ADDRESS)
+                           tools=HostTools(image_builder=builder), bridge=BRIDGE,
+                           bridge_address=BRIDGE_ADDRESS)
         t0 = time.monotonic()
         b.startService()
         self.addCleanup(self.tearDownBackend, b)
