@@ -57,6 +57,27 @@ class CollectorTests(unittest.TestCase):
         self.assertIn('omerta_request_latency_seconds_count 2.0', text)
 
 
+    def test_live_gauges(self):
+        """Peers by state, live paths by kind and sessions come from the live node, per network."""
+        from tests.test_node import MeshFixture
+
+        fixture = MeshFixture(self)
+        relay = fixture.start_relay()
+        alice = fixture.node("10.0.0.2", "alice")
+        self.assertTrue(fixture.net.run_until(
+            lambda: len(alice.node.overlay().registry.online()) == 1, 10))
+        registry = CollectorRegistry()
+        registry.register(NodeCollector(relay))
+        text = generate_latest(registry).decode()
+        network = fixture.membership.network_id
+        self.assertIn(f'omerta_peers{{network="{network}",state="online"}} 1.0', text)
+        self.assertIn(f'omerta_active_links{{kind="direct",network="{network}"}} 1.0', text)
+        self.assertIn(f'omerta_active_links{{kind="relayed",network="{network}"}} 0.0', text)
+        self.assertIn(f'omerta_active_links{{kind="punched",network="{network}"}} 0.0', text)
+        self.assertIn(f'omerta_sessions{{network="{network}"}} 0.0', text)
+        self.assertIn('omerta_nat_type{type="unknown"} 1.0', text)
+
+
 class DaemonTests(unittest.TestCase):
     timeout = 120
 

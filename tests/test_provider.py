@@ -19,6 +19,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from omerta.mesh.messaging import RemoteError
+from omerta.mesh.network import MeshNetwork
 from omerta.roles.provider import ProviderService
 from omerta.roles.resources import HostResources
 from omerta.roles.vm import (BadSpec, IVMBackend, Quota, QuotaExceeded, Resources, UnknownVM,
@@ -285,3 +287,14 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(set(tunnels), {kept})
         self.assertEqual(self.ask(self.alice, VmOp.STATUS, vm_id=bytes.fromhex(kept)).status,
                          VmStatus.OK)
+
+    def test_on_the_mesh_api(self):
+        """A provider built on a MeshNetwork serves the vm channel; stopped, it serves it no more."""
+        self.provider.stopService()
+        self.provider = ProviderService(MeshNetwork(service=self.provider_node), self.backend,
+                                        HOST, self.data_dir)
+        self.provider.startService()
+        self.addCleanup(lambda: self.provider.running and self.provider.stopService())
+        self.assertEqual(self.create(self.alice).status, VmStatus.OK)
+        self.provider.stopService()
+        self.assertRaises(RemoteError, self.create, self.alice)

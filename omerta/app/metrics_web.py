@@ -7,7 +7,8 @@ Every series comes from the node's one L{omerta.metrics.Metrics} object (the
 same one C{omerta node status}, the status file and the manhole show):
 counters as C{omerta_<name>_total}, gauges as C{omerta_<name>}, histograms
 as C{omerta_<name>_seconds}; plus gauges read from the live node at scrape
-time: peers by network and state, active links, sessions, the NAT type.
+time (through the L{MeshNetwork} API): peers by network and state, live
+paths by kind (direct, punched, relayed), sessions, the NAT type.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from omerta.mesh.network import MeshNetwork
 from omerta.metrics import Metrics
 
 PREFIX = "omerta_"
@@ -50,9 +52,10 @@ class NodeCollector:
 
     def __init__(self, node_service):
         self.node_service = node_service
+        self.mesh = MeshNetwork(service=node_service)
 
     def collect(self):
-        metrics: Metrics = self.node_service.metrics
+        metrics: Metrics = self.mesh.metrics
         families: dict[tuple, object] = {}
         for kind, name, labels, value in metrics.series():
             key = (kind, name, tuple(sorted(labels)))
@@ -74,27 +77,27 @@ class NodeCollector:
         yield from self._live()
 
     def _live(self):
-        node = self.node_service.node
-        if node is None:
+        mesh = self.mesh
+        if not mesh.started:
             return
         peers = GaugeMetricFamily(PREFIX + "peers", "Known peers, by network and state.",
                                   labels=["network", "state"])
-        links = GaugeMetricFamily(PREFIX + "active_links", "Peers in the active set.",
+        links = GaugeMetricFamily(PREFIX + "active_links",
+                                  "Peers in the active set with a live path, by path kind.",
                                   labels=["network", "kind"])
         sessions = GaugeMetricFamily(PREFIX + "sessions", "Per-peer sessions.",
                                      labels=["network"])
-        for network_id, overlay in node.overlays.items():
-            network = network_id.hex()
-            for state, count in overlay.registry.statistics()["by_state"].items():
+        for network in mesh.networks():
+            statistics = mesh.statistics(network)
+            for state, count in statistics["peers"]["by_state"].items():
                 peers.add_metric([network, state], count)
-            live = [l for l in overlay.liveness.links.values() if l.suspected_at is None]
-            links.add_metric([network, "direct"], len(live))
-            links.add_metric([network, "relayed"], 0)
-            sessions.add_metric([network], len(overlay.messaging.sessions))
+            for kind, count in statistics["paths"].items():
+                links.add_metric([network, kind], count)
+            sessions.add_metric([network], statistics["sessions"])
         yield peers
         yield links
         yield sessions
-        nat = node.nat
+        nat = mesh.nat
         info = GaugeMetricFamily(PREFIX + "nat_type", "The NAT type last discovered (1).",
                                  labels=["type"])
         info.add_metric(["unknown" if nat is None else nat.nat_type.name.lower()], 1)

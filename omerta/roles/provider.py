@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
 from omerta.crypto.wireguard import encode_key, load_or_create_key
+from omerta.mesh.network import MeshNetwork
 from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.roles.resources import Capacity, HostResources
 from omerta.roles.vm import BadSpec, QuotaExceeded, UnknownVM, VMError, VMInfo, VMSpec
@@ -56,7 +57,9 @@ class Refused(Exception):
 
 class ProviderService(Service):
     """
-    @param node: the L{omerta.mesh.service.NodeService} (started before this).
+    @param node: the node: a L{MeshNetwork}, or the
+        L{omerta.mesh.service.NodeService} to wrap in one (started before
+        this).
     @param backend: an L{omerta.roles.vm.IVMBackend} service (started before
         this; requests wait for its C{whenReady}).
     @param host: the measured L{HostResources}.
@@ -67,7 +70,7 @@ class ProviderService(Service):
 
     def __init__(self, node, backend, host: HostResources, data_dir: Path,
                  max_per_consumer: int = 4, clock=time.time):
-        self.node_service = node
+        self.mesh = node if isinstance(node, MeshNetwork) else MeshNetwork(service=node)
         self.backend = backend
         self.host = host
         self.data_dir = Path(data_dir)
@@ -85,18 +88,17 @@ class ProviderService(Service):
         super().startService()
         self.wireguard = load_or_create_key(self.data_dir / WIREGUARD_KEY_FILE)
         self._tunnels = dict(read_json(self.data_dir / TUNNELS_FILE, dict).get("tunnels", {}))
-        for overlay in self.node_service.node.overlays.values():
-            overlay.messaging.on_channel(CHANNEL, self._handler(overlay))
+        for network in self.mesh.networks():
+            self.mesh.on_channel(CHANNEL, self._handler(network), network=network)
         self.announce_free()
         ready = self.backend.whenReady or defer.succeed(None)
         ready.addCallback(self._ready).addErrback(self._broken)
 
     def stopService(self):
         super().stopService()
-        node = self.node_service.node
-        if node is not None:
-            for overlay in node.overlays.values():
-                overlay.messaging.on_channel(CHANNEL, None)
+        if self.mesh.started:
+            for network in self.mesh.networks():
+                self.mesh.on_channel(CHANNEL, None, network=network)
 
     def _ready(self, _) -> defer.Deferred:
         return self.backend.list().addCallback(self._reconciled)
@@ -122,26 +124,22 @@ class ProviderService(Service):
 
     def announce_free(self) -> None:
         """
-        Put what is free into the node's announcement and spread it.
+        Put what is free into the node's announcement and spread it (in
+        every network; nothing is sent when it did not change).
         """
-        node = self.node_service.node
-        free = self.free()
-        if node is None or node.resources == free:
-            return
-        node.resources = free
-        for overlay in node.overlays.values():
-            overlay.gossip.reannounce()
+        if self.mesh.started:
+            self.mesh.set_resources(self.free())
 
     # the channel
 
-    def _handler(self, overlay):
+    def _handler(self, network: str):
         def handle(peer_id: bytes, payload: bytes):
-            return defer.ensureDeferred(self._handle(overlay, peer_id, payload))
+            return defer.ensureDeferred(self._handle(network, peer_id, payload))
 
         return handle
 
-    async def _handle(self, overlay, peer_id: bytes, payload: bytes) -> bytes:
-        metrics = self.node_service.metrics
+    async def _handle(self, network: str, peer_id: bytes, payload: bytes) -> bytes:
+        metrics = self.mesh.metrics
         try:
             request = parse_request(payload)
             op = VmOp(request.op)
@@ -151,17 +149,17 @@ class ProviderService(Service):
         try:
             if not self.ready:
                 raise Refused(VmStatus.UNAVAILABLE, "the provider's VM backend is not ready")
-            vms = await self._do(overlay, op, peer_id, request.body)
+            vms = await self._do(op, peer_id, request.body)
         except Refused as e:
             metrics.inc("vm_requests", op=op.name.lower(), status=e.status.name.lower())
             self.log.info("VM {op} from {peer} refused: {detail}", op=op.name.lower(),
                           peer=format_peer_id(peer_id), detail=e.detail)
             return build_reply(e.status, e.detail)
         metrics.inc("vm_requests", op=op.name.lower(), status="ok")
-        return build_reply(VmStatus.OK, "", [self._record(overlay, peer_id, v)
+        return build_reply(VmStatus.OK, "", [self._record(network, peer_id, v)
                                             for v in vms[:MAX_VMS_PER_REPLY]])
 
-    async def _do(self, overlay, op: VmOp, peer_id: bytes, body) -> list[VMInfo]:
+    async def _do(self, op: VmOp, peer_id: bytes, body) -> list[VMInfo]:
         owner = peer_id.hex()
         if op == VmOp.CREATE:
             return [await self._create(owner, body)]
@@ -238,12 +236,12 @@ class ProviderService(Service):
 
     # records
 
-    def _record(self, overlay, peer_id: bytes, info: VMInfo) -> dict:
-        connection = overlay.paths.connection(peer_id)
+    def _record(self, network: str, peer_id: bytes, info: VMInfo) -> dict:
+        connection = self.mesh.connection(peer_id, network=network)
         if connection is not None and connection.kind == "relayed":
             endpoint = connection.endpoint  # the relay carries us
         else:
-            endpoint = next(iter(overlay.node.public_endpoints()), ("0.0.0.0", 0))
+            endpoint = next(iter(self.mesh.public_endpoints()), ("0.0.0.0", 0))
         return {
             "vm_id": bytes.fromhex(info.vm_id),
             "name": info.name,
