@@ -20,7 +20,7 @@ from omerta.mesh.events import Events
 from omerta.mesh.overlay import Overlay
 from omerta.mesh.paths import RelayRoute
 from omerta.metrics import Metrics
-from omerta.wire.messages import Capability, MessageType
+from omerta.wire.messages import Capability, MessageType, NatType
 
 Address = tuple[str, int]
 
@@ -283,6 +283,15 @@ class MeshNode:
     @property
     def relay_role(self) -> bool:
         return self.relay is not None
+
+    def needs_relays(self) -> bool:
+        """
+        Whether this node should hold relay reservations: it is not on a
+        public address (or its NAT is not discovered yet and it is no relay).
+        """
+        if self.nat is None:
+            return not self.relay_role
+        return self.nat.nat_type != NatType.PUBLIC
 
     def enable_relay(self, config=None) -> None:
         """

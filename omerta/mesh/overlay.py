@@ -61,7 +61,14 @@ class Overlay:
         self.connections = Connections(self._emit, self._transmit,
                                        limit=min(self.config.max_peers, 4096))
         self.paths = PathManager(self, self.connections)
-        self.relays = RelayClient(self)
+        self.relays = RelayClient(
+            self.basics, self.registry, node.relay_routes,
+            needs_relays=node.needs_relays,
+            direct_address=lambda peer_id: self.paths.direct_address(peer_id),
+            reannounce=lambda: self.gossip.reannounce(),
+            session_opened=lambda peer, route, requested: self.paths.relay_session_opened(
+                peer, route, requested),
+            session_closed=lambda peer, route: self.paths.relay_session_closed(peer, route))
         self.punch = Puncher(self)
         self.liveness = Liveness(self, self.connections, rng)
         self.freshness = Freshness(self)

@@ -24,12 +24,14 @@ The member's side of relaying, in one network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
-from omerta.mesh.paths import RelayRoute, is_relayed
-from omerta.wire.messages import (Capability, MessageType, NatType, PathKind,
+from omerta.mesh.context import Basics
+from omerta.mesh.peer import RelayRoute, is_relayed
+from omerta.wire.messages import (Capability, MessageType, PathKind,
                                   RelayDenyReason, RelayEndReason)
 from omerta.wire.relay import session_header
 
@@ -86,22 +88,41 @@ class _Pending:
 class RelayClient:
     log = Logger()
 
-    def __init__(self, overlay):
-        self.overlay = overlay
-        self.config = overlay.config
+    def __init__(self, basics: Basics, registry, routes: dict, *,
+                 needs_relays: Callable[[], bool],
+                 direct_address: Callable[[bytes], tuple | None],
+                 reannounce: Callable[[], None],
+                 session_opened: Callable[[bytes, RelayRoute, bool], None],
+                 session_closed: Callable[[bytes, RelayRoute], None]):
+        """
+        @param routes: the node's table of relay sessions by header (shared
+            by its networks: relayed data arrives on the one socket).
+        @param needs_relays: whether this node needs reservations (it is
+            not on a public address).
+        @param direct_address: a relay's (or any peer's) direct address.
+        @param reannounce: re-sign and spread our announcement (our relayed
+            paths changed).
+        @param session_opened: C{(peer_id, route, requested)}: a session to
+            a peer opened (the path manager decides whether to use it).
+        @param session_closed: C{(peer_id, route)}: a session ended.
+        """
+        self.basics = basics
+        self.config = basics.config
+        self.clock = basics.clock
+        self.metrics = basics.metrics
+        self.send = basics.send
+        self.registry = registry
+        self.routes = routes
+        self.needs_relays = needs_relays
+        self._direct_address = direct_address
+        self._reannounce = reannounce
+        self._session_opened = session_opened
+        self._session_closed = session_closed
         self.held: dict[bytes, Held] = {}
         self.avoid: dict[bytes, float] = {}      # relay id -> until
         self.sessions: dict[bytes, dict[bytes, ClientSession]] = {}  # peer -> relay -> session
         self.pending: dict[bytes, _Pending] = {}  # peer -> connect in flight
         self._refused: dict[bytes, dict[bytes, _Refusal]] = {}  # peer -> relay -> refusal
-
-    # do we need relays at all
-
-    def needs_relays(self) -> bool:
-        node = self.overlay.node
-        if node.nat is None:
-            return not node.relay_role  # not discovered yet: be reachable anyway
-        return node.nat.nat_type not in (NatType.PUBLIC,)
 
     def candidates(self, now: float) -> list:
         """
@@ -109,14 +130,13 @@ class RelayClient:
         capability, not offline, not avoided, with a direct address; by
         round-trip time (unknown last).
         """
-        overlay = self.overlay
         out = []
-        for record in overlay.registry.all():
+        for record in self.registry.all():
             if not record.capabilities & Capability.RELAY or record.state == "offline":
                 continue
             if self.avoid.get(record.peer_id, 0) > now or record.peer_id in self.held:
                 continue
-            address = overlay.paths.direct_address(record.peer_id)
+            address = self._direct_address(record.peer_id)
             if address is None:
                 continue
             out.append((record.rtt is None, record.rtt or 0.0, record.peer_id, address))
@@ -130,7 +150,7 @@ class RelayClient:
         Every second: keep the reservations, resend or give up the session
         requests in flight, forget old refusals.
         """
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         self._keep_reservations(now)
         self._forget_refusals(now)
         for peer_id, pending in list(self.pending.items()):
@@ -140,21 +160,20 @@ class RelayClient:
             elif now - pending.last_sent >= 1.0:
                 # lost on the way (or its answer was): ask again
                 pending.last_sent = now
-                self.overlay.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
+                self.send(pending.address, MessageType.RELAY_CONNECT, target=peer_id)
 
     def _keep_reservations(self, now: float) -> None:
-        overlay = self.overlay
         config = self.config
         if not self.needs_relays():
             if self.held:
                 for held in self.held.values():
-                    overlay.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
+                    self.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
                 self.held.clear()
-                overlay.gossip.reannounce()
+                self._reannounce()
             return
         changed = False
         for held in list(self.held.values()):
-            record = overlay.registry.get(held.relay_id)
+            record = self.registry.get(held.relay_id)
             gone = record is None or record.state == "offline"
             if held.unanswered >= config.reserve_tries or gone or (
                     held.live and held.expires <= now):
@@ -168,14 +187,14 @@ class RelayClient:
             held = self.held[relay_id] = Held(relay_id, address)
             self._reserve(held, now)
         if changed:
-            overlay.gossip.reannounce()
+            self._reannounce()
 
     def _reserve(self, held: Held, now: float) -> None:
         if held.sent and now - held.sent < 0.5:
             return
         held.sent = now
         held.unanswered += 1
-        self.overlay.send(held.address, MessageType.RELAY_RESERVE,
+        self.send(held.address, MessageType.RELAY_RESERVE,
                           lifetime_s=self.config.reserve_lifetime)
 
     def _lose(self, held: Held, now: float, why: str) -> None:
@@ -184,7 +203,7 @@ class RelayClient:
         if held.live:
             self.log.info("Lost relay reservation on {relay}: {why}",
                           relay=format_peer_id(held.relay_id), why=why)
-            self.overlay.metrics.inc("relay_reservations_lost")
+            self.metrics.inc("relay_reservations_lost")
         for sessions in self.sessions.values():
             session = sessions.get(held.relay_id)
             if session is not None:
@@ -193,9 +212,9 @@ class RelayClient:
     def on_accept(self, frame, addr, message) -> None:
         held = self.held.get(frame.sender)
         if held is None or held.address != addr:
-            self.overlay.metrics.inc("drops", reason="unexpected_relay_accept")
+            self.metrics.inc("drops", reason="unexpected_relay_accept")
             return
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         was_live = held.live
         held.live = True
         held.unanswered = 0
@@ -204,13 +223,12 @@ class RelayClient:
         if not was_live:
             self.log.info("Relay reservation on {relay} at {address}",
                           relay=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}")
-            self.overlay.gossip.reannounce()
+            self._reannounce()
 
     def on_deny(self, frame, addr, message) -> None:
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         reason = message.reason
-        overlay.metrics.inc("relay_denials", reason=_reason_name(reason))
+        self.metrics.inc("relay_denials", reason=_reason_name(reason))
         if message.request == MessageType.RELAY_RESERVE:
             held = self.held.get(frame.sender)
             if held is None or held.address != addr:
@@ -244,7 +262,7 @@ class RelayClient:
         keeps refusing).  C{gone}: the relay holds no reservation for the
         peer, so the peer's announced path through it is gone.
         """
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         refusals = self._refused.get(peer_id)
         if refusals is None:
             if len(self._refused) >= self.config.max_active * 64:
@@ -255,7 +273,7 @@ class RelayClient:
             self.config.relay_retry_max, 2 * last.backoff)
         gone_in = None
         if gone:
-            record = self.overlay.registry.get(peer_id)
+            record = self.registry.get(peer_id)
             gone_in = None if record is None else record.sequence
         refusals[relay_id] = _Refusal(now + backoff, backoff, gone_in)
 
@@ -271,7 +289,7 @@ class RelayClient:
         refusal = self._refused.get(peer_id, {}).get(relay_id)
         if refusal is None or refusal.gone_in is None or refusal.until <= now:
             return False
-        record = self.overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         return record is not None and record.sequence == refusal.gone_in
 
     def _forget_refusals(self, now: float) -> None:
@@ -303,15 +321,14 @@ class RelayClient:
         The relays a peer says it can be reached through, as (relay id,
         address we reach the relay at).
         """
-        overlay = self.overlay
-        record = overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         if record is None:
             return []
         out = []
         for kind, endpoint, via in record.paths:
-            if kind != PathKind.RELAYED or via == overlay.node.peer_id:
+            if kind != PathKind.RELAYED or via == self.basics.peer_id:
                 continue
-            address = overlay.paths.direct_address(via) or tuple(endpoint)
+            address = self._direct_address(via) or tuple(endpoint)
             out.append((via, address))
         return out
 
@@ -321,7 +338,7 @@ class RelayClient:
         open a session through, now or once a backoff has passed: not one
         that said the peer's path through it is gone.
         """
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         return any(r != exclude_relay and not self._gone(peer_id, r, now)
                    for r, _ in self.announced_relays(peer_id))
 
@@ -332,8 +349,7 @@ class RelayClient:
         relay it announces is backing off after a refusal (the caller asks
         again later).
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         if peer_id in self.pending:
             return True
         relays = [(r, a) for r, a in self.announced_relays(peer_id)
@@ -344,23 +360,22 @@ class RelayClient:
             return False
 
         def rank(item):
-            record = overlay.registry.get(item[0])
+            record = self.registry.get(item[0])
             rtt = None if record is None else record.rtt
             return (item[0] not in self.held, rtt is None, rtt or 0.0)
 
         relays.sort(key=rank)
         relay_id, address = relays[0]
         self.pending[peer_id] = _Pending(relay_id, address, now, now)
-        overlay.send(address, MessageType.RELAY_CONNECT, target=peer_id)
-        overlay.metrics.inc("relay_connects")
+        self.send(address, MessageType.RELAY_CONNECT, target=peer_id)
+        self.metrics.inc("relay_connects")
         return True
 
     def on_session(self, frame, addr, message) -> None:
-        overlay = self.overlay
         relay_id = frame.sender
-        record = overlay.registry.get(relay_id)
+        record = self.registry.get(relay_id)
         if record is None or not record.capabilities & Capability.RELAY:
-            overlay.metrics.inc("drops", reason="relay_session_not_a_relay")
+            self.metrics.inc("drops", reason="relay_session_not_a_relay")
             return
         peer_id = message.peer
         pending = self.pending.get(peer_id)
@@ -368,7 +383,7 @@ class RelayClient:
         if not requested and relay_id not in self.held:
             # Only a relay we asked, or one we hold a reservation on, may
             # open a session to us.
-            overlay.metrics.inc("drops", reason="relay_session_unsolicited")
+            self.metrics.inc("drops", reason="relay_session_unsolicited")
             return
         if requested:
             del self.pending[peer_id]
@@ -378,16 +393,15 @@ class RelayClient:
         old = sessions.get(relay_id)
         if old is not None and old.route != route:
             self._close(old, tell_relay=False)
-        session = ClientSession(overlay.network_id, peer_id, relay_id, route,
-                                overlay.clock.seconds(), requested)
+        session = ClientSession(self.basics.network_id, peer_id, relay_id, route,
+                                self.clock.seconds(), requested)
         sessions[relay_id] = session
-        overlay.node.relay_routes[route.header] = session
-        overlay.metrics.inc("relay_sessions_joined")
-        overlay.paths.relay_session_opened(peer_id, route, requested)
+        self.routes[route.header] = session
+        self.metrics.inc("relay_sessions_joined")
+        self._session_opened(peer_id, route, requested)
 
     def on_end(self, frame, addr, message) -> None:
-        overlay = self.overlay
-        session = overlay.node.relay_routes.get(session_header(message.session))
+        session = self.routes.get(session_header(message.session))
         if (session is None or session.relay_id != frame.sender
                 or session.route.relay_address != addr):
             return
@@ -395,25 +409,24 @@ class RelayClient:
 
     def _close(self, session: ClientSession, tell_relay: bool = True,
                notify: bool = True) -> None:
-        overlay = self.overlay
         sessions = self.sessions.get(session.peer_id, {})
         if sessions.get(session.relay_id) is session:
             del sessions[session.relay_id]
             if not sessions:
                 self.sessions.pop(session.peer_id, None)
-        overlay.node.relay_routes.pop(session.route.header, None)
+        self.routes.pop(session.route.header, None)
         if tell_relay:
-            overlay.send(session.route.relay_address, MessageType.RELAY_END,
+            self.send(session.route.relay_address, MessageType.RELAY_END,
                          session=session.route.header[4:], reason=int(RelayEndReason.CLOSED))
         if notify:
-            overlay.paths.relay_session_closed(session.peer_id, session.route)
+            self._session_closed(session.peer_id, session.route)
 
     def session_failed(self, route: RelayRoute) -> None:
         """
         The link stopped answering through C{route}: forget the session and
         do not pick its relay for this peer again soon.
         """
-        session = self.overlay.node.relay_routes.get(route.header)
+        session = self.routes.get(route.header)
         if session is not None:
             self.refused(session.peer_id, session.relay_id)
             self._close(session, tell_relay=False, notify=False)
@@ -427,7 +440,7 @@ class RelayClient:
     def relay_of(self, route) -> bytes | None:
         if not is_relayed(route):
             return None
-        session = self.overlay.node.relay_routes.get(route.header)
+        session = self.routes.get(route.header)
         return None if session is None else session.relay_id
 
     def coordinator_for(self, peer_id: bytes) -> tuple | None:
@@ -451,12 +464,12 @@ class RelayClient:
             for session in list(sessions.values()):
                 self._close(session, notify=False)
         for held in self.held.values():
-            self.overlay.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
+            self.send(held.address, MessageType.RELAY_RESERVE, lifetime_s=0)
         self.held.clear()
         self.pending.clear()
 
     def status(self) -> dict:
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         return {
             "reservations": [
                 {"relay": format_peer_id(h.relay_id), "address": f"{h.address[0]}:{h.address[1]}",

@@ -1,0 +1,177 @@
+"""
+The relay client built alone: reservations, session requests, refusals and
+their backoff, sessions opening and closing, on a Clock with fakes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.trial import unittest
+
+from omerta.mesh.relayclient import RelayClient
+from omerta.testing.fakes import fake_basics
+from omerta.wire.messages import Capability, MessageType, PathKind, RelayDenyReason
+from omerta.wire.relay import session_header
+
+R1, R2, PEER = b"\x01" * 16, b"\x02" * 16, b"\x0b" * 16
+R1_AT, R2_AT = ("198.51.100.1", 7400), ("198.51.100.2", 7400)
+SESSION = bytes(range(8))
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.records = {}
+
+    def add(self, peer_id, capabilities=Capability.NONE, rtt=None, paths=(), sequence=1):
+        self.records[peer_id] = SimpleNamespace(
+            peer_id=peer_id, capabilities=capabilities, rtt=rtt, state="online",
+            paths=list(paths), sequence=sequence)
+
+    def get(self, peer_id):
+        return self.records.get(peer_id)
+
+    def all(self):
+        return list(self.records.values())
+
+
+def frame(sender):
+    return SimpleNamespace(sender=sender)
+
+
+class RelayClientTests(unittest.TestCase):
+    def setUp(self):
+        self.basics, self.sent, _ = fake_basics()
+        self.clock = self.basics.clock
+        self.registry = FakeRegistry()
+        self.registry.add(R1, Capability.RELAY, rtt=0.02)
+        self.registry.add(R2, Capability.RELAY, rtt=0.01)
+        self.registry.add(PEER, paths=[(PathKind.RELAYED, R1_AT, R1)])
+        self.addresses = {R1: R1_AT, R2: R2_AT}
+        self.routes = {}
+        self.opened, self.closed, self.reannounced = [], [], []
+        self.needs = True
+        self.client = RelayClient(
+            self.basics, self.registry, self.routes,
+            needs_relays=lambda: self.needs,
+            direct_address=self.addresses.get,
+            reannounce=lambda: self.reannounced.append(self.clock.seconds()),
+            session_opened=lambda *a: self.opened.append(a),
+            session_closed=lambda *a: self.closed.append(a))
+
+    def connects(self):
+        return [(s.address, s.fields["target"]) for s in self.sent.of(MessageType.RELAY_CONNECT)]
+
+    # reservations
+
+    def test_reserves_on_relays_by_rtt_and_announces_them(self):
+        self.client.tick()  # relay_count 3: both relays, the nearer first
+        reserves = self.sent.of(MessageType.RELAY_RESERVE)
+        self.assertEqual([s.address for s in reserves], [R2_AT, R1_AT])
+        self.assertEqual(self.client.own_paths(), [])
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.assertEqual(self.client.own_paths(),
+                         [{"kind": PathKind.RELAYED, "endpoint": R1_AT, "via": R1}])
+        self.assertEqual(self.reannounced, [0])
+
+    def test_accept_from_elsewhere_dropped(self):
+        self.client.tick()
+        self.client.on_accept(frame(R1), ("203.0.113.5", 1), SimpleNamespace(
+            lifetime_s=120, free_sessions=5))
+        self.assertEqual(self.client.own_paths(), [])
+        self.assertEqual(self.basics.metrics.get("drops", reason="unexpected_relay_accept"), 1)
+
+    def test_unanswered_reservation_replaced(self):
+        self.client.tick()
+        for _ in range(int(self.client.config.reserve_retry * self.client.config.reserve_tries) + 2):
+            self.clock.advance(1)
+            self.client.tick()
+        self.assertEqual(self.client.held, {})
+        self.assertIn(R1, self.client.avoid)
+
+    def test_public_node_releases(self):
+        self.client.tick()
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.needs = False
+        self.client.tick()
+        self.assertEqual(self.client.held, {})
+        released = [s for s in self.sent.of(MessageType.RELAY_RESERVE)
+                    if s.fields["lifetime_s"] == 0]
+        self.assertEqual({s.address for s in released}, {R1_AT, R2_AT})
+
+    # sessions
+
+    def test_session_requested_opened_and_closed(self):
+        self.assertTrue(self.client.open_session(PEER))
+        self.assertEqual(self.connects(), [(R1_AT, PEER)])
+        self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))
+        route = self.client.route_to(PEER)
+        self.assertEqual(route.relay_address, R1_AT)
+        self.assertEqual(route.header, session_header(SESSION))
+        self.assertIs(self.routes[route.header].peer_id, PEER)
+        self.assertEqual(self.opened, [(PEER, route, True)])
+        self.assertEqual(self.client.relay_of(route), R1)
+        self.client.on_end(frame(R1), R1_AT, SimpleNamespace(session=SESSION))
+        self.assertEqual(self.closed, [(PEER, route)])
+        self.assertEqual(self.routes, {})
+        self.assertIsNone(self.client.route_to(PEER))
+
+    def test_unsolicited_session_dropped(self):
+        self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))
+        self.assertEqual(self.opened, [])
+        self.assertEqual(self.basics.metrics.get("drops", reason="relay_session_unsolicited"), 1)
+
+    def test_lost_request_resent_then_given_up(self):
+        self.client.open_session(PEER)
+        for _ in range(int(self.client.config.relay_connect_timeout) + 1):
+            self.clock.advance(1)
+            self.client.tick()
+        self.assertNotIn(PEER, self.client.pending)
+        self.assertEqual(len(self.connects()), int(self.client.config.relay_connect_timeout))
+
+    def deny(self, reason):
+        self.client.on_deny(frame(R1), R1_AT, SimpleNamespace(
+            request=MessageType.RELAY_CONNECT, target=PEER, reason=reason, detail="no"))
+
+    def test_denial_backs_off(self):
+        """No RELAY_CONNECT storm: a denied request is not repeated at once."""
+        self.client.open_session(PEER)
+        self.deny(RelayDenyReason.FULL)
+        self.assertEqual(len(self.connects()), 1)
+        self.assertFalse(self.client.open_session(PEER))
+        self.assertTrue(self.client.can_open(PEER), "a full relay may have room later")
+        self.clock.advance(1.01)
+        self.assertTrue(self.client.open_session(PEER))
+        self.deny(RelayDenyReason.FULL)
+        self.clock.advance(1.5)
+        self.assertFalse(self.client.open_session(PEER), "the backoff doubles")
+        self.clock.advance(0.6)
+        self.assertTrue(self.client.open_session(PEER))
+        self.assertEqual(len(self.connects()), 3)
+
+    def test_no_reservation_means_path_gone_until_announced_anew(self):
+        self.client.open_session(PEER)
+        self.deny(RelayDenyReason.NO_RESERVATION)
+        self.assertFalse(self.client.can_open(PEER))
+        self.registry.records[PEER].sequence += 1  # the peer announced again
+        self.assertTrue(self.client.can_open(PEER))
+
+    def test_denied_relay_skipped_for_another(self):
+        self.registry.records[PEER].paths.append((PathKind.RELAYED, R2_AT, R2))
+        self.client.open_session(PEER)
+        first = self.connects()[0][0]
+        self.client.on_deny(frame(R2 if first == R2_AT else R1), first, SimpleNamespace(
+            request=MessageType.RELAY_CONNECT, target=PEER,
+            reason=RelayDenyReason.TOO_MANY_SESSIONS, detail="busy"))
+        self.assertEqual(len(self.connects()), 2)
+        self.assertNotEqual(self.connects()[1][0], first)
+
+    def test_stop_ends_sessions_and_releases(self):
+        self.client.tick()
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.client.open_session(PEER)
+        self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))
+        self.client.stop()
+        self.assertEqual([s.address for s in self.sent.of(MessageType.RELAY_END)], [R1_AT])
+        self.assertEqual(self.routes, {})
+        self.assertEqual(self.client.held, {})
