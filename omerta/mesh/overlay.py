@@ -69,7 +69,13 @@ class Overlay:
             session_opened=lambda peer, route, requested: self.paths.relay_session_opened(
                 peer, route, requested),
             session_closed=lambda peer, route: self.paths.relay_session_closed(peer, route))
-        self.punch = Puncher(self)
+        self.punch = Puncher(
+            self.basics, self.registry, nat=lambda: self.node.nat,
+            local_port=lambda: self.node.local_port,
+            public_endpoints=lambda: self.node.public_endpoints(),
+            proven=lambda peer, address: self.liveness.proven(peer, address),
+            holds_reservation=lambda relay_id: relay_id in self.relays.held,
+            on_punched=lambda peer, address: self.paths.use_punched(peer, address))
         self.liveness = Liveness(self, self.connections, rng)
         self.freshness = Freshness(self)
         self.gossip = Gossip(self, rng)

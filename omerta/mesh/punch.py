@@ -31,11 +31,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.context import Basics
 from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
                                   PathKind, PunchStrategy)
 
@@ -255,13 +257,48 @@ class Attempt:
 class Puncher:
     """
     This node's side of hole punches, in one network.
+
+    Built from L{Basics} and narrow collaborators, so a test can build it
+    alone on a C{Clock}:
+
+    @param registry: the network's members (a relay's capabilities; the
+        round trip a punch measured is recorded there).
+    @param nat: C{nat()} is this node's NAT report (C{nat_type}), or None.
+    @param local_port: C{local_port()} is the port of the node's socket
+        (0 before it is bound).
+    @param public_endpoints: C{public_endpoints()} lists the node's
+        server-reflexive (STUN-mapped, observed) addresses.
+    @param proven: C{proven(peer_id, address)}: an ack proved the address.
+    @param holds_reservation: C{holds_reservation(relay_id)}: this node holds
+        a reservation on that relay (only such a relay may start a punch this
+        node did not ask for).
+    @param on_punched: C{on_punched(peer_id, address)}: a punch this node
+        answered (did not request) found a path.  A requested punch's path is
+        the result of L{request}'s Deferred instead.
+    @param local_address: C{local_address(towards)}, the local address
+        traffic to C{towards} leaves from, or None.
     """
 
     log = Logger()
 
-    def __init__(self, overlay):
-        self.overlay = overlay
-        self.config = overlay.config
+    def __init__(self, basics: Basics, registry, *, nat: Callable[[], Any],
+                 local_port: Callable[[], int], public_endpoints: Callable[[], list],
+                 proven: Callable[[bytes, tuple], None],
+                 holds_reservation: Callable[[bytes], bool],
+                 on_punched: Callable[[bytes, tuple], None],
+                 local_address: Callable[[tuple], str | None] | None = None):
+        self.basics = basics
+        self.config = basics.config
+        self.clock = basics.clock
+        self.metrics = basics.metrics
+        self.registry = registry
+        self.nat = nat
+        self.local_port = local_port
+        self.public_endpoints = public_endpoints
+        self.proven = proven
+        self.holds_reservation = holds_reservation
+        self.on_punched = on_punched
+        self.local_address = local_address or _local_address
         self.attempts: dict[int, Attempt] = {}
 
     def own_candidates(self, towards: tuple) -> list[dict]:
@@ -269,12 +306,12 @@ class Puncher:
         Host (the local address the node's traffic to C{towards} leaves
         from) and server-reflexive (STUN-mapped, observed) candidates.
         """
-        node = self.overlay.node
         out = []
-        host = _local_address(towards)
-        if host is not None and node.local_port:
-            out.append({"kind": int(CandidateKind.HOST), "endpoint": (host, node.local_port)})
-        for endpoint in node.public_endpoints():
+        host = self.local_address(towards)
+        port = self.local_port()
+        if host is not None and port:
+            out.append({"kind": int(CandidateKind.HOST), "endpoint": (host, port)})
+        for endpoint in self.public_endpoints():
             if all(c["endpoint"] != endpoint for c in out):
                 out.append({"kind": int(CandidateKind.SERVER_REFLEXIVE), "endpoint": endpoint})
         return out
@@ -284,19 +321,18 @@ class Puncher:
         Ask C{coordinator} (relay id, address) for a punch to C{peer_id}.
         Fires with the punched address, or None.
         """
-        overlay = self.overlay
         relay_id, address = coordinator
         attempt_id = int.from_bytes(os.urandom(8), "big")
         d = Deferred()
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         attempt = Attempt(attempt_id, peer_id, address, now, d)
         self._add(attempt)
-        nat = overlay.node.nat
-        overlay.send(address, MessageType.PUNCH_REQUEST, attempt_id=attempt_id, target=peer_id,
-                     nat_type=0 if nat is None else int(nat.nat_type),
-                     candidates=self.own_candidates(address))
-        overlay.metrics.inc("punch_attempts", role="initiator")
-        attempt.calls.append(overlay.clock.callLater(
+        nat = self.nat()
+        self.basics.send(address, MessageType.PUNCH_REQUEST, attempt_id=attempt_id,
+                         target=peer_id, nat_type=0 if nat is None else int(nat.nat_type),
+                         candidates=self.own_candidates(address))
+        self.metrics.inc("punch_attempts", role="initiator")
+        attempt.calls.append(self.clock.callLater(
             self.config.punch_timeout, self._give_up, attempt_id))
         return d
 
@@ -306,29 +342,28 @@ class Puncher:
         self.attempts[attempt.attempt_id] = attempt
 
     def on_execute(self, frame, addr, message) -> None:
-        overlay = self.overlay
         attempt = self.attempts.get(message.attempt_id)
         if attempt is not None:
             if attempt.coordinator != addr or attempt.peer_id != message.peer or attempt.executed:
-                overlay.metrics.inc("drops", reason="punch_unexpected_execute")
+                self.metrics.inc("drops", reason="punch_unexpected_execute")
                 return
         else:
-            record = overlay.registry.get(frame.sender)
+            record = self.registry.get(frame.sender)
             if (record is None or not record.capabilities & (Capability.RELAY | Capability.COORDINATOR)
-                    or frame.sender not in overlay.relays.held):
+                    or not self.holds_reservation(frame.sender)):
                 # Only a relay we hold a reservation on may start a punch we
                 # did not ask for: no member can make us probe addresses.
-                overlay.metrics.inc("drops", reason="punch_unsolicited")
+                self.metrics.inc("drops", reason="punch_unsolicited")
                 return
             if message.strategy == S.IMPOSSIBLE:
                 return
             attempt = Attempt(message.attempt_id, message.peer, addr,
-                              overlay.clock.seconds(), Deferred())
+                              self.clock.seconds(), Deferred())
             self._add(attempt)
-            attempt.calls.append(overlay.clock.callLater(
+            attempt.calls.append(self.clock.callLater(
                 self.config.punch_timeout, self._give_up, message.attempt_id))
             attempt.deferred.addCallback(self._answered_punch, message.peer)
-            overlay.metrics.inc("punch_attempts", role="responder")
+            self.metrics.inc("punch_attempts", role="responder")
         attempt.executed = True
         if message.strategy == S.IMPOSSIBLE:
             self._give_up(message.attempt_id)
@@ -347,15 +382,14 @@ class Puncher:
         delay = message.start_in_ms / 1000
         if message.strategy == S.THEY_FIRST:
             delay += self.config.punch_margin
-        clock = overlay.clock
         schedule = probe_schedule(self.config.punch_timeout - delay)
         for round_number, offset in enumerate(schedule):
-            attempt.calls.append(clock.callLater(delay + offset, self._probe_round,
-                                                 message.attempt_id, round_number))
+            attempt.calls.append(self.clock.callLater(delay + offset, self._probe_round,
+                                                      message.attempt_id, round_number))
 
     def _answered_punch(self, address, peer_id: bytes):
         if address is not None:
-            self.overlay.paths.use_punched(peer_id, address)
+            self.on_punched(peer_id, address)
         return address
 
     def _probe_round(self, attempt_id: int, round_number: int) -> None:
@@ -371,54 +405,51 @@ class Puncher:
             self._probe(attempt, target)
 
     def _probe(self, attempt: Attempt, target: tuple) -> None:
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         attempt.seq = (attempt.seq + 1) & 0xFFFF
         attempt.sent[attempt.seq] = now
         attempt.probes += 1
-        overlay.send(target, MessageType.PUNCH_PROBE, attempt_id=attempt.attempt_id,
-                     seq=attempt.seq, sent_ms=int(now * 1000))
-        overlay.metrics.inc("punch_probes")
+        self.basics.send(target, MessageType.PUNCH_PROBE, attempt_id=attempt.attempt_id,
+                         seq=attempt.seq, sent_ms=int(now * 1000))
+        self.metrics.inc("punch_probes")
 
     def on_probe(self, frame, addr, message) -> None:
-        overlay = self.overlay
         attempt = self.attempts.get(message.attempt_id)
         if attempt is None or attempt.peer_id != frame.sender:
-            overlay.metrics.inc("drops", reason="punch_unknown_attempt")
+            self.metrics.inc("drops", reason="punch_unknown_attempt")
             return
-        overlay.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
-                     seq=message.seq, observed=addr)
+        self.basics.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
+                         seq=message.seq, observed=addr)
         if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
             # Peer-reflexive: the mapping its NAT made towards us.
             attempt.targets.append(addr)
             self._probe(attempt, addr)
 
     def on_ack(self, frame, addr, message) -> None:
-        overlay = self.overlay
         attempt = self.attempts.get(message.attempt_id)
         if (attempt is None or attempt.peer_id != frame.sender
                 or message.seq not in attempt.sent):
-            overlay.metrics.inc("drops", reason="punch_unknown_ack")
+            self.metrics.inc("drops", reason="punch_unknown_ack")
             return
         if attempt.result is not None:
             return
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         rtt = now - attempt.sent[message.seq]
         attempt.result = addr
-        overlay.liveness.proven(frame.sender, addr)
-        overlay.registry.set_rtt(frame.sender, rtt)
-        overlay.metrics.inc("punch_success")
+        self.proven(frame.sender, addr)
+        self.registry.set_rtt(frame.sender, rtt)
+        self.metrics.inc("punch_success")
         elapsed = now - attempt.started
         self.log.info("Punched a path to {peer} at {address} in {elapsed:.2f} s",
                       peer=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}",
                       elapsed=elapsed)
         if attempt.coordinator is not None:
-            overlay.send(attempt.coordinator, MessageType.PUNCH_RESULT,
-                         attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
-                         endpoint=addr, elapsed_ms=int(elapsed * 1000))
+            self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                             attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
+                             endpoint=addr, elapsed_ms=int(elapsed * 1000))
         # Keep answering the peer's probes for a moment, then forget.
-        attempt.calls.append(overlay.clock.callLater(self.config.punch_linger,
-                                                     self._forget, attempt.attempt_id))
+        attempt.calls.append(self.clock.callLater(self.config.punch_linger,
+                                                  self._forget, attempt.attempt_id))
         if not attempt.deferred.called:
             attempt.deferred.callback(addr)
 
@@ -427,13 +458,12 @@ class Puncher:
         if attempt is None:
             return
         if attempt.result is None:
-            overlay = self.overlay
-            overlay.metrics.inc("punch_failure")
+            self.metrics.inc("punch_failure")
             if attempt.coordinator is not None and attempt.executed:
-                overlay.send(attempt.coordinator, MessageType.PUNCH_RESULT,
-                             attempt_id=attempt_id, peer=attempt.peer_id, success=False,
-                             endpoint=("0.0.0.0", 0),
-                             elapsed_ms=int(1000 * (overlay.clock.seconds() - attempt.started)))
+                self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                                 attempt_id=attempt_id, peer=attempt.peer_id, success=False,
+                                 endpoint=("0.0.0.0", 0),
+                                 elapsed_ms=int(1000 * (self.clock.seconds() - attempt.started)))
         self._forget(attempt_id)
         if not attempt.deferred.called:
             attempt.deferred.callback(None)

@@ -1,0 +1,444 @@
+"""
+This node's side of a hole punch, built alone: L{Puncher} on a C{Clock} with
+fake collaborators (no overlay, no node, no socket).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.trial import unittest
+
+from omerta.crypto.sealing import OpenedFrame
+from omerta.mesh.punch import Puncher, probe_schedule, spray_ports
+from omerta.testing.fakes import NETWORK, fake_basics
+from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
+                                  PunchStrategy, build_body, parse_body)
+
+RELAY = b"r" * 16
+PEER = b"p" * 16
+OTHER = b"o" * 16
+COORDINATOR = ("198.51.100.1", 7400)
+MAPPED = ("192.0.2.10", 50000)          # this node's STUN-mapped address
+PEER_HOST = ("10.9.0.5", 7400)           # the peer's candidates
+PEER_MAPPED = ("203.0.113.9", 40001)
+PEER_OTHER = ("203.0.113.9", 40777)      # the peer seen from another mapping
+ATTEMPT = 0x1122334455667788
+
+
+class FakeRegistry:
+    """The registry's part a puncher uses: C{get} a record, C{set_rtt}."""
+
+    def __init__(self):
+        self.records = {}
+        self.rtts = []
+
+    def add(self, peer_id: bytes, capabilities: int) -> None:
+        self.records[peer_id] = SimpleNamespace(peer_id=peer_id, capabilities=capabilities)
+
+    def get(self, peer_id: bytes):
+        return self.records.get(peer_id)
+
+    def set_rtt(self, peer_id: bytes, rtt) -> bool:
+        self.rtts.append((peer_id, rtt))
+        return True
+
+
+def candidate(kind: CandidateKind, endpoint: tuple) -> dict:
+    return {"kind": int(kind), "endpoint": endpoint}
+
+
+class PuncherTests(unittest.TestCase):
+    def setUp(self):
+        self.basics, self.sent, self.events = fake_basics()
+        self.clock = self.basics.clock
+        self.metrics = self.basics.metrics
+        self.config = self.basics.config
+        self.registry = FakeRegistry()
+        self.registry.add(RELAY, Capability.RELAY)
+        self.registry.add(PEER, Capability.NONE)
+        self.held = {RELAY}
+        self.proven = []
+        self.punched = []
+        self.puncher = Puncher(
+            self.basics, self.registry,
+            nat=lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE),
+            local_port=lambda: 7400,
+            public_endpoints=lambda: [MAPPED],
+            proven=lambda peer, address: self.proven.append((peer, address)),
+            holds_reservation=lambda relay_id: relay_id in self.held,
+            on_punched=lambda peer, address: self.punched.append((peer, address)),
+            local_address=lambda towards: "10.0.0.2")
+
+    # helpers
+
+    def deliver(self, msg_type: MessageType, sender: bytes, addr: tuple, **fields):
+        """Hand the puncher a frame as the overlay does: opened, then parsed."""
+        body = build_body(msg_type, fields)
+        frame = OpenedFrame(int(msg_type), NETWORK, sender, b"\x00" * 8, 1, body)
+        handler = {MessageType.PUNCH_EXECUTE: self.puncher.on_execute,
+                   MessageType.PUNCH_PROBE: self.puncher.on_probe,
+                   MessageType.PUNCH_ACK: self.puncher.on_ack}[msg_type]
+        handler(frame, addr, parse_body(msg_type, body))
+
+    def request(self):
+        """Ask the coordinator for a punch to PEER; the attempt id and Deferred."""
+        d = self.puncher.request(PEER, (RELAY, COORDINATOR))
+        attempt_id = self.sent.of(MessageType.PUNCH_REQUEST)[-1].fields["attempt_id"]
+        results = []
+        d.addCallback(results.append)
+        return attempt_id, results
+
+    def execute(self, attempt_id: int, strategy=PunchStrategy.SIMULTANEOUS, start_in_ms=0,
+                spray=0, candidates=None, sender=RELAY, addr=COORDINATOR, peer=PEER):
+        if candidates is None:
+            candidates = [candidate(CandidateKind.HOST, PEER_HOST),
+                          candidate(CandidateKind.SERVER_REFLEXIVE, PEER_MAPPED)]
+        self.deliver(MessageType.PUNCH_EXECUTE, sender, addr, attempt_id=attempt_id, peer=peer,
+                     strategy=int(strategy), start_in_ms=start_in_ms, spray=spray,
+                     candidates=candidates)
+
+    def probes(self):
+        return self.sent.of(MessageType.PUNCH_PROBE)
+
+    def advance_in_steps(self, seconds: float) -> None:
+        """Advance the clock by C{seconds}, stopping at each timer on the way."""
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(max(0, min(due) - self.clock.seconds()))
+        self.clock.advance(end - self.clock.seconds())
+
+    def drops(self) -> dict:
+        return self.metrics.by_label("drops", "reason")
+
+    # requesting
+
+    def test_request_asks_the_coordinator_with_own_nat_and_candidates(self):
+        """A request sends PUNCH_REQUEST to the coordinator: target, NAT type, host and mapped candidates."""
+        _, results = self.request()
+        (request,) = self.sent.of(MessageType.PUNCH_REQUEST)
+        self.assertEqual(request.address, COORDINATOR)
+        self.assertEqual(request.fields["target"], PEER)
+        self.assertEqual(request.fields["nat_type"], int(NatType.PORT_RESTRICTED_CONE))
+        self.assertEqual(request.fields["candidates"],
+                         [candidate(CandidateKind.HOST, ("10.0.0.2", 7400)),
+                          candidate(CandidateKind.SERVER_REFLEXIVE, MAPPED)])
+        self.assertEqual(results, [])
+        self.assertEqual(self.metrics.get("punch_attempts", role="initiator"), 1)
+        self.assertEqual(self.probes(), [])
+
+    def test_own_candidates_skip_an_unbound_port_and_duplicates(self):
+        """No host candidate before the socket is bound; a mapped address equal to the host one is listed once."""
+        basics, _, _ = fake_basics()
+        port = [0]
+        puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: port[0],
+                          public_endpoints=lambda: [("10.0.0.2", 7400)],
+                          proven=lambda p, a: None, holds_reservation=lambda r: False,
+                          on_punched=lambda p, a: None, local_address=lambda t: "10.0.0.2")
+        self.assertEqual(puncher.own_candidates(COORDINATOR),
+                         [candidate(CandidateKind.SERVER_REFLEXIVE, ("10.0.0.2", 7400))])
+        port[0] = 7400
+        self.assertEqual(puncher.own_candidates(COORDINATOR),
+                         [candidate(CandidateKind.HOST, ("10.0.0.2", 7400))])
+
+    def test_request_without_nat_report_says_unknown(self):
+        """Before NAT discovery the request carries NAT type 0 (unknown)."""
+        basics, sent, _ = fake_basics()
+        puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: 0,
+                          public_endpoints=lambda: [], proven=lambda p, a: None,
+                          holds_reservation=lambda r: False, on_punched=lambda p, a: None,
+                          local_address=lambda t: None)
+        puncher.request(PEER, (RELAY, COORDINATOR))
+        (request,) = sent.of(MessageType.PUNCH_REQUEST)
+        self.assertEqual(request.fields["nat_type"], 0)
+        self.assertEqual(request.fields["candidates"], [])
+
+    # executing
+
+    def test_execute_probes_every_candidate_on_the_schedule(self):
+        """After the start delay every candidate is probed at each offset of probe_schedule, then nothing."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, start_in_ms=200)
+        self.assertEqual(self.probes(), [])
+        self.advance_in_steps(self.config.punch_timeout + 1)
+        schedule = probe_schedule(self.config.punch_timeout - 0.2)
+        expected = [(int(round((0.2 + offset) * 1000)), target)
+                    for offset in schedule for target in (PEER_HOST, PEER_MAPPED)]
+        got = [(p.fields["sent_ms"], p.address) for p in self.probes()]
+        self.assertEqual(len(got), len(expected))
+        for (ms, address), (want_ms, want_address) in zip(got, expected):
+            self.assertEqual(address, want_address)
+            self.assertLessEqual(abs(ms - want_ms), 1)  # sent_ms truncates
+        self.assertEqual({p.fields["attempt_id"] for p in self.probes()}, {attempt_id})
+        self.assertEqual([p.fields["seq"] for p in self.probes()],
+                         list(range(1, len(expected) + 1)))
+        self.assertEqual(self.metrics.get("punch_probes"), len(expected))
+
+    def test_they_first_waits_the_margin_longer(self):
+        """THEY_FIRST starts probing punch_margin after the coordinator's start delay."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.THEY_FIRST, start_in_ms=100)
+        start = 0.1 + self.config.punch_margin
+        self.clock.advance(start - 0.001)
+        self.assertEqual(self.probes(), [])
+        self.clock.advance(0.001)
+        self.assertEqual([p.address for p in self.probes()], [PEER_HOST, PEER_MAPPED])
+
+    def test_spray_spreads_ports_over_the_first_four_rounds(self):
+        """Asked to spray, the first four rounds add a quarter each of the ports around the peer's mapped port."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, spray=8)
+        sprayed = [(PEER_MAPPED[0], port) for port in spray_ports([PEER_MAPPED[1]], 8)]
+        schedule = probe_schedule(self.config.punch_timeout)
+        for round_number, offset in enumerate(schedule[:6]):
+            before = len(self.probes())
+            self.clock.advance(offset - self.clock.seconds())
+            targets = [p.address for p in self.probes()[before:]]
+            extra = sprayed[2 * round_number:2 * round_number + 2] if round_number < 4 else []
+            self.assertEqual(targets, [PEER_HOST, PEER_MAPPED] + extra)
+        self.assertEqual(len(sprayed), 8)
+
+    def test_no_spray_unless_asked(self):
+        """Without spray only the candidates are probed."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id)
+        self.advance_in_steps(2)
+        self.assertEqual({p.address for p in self.probes()}, {PEER_HOST, PEER_MAPPED})
+
+    def test_execute_for_a_known_attempt_from_elsewhere_is_dropped(self):
+        """An EXECUTE for our attempt from another address, for another peer, or a second time is dropped and counted."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, addr=("198.51.100.99", 7400))
+        self.execute(attempt_id, peer=OTHER)
+        self.assertEqual(self.drops(), {"punch_unexpected_execute": 2})
+        self.advance_in_steps(1)
+        self.assertEqual(self.probes(), [])
+        self.execute(attempt_id)
+        before = len(self.probes())
+        self.execute(attempt_id, candidates=[candidate(CandidateKind.HOST, ("192.0.2.99", 1))])
+        self.assertEqual(self.drops(), {"punch_unexpected_execute": 3})
+        self.advance_in_steps(1)
+        self.assertNotIn(("192.0.2.99", 1), [p.address for p in self.probes()[before:]])
+
+    def test_impossible_gives_up_at_once(self):
+        """An IMPOSSIBLE answer fires the Deferred with None and reports failure without probing."""
+        attempt_id, results = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.IMPOSSIBLE, candidates=[])
+        self.assertEqual(results, [None])
+        (result,) = self.sent.of(MessageType.PUNCH_RESULT)
+        self.assertFalse(result.fields["success"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.probes(), [])
+
+    # unsolicited executes (this node is the punch's target)
+
+    def test_relay_holding_our_reservation_starts_a_punch(self):
+        """An EXECUTE from a relay we hold a reservation on starts a responder attempt that probes."""
+        self.execute(ATTEMPT)
+        self.assertEqual(self.metrics.get("punch_attempts", role="responder"), 1)
+        self.clock.advance(0)
+        self.assertEqual([p.address for p in self.probes()], [PEER_HOST, PEER_MAPPED])
+
+    def test_unsolicited_execute_from_others_is_dropped(self):
+        """A member that is not a relay, or a relay we hold nothing on, cannot make us probe."""
+        self.registry.add(OTHER, Capability.RELAY)
+        self.execute(ATTEMPT, sender=PEER)        # not a relay
+        self.execute(ATTEMPT, sender=OTHER)       # a relay, no reservation there
+        self.execute(ATTEMPT, sender=b"u" * 16)   # unknown
+        self.assertEqual(self.drops(), {"punch_unsolicited": 3})
+        self.assertEqual(self.puncher.attempts, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.advance_in_steps(1)
+        self.assertEqual(self.sent, [])
+
+    def test_unsolicited_impossible_is_ignored(self):
+        """An unsolicited IMPOSSIBLE starts nothing and reports nothing."""
+        self.execute(ATTEMPT, strategy=PunchStrategy.IMPOSSIBLE, candidates=[])
+        self.assertEqual(self.puncher.attempts, {})
+        self.assertEqual(self.sent, [])
+
+    # probes
+
+    def test_probe_answered_with_an_ack_no_larger(self):
+        """A probe for an attempt with that peer gets an ACK to its source, no larger than the probe."""
+        self.execute(ATTEMPT)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED,
+                     attempt_id=ATTEMPT, seq=7, sent_ms=1234)
+        (ack,) = self.sent.of(MessageType.PUNCH_ACK)
+        self.assertEqual(ack.address, PEER_MAPPED)
+        self.assertEqual(ack.fields, {"attempt_id": ATTEMPT, "seq": 7, "observed": PEER_MAPPED})
+        probe = build_body(MessageType.PUNCH_PROBE, attempt_id=ATTEMPT, seq=7, sent_ms=1234)
+        self.assertLessEqual(len(build_body(MessageType.PUNCH_ACK, ack.fields)), len(probe))
+
+    def test_probe_source_becomes_a_candidate_probed_at_once(self):
+        """A probe from a new address (peer-reflexive) makes that address a target, probed at once."""
+        self.execute(ATTEMPT)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_OTHER,
+                     attempt_id=ATTEMPT, seq=1, sent_ms=0)
+        self.assertEqual([p.address for p in self.probes()], [PEER_OTHER])
+        self.clock.advance(0)
+        self.assertEqual([p.address for p in self.probes()[1:]],
+                         [PEER_HOST, PEER_MAPPED, PEER_OTHER])
+
+    def test_probe_for_unknown_attempt_or_wrong_peer_is_dropped(self):
+        """Probes for an attempt we do not know, or from another peer, get no ACK and are counted."""
+        self.execute(ATTEMPT)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED,
+                     attempt_id=ATTEMPT + 1, seq=1, sent_ms=0)
+        self.deliver(MessageType.PUNCH_PROBE, OTHER, PEER_MAPPED,
+                     attempt_id=ATTEMPT, seq=1, sent_ms=0)
+        self.assertEqual(self.sent.of(MessageType.PUNCH_ACK), [])
+        self.assertEqual(self.probes(), [])
+        self.assertEqual(self.drops(), {"punch_unknown_attempt": 2})
+
+    # acks
+
+    def test_first_authenticated_ack_wins(self):
+        """The first ACK of a sent probe gives the path: Deferred, proof, rtt, PUNCH_RESULT; later ACKs change nothing."""
+        attempt_id, results = self.request()
+        self.clock.advance(0.5)
+        self.execute(attempt_id)
+        self.clock.advance(0)
+        first, second = self.probes()
+        self.clock.advance(0.04)
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=attempt_id,
+                     seq=second.fields["seq"], observed=MAPPED)
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
+                     seq=first.fields["seq"], observed=MAPPED)
+        self.assertEqual(results, [PEER_MAPPED])
+        self.assertEqual(self.proven, [(PEER, PEER_MAPPED)])
+        self.assertEqual(len(self.registry.rtts), 1)
+        self.assertAlmostEqual(self.registry.rtts[0][1], 0.04)
+        (result,) = self.sent.of(MessageType.PUNCH_RESULT)
+        self.assertEqual(result.address, COORDINATOR)
+        self.assertEqual(result.fields["attempt_id"], attempt_id)
+        self.assertEqual(result.fields["peer"], PEER)
+        self.assertTrue(result.fields["success"])
+        self.assertEqual(result.fields["endpoint"], PEER_MAPPED)
+        self.assertEqual(result.fields["elapsed_ms"], 540)
+        self.assertEqual(self.metrics.get("punch_success"), 1)
+        self.assertEqual(self.punched, [])  # a requested punch's path is the Deferred's
+
+    def test_no_more_probes_after_success(self):
+        """Once punched, the remaining probe rounds send nothing."""
+        attempt_id, _ = self.request()
+        self.execute(attempt_id)
+        self.clock.advance(0)
+        seq = self.probes()[0].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
+                     seq=seq, observed=MAPPED)
+        sent = len(self.probes())
+        self.advance_in_steps(self.config.punch_timeout)
+        self.assertEqual(len(self.probes()), sent)
+
+    def test_answered_punch_hands_the_path_over(self):
+        """A responder's punch that succeeds calls on_punched with the ACK's source address."""
+        self.execute(ATTEMPT)
+        self.clock.advance(0)
+        seq = self.probes()[1].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_OTHER, attempt_id=ATTEMPT,
+                     seq=seq, observed=MAPPED)
+        self.assertEqual(self.punched, [(PEER, PEER_OTHER)])
+        (result,) = self.sent.of(MessageType.PUNCH_RESULT)
+        self.assertEqual(result.address, COORDINATOR)
+        self.assertTrue(result.fields["success"])
+
+    def test_unauthenticated_acks_are_dropped(self):
+        """ACKs for an unknown attempt, from another peer, or for a seq never sent are dropped and counted."""
+        attempt_id, results = self.request()
+        self.execute(attempt_id)
+        self.clock.advance(0)
+        seq = self.probes()[0].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id + 1,
+                     seq=seq, observed=MAPPED)
+        self.deliver(MessageType.PUNCH_ACK, OTHER, PEER_HOST, attempt_id=attempt_id,
+                     seq=seq, observed=MAPPED)
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
+                     seq=seq + 100, observed=MAPPED)
+        self.assertEqual(self.drops(), {"punch_unknown_ack": 3})
+        self.assertEqual(results, [])
+        self.assertEqual(self.proven, [])
+        self.assertEqual(self.sent.of(MessageType.PUNCH_RESULT), [])
+
+    def test_probes_answered_for_a_while_after_success(self):
+        """After success the attempt answers probes for punch_linger seconds, then is forgotten."""
+        self.execute(ATTEMPT)
+        self.clock.advance(0)
+        seq = self.probes()[0].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=ATTEMPT,
+                     seq=seq, observed=MAPPED)
+        self.clock.advance(self.config.punch_linger - 0.01)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_HOST, attempt_id=ATTEMPT, seq=9,
+                     sent_ms=0)
+        self.assertEqual(len(self.sent.of(MessageType.PUNCH_ACK)), 1)
+        self.clock.advance(0.01)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_HOST, attempt_id=ATTEMPT, seq=10,
+                     sent_ms=0)
+        self.assertEqual(len(self.sent.of(MessageType.PUNCH_ACK)), 1)
+        self.assertEqual(self.drops(), {"punch_unknown_attempt": 1})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    # giving up
+
+    def test_timeout_gives_up_and_reports(self):
+        """Without an ACK by punch_timeout the Deferred fires None and failure is reported."""
+        attempt_id, results = self.request()
+        self.execute(attempt_id)
+        self.clock.advance(self.config.punch_timeout - 0.01)
+        self.assertEqual(results, [])
+        self.clock.advance(0.01)
+        self.assertEqual(results, [None])
+        (result,) = self.sent.of(MessageType.PUNCH_RESULT)
+        self.assertEqual(result.address, COORDINATOR)
+        self.assertFalse(result.fields["success"])
+        self.assertEqual(result.fields["endpoint"], ("0.0.0.0", 0))
+        self.assertEqual(result.fields["elapsed_ms"], int(1000 * self.config.punch_timeout))
+        self.assertEqual(self.metrics.get("punch_failure"), 1)
+        self.assertEqual(self.puncher.attempts, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeout_before_execute_reports_nothing(self):
+        """A request the coordinator never answered fails silently towards it."""
+        _, results = self.request()
+        self.clock.advance(self.config.punch_timeout)
+        self.assertEqual(results, [None])
+        self.assertEqual(self.sent.of(MessageType.PUNCH_RESULT), [])
+
+    def test_responder_timeout_does_not_hand_over(self):
+        """A responder's failed punch reports failure and does not call on_punched."""
+        self.execute(ATTEMPT)
+        self.clock.advance(self.config.punch_timeout)
+        self.assertEqual(self.punched, [])
+        (result,) = self.sent.of(MessageType.PUNCH_RESULT)
+        self.assertFalse(result.fields["success"])
+
+    def test_oldest_attempt_given_up_beyond_the_limit(self):
+        """Past max_punch_attempts the oldest attempt is given up to make room."""
+        basics, _, _ = fake_basics(config=type(self.config)(max_punch_attempts=2))
+        puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: 0,
+                          public_endpoints=lambda: [], proven=lambda p, a: None,
+                          holds_reservation=lambda r: False, on_punched=lambda p, a: None,
+                          local_address=lambda t: None)
+        results = []
+        for peer in (PEER, OTHER, RELAY):
+            puncher.request(peer, (RELAY, COORDINATOR)).addCallback(
+                lambda r, peer=peer: results.append((peer, r)))
+        self.assertEqual(results, [(PEER, None)])
+        self.assertEqual(len(puncher.attempts), 2)
+
+    def test_stop_gives_up_and_cancels_timers(self):
+        """stop() fires every Deferred with None and leaves no timer behind."""
+        attempt_id, results = self.request()
+        self.execute(attempt_id)
+        self.execute(ATTEMPT)
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.puncher.stop()
+        self.assertEqual(results, [None])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.puncher.attempts, {})
+        sent = len(self.sent)
+        self.advance_in_steps(self.config.punch_timeout + 1)
+        self.assertEqual(len(self.sent), sent)
