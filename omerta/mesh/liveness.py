@@ -24,15 +24,27 @@ import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.context import Basics
 from omerta.mesh.peer import Connections, PeerConnection, State, is_relayed
+from omerta.wire.envelope import MIN_FRAME_SIZE
+from omerta.wire.messages import build_body
 from omerta.wire.messages import MessageType
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
+
+CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
+    build_body(MessageType.PING, nonce=0, sent_ms=0, contacts=[])
+)
+"""
+Bytes of a contact-free PING frame: a frame smaller than this from an
+unproven address gets no answer at all (no amplification).
+"""
 
 
 @dataclass
@@ -90,10 +102,46 @@ class _IndirectProbe:
 class Liveness:
     log = Logger()
 
-    def __init__(self, overlay, connections: Connections, rng: random.Random | None = None):
-        self.overlay = overlay
+    def __init__(self, basics: Basics, connections: Connections, registry, freshness, *,
+                 rng: random.Random | None = None,
+                 path_failed: Callable[[Link], bool],
+                 known_addresses: Callable[[bytes], set],
+                 address_of: Callable[[bytes], object],
+                 relay_of: Callable[[object], bytes | None],
+                 announce_to: Callable[[object], None],
+                 observed_address: Callable[[tuple], None],
+                 address_proven: Callable[[bytes, object], None]):
+        """
+        @param freshness: the overlay's L{omerta.mesh.freshness.Freshness}
+            (contacts piggybacked on pings and pongs, stale paths reported).
+        @param path_failed: the path manager's verdict on a link whose path
+            stopped answering: True when it moved the link (or is opening
+            another path), False when there is none (the peer is suspected).
+        @param known_addresses: every direct address this node itself has for
+            a peer (an indirect ping goes only to one of those).
+        @param address_of: where datagrams for a peer go now.
+        @param relay_of: the relay of a relay route, or None.
+        @param announce_to: send our announcement to an address.
+        @param observed_address: a pong says where our datagram came from.
+        @param address_proven: a pong (or ack) proved an address leads to a
+            peer, for the first time.
+        """
+        self.basics = basics
+        self.clock = basics.clock
+        self.metrics = basics.metrics
+        self.send = basics.send
+        self.emit = basics.emit
         self.connections = connections
-        self.config = overlay.config
+        self.registry = registry
+        self.freshness = freshness
+        self.config = basics.config
+        self._path_failed = path_failed
+        self._known_addresses = known_addresses
+        self._address_of = address_of
+        self._relay_of = relay_of
+        self._announce_to = announce_to
+        self._observed_address = observed_address
+        self._address_proven = address_proven
         self.rng = rng or random.Random()
         self.links: dict[bytes, Link] = {}
         self._pings: dict[int, tuple[bytes, float, tuple]] = {}
@@ -122,7 +170,7 @@ class Liveness:
             if len(self.links) >= self.config.max_active:
                 # No room to keep it, but let it prove its address so it can
                 # be served (peer lists) all the same.
-                if (peer_id, address) not in self._proven and size >= self.overlay.challenge_size:
+                if (peer_id, address) not in self._proven and size >= CHALLENGE_SIZE:
                     self.ping(peer_id, address, contacts=False)
                 return None
             link = self._link(peer_id, address, now, now + self._jitter())
@@ -145,8 +193,7 @@ class Liveness:
         link.first_unanswered = None
         if not link.established:
             link.established = True
-            self.overlay.events.emit("peer_connected", network=self.overlay.network_id,
-                                     peer_id=peer_id, address=address)
+            self.emit("peer_connected", peer_id=peer_id, address=address)
         if link.suspected_at is not None:
             self._clear_suspicion(link, now)
         return link
@@ -160,7 +207,7 @@ class Liveness:
         conn = self.connections.open(peer_id)
         proven = (peer_id, address) in self._proven
         if conn.path is None or conn.path.address != address or conn.state is State.OFFLINE:
-            conn.move(conn.path_to(address, self.overlay.relays.relay_of(address)), now,
+            conn.move(conn.path_to(address, self._relay_of(address)), now,
                       proven=proven)
         elif proven and not conn.proven:
             conn.prove()
@@ -176,7 +223,7 @@ class Liveness:
         challenge or pong is thus retried as long as the peer keeps sending
         (a relay denying it as unproven, for one, until it is proven).
         """
-        if (size >= self.overlay.challenge_size
+        if (size >= CHALLENGE_SIZE
                 and now - link.challenged_at >= self.config.challenge_retry
                 and (link.peer_id, address) not in self._proven):
             self.ping(link.peer_id, address, contacts=False)
@@ -186,7 +233,7 @@ class Liveness:
         Start keeping C{peer_id} alive at C{address} (it becomes active at
         once; the usual missed-keepalive rules decide if it answers).
         """
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         if peer_id in self.links or len(self.links) >= self.config.max_active:
             return
         self._link(peer_id, address, now, now, initiated=True).heard_this_period = False
@@ -201,11 +248,10 @@ class Liveness:
         Send a ping; C{contacts=False} for a challenge to an address not
         proven yet (no piggybacked contacts: smaller, and nothing leaked).
         """
-        overlay = self.overlay
         if len(self._pings) >= self.config.max_outstanding_pings:
             self._pings.pop(next(iter(self._pings)))
         nonce = int.from_bytes(os.urandom(8), "big")
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         self._pings[nonce] = (peer_id, now, address)
         link = self.links.get(peer_id)
         if link is not None and not contacts:
@@ -214,8 +260,8 @@ class Liveness:
             link.unanswered += 1
             if link.first_unanswered is None:
                 link.first_unanswered = now
-        overlay.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
-                     contacts=overlay.freshness.contacts_for(peer_id) if contacts else [])
+        self.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
+                     contacts=self.freshness.contacts_for(peer_id) if contacts else [])
         return nonce
 
     def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
@@ -225,7 +271,7 @@ class Liveness:
         self.log.info("Peer {peer} moved to {address}", peer=format_peer_id(link.peer_id),
                       address=f"{address[0]}:{address[1]}")
         was_suspect = link.conn.suspected
-        link.conn.move(link.conn.path_to(address, self.overlay.relays.relay_of(address)), now,
+        link.conn.move(link.conn.path_to(address, self._relay_of(address)), now,
                        proven=proven)
         link.pending_address = None
         link.last_heard = now
@@ -235,7 +281,7 @@ class Liveness:
         link.missed = 0
         if was_suspect:
             link.indirect_nonce = None
-            self.overlay.registry.set_state(link.peer_id, "online", now)
+            self.registry.set_state(link.peer_id, "online", now)
 
     def switch(self, link: Link, address, proven: bool) -> None:
         """
@@ -243,7 +289,7 @@ class Liveness:
         punched address); C{proven} when a probe/ack exchange already proved
         it.  Keepalives go on, on the new path.
         """
-        self._move(link, address, self.overlay.clock.seconds(), proven)
+        self._move(link, address, self.clock.seconds(), proven)
         link.initiated = True
 
     def proven(self, peer_id: bytes, address) -> None:
@@ -262,7 +308,7 @@ class Liveness:
         nonce = self.ping(peer_id, address)
         d = Deferred()
         self._waiters[nonce] = d
-        call = self.overlay.clock.callLater(timeout, self._give_up, nonce)
+        call = self.clock.callLater(timeout, self._give_up, nonce)
         d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
         return d
 
@@ -272,25 +318,23 @@ class Liveness:
             d.callback(None)
 
     def on_ping(self, frame, addr, ping) -> None:
-        overlay = self.overlay
-        overlay.freshness.learn_contacts(ping.contacts)
-        overlay.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
+        self.freshness.learn_contacts(ping.contacts)
+        self.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
                      observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
-                     contacts=overlay.freshness.contacts_for(frame.sender))
+                     contacts=self.freshness.contacts_for(frame.sender))
 
     def on_pong(self, frame, addr, pong) -> None:
-        overlay = self.overlay
         sent = self._pings.pop(pong.nonce, None)
         if sent is None or sent[0] not in (frame.sender, b""):
-            overlay.metrics.inc("drops", reason="unexpected_pong")
+            self.metrics.inc("drops", reason="unexpected_pong")
             return
-        rtt = overlay.clock.seconds() - sent[1]
-        overlay.registry.set_rtt(frame.sender, rtt)
+        rtt = self.clock.seconds() - sent[1]
+        self.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)
         if sent[2] == addr and (frame.sender, addr) not in self._proven:
             self._prove(frame.sender, addr, link)
         if link is not None and sent[2] == addr and link.pending_address == addr:
-            self._move(link, addr, now=overlay.clock.seconds())
+            self._move(link, addr, now=self.clock.seconds())
         if link is not None and link.address == addr:
             link.conn.rtt = rtt
             if not link.verified and sent[2] == addr:
@@ -298,8 +342,8 @@ class Liveness:
                 # really leads to this peer (return routability).
                 link.conn.prove()
         if not is_relayed(addr) and tuple(pong.observed) != UNKNOWN_ENDPOINT:
-            overlay.observed_address(tuple(pong.observed))
-        overlay.freshness.learn_contacts(pong.contacts)
+            self._observed_address(tuple(pong.observed))
+        self.freshness.learn_contacts(pong.contacts)
         for probe in [p for p in self._probes.values() if p.target == frame.sender]:
             self._finish_probe(probe, True, rtt)
         waiter = self._waiters.pop(pong.nonce, None)
@@ -312,20 +356,19 @@ class Liveness:
         """
         Another peer asks us to ping C{target} for it.
         """
-        overlay = self.overlay
         if len(self._probes) >= self.config.max_indirect_probes:
-            overlay.metrics.inc("drops", reason="indirect_busy")
+            self.metrics.inc("drops", reason="indirect_busy")
             return
         endpoint = tuple(message.endpoint)
-        if endpoint not in overlay.paths.known_addresses(message.target):
+        if endpoint not in self._known_addresses(message.target):
             # Never ping an address on a member's word alone: that would make
             # this node a reflector towards third parties.
-            overlay.metrics.inc("drops", reason="indirect_unknown_endpoint")
+            self.metrics.inc("drops", reason="indirect_unknown_endpoint")
             return
-        call = overlay.clock.callLater(self.config.indirect_timeout * 0.8,
+        call = self.clock.callLater(self.config.indirect_timeout * 0.8,
                                        self._probe_timeout, message.nonce)
         probe = _IndirectProbe(addr, message.nonce, message.target,
-                               overlay.clock.seconds(), call)
+                               self.clock.seconds(), call)
         self._probes[message.nonce] = probe
         self.ping(message.target, endpoint)
 
@@ -338,7 +381,7 @@ class Liveness:
         self._probes.pop(probe.nonce, None)
         if probe.call.active():
             probe.call.cancel()
-        self.overlay.send(probe.requester, MessageType.INDIRECT_ACK, nonce=probe.nonce,
+        self.send(probe.requester, MessageType.INDIRECT_ACK, nonce=probe.nonce,
                           target=probe.target, alive=alive, rtt_us=int(rtt * 1e6))
 
     def on_indirect_ack(self, frame, addr, message) -> None:
@@ -346,19 +389,18 @@ class Liveness:
         if link is None or link.indirect_nonce != message.nonce:
             return
         if message.alive:
-            self.overlay.metrics.inc("liveness_indirect", result="alive")
-            self._clear_suspicion(link, self.overlay.clock.seconds())
+            self.metrics.inc("liveness_indirect", result="alive")
+            self._clear_suspicion(link, self.clock.seconds())
 
     def _suspect(self, link: Link, now: float) -> None:
-        overlay = self.overlay
         link.conn.suspect(now)
-        overlay.registry.set_state(link.peer_id, "suspect", now)
-        overlay.metrics.inc("liveness_suspected")
+        self.registry.set_state(link.peer_id, "suspect", now)
+        self.metrics.inc("liveness_suspected")
         link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
         link.second_round = False
         self._ask_helpers(link)
         if not link.conn.path.relayed:
-            overlay.freshness.peer_stale(link.peer_id, link.address)
+            self.freshness.peer_stale(link.peer_id, link.address)
 
     def _ask_helpers(self, link: Link) -> None:
         if link.conn.path.relayed:
@@ -366,7 +408,7 @@ class Liveness:
         helpers = [l for l in self.links.values()
                    if l.peer_id != link.peer_id and l.suspected_at is None and l.verified]
         for helper in self.rng.sample(helpers, min(self.config.indirect_helpers, len(helpers))):
-            self.overlay.send(helper.address, MessageType.INDIRECT_PING,
+            self.send(helper.address, MessageType.INDIRECT_PING,
                               nonce=link.indirect_nonce, target=link.peer_id,
                               endpoint=link.address)
 
@@ -374,18 +416,16 @@ class Liveness:
         link.conn.heard()
         link.indirect_nonce = None
         link.missed = 0
-        self.overlay.registry.set_state(link.peer_id, "online", now)
+        self.registry.set_state(link.peer_id, "online", now)
 
     def _declare_offline(self, link: Link, now: float) -> None:
-        overlay = self.overlay
         del self.links[link.peer_id]
         link.conn.offline()
-        overlay.registry.set_state(link.peer_id, "offline", now)
-        overlay.metrics.inc("liveness_offline")
-        overlay.events.emit("peer_disconnected", network=overlay.network_id,
-                            peer_id=link.peer_id)
+        self.registry.set_state(link.peer_id, "offline", now)
+        self.metrics.inc("liveness_offline")
+        self.emit("peer_disconnected", peer_id=link.peer_id)
         if not link.conn.path.relayed:
-            overlay.freshness.path_failed(link.peer_id, link.address)
+            self.freshness.path_failed(link.peer_id, link.address)
 
     # periodic
 
@@ -394,8 +434,7 @@ class Liveness:
         Called every second: keepalives due, suspicion timeouts, refilling the
         active set.
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         config = self.config
         for link in list(self.links.values()):
             if not link.verified and not link.initiated:
@@ -404,11 +443,11 @@ class Liveness:
                 if now - link.since >= config.keepalive:
                     del self.links[link.peer_id]
                     link.conn.offline()
-                    overlay.metrics.inc("liveness_unverified_dropped")
+                    self.metrics.inc("liveness_unverified_dropped")
                 continue
             if (link.suspected_at is None and link.unanswered >= config.suspect_after_missed
                     and now - link.first_unanswered >= config.path_dead_after
-                    and overlay.paths.path_failed(link)):
+                    and self._path_failed(link)):
                 # The path stopped answering and another one was taken.
                 link.unanswered = 0
                 link.first_unanswered = None
@@ -431,12 +470,12 @@ class Liveness:
             if now >= link.next_ping:
                 if not link.heard_this_period:
                     link.missed += 1
-                    overlay.metrics.inc("liveness_missed")
+                    self.metrics.inc("liveness_missed")
                 link.heard_this_period = False
                 link.retries = 0
                 link.next_ping = now + config.keepalive
                 if link.missed >= config.suspect_after_missed:
-                    if overlay.paths.path_failed(link):
+                    if self._path_failed(link):
                         link.missed = 0
                         link.unanswered = 0
                         link.first_unanswered = None
@@ -450,17 +489,16 @@ class Liveness:
         missing = self.config.degree - len(self.links)
         if missing <= 0:
             return
-        overlay = self.overlay
         candidates = [
             (record.peer_id, address)
-            for record in overlay.registry.all()
+            for record in self.registry.all()
             if record.peer_id not in self.links and record.state != "offline"
-            for address in [overlay.paths.address_of(record.peer_id)]
+            for address in [self._address_of(record.peer_id)]
             if address is not None
         ]
         for peer_id, address in self.rng.sample(candidates, min(missing, len(candidates))):
             self.connect(peer_id, address)
-            overlay.gossip.announce_to(address)
+            self._announce_to(address)
             self.ping(peer_id, address)
 
     def gossip_targets(self, count: int, rng: random.Random) -> list[tuple[bytes, tuple]]:
@@ -487,10 +525,10 @@ class Liveness:
             del self._proven[key]
 
     def _prove(self, peer_id: bytes, address: tuple, link) -> None:
-        self._proven[(peer_id, address)] = self.overlay.clock.seconds()
+        self._proven[(peer_id, address)] = self.clock.seconds()
         while len(self._proven) > self.config.proven_memory:
             self._proven.popitem(last=False)
-        self.overlay.address_proven(peer_id, address, link)
+        self._address_proven(peer_id, address)
 
     def stop(self) -> None:
         for probe in list(self._probes.values()):

@@ -19,7 +19,7 @@ from omerta.crypto.sealing import FrameSealer, OpenedFrame
 from omerta.mesh.context import Basics
 from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
-from omerta.mesh.liveness import Liveness
+from omerta.mesh.liveness import CHALLENGE_SIZE, Liveness
 from omerta.mesh.messaging import Messaging
 from omerta.mesh.paths import PathManager
 from omerta.mesh.peer import Connections, is_relayed
@@ -32,13 +32,6 @@ from omerta.wire.messages import MessageType, RelayDenyReason, build_body, parse
 from omerta.wire.relay import session_header
 
 
-CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
-    build_body(MessageType.PING, nonce=0, sent_ms=0, contacts=[])
-)
-"""
-Bytes of a contact-free PING frame: a frame smaller than this from an
-unproven address gets no answer at all.
-"""
 
 
 class Overlay:
@@ -60,7 +53,11 @@ class Overlay:
                                      max_peers=self.config.max_peers)
         self.connections = Connections(self._emit, self._transmit,
                                        limit=min(self.config.max_peers, 4096))
-        self.paths = PathManager(self, self.connections)
+        # The one place the components are wired.  Each takes Basics and
+        # the collaborators it names; a lambda stands for one built later
+        # (the graph has cycles: liveness reports dead paths to the path
+        # manager, which moves liveness links).
+        self.freshness = Freshness(self)
         self.relays = RelayClient(
             self.basics, self.registry, node.relay_routes,
             needs_relays=node.needs_relays,
@@ -69,6 +66,21 @@ class Overlay:
             session_opened=lambda peer, route, requested: self.paths.relay_session_opened(
                 peer, route, requested),
             session_closed=lambda peer, route: self.paths.relay_session_closed(peer, route))
+        self.liveness = Liveness(
+            self.basics, self.connections, self.registry, self.freshness, rng=rng,
+            path_failed=lambda link: self.paths.path_failed(link),
+            known_addresses=lambda peer_id: self.paths.known_addresses(peer_id),
+            address_of=lambda peer_id: self.paths.address_of(peer_id),
+            relay_of=self.relays.relay_of,
+            announce_to=lambda address: self.gossip.announce_to(address),
+            observed_address=node.observed_address,
+            address_proven=self.address_proven)
+        self.paths = PathManager(
+            self.basics, self.connections, self.registry,
+            liveness=self.liveness, relays=self.relays, freshness=self.freshness,
+            punch=lambda peer_id, coordinator: self.punch.request(peer_id, coordinator),
+            announce_to=lambda address: self.gossip.announce_to(address),
+            local_port=lambda: node.local_port)
         self.punch = Puncher(
             self.basics, self.registry, nat=lambda: self.node.nat,
             local_port=lambda: self.node.local_port,
@@ -76,8 +88,6 @@ class Overlay:
             proven=lambda peer, address: self.liveness.proven(peer, address),
             holds_reservation=lambda relay_id: relay_id in self.relays.held,
             on_punched=lambda peer, address: self.paths.use_punched(peer, address))
-        self.liveness = Liveness(self, self.connections, rng)
-        self.freshness = Freshness(self)
         self.gossip = Gossip(self, rng)
         self.messaging = Messaging(self)
         self._boots: OrderedDict[bytes, bytes] = OrderedDict()
@@ -200,7 +210,7 @@ class Overlay:
 
     challenge_size = CHALLENGE_SIZE
 
-    def address_proven(self, peer_id: bytes, addr: tuple, link) -> None:
+    def address_proven(self, peer_id: bytes, addr: tuple) -> None:
         """
         A pong proved C{addr} leads to C{peer_id} (for the first time): record
         it and send our announcement.  A node that still knows few peers (it

@@ -23,10 +23,14 @@ move.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet.defer import Deferred
 
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.context import Basics
 from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
                               State, is_relayed)
 from omerta.wire.messages import NatType, PathKind
@@ -73,10 +77,35 @@ OPEN_NATS = (NatType.PUBLIC,)
 class PathManager:
     log = Logger()
 
-    def __init__(self, overlay, connections: Connections, max_candidates: int = 4096):
-        self.overlay = overlay
+    def __init__(self, basics: Basics, connections: Connections, registry, *,
+                 liveness, relays, freshness,
+                 punch: Callable[[bytes, tuple], Deferred],
+                 announce_to: Callable[[object], None],
+                 local_port: Callable[[], int],
+                 max_candidates: int = 4096):
+        """
+        @param liveness: the overlay's L{omerta.mesh.liveness.Liveness} (its
+            links are the paths in use; it connects, pings, switches paths).
+        @param relays: the L{omerta.mesh.relayclient.RelayClient} (sessions).
+        @param freshness: the L{omerta.mesh.freshness.Freshness} (recent
+            contacts; failed paths reported).
+        @param punch: C{punch(peer_id, coordinator)}: a hole punch; the
+            Deferred fires with the punched address or None.
+        @param announce_to: send our announcement to an address or route.
+        @param local_port: this node's UDP port.
+        """
+        self.basics = basics
+        self.clock = basics.clock
+        self.metrics = basics.metrics
+        self.config = basics.config
         self.connections = connections
-        self.config = overlay.config
+        self.registry = registry
+        self.liveness = liveness
+        self.relays = relays
+        self.freshness = freshness
+        self._punch = punch
+        self._announce_to = announce_to
+        self._local_port = local_port
         self.max_candidates = max_candidates
         self._candidates: dict[bytes, tuple[tuple, float]] = {}
 
@@ -100,14 +129,13 @@ class PathManager:
         The best guess at the peer's own address: a recent contact, a
         candidate, its announced address, where it was last heard.
         """
-        overlay = self.overlay
-        contact = overlay.freshness.contacts.get(peer_id)
+        contact = self.freshness.contacts.get(peer_id)
         candidate = self._candidates.get(peer_id)
         if contact is not None and (candidate is None or candidate[1] <= contact.heard):
             return contact.address
         if candidate is not None:
             return candidate[0]
-        record = overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         if record is None:
             return None
         # The peer's own signed word about where it is, when it is newer than
@@ -126,11 +154,10 @@ class PathManager:
         Where a datagram for C{peer_id} goes now: the live link's path, else
         an open relay session, else the peer's direct address.
         """
-        overlay = self.overlay
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if link is not None and (not link.conn.suspected or link.conn.path.relayed):
             return link.address
-        route = overlay.relays.route_to(peer_id)
+        route = self.relays.route_to(peer_id)
         if route is not None:
             return route
         if link is not None:
@@ -143,18 +170,17 @@ class PathManager:
         recent contact, a candidate, the registry's endpoint and announced
         direct paths.
         """
-        overlay = self.overlay
         out = set()
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if link is not None and not link.conn.path.relayed:
             out.add(link.address)
-        contact = overlay.freshness.contacts.get(peer_id)
+        contact = self.freshness.contacts.get(peer_id)
         if contact is not None:
             out.add(contact.address)
         candidate = self._candidates.get(peer_id)
         if candidate is not None:
             out.add(candidate[0])
-        record = overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         if record is not None:
             if record.endpoint is not None:
                 out.add(tuple(record.endpoint))
@@ -162,13 +188,12 @@ class PathManager:
         return out
 
     def connection(self, peer_id: bytes) -> Connection | None:
-        overlay = self.overlay
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if link is None or link.conn.suspected:
             return None
         path = link.conn.path
         via = path.relay_id if path.relayed else None
-        return Connection(peer_id, path.endpoint, overlay.node.local_port, path.kind,
+        return Connection(peer_id, path.endpoint, self._local_port(), path.kind,
                           link.rtt, via)
 
     # what a peer's announcement says about reaching it
@@ -179,7 +204,7 @@ class PathManager:
         address will not cross (anything but a public address, as far as
         its signed announcement says).
         """
-        record = self.overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         if record is None:
             return False
         return record.nat_type not in OPEN_NATS
@@ -194,15 +219,14 @@ class PathManager:
         link takes whichever answers first; a punched path replaces a
         relayed one when it succeeds.
         """
-        overlay = self.overlay
         address = self.direct_address(peer_id)
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if address is not None and (link is None or not link.conn.path.relayed):
-            overlay.liveness.connect(peer_id, address)
-            overlay.gossip.announce_to(address)
-            overlay.liveness.ping(peer_id, address)
+            self.liveness.connect(peer_id, address)
+            self._announce_to(address)
+            self.liveness.ping(peer_id, address)
         if self.needs_traversal(peer_id) or address is None:
-            overlay.relays.open_session(peer_id)
+            self.relays.open_session(peer_id)
             self.try_punch(peer_id)
 
     def relay_session_opened(self, peer_id: bytes, route: RelayRoute, requested: bool) -> None:
@@ -210,43 +234,41 @@ class PathManager:
         A relay session to C{peer_id} is open.  When we asked for it and have
         no live path (or are failing over), the link takes it.
         """
-        overlay = self.overlay
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if link is None:
             if not requested:
                 return
-            overlay.liveness.connect(peer_id, route)
+            self.liveness.connect(peer_id, route)
         elif link.conn.state is State.ACTIVE and link.conn.failing_over_since is None:
             return  # a proven path that answers: keep it
         else:
-            overlay.liveness.switch(link, route, proven=False)
-        overlay.gossip.announce_to(route)
-        overlay.liveness.ping(peer_id, route)
+            self.liveness.switch(link, route, proven=False)
+        self._announce_to(route)
+        self.liveness.ping(peer_id, route)
 
     def relay_session_closed(self, peer_id: bytes, route: RelayRoute) -> None:
-        link = self.overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         if link is not None and link.address == route:
             self.path_failed(link)
 
     # hole punching
 
     def try_punch(self, peer_id: bytes) -> None:
-        overlay = self.overlay
         state = self.state(peer_id)
         if state.punching:
             return
-        coordinator = overlay.relays.coordinator_for(peer_id)
+        coordinator = self.relays.coordinator_for(peer_id)
         if coordinator is None:
             return
         state.punching = True
         state.punch_attempts += 1
-        d = overlay.punch.request(peer_id, coordinator)
+        d = self._punch(peer_id, coordinator)
         d.addCallback(self._punched, peer_id)
 
     def _punched(self, address, peer_id: bytes) -> None:
         state = self.state(peer_id)
         state.punching = False
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         if address is None:
             self._schedule_upgrade(state, now)
             return
@@ -256,12 +278,11 @@ class PathManager:
         """
         A probe/ack exchange proved C{address} reaches the peer directly.
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         state = self.state(peer_id)
-        link = overlay.liveness.links.get(peer_id)
+        link = self.liveness.links.get(peer_id)
         already = link is not None and link.address == address and link.verified
-        record = overlay.registry.get(peer_id)
+        record = self.registry.get(peer_id)
         nat = NatType.UNKNOWN if record is None else record.nat_type
         # Punched: the peer is behind a NAT (a public peer's address is just
         # direct, and so is one of unknown NAT a plain ping reached first).
@@ -272,12 +293,12 @@ class PathManager:
         state.next_upgrade = None
         state.upgrade_backoff = 0.0
         if link is None:
-            overlay.liveness.proven(peer_id, address)
-            overlay.liveness.connect(peer_id, address)
+            self.liveness.proven(peer_id, address)
+            self.liveness.connect(peer_id, address)
         elif link.address != address and (link.conn.path.relayed or link.conn.suspected
                                           or not link.verified):
-            overlay.liveness.switch(link, address, proven=True)
-        overlay.liveness.ping(peer_id, address)
+            self.liveness.switch(link, address, proven=True)
+        self.liveness.ping(peer_id, address)
 
     # failure and upgrade
 
@@ -288,8 +309,7 @@ class PathManager:
         when there is no other path to try (the caller then suspects the
         peer as before).
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         peer_id = link.peer_id
         state = link.conn
         old = link.address
@@ -298,37 +318,36 @@ class PathManager:
                 return True
             state.gave_up()
             return False
-        route = overlay.relays.route_to(peer_id)
+        route = self.relays.route_to(peer_id)
         if route == old:
             route = None
-        relay_of_old = overlay.relays.relay_of(old)
-        if route is None and not overlay.relays.can_open(peer_id, exclude_relay=relay_of_old):
+        relay_of_old = self.relays.relay_of(old)
+        if route is None and not self.relays.can_open(peer_id, exclude_relay=relay_of_old):
             return False
         self._forget_path(state, old)
         soon = not is_relayed(old)
         if route is None:
             # the failed session is gone now: ask another relay
-            route = overlay.relays.route_to(peer_id)
+            route = self.relays.route_to(peer_id)
         if route is not None:
             self.log.info("Path to {peer} failed; moving to a relay session",
                           peer=format_peer_id(peer_id))
-            overlay.liveness.switch(link, route, proven=False)
-            overlay.liveness.ping(peer_id, route)
-            overlay.metrics.inc("path_failovers", to="relayed")
+            self.liveness.switch(link, route, proven=False)
+            self.liveness.ping(peer_id, route)
+            self.metrics.inc("path_failovers", to="relayed")
         else:
-            overlay.relays.open_session(peer_id, exclude_relay=relay_of_old)
+            self.relays.open_session(peer_id, exclude_relay=relay_of_old)
             state.path_dead(now)
-            overlay.metrics.inc("path_failovers", to="relay_requested")
+            self.metrics.inc("path_failovers", to="relay_requested")
         self._schedule_upgrade(state, now, soon=soon)
         return True
 
     def _forget_path(self, state: PeerConnection, old) -> None:
-        overlay = self.overlay
         if is_relayed(old):
-            overlay.relays.session_failed(old)
+            self.relays.session_failed(old)
         else:
             state.forget_punched(old)
-            overlay.freshness.path_failed(state.peer_id, old)
+            self.freshness.path_failed(state.peer_id, old)
 
     def _schedule_upgrade(self, state: PeerConnection, now: float, soon: bool = False) -> None:
         config = self.config
@@ -344,9 +363,8 @@ class PathManager:
         Every second: upgrade attempts due on relayed links; a relayed link
         to a peer that needs no traversal tries its direct address.
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
-        for link in list(overlay.liveness.links.values()):
+        now = self.clock.seconds()
+        for link in list(self.liveness.links.values()):
             if not link.conn.path.relayed:
                 continue
             state = link.conn
@@ -357,7 +375,7 @@ class PathManager:
                 state.next_upgrade = None
                 self.try_punch(link.peer_id)
                 if state.punching:
-                    overlay.metrics.inc("path_upgrade_attempts")
+                    self.metrics.inc("path_upgrade_attempts")
                 else:
                     self._schedule_upgrade(state, now)
 
@@ -368,7 +386,7 @@ class PathManager:
 
     def statistics(self) -> dict:
         kinds = {DIRECT: 0, PUNCHED: 0, RELAYED: 0}
-        for link in self.overlay.liveness.links.values():
+        for link in self.liveness.links.values():
             if not link.conn.suspected:
                 kinds[link.conn.path.kind] += 1
         return kinds
