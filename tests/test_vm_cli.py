@@ -2,7 +2,8 @@
 omerta vm request|list|show|release against real twistd processes on
 loopback: a relay, and a provider on libvirt's embedded test driver
 (C{test:///default}); the command runs as a separate process each time, so
-the consumer's state is read back from its data directory every time.
+the consumer's state is read back from its data directory every time.  And
+the error messages the command makes of the consumer client's failures.
 """
 
 from __future__ import annotations
@@ -15,10 +16,65 @@ import time
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
+from types import SimpleNamespace
+
+from omerta.addressing import Endpoint
+from omerta.app.cli_vm import error_text
 from omerta.crypto.identity import load_or_create_identity
+from omerta.mesh.messaging import RequestTimeout
+from omerta.mesh.network import NotJoined
 from omerta.networks import NetworkStore
+from omerta.roles.consumer_client import (BadReply, NoAnswer, NotAProvider, NothingAnswered,
+                                          ProviderNotFound, Refused, Unreachable)
+from omerta.wire import ParseError
+from omerta.wire.vm import VmStatus
 from tests.integration import Daemon, free_udp_port, wait_for
 from tests.test_cli_mesh import run_omerta
+
+
+class ErrorTextTests(unittest.TestCase):
+    """
+    What C{omerta vm} says for each failure of the consumer client: the
+    client's message plus what to try.
+    """
+
+    def setUp(self):
+        self.view = SimpleNamespace(
+            timeout=30.0, started=100.0, plan=SimpleNamespace(network=SimpleNamespace(name="lab")),
+            no_answer=lambda: "no bootstrap peer answered within 30 s: ...",
+            not_found=lambda ref, at, known: f"not found {ref} {at - 100.0:.1f} {known}")
+        self.record = SimpleNamespace(name="provider-1", peer_id_text="ab" * 16, peer_id=b"\xab" * 16,
+                                      state="online")
+        self.label = f"provider-1 ({'ab' * 16})"
+
+    def text(self, error) -> str:
+        return error_text(self.view, error)
+
+    def test_texts(self):
+        """Each failure reads as before the client existed."""
+        self.assertEqual(self.text(NotJoined("x")), "no bootstrap peer answered within 30 s: ...")
+        self.assertEqual(self.text(ProviderNotFound("p9", 3, 102.5)), "not found p9 2.5 3")
+        self.assertEqual(self.text(NotAProvider(self.record)),
+                         f"{self.label} is not a provider (it does not announce the provider"
+                         f" capability); 'omerta mesh peers' shows who is")
+        self.assertEqual(self.text(NothingAnswered(Endpoint("127.0.0.1", 7401), 5)),
+                         "nothing answered at 127.0.0.1:7401 within 30 s: is a provider of"
+                         " network lab running there?")
+        self.assertEqual(
+            self.text(Unreachable(self.record, "no direct address", "offline")),
+            f"no path to {self.label} within 30 s: it did not answer at its known address and"
+            f" no peer heard from it recently (its state here: offline; tried: no direct"
+            f" address); is it running? try a longer --timeout")
+        timeout = RequestTimeout(self.record.peer_id, "vm", 5.0)
+        self.assertEqual(self.text(NoAnswer(self.record, timeout)),
+                         f"{self.label}: {timeout}; try a longer --timeout")
+        self.assertEqual(self.text(BadReply(self.record, ParseError("short"))),
+                         f"{self.label} answered something that is not a VM reply (short);"
+                         f" is it running an older omerta?")
+        self.assertEqual(self.text(Refused(self.record, VmStatus.NO_CAPACITY, "full")),
+                         f"{self.label} refused: no capacity: full")
+        self.assertEqual(self.text(Refused(self.record, 99, "")),
+                         f"{self.label} refused: status 99: no detail given")
 
 
 class VmCommandTests(unittest.TestCase):

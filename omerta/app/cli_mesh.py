@@ -23,11 +23,13 @@ that one network, so the node never announces itself in networks nobody
 asked about.  Bootstrap peers are the network's own plus every
 C{--bootstrap}.
 
-Nothing waits a fixed time: a command waits (polling every 0.1 s, for at
-most C{--timeout} seconds) until a bootstrap peer has answered and the
-number of known and online peers has not changed for a second, or, for
-C{ping} and C{connect}, until the peer asked for is known.  No answer from
-any bootstrap peer within the timeout is an error (exit status 2).
+Nothing waits a fixed time, and nothing polls: a command waits (on the
+node's events, for at most C{--timeout} seconds) until a bootstrap peer has
+answered and the number of known and online peers has not changed for a
+second, or, for C{ping} and C{connect}, until the peer asked for is known
+(L{MeshNetwork.find_peer}).  No answer from any bootstrap peer within the
+timeout is an error (exit status 2).  Everything goes through the
+L{MeshNetwork} API.
 
 Examples::
 
@@ -42,7 +44,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import statistics as stats
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -54,7 +56,7 @@ from omerta.app.cli import CommandError, Invocation, run_reactor
 from omerta.crypto.identity import Identity, load_or_create_identity
 from omerta.crypto.invite import InviteError, parse_invite
 from omerta.crypto.network import NetworkKey
-from omerta.mesh.network import ConnectError, MeshNetwork
+from omerta.mesh.network import ConnectError, MeshNetwork, NotJoined, peer_label
 from omerta.mesh.node import MeshConfig
 from omerta.mesh.paths import Connection
 from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord
@@ -63,18 +65,6 @@ from omerta.networks import Membership, MembershipError, NetworkStore
 CLI_DIR = "cli"
 """
 The subdirectory of the data directory where the command's own node lives.
-"""
-
-POLL_INTERVAL = 0.1
-SETTLE_TIME = 1.0
-#: A peer not in the first peer lists: ask the bootstrap peers this many
-#: more times, this many seconds apart (their MeshConfig.peer_list_interval
-#: is 2 s), before saying it is not there.
-PEER_LIST_ASKS = 4
-PEER_LIST_SPACING = 2.0
-"""
-How long the peer counts must stay unchanged for the view to count as
-settled.
 """
 
 STATUS_INTERVAL = 3600.0
@@ -334,8 +324,8 @@ def _pick_membership(invocation: Invocation, cli_store: NetworkStore) -> Members
 
 class MeshView:
     """
-    The running node seen by one command: conditions to wait for, with one
-    deadline for the whole command.
+    The running node seen by one command: one deadline for the whole
+    command, and error messages that say what to try.
     """
 
     def __init__(self, mesh: MeshNetwork, plan: Plan, timeout: float):
@@ -345,10 +335,6 @@ class MeshView:
         self.clock = mesh.clock
         self.started = self.clock.seconds()
         self.deadline = self.started + timeout
-
-    @property
-    def registry(self):
-        return self.mesh.overlay().registry
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - self.clock.seconds())
@@ -360,17 +346,11 @@ class MeshView:
         """
         A bootstrap peer proved who it is, or some peer is heard directly.
         """
-        return any(b.reached for b in self.mesh.node.bootstraps) or bool(self.registry.online())
+        return self.mesh.joined()
 
     def counts(self) -> tuple[int, int]:
-        return len(self.registry), len(self.registry.online())
-
-    async def until(self, predicate: Callable[[], Any]) -> bool:
-        while not predicate():
-            if self.clock.seconds() >= self.deadline:
-                return False
-            await deferLater(self.clock, POLL_INTERVAL, lambda: None)
-        return True
+        peers = self.mesh.known_peers()
+        return len(peers), sum(1 for p in peers if p.state == "online")
 
     async def joined(self) -> None:
         """
@@ -378,40 +358,18 @@ class MeshView:
 
         @raise CommandError: not within the timeout.
         """
-        if not await self.until(self.answered):
+        if not await self.mesh.wait_joined(self.remaining()):
             raise CommandError(self.no_answer())
 
-    async def pause(self, seconds: float) -> None:
-        """Wait C{seconds}, or less when the deadline comes first."""
-        seconds = min(seconds, self.remaining())
-        if seconds > 0:
-            await deferLater(self.clock, seconds, lambda: None)
-
-    async def settled(self, done: Callable[[], bool] = lambda: False) -> None:
+    async def settled(self) -> None:
         """
-        Wait until the peer counts stayed the same for L{SETTLE_TIME}, C{done()}
-        is true, or the deadline passes.
+        Wait until the peer counts stayed the same for a second, or the
+        deadline passes.
         """
-        last, since = None, self.clock.seconds()
-        while not done():
-            now = self.clock.seconds()
-            counts = self.counts()
-            if counts != last:
-                last, since = counts, now
-            elif now - since >= SETTLE_TIME:
-                return
-            if now >= self.deadline:
-                return
-            await deferLater(self.clock, POLL_INTERVAL, lambda: None)
-
-    def ask_peer_lists(self) -> None:
-        overlay = self.mesh.node.overlay()
-        for boot in self.mesh.node.bootstraps:
-            if boot.reached and boot.address is not None:
-                overlay.gossip.send_peer_list(boot.address, request=True)
+        await self.mesh.wait_settled(self.remaining())
 
     def no_answer(self) -> str:
-        boots = self.mesh.node.bootstraps
+        boots = self.mesh.bootstraps()
         where = ", ".join(str(b.spec.endpoint) for b in boots)
         if len(boots) == 1:
             question = f"is the relay at {where} running?"
@@ -421,7 +379,7 @@ class MeshView:
         unresolved = [str(b.spec) for b in boots if b.address is None]
         if unresolved:
             hints.append(f"could not resolve {', '.join(unresolved)}")
-        if self.mesh.service.metrics.by_label("drops", "reason").get("bootstrap_mismatch"):
+        if self.mesh.metrics.by_label("drops", "reason").get("bootstrap_mismatch"):
             hints.append("a peer answered with another peer id than the one given")
         network = self.plan.network
         hints.append(
@@ -433,26 +391,12 @@ class MeshView:
             hints
         )
 
-    def resolve(self, ref: str) -> PeerRecord:
-        try:
-            return self.registry.lookup(ref)
-        except PeerNotFound:
-            raise CommandError(
-                f"no peer named or with an id starting {ref.strip()!r} in network"
-                f" {self.plan.network.name} after {self.elapsed():.1f} s"
-                f" ({len(self.registry)} peer(s) known); 'omerta mesh peers' lists them"
-            ) from None
-        except AmbiguousPeer as e:
-            raise CommandError(str(e)) from None
-
-    def knows(self, ref: str) -> bool:
-        try:
-            self.registry.lookup(ref)
-        except PeerNotFound:
-            return False
-        except AmbiguousPeer:
-            return True
-        return True
+    def not_found(self, ref: str, at: float, known: int) -> str:
+        return (
+            f"no peer named or with an id starting {ref.strip()!r} in network"
+            f" {self.plan.network.name} after {at - self.started:.1f} s"
+            f" ({known} peer(s) known); 'omerta mesh peers' lists them"
+        )
 
 
 def run_on_mesh(
@@ -507,8 +451,7 @@ def run_on_mesh(
 
 def status_command(invocation: Invocation) -> int:
     async def body(view: MeshView) -> dict:
-        await view.until(view.answered)
-        if view.answered():
+        if await view.mesh.wait_joined(view.remaining()):
             await view.settled()
         return status_document(view)
 
@@ -522,22 +465,22 @@ def status_command(invocation: Invocation) -> int:
 
 def status_document(view: MeshView) -> dict:
     mesh = view.mesh
-    host = mesh.service.port.getHost()
+    host, port = mesh.local_address()
     network = view.plan.network
     known, online = view.counts()
     document = {
         "peer_id": mesh.peer_id,
         "data_dir": str(view.plan.cli_dir),
-        "listen": f"{host.host}:{host.port}",
+        "listen": f"{host}:{port}",
         "network": {"id": network.network_id, "name": network.name},
         "bootstrap": [
-            {"spec": str(b.spec), "reached": b.reached} for b in mesh.node.bootstraps
+            {"spec": str(b.spec), "reached": b.reached} for b in mesh.bootstraps()
         ],
         "answered": view.answered(),
         "peers": {"known": known, "online": online},
         "waited_s": round(view.elapsed(), 3),
         "statistics": mesh.statistics(),
-        "metrics": mesh.service.metrics.snapshot(),
+        "metrics": mesh.metrics.snapshot(),
     }
     if not document["answered"]:
         document["error"] = view.no_answer()
@@ -576,7 +519,7 @@ def peers_command(invocation: Invocation) -> int:
         await view.joined()
         await view.settled()
         now = view.clock.seconds()
-        records = sorted(view.registry.all(), key=lambda r: (r.name == "", r.name, r.peer_id))
+        records = sorted(view.mesh.known_peers(), key=lambda r: (r.name == "", r.name, r.peer_id))
         return [record.as_dict(now) for record in records]
 
     peers = run_on_mesh(invocation, body)
@@ -620,42 +563,34 @@ def format_peers(peers: list[dict]) -> str:
 
 async def find_peer(view: MeshView, ref: str) -> PeerRecord:
     """
-    Wait until the registry knows C{ref} (or the view settled without it).
+    The peer C{ref} names, once the node knows it (or the view settled
+    without it).
     """
-    if not view.knows(ref):
-        await view.joined()
-        await view.settled(lambda: view.knows(ref))
-        for _ in range(PEER_LIST_ASKS):
-            if view.knows(ref) or view.remaining() <= 0:
-                break
-            # A lost peer-list datagram (a lossy path; a big network's list
-            # takes dozens) must not make a known peer look absent: ask the
-            # bootstrap peers again, no sooner than they answer again.
-            await view.pause(PEER_LIST_SPACING)
-            view.ask_peer_lists()
-            await view.settled(lambda: view.knows(ref))
-    return view.resolve(ref)
+    try:
+        return await view.mesh.find_peer(ref, view.remaining())
+    except NotJoined:
+        raise CommandError(view.no_answer()) from None
+    except PeerNotFound:
+        raise CommandError(view.not_found(ref, view.clock.seconds(),
+                                          len(view.mesh.known_peers()))) from None
+    except AmbiguousPeer as e:
+        raise CommandError(str(e)) from None
 
 
 async def connect_peer(view: MeshView, record: PeerRecord) -> Connection:
     try:
-        connection = await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
+        return await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
     except ConnectError as e:
-        raise CommandError(
-            f"no path to {peer_label(record)} within {view.timeout:g} s: it did not answer"
-            f" at its known address and no peer heard from it recently (its state"
-            f" here: {record.state}; tried: {e.attempts}); is it running? try a longer"
-            f" --timeout"
-        ) from None
-    if connection.rtt is None and record.rtt is not None:
-        # The pong that proved the path fires connect() before the link
-        # stores its round trip; the registry already has the same value.
-        connection = replace(connection, rtt=record.rtt)
-    return connection
+        raise CommandError(unreachable_text(view, record, record.state, e.attempts)) from None
 
 
-def peer_label(record: PeerRecord) -> str:
-    return f"{record.name} ({record.peer_id_text})" if record.name else record.peer_id_text
+def unreachable_text(view: MeshView, record: PeerRecord, state: str, attempts: str) -> str:
+    return (
+        f"no path to {peer_label(record)} within {view.timeout:g} s: it did not answer"
+        f" at its known address and no peer heard from it recently (its state"
+        f" here: {state}; tried: {attempts}); is it running? try a longer"
+        f" --timeout"
+    )
 
 
 def connect_command(invocation: Invocation) -> int:

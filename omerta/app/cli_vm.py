@@ -20,32 +20,33 @@ restart.  The tunnel itself is not built yet, and the output says so.
 
 Every outcome feeds the provider's reputation in that file; C{--find} ranks
 providers with it.
+
+The work is the consumer client's (L{omerta.roles.consumer_client}); this
+module is its front end: arguments, the progress line, the documents and
+text printed, and error messages that say what to try.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from omerta.addressing import AddressError, BootstrapSpec, parse_endpoint
 from omerta.app.cli import CommandError, Invocation
-from omerta.app.cli_mesh import (MeshView, connect_peer, find_peer, mesh_options,
-                                 peer_label, run_on_mesh)
-from omerta.crypto.wireguard import WireGuardKey, encode_key
-from omerta.mesh.messaging import MessagingError
-from omerta.mesh.registry import PeerRecord, Requirements
-from omerta.roles.consumer import ConsumerStore, HeldVM
+from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh, unreachable_text
+from omerta.mesh.network import NotJoined
+from omerta.mesh.registry import AmbiguousPeer
+from omerta.roles.consumer import HeldVM
+from omerta.roles.consumer_client import (ConsumerClient, ConsumerError, NoAnswer, NotAProvider,
+                                          NothingAnswered, ProviderNotFound, Unreachable,
+                                          VmRequest)
 from omerta.roles.guest import DEFAULT_IMAGE
-from omerta.wire import ParseError
-from omerta.wire.messages import Capability
-from omerta.wire.vm import CHANNEL, VmOp, VmStatus, build_request, parse_reply, vm_id_bytes
 
-REQUEST_TIMEOUT = 60.0
+REQUEST_TIMEOUT = ConsumerClient.DEFAULT_TIMEOUT
 NO_TUNNEL = ("not set up: carrying WireGuard over the mesh comes in a later release;"
              " the keys are exchanged and kept for it")
-# Outcomes that say something about the provider (the others are ours).
-_PROVIDER_FAILURES = (VmStatus.NO_CAPACITY, VmStatus.FAILED, VmStatus.UNAVAILABLE)
 
 
 # -- arguments --------------------------------------------------------------
@@ -144,51 +145,28 @@ def register(subparsers: Any) -> None:
 
 def request_command(invocation: Invocation) -> int:
     args = invocation.args
-    store = ConsumerStore(invocation.data_dir)
-    known = store.load()  # a damaged state file stops us before anything is asked
+    ConsumerClient(None, invocation.data_dir).held()  # a damaged state file stops us first
     if args.provider is not None:
         args.bootstrap = [*args.bootstrap, BootstrapSpec(args.provider)]
-    key = WireGuardKey.generate()
+    spec = VmRequest(vcpus=args.cpu, memory_mb=args.memory, disk_gb=args.disk,
+                     image=args.image, name=args.name)
 
     async def body(view: MeshView) -> dict:
-        record = await _pick_provider(view, args, known)
-        connection = await connect_peer(view, record)
-        payload = build_request(VmOp.CREATE, vcpus=args.cpu, memory_mb=args.memory,
-                                disk_gb=args.disk, image=args.image, name=args.name,
-                                wg_public_key=key.public)
-        started = view.clock.seconds()
-        progress = _Progress(view, f"asking {peer_label(record)} for a VM"
-                                   f" over a {connection.kind} path")
-        try:
-            reply = await _ask(view, record, payload)
-        except CommandError:
-            _remember_outcome(view, store, record, False, None, invocation.now())
-            raise
-        finally:
-            progress.done()
-        latency = view.clock.seconds() - started
-        try:
-            status = VmStatus(reply.status)
-        except ValueError:
-            status = None
-        if status == VmStatus.OK and reply.vms:
-            _remember_outcome(view, store, record, True, latency, invocation.now())
-        elif status in _PROVIDER_FAILURES:
-            _remember_outcome(view, store, record, False, latency, invocation.now())
-        if status != VmStatus.OK or not reply.vms:
-            raise CommandError(_refusal(record, reply))
-        granted = reply.vms[0]
-        held = HeldVM(
-            vm_id=granted.vm_id.hex(), provider=record.peer_id_text,
-            provider_name=record.name, network=view.plan.network.network_id,
-            created_at=granted.created_ms / 1000, vcpus=granted.vcpus,
-            memory_mb=granted.memory_mb, disk_gb=granted.disk_gb,
-            image=granted.image or args.image, name=granted.name, state=granted.state,
-            address=granted.address or None, wg_private_key=key.private_text,
-            wg_public_key=key.public_text, provider_wg_key=encode_key(granted.wg_public_key),
-            provider_endpoint=granted.wg_endpoint, path_kind=granted.path_kind)
-        with store.update() as state:
-            state.vms[held.vm_id] = held
+        client = _client(invocation, view)
+        with _errors(view):
+            if args.peer is not None:
+                record = await client.provider(args.peer, view.remaining())
+            elif args.provider is not None:
+                record = await client.provider_at(args.provider, view.remaining())
+            else:
+                record = await client.find_provider(spec, view.remaining())
+            connection = await client.connect(record, max(1.0, view.remaining()))
+            progress = _Progress(view, f"asking {peer_label(record)} for a VM"
+                                       f" over a {connection.kind} path")
+            try:
+                held = await client.create(record, spec, max(1.0, view.remaining()))
+            finally:
+                progress.done()
         path = view.mesh.connection(record.peer_id) or connection
         return _vm_document(held, path=path.as_dict(), waited_s=round(view.elapsed(), 3))
 
@@ -197,75 +175,37 @@ def request_command(invocation: Invocation) -> int:
     return 0
 
 
-async def _pick_provider(view: MeshView, args, known) -> PeerRecord:
-    if args.peer is not None:
-        record = await find_peer(view, args.peer)
-    elif args.provider is not None:
-        record = await _answering_at(view, args.provider)
-    else:
-        record = await _best_provider(view, args, known)
-    if not record.capabilities & Capability.PROVIDER:
-        raise CommandError(f"{peer_label(record)} is not a provider (it does not announce"
-                           f" the provider capability); 'omerta mesh peers' shows who is")
-    return record
+def _client(invocation: Invocation, view: MeshView) -> ConsumerClient:
+    return ConsumerClient(view.mesh, invocation.data_dir, now=invocation.now)
 
 
-async def _answering_at(view: MeshView, endpoint) -> PeerRecord:
-    await view.joined()
-    boot = next(b for b in view.mesh.node.bootstraps
-                if b.spec.peer_id is None and b.spec.name is None and b.spec.endpoint == endpoint)
-    if not await view.until(lambda: boot.answered_by is not None
-                            and view.registry.get(boot.answered_by) is not None):
-        raise CommandError(f"nothing answered at {endpoint} within {view.timeout:g} s:"
-                           f" is a provider of network {view.plan.network.name} running there?")
-    return view.registry.get(boot.answered_by)
+def error_text(view: MeshView, error: Exception) -> str:
+    """
+    What to tell a person about a failed step, with what to try.
+    """
+    if isinstance(error, NotJoined):
+        return view.no_answer()
+    if isinstance(error, ProviderNotFound):
+        return view.not_found(error.ref, error.at, error.known)
+    if isinstance(error, NotAProvider):
+        return f"{error}; 'omerta mesh peers' shows who is"
+    if isinstance(error, NothingAnswered):
+        return (f"nothing answered at {error.endpoint} within {view.timeout:g} s:"
+                f" is a provider of network {view.plan.network.name} running there?")
+    if isinstance(error, Unreachable):
+        return unreachable_text(view, error.record, error.state, error.attempts)
+    if isinstance(error, NoAnswer):
+        return f"{error}; try a longer --timeout"
+    return str(error)  # Refused, BadReply, NoRoom, AmbiguousPeer
 
 
-async def _best_provider(view: MeshView, args, known) -> PeerRecord:
-    await view.joined()
-    await view.settled()
-    registry = view.registry
-    for provider, score in known.providers.items():
-        registry.restore_reputation(bytes.fromhex(provider), score.reputation)
-    found = view.mesh.find_peers(Requirements(
-        cpu_cores=args.cpu, memory_mb=args.memory, disk_gb=args.disk,
-        capabilities=Capability.PROVIDER))
-    if found:
-        return found[0]
-    providers = [r for r in registry.all() if r.capabilities & Capability.PROVIDER]
-    offers = "; ".join(
-        f"{peer_label(r)}: {r.resources.cpu_cores} cores, {r.resources.memory_mb} MiB,"
-        f" {r.resources.disk_gb} GiB free ({r.state})" for r in providers) or "none known"
-    raise CommandError(f"no online provider announces room for {args.cpu} cores,"
-                       f" {args.memory} MiB and {args.disk} GiB (providers: {offers})")
-
-
-async def _ask(view: MeshView, record: PeerRecord, payload: bytes):
+@contextlib.contextmanager
+def _errors(view: MeshView) -> Iterator[None]:
+    """Failures of the consumer client as CommandErrors a person can act on."""
     try:
-        answer = await view.mesh.request(record.peer_id, CHANNEL, payload,
-                                         timeout=max(1.0, view.remaining()))
-    except MessagingError as e:
-        raise CommandError(f"{peer_label(record)}: {e}; try a longer --timeout") from None
-    try:
-        return parse_reply(answer)
-    except ParseError as e:
-        raise CommandError(f"{peer_label(record)} answered something that is not a VM reply"
-                           f" ({e}); is it running an older omerta?") from None
-
-
-def _refusal(record: PeerRecord, reply) -> str:
-    try:
-        status = VmStatus(reply.status).name.lower().replace("_", " ")
-    except ValueError:
-        status = f"status {reply.status}"
-    return f"{peer_label(record)} refused: {status}: {reply.detail or 'no detail given'}"
-
-
-def _remember_outcome(view: MeshView, store: ConsumerStore, record: PeerRecord,
-                      success: bool, latency: float | None, now: float) -> None:
-    reputation = view.registry.record_outcome(record.peer_id, success, latency)
-    with store.update() as state:
-        state.record_outcome(record.peer_id_text, success, latency, now, reputation)
+        yield
+    except (ConsumerError, NotJoined, AmbiguousPeer) as e:
+        raise CommandError(error_text(view, e)) from None
 
 
 class _Progress:
@@ -306,72 +246,30 @@ class _Progress:
 
 def list_command(invocation: Invocation) -> int:
     args = invocation.args
-    store = ConsumerStore(invocation.data_dir)
-    held = store.load().vms.values()
+    held = ConsumerClient(None, invocation.data_dir).held()
     if args.refresh and held:
         _use_network_of(args, held)
 
         async def body(view: MeshView) -> None:
-            await view.joined()
-            state = store.load()
-            for provider in sorted({v.provider for v in state.vms.values()
-                                    if v.network == view.plan.network.network_id}):
-                await _refresh(view, store, provider)
+            with _errors(view):
+                await _client(invocation, view).refresh(view.remaining())
 
         run_on_mesh(invocation, body)
-    vms = sorted(store.load().vms.values(), key=lambda v: (v.created_at, v.vm_id))
+    vms = ConsumerClient(None, invocation.data_dir).held()
     document = {"vms": [_vm_document(v) for v in vms]}
     invocation.emit(format_list(document), document)
     return 0
 
 
-async def _refresh(view: MeshView, store: ConsumerStore, provider: str) -> None:
-    """Ask one provider for the caller's VMs; update their states."""
-    try:
-        record = await find_peer(view, provider)
-        await connect_peer(view, record)
-        reply = await _ask(view, record, build_request(VmOp.LIST))
-    except CommandError as e:
-        reply, problem = None, str(e)
-    else:
-        problem = None if reply.status == VmStatus.OK else _refusal(record, reply)
-    live = {} if reply is None or problem else {v.vm_id.hex(): v for v in reply.vms}
-    with store.update() as state:
-        for held in state.vms.values():
-            if held.provider != provider:
-                continue
-            if problem is not None:
-                held.state = "unknown"
-            elif held.vm_id in live:
-                held.state = live[held.vm_id].state
-                held.address = live[held.vm_id].address or None
-            else:
-                held.state = "gone"
-
-
 def show_command(invocation: Invocation) -> int:
     args = invocation.args
-    store = ConsumerStore(invocation.data_dir)
-    held = _find_held(store, args.vm)
+    held = _find_held(invocation, args.vm)
     _use_network_of(args, [held])
 
     async def body(view: MeshView) -> dict:
-        record = await find_peer(view, held.provider)
-        connection = await connect_peer(view, record)
-        reply = await _ask(view, record, build_request(VmOp.STATUS,
-                                                       vm_id=vm_id_bytes(held.vm_id)))
-        if reply.status == VmStatus.UNKNOWN_VM:
-            state_now, address = "gone", None
-        elif reply.status != VmStatus.OK or not reply.vms:
-            raise CommandError(_refusal(record, reply))
-        else:
-            state_now, address = reply.vms[0].state, reply.vms[0].address or None
-        with store.update() as state:
-            current = state.vms.get(held.vm_id)
-            if current is not None:
-                current.state, current.address = state_now, address
-                return _vm_document(current, path=connection.as_dict())
-        return _vm_document(held, path=connection.as_dict())
+        with _errors(view):
+            current, connection = await _client(invocation, view).show(held, view.remaining())
+        return _vm_document(current, path=connection.as_dict())
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_vm(document), document)
@@ -380,38 +278,24 @@ def show_command(invocation: Invocation) -> int:
 
 def release_command(invocation: Invocation) -> int:
     args = invocation.args
-    store = ConsumerStore(invocation.data_dir)
     if args.all:
-        targets = list(store.load().vms.values())
+        targets = ConsumerClient(None, invocation.data_dir).held()
         if not targets:
             document = {"released": [], "failed": [], "elsewhere": []}
             invocation.emit("no VMs held", document)
             return 0
     else:
-        targets = [_find_held(store, args.vm)]
+        targets = [_find_held(invocation, args.vm)]
     _use_network_of(args, targets)
 
     async def body(view: MeshView) -> dict:
-        network = view.plan.network.network_id
-        here = [v for v in targets if v.network == network]
-        released, failed = [], []
-        for held in here:
-            try:
-                record = await find_peer(view, held.provider)
-                await connect_peer(view, record)
-                reply = await _ask(view, record, build_request(
-                    VmOp.RELEASE, vm_id=vm_id_bytes(held.vm_id)))
-            except CommandError as e:
-                failed.append({"vm_id": held.vm_id, "error": str(e)})
-                continue
-            if reply.status in (VmStatus.OK, VmStatus.UNKNOWN_VM):
-                with store.update() as state:
-                    state.vms.pop(held.vm_id, None)
-                released.append(held.vm_id)
-            else:
-                failed.append({"vm_id": held.vm_id, "error": _refusal(record, reply)})
-        elsewhere = sorted(v.vm_id for v in targets if v.network != network)
-        return {"released": released, "failed": failed, "elsewhere": elsewhere}
+        report = await _client(invocation, view).release_vms(targets, view.remaining())
+        return {
+            "released": report.released,
+            "failed": [{"vm_id": held.vm_id, "error": error_text(view, error)}
+                       for held, error in report.failed],
+            "elsewhere": report.elsewhere,
+        }
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_release(document), document)
@@ -421,9 +305,9 @@ def release_command(invocation: Invocation) -> int:
     return 0
 
 
-def _find_held(store: ConsumerStore, ref: str) -> HeldVM:
+def _find_held(invocation: Invocation, ref: str) -> HeldVM:
     try:
-        return store.load().find(ref)
+        return ConsumerClient(None, invocation.data_dir).held_vm(ref)
     except LookupError as e:
         raise CommandError(str(e)) from None
 
