@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from omerta.crypto.identity import format_peer_id
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
-                              State, is_relayed)
+                              Path, State, is_relayed)  # noqa: F401 (re-exported)
 from omerta.wire.messages import NatType, PathKind
 
 @dataclass(frozen=True)
@@ -312,20 +312,18 @@ class PathManager:
         now = self.clock.seconds()
         peer_id = link.peer_id
         state = link.conn
-        old = link.address
+        old = state.path
         if state.failing_over_since is not None:
             if now - state.failing_over_since < self.config.failover_timeout:
                 return True
             state.gave_up()
             return False
         route = self.relays.route_to(peer_id)
-        if route == old:
+        if route == old.address:
             route = None
-        relay_of_old = self.relays.relay_of(old)
-        if route is None and not self.relays.can_open(peer_id, exclude_relay=relay_of_old):
+        if route is None and not self.relays.can_open(peer_id, exclude_relay=old.relay_id):
             return False
         self._forget_path(state, old)
-        soon = not is_relayed(old)
         if route is None:
             # the failed session is gone now: ask another relay
             route = self.relays.route_to(peer_id)
@@ -336,18 +334,19 @@ class PathManager:
             self.liveness.ping(peer_id, route)
             self.metrics.inc("path_failovers", to="relayed")
         else:
-            self.relays.open_session(peer_id, exclude_relay=relay_of_old)
+            self.relays.open_session(peer_id, exclude_relay=old.relay_id)
             state.path_dead(now)
             self.metrics.inc("path_failovers", to="relay_requested")
-        self._schedule_upgrade(state, now, soon=soon)
+        # a direct path that failed may come back soon (a NAT rebinding)
+        self._schedule_upgrade(state, now, soon=not old.relayed)
         return True
 
-    def _forget_path(self, state: PeerConnection, old) -> None:
-        if is_relayed(old):
-            self.relays.session_failed(old)
+    def _forget_path(self, state: PeerConnection, old: Path) -> None:
+        if old.relayed:
+            self.relays.session_failed(old.address)
         else:
-            state.forget_punched(old)
-            self.freshness.path_failed(state.peer_id, old)
+            state.forget_punched(old.address)
+            self.freshness.path_failed(state.peer_id, old.address)
 
     def _schedule_upgrade(self, state: PeerConnection, now: float, soon: bool = False) -> None:
         config = self.config
