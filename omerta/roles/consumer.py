@@ -9,9 +9,11 @@ once never lose each other's VMs.
 
 Provider outcomes (a VM granted, refused, or no answer, and how long it
 took) are folded into a per-provider reputation with the registry's own rule
-(L{omerta.mesh.registry.PeerRegistry.record_outcome}); C{omerta vm request
---find} seeds the registry with them, so the best-served providers rank
-first.
+(L{omerta.mesh.registry.PeerRegistry.record_outcome});
+L{omerta.roles.consumer_client.ConsumerClient.find_provider} (C{omerta vm
+request --find}) seeds the registry with them, so the best-served providers
+rank first.  This module is only the store; the client that talks to
+providers is L{omerta.roles.consumer_client}.
 """
 
 from __future__ import annotations
