@@ -321,7 +321,10 @@ class PathManager:
         route = self.relays.route_to(peer_id)
         if route == old.address:
             route = None
-        if route is None and not self.relays.can_open(peer_id, exclude_relay=old.relay_id):
+        # the relay whose session is still open but does not answer is not
+        # asked again (one that ended the session itself may be)
+        failed_relay = self.relays.relay_of(old.address)
+        if route is None and not self.relays.can_open(peer_id, exclude_relay=failed_relay):
             return False
         self._forget_path(state, old)
         if route is None:
@@ -334,7 +337,7 @@ class PathManager:
             self.liveness.ping(peer_id, route)
             self.metrics.inc("path_failovers", to="relayed")
         else:
-            self.relays.open_session(peer_id, exclude_relay=old.relay_id)
+            self.relays.open_session(peer_id, exclude_relay=failed_relay)
             state.path_dead(now)
             self.metrics.inc("path_failovers", to="relay_requested")
         # a direct path that failed may come back soon (a NAT rebinding)
