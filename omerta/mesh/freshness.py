@@ -18,18 +18,25 @@ a path failed.
 - PATH_FAILED: when this node gives up on a peer at an address, it tells its
   active peers, which drop that address from their recent contacts so they
   stop offering it.
+
+L{Freshness} is built with L{Basics} and callables for what it asks of
+others (targets, a ping, a candidate address), so it can be built alone on a
+C{Clock}; the wiring is in L{omerta.mesh.overlay.Overlay}.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.context import Basics
 from omerta.wire.messages import MessageType, PathKind
 
 NO_PEER = bytes(16)
@@ -74,15 +81,36 @@ class TokenBucket:
 class Freshness:
     log = Logger()
 
-    def __init__(self, overlay):
-        self.overlay = overlay
-        self.config = overlay.config
+    def __init__(
+        self,
+        basics: Basics,
+        *,
+        targets: Callable[[int, random.Random], list[tuple[bytes, Any]]],
+        ping: Callable[[bytes, tuple], Any],
+        candidate: Callable[[bytes, tuple, float], None],
+        rng: random.Random | None = None,
+    ):
+        """
+        @param targets: C{targets(count, rng)}, up to C{count} random proven
+            healthy active peers as (peer id, address).
+        @param ping: C{ping(peer_id, address)}, try a peer at an address.
+        @param candidate: C{candidate(peer_id, address, heard)}, a fresher
+            address heard of for a known peer.
+        @param rng: what picks the targets.
+        """
+        self.basics = basics
+        self.config = basics.config
+        self.clock = basics.clock
+        self._targets = targets
+        self._ping = ping
+        self._candidate = candidate
+        self.rng = rng or random.Random()
         self.contacts: OrderedDict[bytes, Contact] = OrderedDict()
         self._queries: dict[int, _Query] = {}
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._back: OrderedDict[int, tuple] = OrderedDict()
         self._bucket = TokenBucket(self.config.query_rate, self.config.query_rate * 2,
-                                   overlay.clock.seconds())
+                                   self.clock.seconds())
         self._failed_reported: OrderedDict[tuple, float] = OrderedDict()
 
     # recent contacts
@@ -103,7 +131,7 @@ class Freshness:
         """
         A few recent contacts to piggyback on a ping or pong.
         """
-        now = self.overlay.clock.seconds()
+        now = self.clock.seconds()
         out = []
         for contact in reversed(self.contacts.values()):
             if len(out) >= self.config.piggyback_contacts:
@@ -119,15 +147,14 @@ class Freshness:
         Piggybacked contacts: a fresher address for a known peer we are not
         in touch with becomes its candidate address.
         """
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        now = self.clock.seconds()
         for contact in contacts:
-            if contact.peer_id == overlay.node.peer_id:
+            if contact.peer_id == self.basics.peer_id:
                 continue
             heard = now - contact.age_ms / 1000
             mine = self.contacts.get(contact.peer_id)
             if mine is None or mine.heard < heard:
-                overlay.paths.candidate(contact.peer_id, tuple(contact.endpoint), heard)
+                self._candidate(contact.peer_id, tuple(contact.endpoint), heard)
 
     # queries
 
@@ -143,27 +170,27 @@ class Freshness:
             if not fresher:
                 return None
             best = min(fresher, key=lambda a: a.heard_ago)
-            self.overlay.metrics.inc("freshness_recoveries_tried")
-            self.overlay.liveness.ping(peer_id, best.address)
+            self.basics.metrics.inc("freshness_recoveries_tried")
+            self._ping(peer_id, best.address)
             return best
 
         return d.addCallback(answered)
 
     def query(self, target: bytes, max_age: float) -> Deferred:
-        overlay = self.overlay
+        basics = self.basics
         query_id = int.from_bytes(os.urandom(8), "big")
         d = Deferred()
         query = _Query(target, d)
         self._queries[query_id] = query
-        self._remember(overlay.node.peer_id, query_id, None)
-        targets = overlay.liveness.gossip_targets(self.config.query_fanout, overlay.liveness.rng)
+        self._remember(basics.peer_id, query_id, None)
+        targets = self._targets(self.config.query_fanout, self.rng)
         targets = [t for t in targets if t[0] != target]
         for _, address in targets:
-            overlay.send(address, MessageType.FRESHNESS_QUERY, query_id=query_id,
-                         origin=overlay.node.peer_id, target=target,
-                         max_age_s=int(max_age), hops=0)
-        overlay.metrics.inc("freshness_queries", role="origin")
-        query.call = overlay.clock.callLater(self.config.query_timeout, self._finish, query_id)
+            basics.send(address, MessageType.FRESHNESS_QUERY, query_id=query_id,
+                        origin=basics.peer_id, target=target,
+                        max_age_s=int(max_age), hops=0)
+        basics.metrics.inc("freshness_queries", role="origin")
+        query.call = self.clock.callLater(self.config.query_timeout, self._finish, query_id)
         return d
 
     def _finish(self, query_id: int) -> None:
@@ -188,40 +215,38 @@ class Freshness:
         return True
 
     def on_query(self, frame, addr, message) -> None:
-        overlay = self.overlay
-        now = overlay.clock.seconds()
+        basics = self.basics
+        now = self.clock.seconds()
         if not self._remember(message.origin, message.query_id, addr):
-            overlay.metrics.inc("freshness_duplicates")
+            basics.metrics.inc("freshness_duplicates")
             return
         contact = self.recent(message.target, message.max_age_s, now)
         if contact is not None:
-            overlay.send(addr, MessageType.FRESHNESS_ANSWER, query_id=message.query_id,
-                         target=message.target, heard_ago_ms=int((now - contact.heard) * 1000),
-                         path={"kind": PathKind.DIRECT, "endpoint": contact.address,
-                               "via": NO_PEER})
-            overlay.metrics.inc("freshness_answers", role="answered")
+            basics.send(addr, MessageType.FRESHNESS_ANSWER, query_id=message.query_id,
+                        target=message.target, heard_ago_ms=int((now - contact.heard) * 1000),
+                        path={"kind": PathKind.DIRECT, "endpoint": contact.address,
+                              "via": NO_PEER})
+            basics.metrics.inc("freshness_answers", role="answered")
             return
         if message.hops + 1 >= self.config.query_hop_limit:
             return
         if not self._bucket.take(now):
-            overlay.metrics.inc("drops", reason="query_rate")
+            basics.metrics.inc("drops", reason="query_rate")
             return
-        targets = overlay.liveness.gossip_targets(self.config.forward_fanout + 1,
-                                                  overlay.liveness.rng)
+        targets = self._targets(self.config.forward_fanout + 1, self.rng)
         sent = 0
         for peer_id, address in targets:
             if address == addr or peer_id in (message.target, message.origin):
                 continue
             if sent == self.config.forward_fanout:
                 break
-            overlay.send(address, MessageType.FRESHNESS_QUERY, query_id=message.query_id,
-                         origin=message.origin, target=message.target,
-                         max_age_s=message.max_age_s, hops=message.hops + 1)
+            basics.send(address, MessageType.FRESHNESS_QUERY, query_id=message.query_id,
+                        origin=message.origin, target=message.target,
+                        max_age_s=message.max_age_s, hops=message.hops + 1)
             sent += 1
-        overlay.metrics.inc("freshness_queries", role="forwarded")
+        basics.metrics.inc("freshness_queries", role="forwarded")
 
     def on_answer(self, frame, addr, message) -> None:
-        overlay = self.overlay
         query = self._queries.get(message.query_id)
         if query is not None:
             if message.target == query.target:
@@ -230,35 +255,33 @@ class Freshness:
             return
         back = self._back.get(message.query_id)
         if back is not None:
-            overlay.send(back, MessageType.FRESHNESS_ANSWER, query_id=message.query_id,
-                         target=message.target, heard_ago_ms=message.heard_ago_ms,
-                         path=dict(message.path))
+            self.basics.send(back, MessageType.FRESHNESS_ANSWER, query_id=message.query_id,
+                             target=message.target, heard_ago_ms=message.heard_ago_ms,
+                             path=dict(message.path))
 
     # failed paths
 
     def path_failed(self, peer_id: bytes, address: tuple) -> None:
-        overlay = self.overlay
         contact = self.contacts.get(peer_id)
         if contact is not None and contact.address == address:
             del self.contacts[peer_id]
         key = (peer_id, address)
         if key in self._failed_reported:
             return
-        self._failed_reported[key] = overlay.clock.seconds()
+        self._failed_reported[key] = self.clock.seconds()
         while len(self._failed_reported) > self.config.query_memory:
             self._failed_reported.popitem(last=False)
-        for _, target in overlay.liveness.gossip_targets(self.config.query_fanout,
-                                                         overlay.liveness.rng):
-            overlay.send(target, MessageType.PATH_FAILED, target=peer_id,
-                         path={"kind": PathKind.DIRECT, "endpoint": address, "via": NO_PEER})
+        for _, target in self._targets(self.config.query_fanout, self.rng):
+            self.basics.send(target, MessageType.PATH_FAILED, target=peer_id,
+                             path={"kind": PathKind.DIRECT, "endpoint": address, "via": NO_PEER})
 
     def on_path_failed(self, frame, addr, message) -> None:
         contact = self.contacts.get(message.target)
         if contact is not None and contact.address == tuple(message.path.endpoint):
             # Only believe it if we have not heard from that address since.
-            if self.overlay.clock.seconds() - contact.heard > self.config.keepalive:
+            if self.clock.seconds() - contact.heard > self.config.keepalive:
                 del self.contacts[message.target]
-                self.overlay.metrics.inc("freshness_paths_forgotten")
+                self.basics.metrics.inc("freshness_paths_forgotten")
                 self.log.debug("Forgot {peer} at {address}: reported failed",
                                peer=format_peer_id(message.target), address=contact.address)
 

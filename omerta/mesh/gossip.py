@@ -15,6 +15,11 @@ Signed announcements and their dissemination in one network.
   node sends everything it knows and asks for the same back.
 - Duplicate suppression: a record whose (peer, sequence) the registry holds
   already is dropped before its signature is checked.
+
+L{Gossip} is built with L{Basics} and its narrow collaborators (the
+registry, what this node says of itself, callables for targets, proofs and
+addresses), so it can be built alone on a C{Clock}; the wiring is in
+L{omerta.mesh.overlay.Overlay}.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 
 from omerta.crypto.announce import sign_announcement
-from omerta.crypto.identity import peer_id_for
+from omerta.crypto.identity import Identity, peer_id_for
+from omerta.mesh.context import Basics
+from omerta.mesh.registry import Outcome, PeerRegistry
 from omerta.wire import ParseError
 from omerta.wire.messages import parse_record
-from omerta.mesh.registry import Outcome
 from omerta.wire.messages import MessageType, PathKind
 
 # Size budget of one PEER_LIST datagram body (keeps frames under ~1200 B).
@@ -48,6 +55,30 @@ def announcer(signed) -> bytes | None:
         return None
 
 
+class Speaker(Protocol):
+    """
+    What this node says of itself in its announcement (the node satisfies
+    it; read at every L{Gossip.own_announcement}, so changes show).
+    """
+
+    identity: Identity
+    name: str
+    nat: Any  # None, or has C{nat_type}
+    capabilities: int
+    resources: dict
+
+
+class ActiveLink(Protocol):
+    """
+    What gossip reads of a peer in the active set.
+    """
+
+    established: bool
+    address: Any
+    last_heard: float
+    rtt: float | None
+
+
 @dataclass
 class Rumour:
     signed: dict
@@ -62,12 +93,49 @@ class Rumour:
 class Gossip:
     log = Logger()
 
-    def __init__(self, overlay, rng: random.Random | None = None):
-        self.overlay = overlay
-        self.config = overlay.config
+    def __init__(
+        self,
+        basics: Basics,
+        registry: PeerRegistry,
+        me: Speaker,
+        *,
+        targets: Callable[[int, random.Random], list[tuple[bytes, Any]]],
+        verified: Callable[[bytes, Any], bool],
+        active_link: Callable[[bytes], ActiveLink | None],
+        own_endpoints: Callable[[], list[tuple]],
+        own_relayed_paths: Callable[[], list[dict]],
+        bootstrap_answered: Callable[[tuple, bytes], None],
+        rng: random.Random | None = None,
+    ):
+        """
+        @param registry: the network's peer registry.
+        @param me: what this node announces of itself.
+        @param targets: C{targets(count, rng)}, up to C{count} random proven
+            healthy active peers as (peer id, address).
+        @param verified: C{verified(peer_id, address)}, whether a pong has
+            proven the address leads to the peer.
+        @param active_link: C{active_link(peer_id)}, the peer's link in the
+            active set, or None.
+        @param own_endpoints: this node's public endpoints.
+        @param own_relayed_paths: this node's relayed paths (announcement
+            path dicts).
+        @param bootstrap_answered: C{bootstrap_answered(addr, peer_id)},
+            called when a peer answers with its own announcement.
+        """
+        self.basics = basics
+        self.config = basics.config
+        self.clock = basics.clock
+        self.registry = registry
+        self.me = me
+        self._targets = targets
+        self._verified = verified
+        self._active_link = active_link
+        self._own_endpoints = own_endpoints
+        self._own_relayed_paths = own_relayed_paths
+        self._bootstrap_answered = bootstrap_answered
         self.rng = rng or random.Random()
         self.rumours: dict[bytes, Rumour] = {}
-        self._sequence = int(overlay.clock.seconds() * 1000)
+        self._sequence = int(self.clock.seconds() * 1000)
         self._own: dict | None = None
         self._own_fields: tuple | None = None
         self._full_sent: dict[bytes, float] = {}
@@ -79,25 +147,24 @@ class Gossip:
         This node's current signed announcement (re-signed when what it says
         changed).
         """
-        overlay = self.overlay
-        node = overlay.node
+        node = self.me
         paths = [
             {"kind": PathKind.DIRECT, "endpoint": endpoint, "via": bytes(16)}
-            for endpoint in overlay.own_endpoints()
-        ] + overlay.own_relayed_paths()
+            for endpoint in self._own_endpoints()
+        ] + self._own_relayed_paths()
         nat_type = 0 if node.nat is None else int(node.nat.nat_type)
         fields = (node.name, nat_type, int(node.capabilities), tuple(
             (p["kind"], p["endpoint"], p["via"]) for p in paths), tuple(node.resources.items()))
         if self._own is None or fields != self._own_fields:
-            self._sequence = max(self._sequence + 1, int(overlay.clock.seconds() * 1000))
+            self._sequence = max(self._sequence + 1, int(self.clock.seconds() * 1000))
             self._own_fields = fields
             self._own = sign_announcement(
                 node.identity,
-                overlay.network_id,
+                self.basics.network_id,
                 {
                     "name": node.name,
                     "sequence": self._sequence,
-                    "timestamp_ms": int(overlay.clock.seconds() * 1000),
+                    "timestamp_ms": int(self.clock.seconds() * 1000),
                     "ttl_s": self.config.announce_ttl,
                     "nat_type": nat_type,
                     "capabilities": int(node.capabilities),
@@ -116,25 +183,24 @@ class Gossip:
         self.own_announcement()
 
     def announce_to(self, address) -> None:
-        self.overlay.send(address, MessageType.ANNOUNCE, hops=0,
-                          announcement=self.own_announcement())
+        self.basics.send(address, MessageType.ANNOUNCE, hops=0,
+                         announcement=self.own_announcement())
 
     # receiving
 
     def accept(self, signed, hops: int, sender: bytes | None = None) -> str:
-        overlay = self.overlay
-        outcome = overlay.registry.accept(signed, overlay.clock.seconds())
-        overlay.metrics.inc("gossip_announcements", outcome=str(outcome.value))
+        registry = self.registry
+        outcome = registry.accept(signed, self.clock.seconds())
+        self.basics.metrics.inc("gossip_announcements", outcome=str(outcome.value))
         if outcome in (Outcome.NEW, Outcome.UPDATED):
-            record = overlay.registry.get(announcer(signed))
-            link = overlay.liveness.links.get(record.peer_id)
+            record = registry.get(announcer(signed))
+            link = self._active_link(record.peer_id)
             if outcome is Outcome.NEW and link is not None and link.established:
                 # We talked to it before its announcement arrived.
-                overlay.registry.heard_from(record.peer_id, link.address, link.last_heard)
-                overlay.registry.set_rtt(record.peer_id, link.rtt)
+                registry.heard_from(record.peer_id, link.address, link.last_heard)
+                registry.set_rtt(record.peer_id, link.rtt)
             if outcome is Outcome.NEW:
-                overlay.events.emit("peer_discovered", network=overlay.network_id,
-                                    peer_id=record.peer_id)
+                self.basics.emit("peer_discovered", peer_id=record.peer_id)
             if hops + 1 < self.config.gossip_hop_limit:
                 self.rumours[record.peer_id] = Rumour(signed, hops + 1, self._limit())
         return outcome
@@ -144,24 +210,24 @@ class Gossip:
         outcome = self.accept(signed, message.hops)
         if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
             if announcer(signed) == frame.sender:
-                self.overlay.bootstrap_answered(addr, frame.sender)
+                self._bootstrap_answered(addr, frame.sender)
 
     def on_peer_list(self, frame, addr, message) -> None:
         for entry in message.announcements:
             outcome = self.accept(entry.announcement, entry.hops)
             if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
                 if announcer(entry.announcement) == frame.sender:
-                    self.overlay.bootstrap_answered(addr, frame.sender)
+                    self._bootstrap_answered(addr, frame.sender)
         if message.request:
-            if self.overlay.liveness.verified(frame.sender, addr):
+            if self._verified(frame.sender, addr):
                 last = self._full_sent.get(frame.sender)
-                now = self.overlay.clock.seconds()
+                now = self.clock.seconds()
                 if last is None or now - last >= self.config.peer_list_interval:
                     self.send_peer_list(addr, request=False, peer_id=frame.sender)
             else:
                 # Unproven address: our list goes out when our own ping to it
-                # is answered (Overlay.link_verified), not on request.
-                self.overlay.metrics.inc("drops", reason="peer_list_unverified")
+                # is answered (the overlay's address_proven), not on request.
+                self.basics.metrics.inc("drops", reason="peer_list_unverified")
 
     # sending
 
@@ -172,11 +238,11 @@ class Gossip:
         has proven.
         """
         if peer_id is not None:
-            self._full_sent[peer_id] = self.overlay.clock.seconds()
+            self._full_sent[peer_id] = self.clock.seconds()
             while len(self._full_sent) > self.config.proven_memory:
                 self._full_sent.pop(next(iter(self._full_sent)))
         entries = [Rumour(self.own_announcement(), 0, 0)]
-        entries += [Rumour(r.signed, 1, 0) for r in self.overlay.registry.all() if r.signed]
+        entries += [Rumour(r.signed, 1, 0) for r in self.registry.all() if r.signed]
         batch, size = [], 0
         for entry in entries:
             if batch and size + entry.size > PEER_LIST_BUDGET:
@@ -187,7 +253,7 @@ class Gossip:
         self._send_batch(address, batch, request)
 
     def _send_batch(self, address, batch, request: bool) -> None:
-        self.overlay.send(
+        self.basics.send(
             address,
             MessageType.PEER_LIST,
             request=request,
@@ -200,7 +266,7 @@ class Gossip:
         one random proven active peer, so a node that no rumour reached (or
         that missed some) catches up.
         """
-        targets = self.overlay.liveness.gossip_targets(1, self.rng)
+        targets = self._targets(1, self.rng)
         for peer_id, address in targets:
             self.send_peer_list(address, request=True, peer_id=peer_id)
 
@@ -210,7 +276,7 @@ class Gossip:
         """
         if not self.rumours:
             return
-        targets = self.overlay.liveness.gossip_targets(self.config.fanout, self.rng)
+        targets = self._targets(self.config.fanout, self.rng)
         if not targets:
             return
         for peer_id, address in targets:
@@ -229,5 +295,5 @@ class Gossip:
         self.rumours = {k: r for k, r in self.rumours.items() if r.left > 0}
 
     def _limit(self) -> int:
-        n = len(self.overlay.registry) + 1
+        n = len(self.registry) + 1
         return self.config.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))

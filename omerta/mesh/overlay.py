@@ -57,7 +57,11 @@ class Overlay:
         # the collaborators it names; a lambda stands for one built later
         # (the graph has cycles: liveness reports dead paths to the path
         # manager, which moves liveness links).
-        self.freshness = Freshness(self)
+        self.freshness = Freshness(
+            self.basics, rng=rng,
+            targets=lambda n, r: self.liveness.gossip_targets(n, r),
+            ping=lambda peer_id, address: self.liveness.ping(peer_id, address),
+            candidate=lambda peer_id, address, heard: self.paths.candidate(peer_id, address, heard))
         self.relays = RelayClient(
             self.basics, self.registry, node.relay_routes,
             needs_relays=node.needs_relays,
@@ -88,7 +92,13 @@ class Overlay:
             proven=lambda peer, address: self.liveness.proven(peer, address),
             holds_reservation=lambda relay_id: relay_id in self.relays.held,
             on_punched=lambda peer, address: self.paths.use_punched(peer, address))
-        self.gossip = Gossip(self, rng)
+        self.gossip = Gossip(
+            self.basics, self.registry, node, rng=rng,
+            targets=lambda n, r: self.liveness.gossip_targets(n, r),
+            verified=lambda peer_id, address: self.liveness.verified(peer_id, address),
+            active_link=lambda peer_id: self.liveness.links.get(peer_id),
+            own_endpoints=self.own_endpoints, own_relayed_paths=self.own_relayed_paths,
+            bootstrap_answered=self.bootstrap_answered)
         self.messaging = Messaging(self)
         self._boots: OrderedDict[bytes, bytes] = OrderedDict()
         self._loops: list[LoopingCall] = []
