@@ -187,6 +187,9 @@ class ApiTests(unittest.TestCase):
         self.net.run_until(lambda: missing.called, 30)
         self.failureResultOf(missing, PeerNotFound)
         self.assertLess(self.net.clock.seconds(), 60)
+        by_id = self.alice.find_peer(bytes(16), timeout=3)
+        self.net.run_until(lambda: by_id.called, 10)
+        self.failureResultOf(by_id, PeerNotFound)
 
     def test_find_peer_alone(self):
         """find_peer on a node nobody answers fails with NotJoined at the timeout."""

@@ -416,7 +416,10 @@ class MeshNetwork:
                     break
                 self.ask_for_peer_lists(network)
                 await self.wait_settled(remaining(), knows, network)
-        return self.peer_info(peer, network)
+        record = self.peer_info(peer, network)
+        if record is None:  # an id given as bytes
+            raise PeerNotFound(f"no peer {peer.hex()} in this network")
+        return record
 
     # waiting on events
 
