@@ -26,8 +26,11 @@ KINDS = {
     "peer_suspected": "a peer missed its keepalives; network, peer_id",
     "peer_disconnected": "a suspected peer did not answer indirect probes either (offline);"
                          " network, peer_id",
-    "path_changed": "a peer's path moves to another address (emitted just before the move);"
-                    " network, peer_id, old, new",
+    "path_changed": "a peer's path moved to another address or relay session;"
+                    " network, peer_id, old, new, path_kind (direct|punched|relayed)",
+    "bootstrap_reached": "a bootstrap peer answered for the first time; spec, peer_id",
+    "relay_session": "a relay session request ended: opened, denied or timed out;"
+                     " network, peer_id, relay_id, outcome",
     "nat_changed": "NAT discovery found another NAT type or mapped address; report, previous",
 }
 """

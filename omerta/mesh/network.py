@@ -109,14 +109,6 @@ class MeshNetwork:
     C{MeshConfig.peer_list_interval} is 2 s), before saying it is not there.
     """
 
-    BOOTSTRAP_RECHECK = 1.0
-    RELAY_RECHECK = 0.5
-    """
-    Fallback re-checks for conditions no event announces yet: a bootstrap
-    peer's answer (L{MeshNode.bootstrap_answered}), and a relay session
-    request denied or given up (L{RelayClient.on_deny}, C{tick}).
-    """
-
     def __init__(self, data_dir: Path | None = None, *, service: NodeService | None = None,
                  node=None, network: bytes | str | None = None, **options):
         if service is None and node is None:
@@ -154,10 +146,7 @@ class MeshNetwork:
         return self._live_node()
 
     def _live_node(self):
-        node = self._node if self._node is not None else self.service.node
-        if node is not None:
-            self._wire(node)
-        return node
+        return self._node if self._node is not None else self.service.node
 
     @property
     def started(self) -> bool:
@@ -232,14 +221,6 @@ class MeshNetwork:
         manhole; roles and the application use the methods of this class.
         """
         return self.node.overlay(network if network is not None else self.default_network)
-
-    def _wire(self, node) -> None:
-        """
-        Registries emit C{peer_changed} on the node's event bus.
-        """
-        for overlay in node.overlays.values():
-            if overlay.registry.events is None:
-                overlay.registry.events = node.events
 
     # peers
 
@@ -354,7 +335,7 @@ class MeshNetwork:
         Fires with True once L{joined}, False at the timeout.
         """
         return self.wait_until(lambda: self.joined(network), timeout,
-                               fallback=self.BOOTSTRAP_RECHECK)
+                               kinds=("bootstrap_reached", "peer_changed"))
 
     def wait_settled(self, timeout: float, done: Callable[[], bool] = lambda: False,
                      network=None) -> Deferred:
@@ -510,11 +491,10 @@ class MeshNetwork:
             if address is None or address in tried:
                 if peer_id in overlay.relays.pending:
                     # a relay session is being opened: it becomes the
-                    # address, or the request is denied or given up (no
-                    # event for those: the fallback re-check)
+                    # address, or the request is denied or given up
                     await self.wait_until(
                         lambda: live() or peer_id not in overlay.relays.pending,
-                        remaining(), kinds=PATH_EVENTS, fallback=self.RELAY_RECHECK)
+                        remaining(), kinds=PATH_EVENTS + ("relay_session",))
                     continue
                 answers = await overlay.freshness.query(peer_id, overlay.config.contact_max_age)
                 fresh = [a.address for a in answers if a.address not in tried]
@@ -522,10 +502,12 @@ class MeshNetwork:
                     if overlay.relays.can_open(peer_id):
                         # relayed: ask again (a denied or lost request); when
                         # every relay it announces is backing off, nothing
-                        # goes out: look again after RELAY_RECHECK
+                        # goes out: ask again when the first backoff ends
                         overlay.paths.establish(peer_id)
                         if peer_id not in overlay.relays.pending:
-                            await self.wait_until(live, min(self.RELAY_RECHECK, remaining()),
+                            retry = overlay.relays.retry_at(peer_id)
+                            wait = remaining() if retry is None else retry - clock.seconds()
+                            await self.wait_until(live, max(0.0, min(wait, remaining())),
                                                   kinds=PATH_EVENTS)
                         continue
                     break

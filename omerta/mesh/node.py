@@ -234,6 +234,7 @@ class MeshNode:
             if not boot.reached:
                 boot.reached = True
                 self.log.info("Reached bootstrap {spec}", spec=str(boot.spec))
+                self.events.emit("bootstrap_reached", spec=str(boot.spec), peer_id=peer_id)
         if expected and not matched:
             self.metrics.inc("drops", reason="bootstrap_mismatch")
             self.log.warn(

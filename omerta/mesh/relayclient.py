@@ -157,6 +157,8 @@ class RelayClient:
             if now - pending.sent >= self.config.relay_connect_timeout:
                 del self.pending[peer_id]
                 self.refused(peer_id, pending.relay_id)
+                self.basics.emit("relay_session", peer_id=peer_id, relay_id=pending.relay_id,
+                                 outcome="timed_out")
             elif now - pending.last_sent >= 1.0:
                 # lost on the way (or its answer was): ask again
                 pending.last_sent = now
@@ -251,6 +253,8 @@ class RelayClient:
             del self.pending[message.target]
             self.refused(message.target, frame.sender,
                          gone=reason == RelayDenyReason.NO_RESERVATION)
+            self.basics.emit("relay_session", peer_id=message.target, relay_id=frame.sender,
+                             outcome="denied")
             # Another relay the peer announces, if one is not backing off;
             # never this one again at once.
             self.open_session(message.target)
@@ -291,6 +295,15 @@ class RelayClient:
             return False
         record = self.registry.get(peer_id)
         return record is not None and record.sequence == refusal.gone_in
+
+    def retry_at(self, peer_id: bytes) -> float | None:
+        """
+        When the first relay the peer announces that is backing off may be
+        asked again (None: none is backing off).
+        """
+        refusals = self._refused.get(peer_id, {})
+        times = [refusals[r].until for r, _ in self.announced_relays(peer_id) if r in refusals]
+        return min(times) if times else None
 
     def _forget_refusals(self, now: float) -> None:
         """
@@ -399,6 +412,9 @@ class RelayClient:
         self.routes[route.header] = session
         self.metrics.inc("relay_sessions_joined")
         self._session_opened(peer_id, route, requested)
+        if requested:
+            self.basics.emit("relay_session", peer_id=peer_id, relay_id=relay_id,
+                             outcome="opened")
 
     def on_end(self, frame, addr, message) -> None:
         session = self.routes.get(session_header(message.session))

@@ -285,8 +285,7 @@ class ConsumerClient:
                     return mesh.peer_info(boot.answered_by, network=self.network)
             return None
 
-        # no event says a bootstrap peer answered: the fallback re-check
-        record = await mesh.wait_until(answered, remaining(), fallback=mesh.BOOTSTRAP_RECHECK,
+        record = await mesh.wait_until(answered, remaining(), kinds=("bootstrap_reached",),
                                        expired=lambda: None)
         if record is None:
             raise NothingAnswered(endpoint, timeout)
