@@ -336,7 +336,7 @@ class Liveness:
         if link is not None and sent[2] == addr and link.pending_address == addr:
             self._move(link, addr, now=self.clock.seconds())
         if link is not None and link.address == addr:
-            link.conn.rtt = rtt
+            link.conn.measured(rtt)
             if not link.verified and sent[2] == addr:
                 # A pong to a nonce we sent to this address: the address
                 # really leads to this peer (return routability).

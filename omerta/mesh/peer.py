@@ -194,6 +194,10 @@ class PeerConnection:
         self.proven = True
         self._input(Input.PROVEN)
 
+    def measured(self, rtt: float) -> None:
+        """A pong on the current path took C{rtt} seconds."""
+        self.rtt = rtt
+
     def unprove(self) -> None:
         """A new run of the peer: its path must be proven again."""
         self.proven = False
