@@ -29,7 +29,8 @@ answered and the number of known and online peers has not changed for a
 second, or, for C{ping} and C{connect}, until the peer asked for is known
 (L{MeshNetwork.find_peer}).  No answer from any bootstrap peer within the
 timeout is an error (exit status 2).  Everything goes through the
-L{MeshNetwork} API.
+L{MeshNetwork} API; the documents printed are built by
+L{omerta.app.documents}, which the control API of a running node shares.
 
 Examples::
 
@@ -43,23 +44,22 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import statistics as stats
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import deferLater
 
 from omerta.addressing import AddressError, BootstrapSpec, parse_bootstrap
 from omerta.app.cli import CommandError, Invocation, run_reactor
+from omerta.app.documents import (MeshView, connect_document, connect_peer,  # noqa: F401
+                                  find_peer, peers_document, ping_document, summarise,
+                                  unreachable_text)
 from omerta.crypto.identity import Identity, load_or_create_identity
 from omerta.crypto.invite import InviteError, parse_invite
 from omerta.crypto.network import NetworkKey
-from omerta.mesh.network import ConnectError, MeshNetwork, NotJoined, peer_label
+from omerta.mesh.network import MeshNetwork, peer_label
 from omerta.mesh.node import MeshConfig
-from omerta.mesh.paths import Connection
-from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord
 from omerta.networks import Membership, MembershipError, NetworkStore
 
 CLI_DIR = "cli"
@@ -322,83 +322,6 @@ def _pick_membership(invocation: Invocation, cli_store: NetworkStore) -> Members
     )
 
 
-class MeshView:
-    """
-    The running node seen by one command: one deadline for the whole
-    command, and error messages that say what to try.
-    """
-
-    def __init__(self, mesh: MeshNetwork, plan: Plan, timeout: float):
-        self.mesh = mesh
-        self.plan = plan
-        self.timeout = timeout
-        self.clock = mesh.clock
-        self.started = self.clock.seconds()
-        self.deadline = self.started + timeout
-
-    def remaining(self) -> float:
-        return max(0.0, self.deadline - self.clock.seconds())
-
-    def elapsed(self) -> float:
-        return self.clock.seconds() - self.started
-
-    def answered(self) -> bool:
-        """
-        A bootstrap peer proved who it is, or some peer is heard directly.
-        """
-        return self.mesh.joined()
-
-    def counts(self) -> tuple[int, int]:
-        peers = self.mesh.known_peers()
-        return len(peers), sum(1 for p in peers if p.state == "online")
-
-    async def joined(self) -> None:
-        """
-        Wait until L{answered}.
-
-        @raise CommandError: not within the timeout.
-        """
-        if not await self.mesh.wait_joined(self.remaining()):
-            raise CommandError(self.no_answer())
-
-    async def settled(self) -> None:
-        """
-        Wait until the peer counts stayed the same for a second, or the
-        deadline passes.
-        """
-        await self.mesh.wait_settled(self.remaining())
-
-    def no_answer(self) -> str:
-        boots = self.mesh.bootstraps()
-        where = ", ".join(str(b.spec.endpoint) for b in boots)
-        if len(boots) == 1:
-            question = f"is the relay at {where} running?"
-        else:
-            question = f"are the bootstrap peers at {where} running?"
-        hints = []
-        unresolved = [str(b.spec) for b in boots if b.address is None]
-        if unresolved:
-            hints.append(f"could not resolve {', '.join(unresolved)}")
-        if self.mesh.metrics.by_label("drops", "reason").get("bootstrap_mismatch"):
-            hints.append("a peer answered with another peer id than the one given")
-        network = self.plan.network
-        hints.append(
-            f"check that UDP reaches it and that it is in network {network.name}"
-            f" ({network.network_id}); give another with --bootstrap ID_OR_NAME@HOST:PORT"
-            f" or wait longer with --timeout"
-        )
-        return f"no bootstrap peer answered within {self.timeout:g} s: {question} " + "; ".join(
-            hints
-        )
-
-    def not_found(self, ref: str, at: float, known: int) -> str:
-        return (
-            f"no peer named or with an id starting {ref.strip()!r} in network"
-            f" {self.plan.network.name} after {at - self.started:.1f} s"
-            f" ({known} peer(s) known); 'omerta mesh peers' lists them"
-        )
-
-
 def run_on_mesh(
     invocation: Invocation, body: Callable[[MeshView], Awaitable[Any]]
 ) -> Any:
@@ -518,9 +441,7 @@ def peers_command(invocation: Invocation) -> int:
     async def body(view: MeshView) -> list[dict]:
         await view.joined()
         await view.settled()
-        now = view.clock.seconds()
-        records = sorted(view.mesh.known_peers(), key=lambda r: (r.name == "", r.name, r.peer_id))
-        return [record.as_dict(now) for record in records]
+        return peers_document(view.mesh)
 
     peers = run_on_mesh(invocation, body)
     invocation.emit(format_peers(peers), peers)
@@ -561,59 +482,11 @@ def format_peers(peers: list[dict]) -> str:
 # -- ping and connect --------------------------------------------------------------
 
 
-async def find_peer(view: MeshView, ref: str) -> PeerRecord:
-    """
-    The peer C{ref} names, once the node knows it (or the view settled
-    without it).
-    """
-    try:
-        return await view.mesh.find_peer(ref, view.remaining())
-    except NotJoined:
-        raise CommandError(view.no_answer()) from None
-    except PeerNotFound:
-        raise CommandError(view.not_found(ref, view.clock.seconds(),
-                                          len(view.mesh.known_peers()))) from None
-    except AmbiguousPeer as e:
-        raise CommandError(str(e)) from None
-
-
-async def connect_peer(view: MeshView, record: PeerRecord) -> Connection:
-    try:
-        return await view.mesh.connect(record.peer_id, timeout=max(1.0, view.remaining()))
-    except ConnectError as e:
-        raise CommandError(unreachable_text(view, record, record.state, e.attempts)) from None
-
-
-def unreachable_text(view: MeshView, record: PeerRecord, state: str, attempts: str) -> str:
-    return (
-        f"no path to {peer_label(record)} within {view.timeout:g} s: it did not answer"
-        f" at its known address and no peer heard from it recently (its state"
-        f" here: {state}; tried: {attempts}); is it running? try a longer"
-        f" --timeout"
-    )
-
-
 def connect_command(invocation: Invocation) -> int:
     args = invocation.args
 
     async def body(view: MeshView) -> dict:
-        record = await find_peer(view, args.peer)
-        started = view.clock.seconds()
-        connection = await connect_peer(view, record)
-        first = view.clock.seconds() - started
-        direct = first if connection.direct else None
-        if not connection.direct and args.wait_direct > 0:
-            later = await view.mesh.wait_direct(record.peer_id, args.wait_direct)
-            if later is not None and later.direct:
-                connection = later
-                direct = view.clock.seconds() - started
-            elif later is not None:
-                connection = later
-        return dict(connection.as_dict(), name=record.name, timings={
-            "first_message_s": round(first, 3),
-            "direct_s": None if direct is None else round(direct, 3),
-            "punch_attempts": view.mesh.punch_attempts(record.peer_id),
-        })
+        return await connect_document(view, args.peer, args.wait_direct)
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_connection(document), document)
@@ -647,47 +520,25 @@ def ping_command(invocation: Invocation) -> int:
     out = invocation.stdout
     live = not invocation.wants_json
 
+    def on_path(record, connection) -> None:
+        out.write(
+            f"PING {peer_label(record)}: {connection.kind} path to"
+            f" {connection.as_dict()['endpoint']} from local port {connection.local_port}\n"
+        )
+        out.flush()
+
+    def on_reply(reply: dict) -> None:
+        out.write(format_reply(reply) + "\n")
+        out.flush()
+
+    def on_lost(seq: int) -> None:
+        out.write(f"seq {seq}: no reply within {args.reply_timeout:g} s\n")
+
     async def body(view: MeshView) -> dict:
-        record = await find_peer(view, args.peer)
-        connection = await connect_peer(view, record)
-        if live:
-            out.write(
-                f"PING {peer_label(record)}: {connection.kind} path to"
-                f" {connection.as_dict()['endpoint']} from local port {connection.local_port}\n"
-            )
-            out.flush()
-        replies = []
-        first_sent = view.clock.seconds()
-        for seq in range(1, args.count + 1):
-            if seq > 1:
-                await deferLater(view.clock, args.interval, lambda: None)
-            sent = view.clock.seconds() - first_sent
-            rtt, now_connection = await view.mesh.ping(record.peer_id, timeout=args.reply_timeout)
-            connection = now_connection or connection
-            if rtt is None:
-                if live:
-                    out.write(f"seq {seq}: no reply within {args.reply_timeout:g} s\n")
-                continue
-            path = connection.as_dict()
-            reply = {
-                "seq": seq,
-                "rtt_ms": round(rtt * 1000, 3),
-                "kind": path["kind"],
-                "endpoint": path["endpoint"],
-                "local_port": path["local_port"],
-                "via": path["via"],
-                "t_s": round(sent, 3),
-            }
-            replies.append(reply)
-            if live:
-                out.write(format_reply(reply) + "\n")
-                out.flush()
-        return {
-            "peer_id": record.peer_id_text,
-            "name": record.name,
-            "replies": replies,
-            "summary": summarise(args.count, [r["rtt_ms"] for r in replies]),
-        }
+        return await ping_document(
+            view, args.peer, args.count, args.interval, args.reply_timeout,
+            on_path=on_path if live else None, on_reply=on_reply if live else None,
+            on_lost=on_lost if live else None)
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_summary(document), document)
@@ -706,22 +557,6 @@ def format_reply(reply: dict) -> str:
         f" {reply['endpoint']}, local port {reply['local_port']}"
         + (f", via {reply['via']}" if reply.get("via") else "")
     )
-
-
-def summarise(sent: int, rtts_ms: list[float]) -> dict:
-    """
-    ping(8)'s summary: counts, loss and min/avg/max round trip (None
-    without replies).
-    """
-    received = len(rtts_ms)
-    return {
-        "sent": sent,
-        "received": received,
-        "loss_pct": round(100.0 * (sent - received) / sent, 1),
-        "rtt_min_ms": min(rtts_ms) if rtts_ms else None,
-        "rtt_avg_ms": round(stats.fmean(rtts_ms), 3) if rtts_ms else None,
-        "rtt_max_ms": max(rtts_ms) if rtts_ms else None,
-    }
 
 
 def format_summary(document: dict) -> str:

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from omerta.app.cli import Invocation
+from omerta.app.documents import networks_document
 from omerta.crypto.identity import load_or_create_identity
 from omerta.crypto.invite import format_time
 from omerta.networks import Membership, NetworkStore
@@ -191,17 +192,7 @@ def join_network(inv: Invocation) -> None:
 
 def list_networks(inv: Invocation) -> None:
     memberships = NetworkStore(inv.data_dir).list()
-    document = {
-        "networks": [
-            {
-                "network_id": m.network_id,
-                "name": m.name,
-                "created_by_me": m.created_by_me,
-                "bootstrap_count": len(m.bootstrap),
-            }
-            for m in memberships
-        ]
-    }
+    document = networks_document(memberships)
     if not memberships:
         text = (
             "This node is in no network; make one with 'omerta network create"

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from omerta.app.cli import CommandError, Invocation
+from omerta.app.documents import node_status_document
 from omerta.crypto.identity import IDENTITY_FILE, load_or_create_identity
 from omerta.mesh.service import STATUS_FILE
 from omerta.networks import NetworkStore
@@ -53,13 +54,9 @@ def _read_status(invocation: Invocation) -> dict | None:
     document = read_json(invocation.data_dir / STATUS_FILE, lambda: None)
     if document is None:
         return None
-    document["alive"] = bool(document.get("running")) and pid_alive(int(document.get("pid", 0)))
+    alive = bool(document.get("running")) and pid_alive(int(document.get("pid", 0)))
     age = max(0.0, invocation.now() - float(document.get("updated_at", 0)))
-    document["status_age_s"] = round(age, 3)
-    for peer in document.get("peers", []):
-        if peer.get("last_heard_ago_s") is not None:
-            peer["last_heard_ago_s"] = round(peer["last_heard_ago_s"] + age, 3)
-    return document
+    return node_status_document(document, alive=alive, age=age)
 
 
 def _online(document: dict | None) -> int:

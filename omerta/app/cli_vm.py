@@ -22,31 +22,28 @@ Every outcome feeds the provider's reputation in that file; C{--find} ranks
 providers with it.
 
 The work is the consumer client's (L{omerta.roles.consumer_client}); this
-module is its front end: arguments, the progress line, the documents and
-text printed, and error messages that say what to try.
+module is its front end: arguments, the progress line and the text printed.
+The documents and the error messages that say what to try are built by
+L{omerta.app.documents}, shared with the control API of a running node.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 from omerta.addressing import AddressError, BootstrapSpec, parse_endpoint
 from omerta.app.cli import CommandError, Invocation
-from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh, unreachable_text
-from omerta.mesh.network import NotJoined
-from omerta.mesh.registry import AmbiguousPeer
+from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh
+from omerta.app.documents import (NO_TUNNEL, error_text, held_vm,  # noqa: F401
+                                  network_of, vm_list_document, vm_refresh,
+                                  vm_release_document, vm_request_document, vm_show_document)
 from omerta.roles.consumer import HeldVM
-from omerta.roles.consumer_client import (ConsumerClient, ConsumerError, NoAnswer, NotAProvider,
-                                          NothingAnswered, ProviderNotFound, Unreachable,
-                                          VmRequest)
+from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
 
 REQUEST_TIMEOUT = ConsumerClient.DEFAULT_TIMEOUT
-NO_TUNNEL = ("not set up: carrying WireGuard over the mesh comes in a later release;"
-             " the keys are exchanged and kept for it")
 
 
 # -- arguments --------------------------------------------------------------
@@ -152,23 +149,12 @@ def request_command(invocation: Invocation) -> int:
                      image=args.image, name=args.name)
 
     async def body(view: MeshView) -> dict:
-        client = _client(invocation, view)
-        with _errors(view):
-            if args.peer is not None:
-                record = await client.provider(args.peer, view.remaining())
-            elif args.provider is not None:
-                record = await client.provider_at(args.provider, view.remaining())
-            else:
-                record = await client.find_provider(spec, view.remaining())
-            connection = await client.connect(record, max(1.0, view.remaining()))
-            progress = _Progress(view, f"asking {peer_label(record)} for a VM"
-                                       f" over a {connection.kind} path")
-            try:
-                held = await client.create(record, spec, max(1.0, view.remaining()))
-            finally:
-                progress.done()
-        path = view.mesh.connection(record.peer_id) or connection
-        return _vm_document(held, path=path.as_dict(), waited_s=round(view.elapsed(), 3))
+        def asking(record, connection):
+            return _Progress(view, f"asking {peer_label(record)} for a VM"
+                                   f" over a {connection.kind} path").done
+
+        return await vm_request_document(view, _client(invocation, view), spec, peer=args.peer,
+                                         provider=args.provider, on_asking=asking)
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_vm(document), document)
@@ -177,35 +163,6 @@ def request_command(invocation: Invocation) -> int:
 
 def _client(invocation: Invocation, view: MeshView) -> ConsumerClient:
     return ConsumerClient(view.mesh, invocation.data_dir, now=invocation.now)
-
-
-def error_text(view: MeshView, error: Exception) -> str:
-    """
-    What to tell a person about a failed step, with what to try.
-    """
-    if isinstance(error, NotJoined):
-        return view.no_answer()
-    if isinstance(error, ProviderNotFound):
-        return view.not_found(error.ref, error.at, error.known)
-    if isinstance(error, NotAProvider):
-        return f"{error}; 'omerta mesh peers' shows who is"
-    if isinstance(error, NothingAnswered):
-        return (f"nothing answered at {error.endpoint} within {view.timeout:g} s:"
-                f" is a provider of network {view.plan.network.name} running there?")
-    if isinstance(error, Unreachable):
-        return unreachable_text(view, error.record, error.state, error.attempts)
-    if isinstance(error, NoAnswer):
-        return f"{error}; try a longer --timeout"
-    return str(error)  # Refused, BadReply, NoRoom, AmbiguousPeer
-
-
-@contextlib.contextmanager
-def _errors(view: MeshView) -> Iterator[None]:
-    """Failures of the consumer client as CommandErrors a person can act on."""
-    try:
-        yield
-    except (ConsumerError, NotJoined, AmbiguousPeer) as e:
-        raise CommandError(error_text(view, e)) from None
 
 
 class _Progress:
@@ -251,12 +208,10 @@ def list_command(invocation: Invocation) -> int:
         _use_network_of(args, held)
 
         async def body(view: MeshView) -> None:
-            with _errors(view):
-                await _client(invocation, view).refresh(view.remaining())
+            await vm_refresh(view, _client(invocation, view))
 
         run_on_mesh(invocation, body)
-    vms = ConsumerClient(None, invocation.data_dir).held()
-    document = {"vms": [_vm_document(v) for v in vms]}
+    document = vm_list_document(ConsumerClient(None, invocation.data_dir))
     invocation.emit(format_list(document), document)
     return 0
 
@@ -267,9 +222,7 @@ def show_command(invocation: Invocation) -> int:
     _use_network_of(args, [held])
 
     async def body(view: MeshView) -> dict:
-        with _errors(view):
-            current, connection = await _client(invocation, view).show(held, view.remaining())
-        return _vm_document(current, path=connection.as_dict())
+        return await vm_show_document(view, _client(invocation, view), held)
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_vm(document), document)
@@ -289,13 +242,7 @@ def release_command(invocation: Invocation) -> int:
     _use_network_of(args, targets)
 
     async def body(view: MeshView) -> dict:
-        report = await _client(invocation, view).release_vms(targets, view.remaining())
-        return {
-            "released": report.released,
-            "failed": [{"vm_id": held.vm_id, "error": error_text(view, error)}
-                       for held, error in report.failed],
-            "elsewhere": report.elsewhere,
-        }
+        return await vm_release_document(view, _client(invocation, view), targets)
 
     document = run_on_mesh(invocation, body)
     invocation.emit(format_release(document), document)
@@ -306,34 +253,18 @@ def release_command(invocation: Invocation) -> int:
 
 
 def _find_held(invocation: Invocation, ref: str) -> HeldVM:
-    try:
-        return ConsumerClient(None, invocation.data_dir).held_vm(ref)
-    except LookupError as e:
-        raise CommandError(str(e)) from None
+    return held_vm(ConsumerClient(None, invocation.data_dir), ref)
 
 
 def _use_network_of(args, vms) -> None:
     """Join the network the VMs were requested in, unless one was named."""
     if args.invite is None and args.network is None:
-        networks = sorted({v.network for v in vms})
-        if networks:
-            args.network = networks[0]
+        network = network_of(vms)
+        if network is not None:
+            args.network = network
 
 
 # -- documents and text -----------------------------------------------------------
-
-
-def _vm_document(held: HeldVM, **extra) -> dict:
-    document = held.public()
-    document["ssh_address"] = held.address
-    document["wireguard"] = {
-        "public_key": held.wg_public_key,
-        "provider_public_key": held.provider_wg_key,
-        "provider_endpoint": held.provider_endpoint,
-        "tunnel": NO_TUNNEL,
-    }
-    document.update(extra)
-    return document
 
 
 def format_vm(document: dict) -> str:
