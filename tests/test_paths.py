@@ -201,11 +201,22 @@ class PathManagerTests(unittest.TestCase):
         self.paths.tick()
         self.assertEqual(len(self.punches), 1)
         self.assertEqual(self.basics.metrics.get("path_upgrade_attempts"), 1)
-        self.punches[0][2].callback(None)  # the punch failed
-        self.assertFalse(conn.punching)
         self.assertEqual(first, 1 + self.config.upgrade_initial)
+        # the first failures are tried again soon (a lost datagram, a
+        # coordinator that had not proven us yet), then the backoff doubles
+        for n in range(self.config.punch_retries_soon):
+            self.punches[-1][2].callback(None)  # the punch failed
+            self.assertFalse(conn.punching)
+            self.assertEqual(conn.next_upgrade,
+                             self.clock.seconds() + self.config.punch_retry_soon)
+            self.clock.advance(self.config.punch_retry_soon)
+            self.paths.tick()
+            self.assertEqual(len(self.punches), n + 2)
+        self.punches[-1][2].callback(None)
         self.assertEqual(conn.upgrade_backoff, 2 * self.config.upgrade_initial)
         self.assertEqual(conn.next_upgrade, self.clock.seconds() + 2 * self.config.upgrade_initial)
+        self.paths._punched(PUNCHED_AT, PEER)  # a success resets the quick retries
+        self.assertEqual(conn.quick_punches, 0)
 
     def test_statistics_by_kind(self):
         self.liveness.connect(PEER, AT)

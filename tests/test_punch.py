@@ -400,6 +400,23 @@ class PuncherTests(unittest.TestCase):
         self.assertEqual(self.puncher.attempts, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_request_asked_again_while_nothing_answers(self):
+        """A lost request or execute does not cost the attempt: asked again, twice."""
+        attempt_id, _ = self.request()
+        self.advance_in_steps(self.config.punch_timeout - 1)
+        requests = self.sent.of(MessageType.PUNCH_REQUEST)
+        self.assertEqual(len(requests), 1 + self.config.punch_request_retries)
+        self.assertEqual({r.fields["attempt_id"] for r in requests}, {attempt_id})
+        self.assertEqual({r.address for r in requests}, {COORDINATOR})
+
+    def test_request_not_repeated_once_the_peer_is_heard(self):
+        attempt_id, _ = self.request()
+        self.execute(attempt_id)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=attempt_id, seq=1,
+                     sent_ms=0)
+        self.advance_in_steps(self.config.punch_timeout - 1)
+        self.assertEqual(len(self.sent.of(MessageType.PUNCH_REQUEST)), 1)
+
     def test_timeout_before_execute_reports_nothing(self):
         """A request the coordinator never answered fails silently towards it."""
         _, results = self.request()

@@ -142,6 +142,80 @@ class MatrixTests(unittest.TestCase):
     del nat_a, nat_b
 
 
+class EventuallyDirectTests(unittest.TestCase):
+    """
+    A pair that can be direct ends direct even when the first punch is lost:
+    the request is asked again, and a failed punch is tried again soon (the
+    30 s upgrade backoff comes after that).
+    """
+
+    def lose(self, sim, msg_type, count: int, src=None) -> list:
+        from omerta.wire.envelope import is_frame, parse_header
+
+        route = sim.net._route
+        lost = []
+
+        def lossy(source, data, addr):
+            if (len(lost) < count and is_frame(data) and parse_header(data).type == msg_type
+                    and (src is None or source[0] == src)):
+                lost.append(data)
+                return
+            route(source, data, addr)
+
+        self.patch(sim.net, "_route", lossy)
+        return lost
+
+    def punched_within(self, sim, a, b, seconds: float) -> bool:
+        # (punched, not merely direct: in the simulator a peer's own traffic
+        # can open its NAT towards us before any punch)
+        return sim.run_until(lambda: connection_kind(a, b) == PUNCHED, seconds,
+                             check_every=0.1)
+
+    def test_lost_punch_request(self):
+        from omerta.wire.messages import MessageType
+
+        sim, _relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        lost = self.lose(sim, MessageType.PUNCH_REQUEST, 1)
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(self.punched_within(sim, a, b, 5), connection_kind(a, b))
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(a.node.metrics.get("punch_requests_repeated"), 1)
+        self.assertEqual(a.overlay.paths.punch_attempts(b.peer_id), 1)
+
+    def test_coordinator_repeats_executes_for_a_repeated_request(self):
+        """
+        The same request again (its execute to either side may have been
+        lost): the coordinator sends both executes again, a bounded number
+        of times, and never starts a second attempt for the pair.
+        """
+        from omerta.wire.envelope import is_frame, parse_header
+        from omerta.wire.messages import MessageType
+
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        relay = relays[0]
+        route = sim.net._route
+        executes = []
+
+        def tap(source, data, addr):
+            if (source == relay.address and is_frame(data)
+                    and parse_header(data).type == MessageType.PUNCH_EXECUTE):
+                executes.append(addr)
+            route(source, data, addr)
+
+        self.patch(sim.net, "_route", tap)
+        request = dict(attempt_id=42, target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE),
+                       candidates=[])
+        retries = relay.overlay.config.punch_request_retries
+        for _ in range(retries + 2):  # all before the first execute is answered
+            a.overlay.send(relay.address, MessageType.PUNCH_REQUEST, **request)
+        sim.run(0.05)
+        self.assertEqual(len(executes), 2 * (1 + retries))
+        self.assertEqual(len(set(executes)), 2, "executes went elsewhere than the two sides")
+        metrics = relay.node.metrics
+        self.assertEqual(metrics.get("punch_coordinated", outcome="executed"), 1)
+        self.assertEqual(metrics.get("punch_coordinated", outcome="repeated"), retries)
+
+
 class RelayedPathTests(unittest.TestCase):
     def test_reservations_announced(self):
         sim, relays, a, b = setup_pair(self, "symmetric", "symmetric", relays=3)

@@ -99,6 +99,14 @@ class MeshConfig:
     upgrade_max: float = 600.0
     # hole punching
     punch_timeout: float = 10.0
+    # a punch request is asked again this often, this many times, while
+    # nothing of the peer has arrived (a lost request or execute)
+    punch_request_retry: float = 1.0
+    punch_request_retries: int = 2
+    # a punch that failed is tried again this soon, this many times, before
+    # the upgrade backoff (upgrade_initial, doubling) takes over
+    punch_retry_soon: float = 1.0
+    punch_retries_soon: int = 2
     punch_margin: float = 0.05
     punch_linger: float = 3.0
     max_punch_attempts: int = 64

@@ -270,8 +270,15 @@ class PathManager:
         state.punching = False
         now = self.clock.seconds()
         if address is None:
+            if state.quick_punches < self.config.punch_retries_soon:
+                # A first failure is often a lost datagram or a coordinator
+                # that has not proven our address yet: try again soon.
+                state.quick_punches += 1
+                state.next_upgrade = now + self.config.punch_retry_soon
+                return
             self._schedule_upgrade(state, now)
             return
+        state.quick_punches = 0
         self.use_punched(peer_id, address)
 
     def use_punched(self, peer_id: bytes, address: tuple) -> None:
@@ -355,6 +362,7 @@ class PathManager:
         config = self.config
         if soon:
             state.upgrade_backoff = config.upgrade_first
+            state.quick_punches = 0  # a path that worked failed: quick retries again
         else:
             state.upgrade_backoff = min(config.upgrade_max,
                                         max(config.upgrade_initial, 2 * state.upgrade_backoff))

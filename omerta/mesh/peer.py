@@ -158,6 +158,7 @@ class PeerConnection:
     punched: dict = field(default_factory=dict)   # address -> time punched
     punching: bool = False
     punch_attempts: int = 0
+    quick_punches: int = 0   # failed punches retried soon, before the backoff
     next_upgrade: float | None = None
     upgrade_backoff: float = 0.0
 

@@ -125,6 +125,8 @@ class _Coordinated:
     pair: frozenset
     started: float
     results: dict = field(default_factory=dict)
+    executes: list = field(default_factory=list)  # (address, fields) sent to each side
+    repeats: int = 0
 
 
 class Coordinator:
@@ -159,6 +161,17 @@ class Coordinator:
         for attempt_id, attempt in list(self.attempts.items()):
             if now - attempt.started > config.punch_timeout + 5:
                 self._finish(attempt_id)
+        known = self.attempts.get(message.attempt_id)
+        if known is not None:
+            # The requester asks again (its request, or an execute, may have
+            # been lost): the same executes again, to both sides, a few times
+            # at most; a side that has its execute already ignores the copy.
+            if known.pair == frozenset((a, b)) and known.repeats < config.punch_request_retries:
+                known.repeats += 1
+                for address, fields in known.executes:
+                    overlay.send(address, MessageType.PUNCH_EXECUTE, **fields)
+                self.metrics.inc("punch_coordinated", outcome="repeated")
+            return
         impossible = dict(attempt_id=message.attempt_id, peer=b,
                           strategy=int(S.IMPOSSIBLE), start_in_ms=0, spray=0, candidates=[])
         if not overlay.liveness.verified(a, addr) or a == b:
@@ -190,13 +203,16 @@ class Coordinator:
         lead = max(rtt_a, rtt_b) / 2 + config.punch_margin
         start_a = int(1000 * (lead - rtt_a / 2))
         start_b = int(1000 * (lead - rtt_b / 2))
-        self.attempts[message.attempt_id] = _Coordinated(message.attempt_id, pair, now)
-        overlay.send(addr, MessageType.PUNCH_EXECUTE, attempt_id=message.attempt_id, peer=b,
-                     strategy=int(strategy_a), start_in_ms=start_a, spray=spray_a,
-                     candidates=candidates_b)
-        overlay.send(b_address, MessageType.PUNCH_EXECUTE, attempt_id=message.attempt_id, peer=a,
-                     strategy=int(strategy_b), start_in_ms=start_b, spray=spray_b,
-                     candidates=candidates_a)
+        coordinated = self.attempts[message.attempt_id] = _Coordinated(
+            message.attempt_id, pair, now)
+        coordinated.executes = [
+            (addr, dict(attempt_id=message.attempt_id, peer=b, strategy=int(strategy_a),
+                        start_in_ms=start_a, spray=spray_a, candidates=candidates_b)),
+            (b_address, dict(attempt_id=message.attempt_id, peer=a, strategy=int(strategy_b),
+                             start_in_ms=start_b, spray=spray_b, candidates=candidates_a)),
+        ]
+        for address, fields in coordinated.executes:
+            overlay.send(address, MessageType.PUNCH_EXECUTE, **fields)
         self.metrics.inc("punch_coordinated", outcome="executed")
         self.log.debug("Punch {a} <-> {b}: {sa}/{sb}", a=format_peer_id(a), b=format_peer_id(b),
                        sa=strategy_a.name, sb=strategy_b.name)
@@ -252,6 +268,7 @@ class Attempt:
     result: tuple | None = None
     executed: bool = False
     probes: int = 0
+    probes_answered: bool = False  # a probe of the peer's reached us
 
 
 class Puncher:
@@ -328,13 +345,27 @@ class Puncher:
         attempt = Attempt(attempt_id, peer_id, address, now, d)
         self._add(attempt)
         nat = self.nat()
-        self.basics.send(address, MessageType.PUNCH_REQUEST, attempt_id=attempt_id,
-                         target=peer_id, nat_type=0 if nat is None else int(nat.nat_type),
-                         candidates=self.own_candidates(address))
+        request = dict(attempt_id=attempt_id, target=peer_id,
+                       nat_type=0 if nat is None else int(nat.nat_type),
+                       candidates=self.own_candidates(address))
+        self.basics.send(address, MessageType.PUNCH_REQUEST, **request)
         self.metrics.inc("punch_attempts", role="initiator")
         attempt.calls.append(self.clock.callLater(
             self.config.punch_timeout, self._give_up, attempt_id))
+        # A lost request, or a lost execute to either side, would cost the
+        # whole attempt: ask again while nothing has answered (the
+        # coordinator repeats the same executes).
+        for n in range(1, self.config.punch_request_retries + 1):
+            attempt.calls.append(self.clock.callLater(
+                n * self.config.punch_request_retry, self._ask_again, attempt_id, request))
         return d
+
+    def _ask_again(self, attempt_id: int, request: dict) -> None:
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None or attempt.result is not None or attempt.probes_answered:
+            return
+        self.basics.send(attempt.coordinator, MessageType.PUNCH_REQUEST, **request)
+        self.metrics.inc("punch_requests_repeated")
 
     def _add(self, attempt: Attempt) -> None:
         while len(self.attempts) >= self.config.max_punch_attempts:
@@ -418,6 +449,7 @@ class Puncher:
         if attempt is None or attempt.peer_id != frame.sender:
             self.metrics.inc("drops", reason="punch_unknown_attempt")
             return
+        attempt.probes_answered = True
         self.basics.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
                          seq=message.seq, observed=addr)
         if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
