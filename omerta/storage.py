@@ -135,7 +135,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process its parent has not reaped yet is gone too
+        fields = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return fields.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def check_private(path: Path) -> None:

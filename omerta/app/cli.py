@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "omerta.app.cli_nat",
     "omerta.app.cli_mesh",
     "omerta.app.cli_vm",
+    "omerta.app.cli_daemon",
 )
 """
 Modules whose C{register(subparsers)} adds commands, imported when the

@@ -318,7 +318,7 @@ def _pick_membership(invocation: Invocation, cli_store: NetworkStore) -> Members
             return memberships[0]
     raise CommandError(
         f"{data_dir} belongs to no network: pass --invite LINK, or join one with"
-        f" 'omerta --data-dir {data_dir} network join LINK'"
+        f" 'omerta --data-dir {data_dir} network join --key LINK'"
     )
 
 

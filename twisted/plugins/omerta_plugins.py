@@ -6,3 +6,6 @@ omertaRelay = ServiceMaker(
 omertaProvider = ServiceMaker(
     "omerta provider", "omerta.app.provider_tap", "An omerta provider node.", "omerta-provider"
 )
+omertaNode = ServiceMaker(
+    "omerta node", "omerta.app.node_tap", "An omerta member node.", "omerta-node"
+)
