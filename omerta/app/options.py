@@ -66,6 +66,8 @@ class NodeOptions(usage.Options):
     ]
     optFlags = [
         ["manhole-allow-remote", None, "Allow a manhole endpoint that is not loopback."],
+        ["no-control", None,
+         "Do not serve the control API (DATA_DIR/control.sock) the omerta command uses."],
     ]
 
     def __init__(self) -> None:
@@ -244,7 +246,8 @@ class NodeOptions(usage.Options):
 def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     """
     Assemble (without starting) the services of one node: the node itself,
-    and the metrics endpoint and manhole when asked for.
+    its control API (unless C{--no-control}; it starts after the node), and
+    the metrics endpoint and manhole when asked for.
     """
     top = MultiService()
     relay = None
@@ -276,6 +279,12 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     )
     node.setName("node")
     node.setServiceParent(top)
+    if not options["no-control"]:
+        from omerta.app.control import ControlService
+
+        control = ControlService(node, reactor=reactor)
+        control.setName("control")
+        control.setServiceParent(top)
     if options["metrics"] is not None:
         from omerta.app.metrics_web import MetricsService
 
