@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 from twisted.internet.defer import ensureDeferred
@@ -47,6 +49,10 @@ class UpDownTests(unittest.TestCase):
             return
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(pid) and time.monotonic() < deadline:
+            os.sched_yield()
+        self.assertFalse(pid_alive(pid))
 
     def omerta(self, *args):
         return run_cli("--data-dir", self.dir, *args)
@@ -84,14 +90,13 @@ class UpDownTests(unittest.TestCase):
         self.assertEqual(self.up().returncode, 0)
         pid = self.pid()
         os.kill(pid, signal.SIGKILL)
-        # a socket file nobody listens on (bound through the directory's fd:
-        # the test's path is longer than a socket address may be)
-        directory = os.open(self.dir, os.O_PATH)
-        self.addCleanup(os.close, directory)
-        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stale.bind(f"/proc/self/fd/{directory}/control.sock")
-        stale.close()
+        deadline = time.monotonic() + 10
+        while pid_alive(pid) and time.monotonic() < deadline:
+            os.sched_yield()
+        self.assertFalse(pid_alive(pid))
+        # the killed node's control socket stays behind, nobody listening
         self.assertTrue(os.path.exists(f"{self.dir}/control.sock"))
+        self.assertFalse(self._answers())
         restarted = self.up()
         self.assertEqual(restarted.returncode, 0, restarted.stderr)
         self.assertNotEqual(self.pid(), pid)
@@ -125,8 +130,7 @@ class UpDownTests(unittest.TestCase):
         self.assertEqual(failed.returncode, 2)
         first = failed.stderr.splitlines()[1]
         self.assertRegex(first, r"^omerta: error: the node (did not start|exited):"
-                                r" Couldn't listen on 127\.0\.0\.1:\d+: .*Address already in use",
-                         failed.stderr)
+                                r" .*Address already in use", failed.stderr)
         self.assertIn("node.log", first)
         self.assertFalse(os.path.exists(f"{self.dir}/node.pid"))
 
@@ -139,3 +143,100 @@ class UpDownTests(unittest.TestCase):
         self.assertEqual(bad_port.returncode, 2)
         self.assertNotIn("Traceback", bad_port.stderr)
         self.assertFalse(os.path.exists(f"{self.dir}/node.pid"))
+
+
+class ThroughTheNodeTests(unittest.TestCase):
+    """
+    With 'omerta up' running, the commands ask it over the control socket
+    (no short-lived node: DATA_DIR/cli is never made): peers, two commands
+    at once, the VM flow against a provider, the event stream.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        relay_dir = f"{base}/relay"
+        relay_port = free_udp_port()
+        identity = load_or_create_identity(relay_dir)
+        self.network = NetworkStore(relay_dir).create(
+            identity, "lab", f"127.0.0.1:{relay_port}", now=time.time())
+        self.relay = Daemon(self, "omerta-relay", relay_dir, "--name", "relay",
+                            "--interface", "127.0.0.1", "--port", str(relay_port),
+                            "--nat-interval", "0")
+        self.provider = Daemon(self, "omerta-provider", f"{base}/provider",
+                               "--name", "provider-1", "--interface", "127.0.0.1",
+                               "--port", str(free_udp_port()), "--nat-interval", "0",
+                               "--invite", self.network.invite, "--vm-cpus", "2",
+                               "--vm-memory", "1024")
+        self.dir = f"{base}/consumer"
+        self.addCleanup(lambda: run_cli("--data-dir", self.dir, "down"))
+        return ensureDeferred(self._ready())
+
+    async def _ready(self):
+        await wait_for(lambda: "provider-1" in _online(self.relay.status()), 40,
+                       "the relay to see the provider")
+        started = run_cli("--data-dir", self.dir, "up", "--invite", self.network.invite,
+                          "--port", "0", "--interface", "127.0.0.1")
+        self.assertEqual(started.returncode, 0, started.stderr)
+
+    def omerta(self, *args):
+        return run_cli("--data-dir", self.dir, *args)
+
+    def test_commands_through_the_node(self):
+        peers = self.omerta("--output", "json", "mesh", "peers")
+        self.assertEqual(peers.returncode, 0, peers.stderr)
+        names = {p["name"] for p in json.loads(peers.stdout)}
+        self.assertLessEqual({"relay", "provider-1"}, names)
+        self.assertFalse(os.path.exists(f"{self.dir}/cli"), "a short-lived node was started")
+        text = self.omerta("mesh", "peers")
+        self.assertIn("provider-1", text.stdout)
+        unknown = self.omerta("mesh", "ping", "nobody-here", "--count", "1")
+        self.assertEqual(unknown.returncode, 2)
+        self.assertIn("nobody-here", unknown.stderr)
+        self.assertNotIn("Traceback", unknown.stderr)
+
+    def test_two_commands_at_once(self):
+        argv = [sys.executable, "-m", "omerta.app.cli", "--data-dir", self.dir,
+                "--output", "json", "mesh", "peers"]
+        from tests.integration import environment
+        both = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=environment()) for _ in range(2)]
+        for process in both:
+            out, err = process.communicate(timeout=60)
+            self.assertEqual(process.returncode, 0, err)
+            self.assertIn("provider-1", {p["name"] for p in json.loads(out)})
+
+    def test_vm_flow(self):
+        granted = self.omerta("--output", "json", "vm", "request", "--peer", "provider-1",
+                              "--cpu", "1", "--memory", "256")
+        self.assertEqual(granted.returncode, 0, granted.stderr)
+        vm = json.loads(granted.stdout)
+        self.assertNotIn("wg_private_key", granted.stdout)
+        listed = self.omerta("--output", "json", "vm", "list", "--refresh")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertIn(vm["vm_id"], listed.stdout)
+        released = self.omerta("--output", "json", "vm", "release", "--all")
+        self.assertEqual(released.returncode, 0, released.stderr)
+        self.assertEqual(json.loads(released.stdout)["released"], [vm["vm_id"]])
+        self.assertFalse(os.path.exists(f"{self.dir}/cli"), "a short-lived node was started")
+
+    def test_watch_prints_events(self):
+        from tests.integration import environment
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "omerta.app.cli", "--data-dir", self.dir, "--output", "json",
+             "mesh", "watch", "--kind", "vm_state", "--count", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+        self.addCleanup(lambda: watch.poll() is None and watch.kill())
+        self.assertIn("following the events", watch.stderr.readline().decode())
+        granted = self.omerta("vm", "request", "--peer", "provider-1")
+        self.assertEqual(granted.returncode, 0, granted.stderr)
+        out, err = watch.communicate(timeout=60)
+        self.assertEqual(watch.returncode, 0, err)
+        event = json.loads(out.splitlines()[0])
+        self.assertEqual(event["event"], "vm_state")
+        self.omerta("vm", "release", "--all")
+
+
+def _online(status: dict) -> set:
+    return {p["name"] for p in status.get("peers", []) if p.get("state") == "online"}

@@ -43,7 +43,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -55,6 +58,8 @@ from omerta.app.cli import CommandError, Invocation, run_reactor
 from omerta.app.documents import (MeshView, connect_document, connect_peer,  # noqa: F401
                                   find_peer, peers_document, ping_document, summarise,
                                   unreachable_text)
+from omerta.app.control_client import ControlClient, ControlError
+from omerta.app.via_node import ask, network_field, running_node
 from omerta.crypto.identity import Identity, load_or_create_identity
 from omerta.crypto.invite import InviteError, parse_invite
 from omerta.crypto.network import NetworkKey
@@ -166,10 +171,12 @@ def register(subparsers: Any) -> None:
     """
     mesh = subparsers.add_parser(
         "mesh",
-        help="look at a network's mesh from a short-lived node of its own",
-        description="Join a network's mesh for the duration of the command (as"
-        " the node kept in <data-dir>/cli, never the daemon's identity) and"
-        " report what it sees.",
+        help="look at a network's mesh: through the running node, or a short-lived one",
+        description="Ask the node that runs on --data-dir (omerta up, or a relay or"
+        " provider daemon) through its control socket; without one (or with"
+        " --invite, --bootstrap, --port or --interface), join the network's mesh"
+        " for the duration of the command as the node kept in <data-dir>/cli"
+        " (never the daemon's identity) and report what it sees.",
     )
     commands = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
     common = mesh_options()
@@ -224,6 +231,20 @@ def register(subparsers: Any) -> None:
                          " hole-punched) path to replace a relayed one (default 0)")
     connect.set_defaults(func=connect_command, discover_nat=True)
     ping.set_defaults(discover_nat=True)
+
+    watch = commands.add_parser(
+        "watch",
+        help="print the running node's events as they happen",
+        description="Follow the event stream of the node running on --data-dir:"
+        " peers discovered, connected, suspected and offline, paths changed,"
+        " NAT changes, VM states.  Text lines, or one JSON object per line with"
+        " --output json.  Needs a running node (omerta up).",
+    )
+    watch.add_argument("--kind", action="append", default=[], metavar="KIND",
+                       help="only events of this kind (repeatable)")
+    watch.add_argument("--count", type=_count_arg, default=None, metavar="N",
+                       help="stop after N events")
+    watch.set_defaults(func=watch_command)
 
 
 # -- the command's own node ----------------------------------------------------
@@ -443,7 +464,11 @@ def peers_command(invocation: Invocation) -> int:
         await view.settled()
         return peers_document(view.mesh)
 
-    peers = run_on_mesh(invocation, body)
+    node = running_node(invocation)
+    if node is not None:
+        peers = ask(node, "GET", "/v1/peers", query=network_field(invocation.args))
+    else:
+        peers = run_on_mesh(invocation, body)
     invocation.emit(format_peers(peers), peers)
     return 0
 
@@ -488,7 +513,13 @@ def connect_command(invocation: Invocation) -> int:
     async def body(view: MeshView) -> dict:
         return await connect_document(view, args.peer, args.wait_direct)
 
-    document = run_on_mesh(invocation, body)
+    node = running_node(invocation)
+    if node is not None:
+        document = ask(node, "POST", "/v1/connect", body={
+            "peer": args.peer, "timeout": args.timeout, "wait_direct": args.wait_direct,
+            **network_field(args)})
+    else:
+        document = run_on_mesh(invocation, body)
     invocation.emit(format_connection(document), document)
     return 0
 
@@ -540,7 +571,16 @@ def ping_command(invocation: Invocation) -> int:
             on_path=on_path if live else None, on_reply=on_reply if live else None,
             on_lost=on_lost if live else None)
 
-    document = run_on_mesh(invocation, body)
+    node = running_node(invocation)
+    if node is not None:
+        document = ask(node, "POST", "/v1/ping", body={
+            "peer": args.peer, "count": args.count, "interval": args.interval,
+            "timeout": args.timeout, "reply_timeout": args.reply_timeout,
+            **network_field(args)})
+        if live:
+            _replay(document, args, on_reply, on_lost, out)
+    else:
+        document = run_on_mesh(invocation, body)
     invocation.emit(format_summary(document), document)
     if not document["replies"]:
         invocation.stdout.flush()
@@ -549,6 +589,20 @@ def ping_command(invocation: Invocation) -> int:
             f" {args.count} ping(s)"
         )
     return 0
+
+
+def _replay(document: dict, args, on_reply, on_lost, out) -> None:
+    """The lines a ping prints as it goes, from the running node's document."""
+    replies = {r["seq"]: r for r in document["replies"]}
+    if replies:
+        first = replies[min(replies)]
+        out.write(f"PING {document['name'] or document['peer_id']}: {first['kind']} path to"
+                  f" {first['endpoint']} from local port {first['local_port']}\n")
+    for seq in range(1, args.count + 1):
+        if seq in replies:
+            on_reply(replies[seq])
+        else:
+            on_lost(seq)
 
 
 def format_reply(reply: dict) -> str:
@@ -572,3 +626,52 @@ def format_summary(document: dict) -> str:
             f"/{summary['rtt_max_ms']:.3f} ms"
         )
     return "\n".join(lines)
+
+
+# -- watch ----------------------------------------------------------------------
+
+
+def watch_command(invocation: Invocation) -> int:
+    args = invocation.args
+    node = ControlClient.for_data_dir(invocation.data_dir, timeout=None)
+    if node is None:
+        raise CommandError(f"no node runs on {invocation.data_dir}: start one with"
+                           f" 'omerta --data-dir {invocation.data_dir} up'")
+    out = invocation.stdout
+    seen = 0
+
+    def subscribed() -> None:
+        sys.stderr.write(f"omerta mesh watch: following the events of {invocation.data_dir}\n")
+        sys.stderr.flush()
+
+    try:
+        for kind, data in node.events(args.kind or None, subscribed):
+            if invocation.wants_json:
+                out.write(json.dumps({"event": kind, **data}, sort_keys=True) + "\n")
+            else:
+                out.write(format_event(kind, data) + "\n")
+            out.flush()
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    except ControlError as e:
+        raise CommandError(str(e)) from None
+    except (OSError, http.client.HTTPException):
+        raise CommandError(f"the node of {invocation.data_dir} stopped") from None
+    return 0
+
+
+def format_event(kind: str, data: dict) -> str:
+    """One line: the kind, then the fields (peer first), in a stable order."""
+    fields = dict(data)
+    head = [kind]
+    for key in ("peer_id", "vm_id"):
+        if key in fields:
+            head.append(str(fields.pop(key)))
+    fields.pop("network", None)
+    rest = " ".join(f"{k}={_plain(v)}" for k, v in sorted(fields.items()))
+    return " ".join(head) + (f"  {rest}" if rest else "")
+
+
+def _plain(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)

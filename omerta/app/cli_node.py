@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from omerta.app.cli import CommandError, Invocation
+from omerta.app.control_client import ControlClient, ControlError, NoNode
 from omerta.app.documents import node_status_document
 from omerta.crypto.identity import IDENTITY_FILE, load_or_create_identity
 from omerta.mesh.service import STATUS_FILE
@@ -51,6 +52,16 @@ def register(subparsers: Any) -> None:
 
 
 def _read_status(invocation: Invocation) -> dict | None:
+    """
+    The running node's status: from its control API when it serves one
+    (current), else from the status file it mirrors (up to 2 s old).
+    """
+    node = ControlClient.for_data_dir(invocation.data_dir, timeout=5.0)
+    if node is not None:
+        try:
+            return node.get("/v1/status")
+        except (ControlError, NoNode, OSError):
+            pass  # the status file says what it last knew
     document = read_json(invocation.data_dir / STATUS_FILE, lambda: None)
     if document is None:
         return None

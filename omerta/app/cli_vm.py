@@ -39,6 +39,7 @@ from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh
 from omerta.app.documents import (NO_TUNNEL, error_text, held_vm,  # noqa: F401
                                   network_of, vm_list_document, vm_refresh,
                                   vm_release_document, vm_request_document, vm_show_document)
+from omerta.app.via_node import ask, network_field, running_node
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
@@ -143,6 +144,16 @@ def register(subparsers: Any) -> None:
 def request_command(invocation: Invocation) -> int:
     args = invocation.args
     ConsumerClient(None, invocation.data_dir).held()  # a damaged state file stops us first
+    node = running_node(invocation)
+    if node is not None:
+        which = ({"peer": args.peer} if args.peer is not None else
+                 {"find": True} if args.find else {"provider": str(args.provider)})
+        document = ask(node, "POST", "/v1/vms", body={
+            **which, "cpu": args.cpu, "memory": args.memory, "disk": args.disk,
+            "image": args.image, "name": args.name, "timeout": args.timeout,
+            **network_field(args)})
+        invocation.emit(format_vm(document), document)
+        return 0
     if args.provider is not None:
         args.bootstrap = [*args.bootstrap, BootstrapSpec(args.provider)]
     spec = VmRequest(vcpus=args.cpu, memory_mb=args.memory, disk_gb=args.disk,
@@ -204,6 +215,12 @@ class _Progress:
 def list_command(invocation: Invocation) -> int:
     args = invocation.args
     held = ConsumerClient(None, invocation.data_dir).held()
+    node = running_node(invocation) if args.refresh and held else None
+    if node is not None:
+        document = ask(node, "GET", "/v1/vms", query={
+            "refresh": "1", "timeout": args.timeout, **network_field(args)})
+        invocation.emit(format_list(document), document)
+        return 0
     if args.refresh and held:
         _use_network_of(args, held)
 
@@ -219,6 +236,12 @@ def list_command(invocation: Invocation) -> int:
 def show_command(invocation: Invocation) -> int:
     args = invocation.args
     held = _find_held(invocation, args.vm)
+    node = running_node(invocation)
+    if node is not None:
+        document = ask(node, "GET", f"/v1/vms/{held.vm_id}",
+                       query={"timeout": args.timeout, **network_field(args)})
+        invocation.emit(format_vm(document), document)
+        return 0
     _use_network_of(args, [held])
 
     async def body(view: MeshView) -> dict:
@@ -239,12 +262,17 @@ def release_command(invocation: Invocation) -> int:
             return 0
     else:
         targets = [_find_held(invocation, args.vm)]
-    _use_network_of(args, targets)
+    node = running_node(invocation)
+    if node is not None:
+        path = "/v1/vms" if args.all else f"/v1/vms/{targets[0].vm_id}"
+        document = ask(node, "DELETE", path)
+    else:
+        _use_network_of(args, targets)
 
-    async def body(view: MeshView) -> dict:
-        return await vm_release_document(view, _client(invocation, view), targets)
+        async def body(view: MeshView) -> dict:
+            return await vm_release_document(view, _client(invocation, view), targets)
 
-    document = run_on_mesh(invocation, body)
+        document = run_on_mesh(invocation, body)
     invocation.emit(format_release(document), document)
     if document["failed"]:
         invocation.stdout.flush()
