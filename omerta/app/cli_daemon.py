@@ -31,11 +31,11 @@ from twisted.python import usage
 from omerta.app import node_tap
 from omerta.app.cli import CommandError, Invocation
 from omerta.app.cli_node import _format, _read_status
+from omerta.app.control_client import CONTROL_SOCKET, ControlClient
 from omerta.storage import ensure_private_dir, pid_alive
 
 PID_FILE = "node.pid"
 LOG_FILE = "node.log"
-CONTROL_SOCKET = "control.sock"
 UP_TIMEOUT = 30.0
 DOWN_TIMEOUT = 15.0
 CHECK_INTERVAL = 0.1
@@ -98,28 +98,13 @@ def running_pid(data_dir: Path) -> int | None:
 def control_answers(data_dir: Path) -> bool:
     """
     Whether a node serves the directory's control socket; a socket file no
-    process listens on (left by a kill) is removed.  (Connected through the
-    directory's descriptor: a data directory's path may be longer than a
-    socket address can be.)
+    process listens on (left by a kill) is removed.
     """
-    import socket
-
-    path = data_dir / CONTROL_SOCKET
-    if not path.exists():
-        return False
-    directory = os.open(data_dir, os.O_PATH)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(f"/proc/self/fd/{directory}/{CONTROL_SOCKET}")
-    except ConnectionRefusedError:
-        path.unlink(missing_ok=True)
-        return False
-    except OSError:
-        return False
-    finally:
-        probe.close()
-        os.close(directory)
-    return True
+    if ControlClient.for_data_dir(data_dir) is not None:
+        return True
+    if (data_dir / CONTROL_SOCKET).is_socket():
+        (data_dir / CONTROL_SOCKET).unlink(missing_ok=True)
+    return False
 
 
 def _node_argv(invocation: Invocation) -> list[str]:

@@ -44,7 +44,7 @@ from omerta.roles.consumer_client import (BadReply, ConsumerClient, ConsumerErro
                                           NoRoom, NotAProvider, NothingAnswered,
                                           ProviderNotFound, Refused, Unreachable, VmRequest)
 
-NO_TUNNEL = ("not set up: carrying WireGuard over the mesh comes in a later release;"
+NO_TUNNEL = ("not set up: this node does not carry WireGuard over the mesh;"
              " the keys are exchanged and kept for it")
 
 
