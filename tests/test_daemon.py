@@ -191,6 +191,12 @@ class ThroughTheNodeTests(unittest.TestCase):
         self.assertFalse(os.path.exists(f"{self.dir}/cli"), "a short-lived node was started")
         text = self.omerta("mesh", "peers")
         self.assertIn("provider-1", text.stdout)
+        # the fast path and the full command line (--timeout is not on the
+        # fast path) print the same peers through the node
+        full = self.omerta("--output", "json", "mesh", "peers", "--timeout", "10")
+        self.assertEqual(full.returncode, 0, full.stderr)
+        self.assertEqual({(p["peer_id"], p["name"]) for p in json.loads(full.stdout)},
+                         {(p["peer_id"], p["name"]) for p in json.loads(peers.stdout)})
         unknown = self.omerta("mesh", "ping", "nobody-here", "--count", "1")
         self.assertEqual(unknown.returncode, 2)
         self.assertIn("nobody-here", unknown.stderr)

@@ -27,13 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from omerta.addressing import AddressError
 from omerta.app.paths import default_data_dir
-from omerta.crypto.identity import IdentityError
-from omerta.crypto.invite import InviteError
-from omerta.crypto.network import NetworkKeyError
-from omerta.networks import MembershipError
-from omerta.storage import StateFileError
 
 COMMAND_MODULES = (
     "omerta.app.cli_network",
@@ -58,19 +52,21 @@ class CommandError(Exception):
     """
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CommandError,
-    StateFileError,
-    InviteError,
-    AddressError,
-    NetworkKeyError,
-    IdentityError,
-    MembershipError,
-    OSError,
-)
-"""
-Exceptions reported as C{omerta: error: ...} with exit status 2.
-"""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """
+    Exceptions reported as C{omerta: error: ...} with exit status 2
+    (imported when an error happens: a command a running node answers
+    never loads the modules that define them).
+    """
+    from omerta.addressing import AddressError
+    from omerta.crypto.identity import IdentityError
+    from omerta.crypto.invite import InviteError
+    from omerta.crypto.network import NetworkKeyError
+    from omerta.networks import MembershipError
+    from omerta.storage import StateFileError
+
+    return (CommandError, StateFileError, InviteError, AddressError, NetworkKeyError,
+            IdentityError, MembershipError, OSError)
 
 
 @dataclass
@@ -210,6 +206,11 @@ def main(
     """
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    from omerta.app import fast
+
+    status = fast.run(sys.argv[1:] if argv is None else list(argv), stdout, stderr)
+    if status is not None:
+        return status
     parser = build_parser()
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
@@ -220,7 +221,7 @@ def main(
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
         status = args.func(Invocation(args, stdout, clock))
-    except USER_ERRORS as e:
+    except user_errors() as e:
         stderr.write(f"omerta: error: {_describe(e)}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -59,6 +59,7 @@ from omerta.app.documents import (MeshView, connect_document, connect_peer,  # n
                                   find_peer, peers_document, ping_document, summarise,
                                   unreachable_text)
 from omerta.app.control_client import ControlClient, ControlError
+from omerta.app.formats import format_peers  # noqa: F401 (the command prints with it)
 from omerta.app.via_node import ask, network_field, running_node
 from omerta.crypto.identity import Identity, load_or_create_identity
 from omerta.crypto.invite import InviteError, parse_invite
@@ -471,37 +472,6 @@ def peers_command(invocation: Invocation) -> int:
         peers = run_on_mesh(invocation, body)
     invocation.emit(format_peers(peers), peers)
     return 0
-
-
-def _resources(resources: dict) -> str:
-    if not any(resources.values()):
-        return "-"
-    return (
-        f"cpu {resources['cpu_cores']}, {resources['memory_mb']} MB,"
-        f" {resources['disk_gb']} GB, gpu {resources['gpus']}"
-    )
-
-
-def format_peers(peers: list[dict]) -> str:
-    if not peers:
-        return "no peers known"
-    rows = [("PEER ID", "NAME", "STATE", "RTT", "NAT", "CAPABILITIES", "ENDPOINTS", "RESOURCES")]
-    for p in peers:
-        rows.append((
-            p["peer_id"],
-            p["name"] or "-",
-            p["state"],
-            "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms",
-            str(p["nat_type"]),
-            ",".join(p["capabilities"]) or "-",
-            " ".join(path["endpoint"] for path in p["paths"]) or "-",
-            _resources(p["resources"]),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
-        for row in rows
-    ).rstrip()
 
 
 # -- ping and connect --------------------------------------------------------------

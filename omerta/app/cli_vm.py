@@ -39,6 +39,7 @@ from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh
 from omerta.app.documents import (NO_TUNNEL, error_text, held_vm,  # noqa: F401
                                   network_of, vm_list_document, vm_refresh,
                                   vm_release_document, vm_request_document, vm_show_document)
+from omerta.app.formats import format_vm_list
 from omerta.app.via_node import ask, network_field, running_node
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
@@ -320,17 +321,7 @@ def format_vm(document: dict) -> str:
     return "\n".join(lines)
 
 
-def format_list(document: dict) -> str:
-    vms = document["vms"]
-    if not vms:
-        return "no VMs held"
-    rows = [("VM", "PROVIDER", "STATE", "CPU", "MEMORY", "DISK", "ADDRESS")]
-    for v in vms:
-        rows.append((v["vm_id"], v["provider_name"] or v["provider"][:16], v["state"],
-                     str(v["vcpus"]), f"{v['memory_mb']} MiB", f"{v['disk_gb']} GiB",
-                     v["address"] or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+format_list = format_vm_list
 
 
 def format_release(document: dict) -> str:
