@@ -40,6 +40,8 @@ UP_TIMEOUT = 30.0
 DOWN_TIMEOUT = 15.0
 CHECK_INTERVAL = 0.1
 PIDFILE_GRACE = 3.0
+LOG_SETTLE = 3.0
+NO_REASON = "no reason in its log"
 LOG_LINES = 15
 
 
@@ -158,7 +160,7 @@ def _failure(data_dir: Path, said: str) -> str:
         name, colon, message = text.partition(": ")
         if colon and name.rpartition(".")[2].endswith(("Error", "Exception")):
             return message.strip()
-    return said.strip().splitlines()[0] if said.strip() else "no reason in its log"
+    return said.strip().splitlines()[0] if said.strip() else NO_REASON
 
 
 def _joined(document: dict | None) -> bool:
@@ -194,6 +196,11 @@ def up_command(invocation: Invocation) -> int:
     started = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=_environment())
     if started.returncode != 0:
+        # the daemon reports to twistd before its log is complete: give the
+        # log a moment to say why
+        settle = time.monotonic() + LOG_SETTLE
+        while _failure(data_dir, "") == NO_REASON and time.monotonic() < settle:
+            time.sleep(CHECK_INTERVAL)
         raise CommandError(f"the node did not start: {_failure(data_dir, started.stdout)};"
                            f" the end of {logfile}:\n{_log_tail(data_dir)}")
     started_at = time.monotonic()
