@@ -157,3 +157,24 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         cwd=REPO,
         timeout=60,
     )
+
+
+def start_relay(testcase, base: str, network_name: str = "lab"):
+    """
+    A network created by a relay's identity in C{base}/relay and that relay
+    running (C{twistd -n omerta-relay}) on a free port of 127.0.0.1, NAT
+    discovery off.  Returns (membership, relay daemon).
+    """
+    import time as _time
+
+    from omerta.crypto.identity import load_or_create_identity
+    from omerta.networks import NetworkStore
+
+    relay_dir = f"{base}/relay"
+    port = free_udp_port()
+    network = NetworkStore(relay_dir).create(
+        load_or_create_identity(relay_dir), network_name, f"127.0.0.1:{port}",
+        now=_time.time())
+    relay = Daemon(testcase, "omerta-relay", relay_dir, "--name", "relay",
+                   "--interface", "127.0.0.1", "--port", str(port), "--nat-interval", "0")
+    return network, relay

@@ -18,10 +18,8 @@ import time
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from omerta.crypto.identity import load_or_create_identity
-from omerta.networks import NetworkStore
 from omerta.storage import pid_alive
-from tests.integration import Daemon, free_udp_port, run_cli, wait_for
+from tests.integration import Daemon, free_udp_port, run_cli, start_relay, wait_for
 
 
 class UpDownTests(unittest.TestCase):
@@ -29,14 +27,7 @@ class UpDownTests(unittest.TestCase):
 
     def setUp(self):
         base = os.path.abspath(self.mktemp())
-        relay_dir = f"{base}/relay"
-        self.relay_port = free_udp_port()
-        identity = load_or_create_identity(relay_dir)
-        self.network = NetworkStore(relay_dir).create(
-            identity, "lab", f"127.0.0.1:{self.relay_port}", now=time.time())
-        self.relay = Daemon(self, "omerta-relay", relay_dir, "--name", "relay",
-                            "--interface", "127.0.0.1", "--port", str(self.relay_port),
-                            "--nat-interval", "0")
+        self.network, self.relay = start_relay(self, base)
         self.dir = f"{base}/consumer"
         self.addCleanup(self._down_anyway)
         return ensureDeferred(wait_for(lambda: self.relay.status().get("running"), 20,
@@ -156,14 +147,7 @@ class ThroughTheNodeTests(unittest.TestCase):
 
     def setUp(self):
         base = os.path.abspath(self.mktemp())
-        relay_dir = f"{base}/relay"
-        relay_port = free_udp_port()
-        identity = load_or_create_identity(relay_dir)
-        self.network = NetworkStore(relay_dir).create(
-            identity, "lab", f"127.0.0.1:{relay_port}", now=time.time())
-        self.relay = Daemon(self, "omerta-relay", relay_dir, "--name", "relay",
-                            "--interface", "127.0.0.1", "--port", str(relay_port),
-                            "--nat-interval", "0")
+        self.network, self.relay = start_relay(self, base)
         self.provider = Daemon(self, "omerta-provider", f"{base}/provider",
                                "--name", "provider-1", "--interface", "127.0.0.1",
                                "--port", str(free_udp_port()), "--nat-interval", "0",
