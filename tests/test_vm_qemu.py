@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from unittest import SkipTest
@@ -141,10 +142,13 @@ class RealGuestTests(unittest.TestCase):
         if missing:
             self.fail("missing for real VMs: " + "; ".join(missing)
                       + "; run scripts/setup-env as root")
-        self.data_dir = Path(self.mktemp()).absolute()
-        # trial makes the test's directory 0700; QEMU (libvirt-qemu) must
-        # pass through it to the disk
-        self.data_dir.parent.chmod(0o711)
+        # QEMU runs as libvirt-qemu and must pass through every directory
+        # above the disk (docs/provider.md); the checkout may sit in a 0700
+        # directory (a clone under /root), so the provider's data dir does not
+        top = Path(tempfile.mkdtemp(prefix="omerta-qemu-test-", dir="/var/tmp"))
+        top.chmod(0o711)
+        self.addCleanup(shutil.rmtree, top, True)
+        self.data_dir = top / "provider"
 
     @defer.inlineCallbacks
     def test_boot_ping_destroy(self):
