@@ -345,6 +345,15 @@ class StaleTests(FreshnessTestCase):
         self.freshness.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_stop_ends_queries_with_no_answers(self):
+        """Whoever waits on a query in flight is not left waiting at stop, and nothing is pinged."""
+        d = self.freshness.query(TARGET, 300)
+        stale = self.freshness.peer_stale(TARGET, addr(50))
+        self.freshness.stop()
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertIsNone(self.successResultOf(stale))
+        self.assertEqual(self.pings, [])
+
 
 class PathFailedTests(FreshnessTestCase):
     def test_path_failed_drops_and_tells(self):

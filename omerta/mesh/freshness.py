@@ -286,7 +286,13 @@ class Freshness:
                                peer=format_peer_id(message.target), address=contact.address)
 
     def stop(self) -> None:
+        """
+        Leaving: queries in flight end with no answers (whoever waits on one
+        is not left waiting, and nothing is tried on an answer now).
+        """
         for query_id in list(self._queries):
             query = self._queries.pop(query_id)
             if query.call is not None and query.call.active():
                 query.call.cancel()
+            if not query.deferred.called:
+                query.deferred.callback([])
