@@ -10,7 +10,8 @@ has joined (a bootstrap peer answered, or some peer is online; progress on
 stderr, a deadline, the log's last lines when it fails) and prints its
 status.  A node that already serves the directory (started by C{up}, or a
 relay or provider daemon) is left alone: C{up} says so and exits 0.  A
-pidfile or control socket left by a node that was killed is removed.
+pidfile left by a node that was killed is removed, and the new node's
+control service replaces the socket it left.
 
 C{down} stops the node C{up} started (SIGTERM: it says goodbye to its
 relays and peers) and waits for it to exit.
@@ -30,8 +31,8 @@ from twisted.python import usage
 
 from omerta.app import node_tap
 from omerta.app.cli import CommandError, Invocation
-from omerta.app.cli_node import _format, _read_status
-from omerta.app.control_client import CONTROL_SOCKET, ControlClient
+from omerta.app.cli_node import format_status, read_status
+from omerta.app.control_client import ControlClient
 from omerta.storage import ensure_private_dir, pid_alive
 
 PID_FILE = "node.pid"
@@ -99,14 +100,11 @@ def running_pid(data_dir: Path) -> int | None:
 
 def control_answers(data_dir: Path) -> bool:
     """
-    Whether a node serves the directory's control socket; a socket file no
-    process listens on (left by a kill) is removed.
+    Whether a node serves the directory's control socket.  (A socket file
+    no process listens on, left by a kill, is replaced by the next node's
+    control service when it starts.)
     """
-    if ControlClient.for_data_dir(data_dir) is not None:
-        return True
-    if (data_dir / CONTROL_SOCKET).is_socket():
-        (data_dir / CONTROL_SOCKET).unlink(missing_ok=True)
-    return False
+    return ControlClient.for_data_dir(data_dir) is not None
 
 
 def _node_argv(invocation: Invocation) -> list[str]:
@@ -207,7 +205,7 @@ def up_command(invocation: Invocation) -> int:
     deadline = started_at + invocation.args.timeout
     announced = started_at
     while True:
-        document = _read_status(invocation)
+        document = read_status(invocation)
         if _joined(document):
             break
         pid = running_pid(data_dir)
@@ -237,8 +235,8 @@ def _environment() -> dict:
 
 
 def _print_status(invocation: Invocation) -> int:
-    document = _read_status(invocation) or {"peer_id": "?", "alive": False, "peers": []}
-    invocation.emit(_format(document, invocation), document)
+    document = read_status(invocation) or {"peer_id": "?", "alive": False, "peers": []}
+    invocation.emit(format_status(document, invocation), document)
     return 0
 
 
@@ -249,7 +247,6 @@ def down_command(invocation: Invocation) -> int:
     data_dir = invocation.data_dir
     pid = running_pid(data_dir)
     if pid is None:
-        control_answers(data_dir)  # removes a stale socket
         invocation.emit(f"no node started by 'omerta up' runs on {data_dir}",
                         {"stopped": False, "pid": None})
         return 0

@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     status.set_defaults(func=status_command)
 
 
-def _read_status(invocation: Invocation) -> dict | None:
+def read_status(invocation: Invocation) -> dict | None:
     """
     The running node's status: from its control API when it serves one
     (current), else from the status file it mirrors (up to 2 s old).
@@ -83,15 +83,15 @@ def status_command(invocation: Invocation) -> int:
             f"no node has run on {invocation.data_dir} yet (no identity there);"
             f" start one with 'twistd -n omerta-relay --data-dir {invocation.data_dir}'"
         )
-    document = _read_status(invocation)
+    document = read_status(invocation)
     deadline = time.monotonic() + args.timeout
     while _online(document) < args.wait_peers and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL)
-        document = _read_status(invocation)
+        document = read_status(invocation)
     if document is None:
         identity = load_or_create_identity(invocation.data_dir)
         document = {"peer_id": identity.peer_id_text, "alive": False, "peers": []}
-    invocation.emit(_format(document, invocation), document)
+    invocation.emit(format_status(document, invocation), document)
     if _online(document) < args.wait_peers:
         if not document["alive"]:
             why = "the node is not running"
@@ -102,7 +102,7 @@ def status_command(invocation: Invocation) -> int:
     return 0
 
 
-def _format(document: dict, invocation: Invocation) -> str:
+def format_status(document: dict, invocation: Invocation) -> str:
     names = {m.network_id: m.name for m in NetworkStore(invocation.data_dir).list()}
     state = "running" if document["alive"] else "not running"
     lines = [

@@ -51,6 +51,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from omerta.addressing import AddressError, parse_endpoint
+from omerta.app.control_client import CONTROL_SOCKET  # noqa: F401 (part of this API)
 from omerta.app.control_events import (KEEPALIVE_INTERVAL, STREAM_BACKLOG,  # noqa: F401
                                        STREAM_BACKLOG_BYTES, EventStream, encode, jsonable,
                                        sse_event)
@@ -64,8 +65,6 @@ from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.storage import StateFileError
 
-CONTROL_SOCKET = "control.sock"
-"""The control socket's name in the data directory."""
 
 API_VERSION = 1
 MAX_BODY = 64 * 1024

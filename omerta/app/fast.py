@@ -26,14 +26,16 @@ COMMANDS = {
 }
 
 
+_WITH_VALUE = {"--data-dir", "--output", "--network", "--timeout"}
+
+
 def _parse(argv: list[str]) -> tuple | None:
     data_dir, output, words, query = None, "text", [], {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
-        takes = {"--data-dir", "--output", "--network", "--timeout"}
-        if name in takes:
+        if name in _WITH_VALUE:
             if not eq:
                 if i + 1 >= len(argv):
                     return None
