@@ -15,7 +15,8 @@ C{path_dead_after} seconds: a keepalive and its two retries, or three
 application pings) is given up: the link moves to a relay session (an open
 one at once, else one is asked for), and an upgrade back to a direct path is
 tried on a schedule by hole punching (5 s after a direct path failed, then
-30 s, doubling to 10 min).  Messages are retried by the request/response
+30 s, doubling to 10 min; a failed punch is first tried again 1 s later,
+twice).  Messages are retried by the request/response
 layer, which asks C{address_of} at every transmission, so they follow the
 move.
 """
