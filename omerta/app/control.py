@@ -79,8 +79,8 @@ IDLE_TIMEOUT = 600.0
 """An HTTP connection that carries nothing for this long is closed."""
 
 VM_STATE = "vm_state"
-EVENT_KINDS = (*KINDS, VM_STATE)
-"""What C{/v1/events?kinds=} may name: the node's event kinds and C{vm_state}."""
+EVENT_KINDS = tuple(KINDS)
+"""What C{/v1/events?kinds=} may name: every kind the node emits."""
 
 DEFAULT_EVENT_KINDS = ("peer_discovered", "peer_connected", "peer_suspected",
                        "peer_disconnected", "path_changed", "nat_changed", VM_STATE)

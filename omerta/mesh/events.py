@@ -32,6 +32,8 @@ KINDS = {
     "relay_session": "a relay session request ended: opened, denied or timed out;"
                      " network, peer_id, relay_id, outcome",
     "nat_changed": "NAT discovery found another NAT type or mapped address; report, previous",
+    "vm_state": "a VM held through this node changed state (requested, refreshed, released);"
+                " network, vm_id, state, previous, provider",
 }
 """
 Every kind a node emits, with what it means and its keyword arguments.
