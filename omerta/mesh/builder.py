@@ -137,7 +137,7 @@ def build_node(
     protocol = NodeProtocol(FrameOpener(by_id), node, metrics)
     protocol.relay = node.relay
     listening = reactor.listenUDP(port, protocol, interface=interface)
-    node.attach(listening)
+    node.attach(listening, listen_udp=reactor.listenUDP)
     for boot in node.bootstraps:
         endpoint = boot.spec.endpoint
         if endpoint.is_ip:

@@ -186,6 +186,33 @@ class Messaging:
     def _flush(self, peer_id: bytes) -> None:
         for inner_type, body in self._queued.pop(peer_id, []):
             self._deliver(peer_id, inner_type, body)
+        tunnels = self.overlay.node.tunnels
+        if tunnels is not None:
+            tunnels.session_ready(self.overlay.network_id, peer_id)
+
+    def ensure_session(self, peer_id: bytes) -> None:
+        """
+        Start a handshake with C{peer_id} unless a session or a handshake
+        exists (the tunnel plane asks, its datagrams wait meanwhile).
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        if self.sessions.get(peer_id, now) is not None:
+            return
+        address = overlay.paths.address_of(peer_id)
+        if address is None:
+            overlay.metrics.inc("drops", reason="no_route")
+            return
+        started = self.sessions.initiate(peer_id, now)
+        if started is not None:
+            overlay.send(address, MessageType.HANDSHAKE_INIT, **started[0])
+
+    def confirmed(self, peer_id: bytes) -> None:
+        """
+        A session we answered was confirmed by a frame that did not pass
+        through L{on_session_data} (tunnel data): what waited can go.
+        """
+        self._flush(peer_id)
 
     # handshakes
 

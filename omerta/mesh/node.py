@@ -176,6 +176,7 @@ class MeshNode:
         self.relay = None          # RelayServer when this node relays
         self.coordinator = None    # punch Coordinator when this node relays
         self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession
+        self.tunnels = None        # TunnelPlane once the socket is attached
         self.transport = None
         self.local_port = 0
         self._bound: Address | None = None
@@ -253,8 +254,17 @@ class MeshNode:
 
     # the socket
 
-    def attach(self, transport) -> None:
+    def attach(self, transport, listen_udp=None) -> None:
+        """
+        Use C{transport} (the node's socket); with C{listen_udp}
+        (C{reactor.listenUDP}) the node also carries tunnels
+        (L{omerta.mesh.tunnel}).
+        """
         self.transport = transport
+        if listen_udp is not None and self.tunnels is None:
+            from omerta.mesh.tunnel import TunnelPlane
+
+            self.tunnels = TunnelPlane(self, listen_udp)
         host = transport.getHost()
         self.local_port = host.port
         if not ipaddress.ip_address(host.host).is_unspecified:
@@ -316,6 +326,13 @@ class MeshNode:
         if self.transport is not None:
             self.relay.attach(self.transport)
 
+    def tunnel_received(self, frame: bytes, relay_session=None) -> None:
+        """A TUNNEL_DATA frame (from C{relay_session} when relayed)."""
+        if self.tunnels is None:
+            self.metrics.inc("drops", reason="tunnel_not_carried")
+            return
+        self.tunnels.received(frame, relay_session)
+
     def frame_received(self, frame: OpenedFrame, addr: Address) -> None:
         overlay = self.overlays.get(frame.network_id)
         if overlay is None:
@@ -353,6 +370,8 @@ class MeshNode:
             overlay.start()
 
     def stop(self) -> None:
+        if self.tunnels is not None:
+            self.tunnels.stop()
         if self.relay is not None:
             self.relay.stop()
         for overlay in self.overlays.values():

@@ -18,6 +18,7 @@ from omerta.metrics import Metrics
 from omerta.wire.demux import Kind, classify
 from omerta.wire.relay import HEADER_SIZE as RELAY_HEADER_SIZE
 from omerta.wire.relay import PREFIX as RELAY_PREFIX
+from omerta.wire.tunnel import PREFIX as TUNNEL_PREFIX
 
 Address = tuple[str, int]
 
@@ -26,6 +27,8 @@ class FrameHandler(TypingProtocol):
     def frame_received(self, frame: OpenedFrame, addr: Address) -> None: ...
 
     def relay_route(self, header: bytes, addr: Address): ...
+
+    def tunnel_received(self, frame: bytes, relay_session=None) -> None: ...
 
 
 class NodeProtocol(DatagramProtocol):
@@ -61,6 +64,10 @@ class NodeProtocol(DatagramProtocol):
                 if relay is None or not relay.forward(datagram, addr):
                     self._relayed(datagram, (addr[0], addr[1]))
                 return
+            if datagram.startswith(TUNNEL_PREFIX):
+                # Tunnel data: opened with the pair's session, not the network key.
+                self.handler.tunnel_received(datagram)
+                return
             self._dispatch(datagram, (addr[0], addr[1]))
         except Exception:
             self.metrics.inc("drops", reason="internal_error")
@@ -77,6 +84,9 @@ class NodeProtocol(DatagramProtocol):
         session = self.handler.relay_route(datagram[:RELAY_HEADER_SIZE], addr)
         if session is None:
             metrics.inc("drops", reason="relay_unknown_session")
+            return
+        if datagram.startswith(TUNNEL_PREFIX, RELAY_HEADER_SIZE):
+            self.handler.tunnel_received(datagram[RELAY_HEADER_SIZE:], session)
             return
         frame = self._open(datagram[RELAY_HEADER_SIZE:])
         if frame is None:
