@@ -638,8 +638,8 @@ class TunnelTests(unittest.TestCase):
         self.ns.address(a, "ua", "192.0.2.1/24")
         self.ns.address(b, "ub", "192.0.2.2/24")
         key_a, key_b = WireGuardKey.generate(), WireGuardKey.generate()
-        name_a = interface_name("omt", os.urandom(8))
-        name_b = interface_name("omt", os.urandom(8))
+        name_a = interface_name("ott", os.urandom(8))
+        name_b = interface_name("ott", os.urandom(8))
         owner_a, owner_b = Owner(self, a), Owner(self, b)
         up_a = owner_a.call("up", name=name_a, key=key_a.private.hex(),
                             addresses=["100.64.20.1/24"], state_dir=str(self.state / "a"))
@@ -684,7 +684,8 @@ class CrashTests(unittest.TestCase):
         self.node = self.ns.add("n")
         self.state = Path(tempfile.mkdtemp(prefix="omt-state-"))
         self.addCleanup(shutil.rmtree, self.state, True)
-        self.prefix = "om" + secrets.choice("abcdefghijklmnopqrstuvwxyz")
+        # "ot" + a letter: never the node's own prefixes, and differs between runs
+        self.prefix = "ot" + secrets.choice("abcdefghijklmnopqrstuvwxyz")
 
     def name(self) -> str:
         return interface_name(self.prefix, os.urandom(8))
