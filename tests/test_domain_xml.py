@@ -4,6 +4,7 @@ Tests for L{omerta.roles.domainxml}: the domain XML, pure functions.
 
 from __future__ import annotations
 
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -144,6 +145,14 @@ class DomainXMLTests(unittest.TestCase):
         ))
         self.assertEqual(default.findtext("os/cmdline"), f"console=ttyS0 omerta.vm={'aa' * 8}")
         self.assertIsNone(default.find("devices/interface"))
+
+    def test_ssh_key_not_in_metadata(self):
+        """The consumer's SSH key reaches a domain only on its kernel command line: the metadata (and the golden domain) stay as they were."""
+        key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMwfAW7KlGfgnaViiJPnjBeigDcz8iHUIppTqKRdYEmM a"
+        keyed = dataclasses.replace(golden_spec(), ssh_key=key)
+        xml = build_domain_xml("test", "a" * 16, "p1", keyed, 2.5, Path("/d/disk.raw"))
+        self.assertEqual(xml, GOLDEN_TEST)
+        self.assertNotIn("ssh_key", parse_domain_metadata(xml))
 
     def test_reexported(self):
         """omerta.roles.vm still offers the domain XML functions."""

@@ -5,6 +5,7 @@ Tests for L{omerta.roles.guest} (guest images) and L{omerta.roles.bridge}
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import io
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -22,14 +24,49 @@ from omerta.roles import bridge, guest
 from omerta.roles.bridge import AddressesExhausted, AddressPool, BridgeError, ensure_bridge
 from omerta.roles.guest import (
     DEFAULT_IMAGE,
+    SSH_FILES,
+    SSH_PACKAGES,
     ImageBuilder,
     ImageError,
     UnknownImage,
     VIRTIO_MODULES,
+    check_ssh_key,
+    host_key_from_serial,
+    read_console,
 )
 
 RELEASE = "6.1.0-99-cloud-amd64"
 KERNEL_PKG = f"linux-image-{RELEASE}"
+
+# a real key, made by dropbearkey
+ED25519 = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMwfAW7KlGfgnaViiJPnjBeigDcz8iHUIppTqKRdYEmM"
+           " alice@laptop")
+VM = "0123456789abcdef"
+
+
+def openssh_line(private_key, comment: str = "") -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    line = private_key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}".strip()
+
+
+def rsa_key(bits: int, comment: str = "") -> str:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return openssh_line(rsa.generate_private_key(65537, bits), comment)
+
+
+def ecdsa_key(comment: str = "") -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return openssh_line(ec.generate_private_key(ec.SECP256R1()), comment)
+
+
+class Link(str):
+    """
+    A symbolic link to this target, in L{tar_of}.
+    """
 
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
@@ -59,6 +96,10 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
+            if isinstance(data, Link):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+                continue
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
@@ -81,6 +122,21 @@ class FakePackages:
             guest.BUSYBOX_PACKAGE: (
                 {"Version": "1:1.35.0-4"}, tar_of({"./bin/busybox": b"BUSYBOX"})),
         }
+        # each SSH file as the package has it; a library's SONAME is a link
+        # to the real file, as in Debian, and decoys share its prefix
+        ssh: dict[str, dict[str, bytes]] = {p: {} for p in SSH_PACKAGES}
+        for package, suffix, dest in SSH_FILES:
+            prefix = "./usr/lib" if "/x86_64-linux-gnu/" in suffix else "./usr"
+            path = prefix + suffix
+            if ".so." in suffix and "ld-linux" not in suffix:
+                ssh[package][path] = Link(suffix.rsplit("/", 1)[-1] + ".0.1")
+                ssh[package][path + ".0.1"] = f"{package}:{dest}".encode()
+                ssh[package][path + ".0.2-decoy"] = b"decoy"
+            else:
+                ssh[package][path] = f"{package}:{dest}".encode()
+        ssh[guest.DROPBEAR_PACKAGE]["./usr/share/doc/dropbear-bin/README"] = b"doc"
+        for package, files in ssh.items():
+            self.debs[package] = ({"Version": f"{package}-1.0"}, tar_of(files))
         self.missing_tool = missing_tool
         self.fail = fail
         self.interrupt_after = interrupt_after
@@ -156,6 +212,138 @@ class InitScriptTests(unittest.TestCase):
         """A value that would add kernel parameters is refused."""
         self.assertRaises(ValueError, guest.kernel_cmdline, "ab", "10.0.0.2/24 init=/bin/sh")
 
+    def test_cmdline_key(self):
+        """The SSH key goes on the command line as omerta.key=, its base64url without padding."""
+        cmdline = guest.kernel_cmdline("ab12", "10.237.0.2/24", "10.237.0.1", ED25519 + "\n")
+        words = cmdline.split(" ")
+        self.assertEqual(words[:4], ["console=ttyS0", "omerta.vm=ab12", "omerta.ip=10.237.0.2/24",
+                                     "omerta.gw=10.237.0.1"])
+        self.assertEqual(len(words), 5)
+        name, _, value = words[4].partition("=")
+        self.assertEqual(name, "omerta.key")
+        self.assertNotIn("=", value)
+        self.assertRegex(value, r"^[A-Za-z0-9_-]+$")
+        padded = value + "=" * (-len(value) % 4)
+        self.assertEqual(base64.urlsafe_b64decode(padded).decode(), ED25519)
+        self.assertEqual(guest.kernel_cmdline("ab12", ssh_key=None), "console=ttyS0 omerta.vm=ab12")
+        self.assertEqual(guest.kernel_cmdline("ab12", ssh_key=""), "console=ttyS0 omerta.vm=ab12")
+
+    def test_cmdline_length(self):
+        """An RSA 4096 key fits within MAX_CMDLINE; a line that would not is refused with a ValueError."""
+        cmdline = guest.kernel_cmdline(VM, "10.237.255.254/24", "10.237.255.1",
+                                       rsa_key(4096, "someone@a-rather-long-host-name.example"))
+        self.assertLessEqual(len(cmdline), guest.MAX_CMDLINE)
+        self.assertLess(guest.MAX_CMDLINE, 2048)
+        e = self.assertRaises(ValueError, guest.kernel_cmdline, "a" * 600, ssh_key=rsa_key(4096))
+        self.assertIn(f"at most {guest.MAX_CMDLINE} are made", str(e))
+
+    def test_init_installs_key_and_starts_ssh(self):
+        """init decodes omerta.key into omerta's authorized_keys with strict modes, reports the host key, starts dropbear, then prints the marker."""
+        script = guest.init_script()
+        for needle in (
+            'omerta.key=*) key="${arg#omerta.key=}"',
+            "tr '_-' '/+'",
+            "base64 -d > /home/omerta/.ssh/authorized_keys",
+            "chmod 600 /home/omerta/.ssh/authorized_keys",
+            "chown -R 1000:1000 /home/omerta",
+            "chmod 700 /home/omerta/.ssh",
+            "mount -t devpts",
+            'name="omerta-$(echo "$vm" | cut -c1-8)"',
+            'hostname "$name"',
+            "dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key",
+            "pub=$(dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key | grep '^ssh-ed25519 '",
+            'echo "omerta-guest: hostkey vm=$vm $pub"',
+            "dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -s -w -E",
+        ):
+            self.assertIn(needle, script)
+        order = [script.index(s) for s in ("mount -t devpts", "hostname", "base64 -d",
+                                           "omerta-guest: hostkey", "dropbear -r",
+                                           'echo "omerta-guest: up')]
+        self.assertEqual(order, sorted(order))
+
+    def test_init_decodes_key(self):
+        """The init's decoding of omerta.key, run by sh, gives back the key line for every padding length."""
+        sh = shutil.which("sh")
+        if sh is None or shutil.which("base64") is None:
+            raise unittest.SkipTest("no sh or base64")
+        script = guest.init_script()
+        start = script.index('  k=$(echo "$key"')
+        decode = script[start:script.index("  chmod 600", start)]
+        for line in (ED25519, ED25519 + "x", ED25519 + "xy", ecdsa_key("carol")):
+            cmdline = guest.kernel_cmdline(VM, ssh_key=line)
+            key = cmdline.split("omerta.key=", 1)[1]
+            with tempfile.TemporaryDirectory() as home:
+                os.mkdir(Path(home, ".ssh"))
+                program = f"key={key}\n" + decode.replace("/home/omerta", home)
+                done = subprocess.run([sh, "-c", program], capture_output=True)
+                self.assertEqual(done.stderr, b"")
+                self.assertEqual(Path(home, ".ssh/authorized_keys").read_text(), line + "\n")
+
+
+class SSHKeyTests(unittest.TestCase):
+    def test_supported_types(self):
+        """ed25519, ecdsa-sha2-nistp256 and RSA key lines are accepted, stripped, comment kept."""
+        self.assertEqual(check_ssh_key("  " + ED25519 + "\n"), ED25519)
+        ecdsa = ecdsa_key()
+        self.assertEqual(check_ssh_key(ecdsa), ecdsa)
+        rsa = rsa_key(2048, "bob")
+        self.assertEqual(check_ssh_key(rsa), rsa)
+
+    def test_refused(self):
+        """Several lines, another type, a body that is not a key, a mismatched type and options are refused with a ValueError."""
+        body = ED25519.split()[1]
+        for bad, why in (
+            (ED25519 + "\n" + ED25519, "one line"),
+            ("ssh-dss " + body, "supported type"),
+            ("ssh-ed25519", "supported type"),
+            ("", "supported type"),
+            ("ssh-ed25519 AAAAnotakey", "bad ssh-ed25519"),
+            ("ssh-rsa " + body, "bad ssh-rsa"),
+            ('no-pty ' + ED25519, "supported type"),
+            (ED25519 + " caf\u00e9", "printable ASCII"),
+            (ED25519 + " " + "x" * 1000, "at most"),
+        ):
+            e = self.assertRaises(ValueError, check_ssh_key, bad)
+            self.assertIn(why, str(e), bad)
+
+
+class ConsoleTests(unittest.TestCase):
+    HOST = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKXXrJCpWnnAR7Be7E6VmnMOg0oYNWVvwxZCcCgxTZ0C"
+
+    def test_host_key(self):
+        """host_key_from_serial finds the guest's host key line among kernel messages, \\r\\n endings included."""
+        text = (f"[    0.1] Linux version 6.1\r\n"
+                f"omerta-guest: hostkey vm={VM} {self.HOST}\r\n"
+                f"omerta-guest: up vm={VM} ip=10.237.0.2/24\r\n")
+        self.assertEqual(host_key_from_serial(text, VM), self.HOST)
+        self.assertEqual(read_console(text, VM), guest.ConsoleReport(up=True, host_key=self.HOST))
+
+    def test_other_vm_and_garbage(self):
+        """A line of another VM, a truncated line or a malformed key is no host key."""
+        for text in (
+            "",
+            f"omerta-guest: hostkey vm=ffffffffffffffff {self.HOST}\n",
+            f"omerta-guest: hostkey vm={VM} {self.HOST[:40]}",
+            f"omerta-guest: hostkey vm={VM} ssh-ed25519 \n",
+            f"omerta-guest: hostkey vm={VM}0 {self.HOST}\n",
+        ):
+            self.assertIsNone(host_key_from_serial(text, VM), text)
+
+    def test_last_key_counts(self):
+        """When a log holds two boots, the last host key reported is the one returned."""
+        older = ED25519.rsplit(" ", 1)[0]
+        text = f"omerta-guest: hostkey vm={VM} {older}\nomerta-guest: hostkey vm={VM} {self.HOST}\n"
+        self.assertEqual(host_key_from_serial(text, VM), self.HOST)
+
+    def test_marker_and_error(self):
+        """The report says up only on this VM's marker and keeps the first error line."""
+        self.assertFalse(read_console(f"omerta-guest: up vm={VM}0 ip=\n", VM).up)
+        self.assertTrue(read_console(f"omerta-guest: up vm={VM} ip=\n", VM).up)
+        text = (f"omerta-guest: error vm={VM} insmod virtio failed\n"
+                f"omerta-guest: error vm={VM} no eth0\n")
+        self.assertEqual(read_console(text, VM).error,
+                         f"omerta-guest: error vm={VM} insmod virtio failed")
+
     def test_concrete_kernel_package(self):
         """The kernel package is read from the metapackage's Depends."""
         self.assertEqual(
@@ -200,6 +388,19 @@ class CpioTests(unittest.TestCase):
         self.assertEqual(entries["dev/console"][2], (5, 1))
         self.assertEqual(entries["lib/modules/virtio_net.ko"][1], b"virtio_net")
 
+    def test_initramfs_ssh(self):
+        """The SSH files are installed executable; passwd, group and shells let omerta (uid 1000, /bin/sh) log in and nobody with a password."""
+        data = guest.make_initramfs(b"BB", {}, {"usr/sbin/dropbear": b"DB"})
+        entries = read_cpio(gzip.decompress(data))
+        self.assertEqual(entries["usr/sbin/dropbear"][:2], (0o100755, b"DB"))
+        passwd = entries["etc/passwd"][1].decode().splitlines()
+        self.assertIn("omerta:*:1000:1000:omerta:/home/omerta:/bin/sh", passwd)
+        self.assertEqual([line.split(":")[1] for line in passwd], ["*"] * len(passwd))
+        self.assertIn("omerta:x:1000:", entries["etc/group"][1].decode().splitlines())
+        self.assertEqual(entries["etc/shells"][1], b"/bin/sh\n")
+        for d in ("etc/dropbear", "home", "lib64", "lib/x86_64-linux-gnu", "var/run"):
+            self.assertEqual(entries[d][0], 0o040755, d)
+
 
 class ImageBuilderTests(unittest.TestCase):
     def setUp(self):
@@ -219,7 +420,17 @@ class ImageBuilderTests(unittest.TestCase):
         self.assertEqual(manifest["packages"], {
             guest.KERNEL_METAPACKAGE: "6.1.999-1", KERNEL_PKG: "6.1.999-1",
             guest.BUSYBOX_PACKAGE: "1:1.35.0-4",
+            **{p: f"{p}-1.0" for p in SSH_PACKAGES},
         })
+        self.assertEqual(
+            sorted(SSH_PACKAGES),
+            ["dropbear-bin", "libc6", "libcrypt1", "libgmp10", "libtomcrypt1", "libtommath1",
+             "zlib1g"],
+        )
+        for package, _, dest in SSH_FILES:
+            self.assertEqual(entries[dest][:2], (0o100755, f"{package}:{dest}".encode()), dest)
+        self.assertEqual(entries["lib64/ld-linux-x86-64.so.2"][1],
+                         b"libc6:lib64/ld-linux-x86-64.so.2")
         self.assertEqual(manifest["kernel_release"], RELEASE)
         self.assertEqual(manifest["recipe"], guest.recipe())
         self.assertFalse((path / "debs").exists())
@@ -250,7 +461,7 @@ class ImageBuilderTests(unittest.TestCase):
         (path / "initrd.gz").write_bytes(b"truncated")
         self.assertIsNone(b.cached(DEFAULT_IMAGE))
         b.ensure()
-        self.assertEqual(len(packages.downloads), 9)
+        self.assertEqual(len(packages.downloads), 3 * (3 + len(SSH_PACKAGES)))
         self.assertEqual(sorted(p.name for p in self.dir.iterdir()), [".lock", DEFAULT_IMAGE])
 
     def test_unknown_image(self):
@@ -275,6 +486,25 @@ class ImageBuilderTests(unittest.TestCase):
         self.assertIsNone(b.cached(DEFAULT_IMAGE))
         b.ensure()
         self.assertFalse(leftover.exists())
+
+    def test_package_without_file(self):
+        """A package that lacks one of the SSH files fails the build, naming the package and file."""
+        packages = FakePackages()
+        packages.debs["libgmp10"] = ({"Version": "1"}, tar_of({"./usr/share/doc/x": b""}))
+        e = self.assertRaises(ImageError, ImageBuilder(self.dir, packages).ensure)
+        self.assertIn("libgmp10 has no file ending in /x86_64-linux-gnu/libgmp.so.10", str(e))
+        self.assertEqual([p.name for p in self.dir.iterdir()], [".lock"])
+
+    def test_recipe_bumped(self):
+        """An image of the format before SSH (format 1) is not used: it is rebuilt."""
+        packages = FakePackages()
+        b = ImageBuilder(self.dir, packages)
+        path = b.ensure()
+        manifest = json.loads((path / "manifest.json").read_text())
+        self.assertEqual(manifest["format"], 2)
+        manifest["format"] = 1
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        self.assertIsNone(b.cached(DEFAULT_IMAGE))
 
     def test_missing_tools(self):
         """Without apt-get the error says what to install."""

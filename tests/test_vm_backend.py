@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from omerta.metrics import Metrics
-from omerta.roles import vm
+from omerta.roles import guest, vm
 from omerta.roles.vm import (
     HostTools,
     IVMBackend,
@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover
         raise  # as root the environment can install it: never skip silently
 
 OWNER = "ab" * 32
+SSH_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMwfAW7KlGfgnaViiJPnjBeigDcz8iHUIppTqKRdYEmM"
+           " alice@laptop")
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKXXrJCpWnnAR7Be7E6VmnMOg0oYNWVvwxZCcCgxTZ0C"
 
 
 def spec(**kw) -> VMSpec:
@@ -353,6 +356,24 @@ class LibvirtBackendTests(unittest.TestCase):
         self.assertEqual((yield b.reconcile()), vm.ReconcileReport())
 
     @defer.inlineCallbacks
+    def test_bad_ssh_key(self):
+        """A spec whose SSH key is not a supported public key line is a BadSpec saying why."""
+        b = yield self.backend()
+        e = yield self.assertFailure(b.create(spec(ssh_key="ssh-dss AAAA")), vm.BadSpec)
+        self.assertIn("supported type", str(e))
+        self.assertEqual(self.ours(), [])
+
+    @defer.inlineCallbacks
+    def test_wait_ready_test_driver(self):
+        """On the test driver wait_ready fires at once with the VM's info and no host key; an unknown id fails."""
+        b = yield self.backend()
+        info = yield b.create(spec(ssh_key=SSH_KEY))
+        yield b.start(info.vm_id)
+        ready = yield b.wait_ready(info.vm_id, 0)
+        self.assertEqual((ready.vm_id, ready.state, ready.host_key), (info.vm_id, "running", None))
+        yield self.assertFailure(b.wait_ready("0" * 16, 1), UnknownVM)
+
+    @defer.inlineCallbacks
     def test_not_running(self):
         """A stopped backend fails calls instead of touching libvirt on the reactor thread."""
         b = yield self.backend()
@@ -572,3 +593,135 @@ class QemuKindTests(unittest.TestCase):
         self.assertEqual(os.stat(self.data_dir).st_mode & 0o777, 0o711)
         self.assertEqual(os.stat(b.disk_path(info.vm_id).parent).st_mode & 0o777, 0o711)
         self.assertEqual(os.stat(b.disk_path(info.vm_id)).st_mode & 0o777, 0o600)
+
+    @defer.inlineCallbacks
+    def test_cmdline_carries_ssh_key(self):
+        """The spec's SSH key is kept in the ledger and passed to the guest as omerta.key on its kernel command line."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox", ssh_key=SSH_KEY))
+        self.assertEqual(
+            self.xml(info.vm_id).findtext("os/cmdline"),
+            guest.kernel_cmdline(info.vm_id, "10.237.0.2/24", "10.237.0.1", SSH_KEY),
+        )
+        self.assertIn(" omerta.key=", self.xml(info.vm_id).findtext("os/cmdline"))
+        document = json.loads(b.ledger_path.read_text())
+        self.assertEqual(document["vms"][info.vm_id]["ssh_key"], SSH_KEY)
+
+    def console(self, b, vm_id, *lines):
+        """
+        Append lines to VM C{vm_id}'s serial log, as its guest would.
+        """
+        with open(b.serial_log_path(vm_id), "a") as f:
+            f.write("".join(line + "\r\n" for line in lines))
+
+    def booted(self, b, vm_id):
+        self.console(b, vm_id, "[    0.000000] Linux version 6.1.0",
+                     f"{guest.HOSTKEY_MARKER} vm={vm_id} {HOST_KEY}",
+                     f"{guest.MARKER} vm={vm_id} ip=10.237.0.2/24")
+
+    @defer.inlineCallbacks
+    def test_wait_ready(self):
+        """wait_ready looks at the serial log on the worker thread until the guest's marker, then fires with its host key, kept in the ledger."""
+        b = yield self.backend()
+        b.POLL_INTERVAL = 0.01
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        looks = []
+        read_console = guest.read_console
+
+        def reading(text, vm_id):
+            looks.append(threading.current_thread())
+            if len(looks) == 1:  # the guest finishes booting after the first look
+                self.booted(b, vm_id)
+            return read_console(text, vm_id)
+
+        self.patch(guest, "read_console", reading)
+        ready = yield b.wait_ready(info.vm_id, 30)
+        self.assertEqual((ready.state, ready.host_key), ("running", HOST_KEY))
+        self.assertEqual(len(looks), 2)
+        self.assertNotIn(threading.current_thread(), looks)
+        document = json.loads(b.ledger_path.read_text())
+        self.assertEqual(document["vms"][info.vm_id]["host_key"], HOST_KEY)
+
+    @defer.inlineCallbacks
+    def test_wait_ready_guest_error(self):
+        """A guest's error line fails wait_ready with a VMError quoting it and naming the serial log."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.console(b, info.vm_id, f"{guest.ERROR_MARKER} vm={info.vm_id} no eth0")
+        e = yield self.assertFailure(b.wait_ready(info.vm_id, 30), vm.VMError)
+        self.assertIn("no eth0", str(e))
+        self.assertIn(str(b.serial_log_path(info.vm_id)), str(e))
+
+    @defer.inlineCallbacks
+    def test_wait_ready_without_host_key(self):
+        """A guest that says it is up without having reported a host key fails wait_ready: ssh could not be trusted."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.console(b, info.vm_id, f"{guest.MARKER} vm={info.vm_id} ip=10.237.0.2/24")
+        e = yield self.assertFailure(b.wait_ready(info.vm_id, 30), vm.VMError)
+        self.assertIn("no SSH host key", str(e))
+
+    @defer.inlineCallbacks
+    def test_wait_ready_timeout(self):
+        """A guest silent until the deadline fails wait_ready with a VMError naming the serial log."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        e = yield self.assertFailure(b.wait_ready(info.vm_id, 0), vm.VMError)
+        self.assertIn("not up after 0 s", str(e))
+        self.assertIn(str(b.serial_log_path(info.vm_id)), str(e))
+
+    @defer.inlineCallbacks
+    def test_wait_ready_not_running(self):
+        """wait_ready on a VM that is not running fails at once, even if an old boot left a marker in its log."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        self.booted(b, info.vm_id)
+        e = yield self.assertFailure(b.wait_ready(info.vm_id, 30), vm.VMError)
+        self.assertIn("is shutoff", str(e))
+
+    @defer.inlineCallbacks
+    def test_info_and_list_fill_host_key(self):
+        """info and list report the host key once the running guest printed it; stop forgets it."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.assertIsNone((yield b.info(info.vm_id)).host_key)
+        self.booted(b, info.vm_id)
+        [listed] = yield b.list()
+        self.assertEqual(listed.host_key, HOST_KEY)
+        self.assertEqual((yield b.info(info.vm_id)).host_key, HOST_KEY)
+        stopped = yield b.stop(info.vm_id)
+        self.assertIsNone(stopped.host_key)
+        self.assertIsNone((yield b.info(info.vm_id)).host_key)
+        self.assertNotIn("host_key", json.loads(b.ledger_path.read_text())["vms"][info.vm_id])
+
+    @defer.inlineCallbacks
+    def test_host_key_kept_in_ledger(self):
+        """A host key once read is kept: a restarted backend reports it without reading the log."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.booted(b, info.vm_id)
+        yield b.wait_ready(info.vm_id, 30)
+        yield b.stopService()
+        b.serial_log_path(info.vm_id).unlink()
+        b2 = yield self.backend()
+        self.assertEqual((yield b2.info(info.vm_id)).host_key, HOST_KEY)
+
+    @defer.inlineCallbacks
+    def test_start_forgets_host_key(self):
+        """A new boot makes a new host key: start forgets the old one until the guest reports again."""
+        b = yield self.backend()
+        info = yield b.create(spec(image="debian-busybox"))
+        yield b.start(info.vm_id)
+        self.booted(b, info.vm_id)
+        yield b.wait_ready(info.vm_id, 30)
+        yield b.stop(info.vm_id)
+        b.serial_log_path(info.vm_id).unlink()  # QEMU truncates it at start
+        started = yield b.start(info.vm_id)
+        self.assertIsNone(started.host_key)
+        self.assertIsNone((yield b.info(info.vm_id)).host_key)

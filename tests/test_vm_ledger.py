@@ -17,6 +17,7 @@ from omerta.roles.vmledger import LEDGER_VERSION, LedgerSnapshot, VMLedger, read
 from omerta.roles.vmtypes import Quota, QuotaExceeded, Resources, UnknownVM, VMError, VMInfo, VMSpec
 
 OWNER = "ab" * 32
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMwfAW7KlGfgnaViiJPnjBeigDcz8iHUIppTqKRdYEmM"
 
 
 def spec(**kw) -> VMSpec:
@@ -51,7 +52,7 @@ class VMLedgerTests(unittest.TestCase):
             entry,
             {"vm_id": "aa" * 8, "state": "defining", "created_at": 1000.5, "address": None,
              "vcpus": 2, "memory_mb": 128, "disk_gb": 1, "image": "busybox", "owner": OWNER,
-             "name": "web"},
+             "name": "web", "ssh_key": ""},
         )
         self.assertIn("aa" * 8, ledger)
         self.assertEqual(ledger.entry("aa" * 8), entry)
@@ -149,11 +150,32 @@ class VMLedgerTests(unittest.TestCase):
         )
 
     def test_unknown_vm(self):
-        """entry, info and mark_defined of an id never reserved raise UnknownVM."""
+        """entry, info, mark_defined and set_host_key of an id never reserved raise UnknownVM."""
         ledger = self.ledger()
         self.assertRaises(UnknownVM, ledger.entry, "00" * 8)
         self.assertRaises(UnknownVM, ledger.info, "00" * 8, "running")
         self.assertRaises(UnknownVM, ledger.mark_defined, "00" * 8)
+        self.assertRaises(UnknownVM, ledger.set_host_key, "00" * 8, HOST_KEY)
+
+    def test_ssh_key_recorded(self):
+        """The spec's SSH key is kept in the entry, for the kernel command line of every define."""
+        ledger = self.ledger()
+        key = "ssh-ed25519 " + HOST_KEY.split()[1] + " alice"
+        self.assertEqual(ledger.reserve("aa" * 8, spec(ssh_key=key))["ssh_key"], key)
+
+    def test_host_key(self):
+        """set_host_key records the guest's host key in the entry and info; None forgets it; it says whether anything changed."""
+        ledger = self.ledger()
+        ledger.reserve("aa" * 8, spec())
+        self.assertIsNone(ledger.info("aa" * 8, "running").host_key)
+        self.assertTrue(ledger.set_host_key("aa" * 8, HOST_KEY))
+        self.assertFalse(ledger.set_host_key("aa" * 8, HOST_KEY))
+        self.assertEqual(ledger.info("aa" * 8, "running").host_key, HOST_KEY)
+        self.assertEqual(ledger.snapshot().document["vms"]["aa" * 8]["host_key"], HOST_KEY)
+        self.assertTrue(ledger.set_host_key("aa" * 8, None))
+        self.assertFalse(ledger.set_host_key("aa" * 8, None))
+        self.assertNotIn("host_key", ledger.entry("aa" * 8))
+        self.assertIsNone(ledger.info("aa" * 8, "shutoff").host_key)
 
     def test_persistence_round_trip(self):
         """A written snapshot, read and loaded into a new ledger, gives the same entries, provider id and addresses."""

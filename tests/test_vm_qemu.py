@@ -7,11 +7,15 @@ packages are a failure (run C{scripts/setup-env} as root to install them).
 The test starts C{virtlogd} and C{libvirtd} when they are not running, builds
 the guest image into C{$OMERTA_TEST_IMAGE_CACHE} (default
 C{/var/cache/omerta-test-images}; a cached image is reused, so only the
-first run pays the ~4 s build), boots a 1-vcpu 192 MiB guest on bridge
-L{BRIDGE}, waits for the guest's marker line with its address on the serial
-console and for it to answer ping over the bridge, then destroys it and
-checks nothing is left.  Waits poll with a deadline; nothing sleeps.  The
-timings go to the test log (C{_trial_temp/test.log}).
+first run pays the ~10 s build), boots a 1-vcpu 192 MiB guest on bridge
+L{BRIDGE} with a freshly made ed25519 key as the consumer's, waits
+(L{LibvirtBackend.wait_ready}) for the guest's marker line with its address
+on the serial console and its reported host key, for it to answer ping over
+the bridge, and for C{ssh omerta@ADDR hostname} (strict host key checking
+against the reported key only) to print its host name; root is refused.
+Then it destroys the VM and checks nothing is left.  Waits poll with a
+deadline; nothing sleeps.  The timings go to the test log
+(C{_trial_temp/test.log}).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 from unittest import SkipTest
 
-from twisted.internet import defer, reactor, task, utils
+from twisted.internet import defer, utils
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial import unittest
@@ -45,6 +49,7 @@ OWNER = "cd" * 32
 DAEMON_DEADLINE = 30.0
 BOOT_DEADLINE = 120.0
 PING_DEADLINE = 30.0
+SSH_DEADLINE = 60.0
 
 # tool -> the Debian package that provides it
 TOOLS = {
@@ -54,6 +59,8 @@ TOOLS = {
     "apt-get": "apt",
     "dpkg-deb": "dpkg",
     "ping": "iputils-ping",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
 }
 
 log = Logger()
@@ -129,8 +136,28 @@ def domain_names() -> list[str]:
         conn.close()
 
 
-def pause(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
+def make_key(directory: Path) -> tuple[Path, str]:
+    """
+    A new ed25519 key pair without passphrase in C{directory}: the private
+    key's path and the public key line.
+    """
+    key = directory / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "consumer@test",
+                    "-f", str(key)], check=True, capture_output=True)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+def ssh_argv(key: Path, known_hosts: Path, user: str, address: str, *command: str) -> list[str]:
+    """
+    An ssh command line that trusts only C{known_hosts}, logs in with
+    C{key} only, never asks anything and reads no configuration.
+    """
+    return [
+        "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+        "-o", "LogLevel=ERROR", f"{user}@{address}", *command,
+    ]
 
 
 class RealGuestTests(unittest.TestCase):
@@ -151,8 +178,8 @@ class RealGuestTests(unittest.TestCase):
         self.data_dir = top / "provider"
 
     @defer.inlineCallbacks
-    def test_boot_ping_destroy(self):
-        """A real guest boots on the bridge, reports its allocated address, answers ping, and destroy leaves nothing behind."""
+    def test_boot_ping_ssh_destroy(self):
+        """A real guest boots on the bridge, reports its address and host key, answers ping, lets the consumer's key in over ssh (not root), and destroy leaves nothing behind."""
         yield deferToThread(start_daemons)
         yield defer.ensureDeferred(wait_for(LIBVIRT_SOCKET.exists, DAEMON_DEADLINE,
                                             f"libvirtd's socket {LIBVIRT_SOCKET}"))
@@ -174,9 +201,13 @@ class RealGuestTests(unittest.TestCase):
         yield b.whenReady
         log.info("qemu:///system backend ready in {s:.2f} s", s=time.monotonic() - t0)
 
+        keys = Path(self.mktemp())
+        keys.mkdir(mode=0o700)
+        key, public_key = make_key(keys)
         t0 = time.monotonic()
         info = yield b.create(VMSpec(vcpus=1, memory_mb=192, disk_gb=1,
-                                     image=guest.DEFAULT_IMAGE, owner=OWNER, name="ci"))
+                                     image=guest.DEFAULT_IMAGE, owner=OWNER, name="ci",
+                                     ssh_key=public_key))
         log.info("create() took {s:.2f} s", s=time.monotonic() - t0)
         self.assertEqual(info.state, "shutoff")
         self.assertTrue(info.address.startswith("10.237.254."), info.address)
@@ -186,17 +217,17 @@ class RealGuestTests(unittest.TestCase):
         started = yield b.start(info.vm_id)
         self.assertEqual(started.state, "running")
         t_started = time.monotonic() - t0
-        marker = f"{guest.MARKER} vm={info.vm_id} ip={info.address}/24"
-        end = t0 + BOOT_DEADLINE
-        while True:
+        try:
+            ready = yield b.wait_ready(info.vm_id, BOOT_DEADLINE)
+        except Exception as e:
             text = serial.read_text(errors="replace") if serial.exists() else ""
-            if marker in text:
-                break
-            if guest.ERROR_MARKER in text or time.monotonic() > end:
-                self.fail(f"no {marker!r} on the serial console after"
-                          f" {time.monotonic() - t0:.1f} s; it ends with:\n{text[-2000:]}")
-            yield pause(0.05)
+            self.fail(f"{e}; the console ends with:\n{text[-2000:]}")
         t_marker = time.monotonic() - t0
+        self.assertIn(f"{guest.MARKER} vm={info.vm_id} ip={info.address}/24",
+                      serial.read_text(errors="replace"))
+        self.assertRegex(ready.host_key, r"^ssh-ed25519 AAAA[A-Za-z0-9+/]+=*$")
+        self.assertEqual(ready.host_key, guest.host_key_from_serial(serial.read_text(), info.vm_id))
+        self.assertEqual((yield b.info(info.vm_id)).host_key, ready.host_key)
 
         end = time.monotonic() + PING_DEADLINE
         while (yield utils.getProcessValue(shutil.which("ping"),
@@ -204,10 +235,34 @@ class RealGuestTests(unittest.TestCase):
             if time.monotonic() > end:
                 self.fail(f"{info.address} did not answer ping over {BRIDGE}")
         t_ping = time.monotonic() - t0
+
+        # the reported host key is the only one trusted, the fresh key the
+        # only one offered: a hostname printed proves both
+        known_hosts = keys / "known_hosts"
+        known_hosts.write_text(f"{info.address} {ready.host_key}\n")
+        ssh = shutil.which("ssh")
+        end = time.monotonic() + SSH_DEADLINE
+        while True:
+            out, err, code = yield utils.getProcessOutputAndValue(
+                ssh, ssh_argv(key, known_hosts, "omerta", info.address, "hostname"))
+            if code == 0 or time.monotonic() > end:
+                break
+        self.assertEqual((code, out.decode().strip()), (0, f"omerta-{info.vm_id[:8]}"),
+                         err.decode(errors="replace"))
+        t_ssh = time.monotonic() - t0
+        # an interactive session gets a pty (devpts is mounted)
+        out, err, code = yield utils.getProcessOutputAndValue(
+            ssh, ["-tt", *ssh_argv(key, known_hosts, "omerta", info.address, "tty; id -u")])
+        self.assertEqual((code, out.decode().split()), (0, ["/dev/pts/0", "1000"]),
+                         err.decode(errors="replace"))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            ssh, ssh_argv(key, known_hosts, "root", info.address, "true"))
+        self.assertEqual(code, 255, "root logged in")
+        self.assertIn(b"Permission denied", err)
         log.info(
-            "guest {vm}: start() returned after {a:.2f} s, marker after {b:.2f} s,"
-            " ping after {c:.2f} s",
-            vm=info.vm_id, a=t_started, b=t_marker, c=t_ping,
+            "guest {vm}: start() returned after {a:.2f} s, ready (marker, host key) after"
+            " {b:.2f} s, ping after {c:.2f} s, ssh hostname after {d:.2f} s",
+            vm=info.vm_id, a=t_started, b=t_marker, c=t_ping, d=t_ssh,
         )
 
         yield b.destroy(info.vm_id)

@@ -63,6 +63,14 @@ command line (L{guest.kernel_cmdline}).  QEMU runs as an unprivileged user,
 so the data directory gets search permission (0711) and the disk is 0600
 (libvirt hands it to QEMU's user while the VM runs).
 
+A consumer logs into a QEMU guest over SSH as C{omerta}: the spec's
+C{ssh_key} goes to the guest on its kernel command line, and the guest makes
+a host key at each boot and prints it on its serial console
+(C{<data_dir>/vms/<id>/serial.log}).  The backend reads that log on the
+worker thread (for L{LibvirtBackend.info}, L{LibvirtBackend.list} and
+L{LibvirtBackend.wait_ready}) until it finds the key, then keeps it in the
+ledger entry until the VM is started or stopped again.
+
 The test driver
 ===============
 
@@ -81,7 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -165,6 +173,10 @@ class LibvirtBackend(service.Service):
     """
 
     log = Logger()
+
+    POLL_INTERVAL = 0.25
+    """Seconds between two looks at a booting guest's serial log in
+    L{wait_ready}: QEMU writes a file, there is no event to wait on."""
 
     def __init__(
         self,
@@ -365,21 +377,45 @@ class LibvirtBackend(service.Service):
             image_dir=image_dir,
             serial_log=self.serial_log_path(vm_id),
             bridge=self.bridge,
-            cmdline=self._cmdline(vm_id, entry["address"]),
+            cmdline=self._cmdline(vm_id, entry["address"], entry.get("ssh_key") or None),
         )
         state = await self.worker.define_vm(vm_id, xml, spec.disk_gb)
         self.ledger.mark_defined(vm_id)
         await self._save()
         return self.ledger.info(vm_id, state)
 
-    def _cmdline(self, vm_id: str, address: str | None) -> str | None:
+    def _cmdline(self, vm_id: str, address: str | None, ssh_key: str | None = None
+                 ) -> str | None:
         if self.domain_kind != "qemu":
             return None
         return guest.kernel_cmdline(
             vm_id,
             self.addresses.with_prefix(address) if address else None,
             self.addresses.gateway if address else None,
+            ssh_key,
         )
+
+    async def _learn_host_keys(self, states: dict[str, str]) -> None:
+        """
+        Record the host keys the running guests without one have printed
+        on their serial consoles since the last look.
+        """
+        if self.domain_kind != "qemu":
+            return
+        waiting = [
+            v for v, state in states.items()
+            if state == "running" and v in self.ledger
+            and self.ledger.entry(v).get("host_key") is None
+        ]
+        if not waiting:
+            return
+        reports = await self.worker.console_reports(waiting)
+        changed = False
+        for vm_id, report in reports.items():
+            if report.host_key is not None and vm_id in self.ledger:
+                changed |= self.ledger.set_host_key(vm_id, report.host_key)
+        if changed:
+            await self._save()
 
     def info(self, vm_id: str) -> defer.Deferred:
         return defer.ensureDeferred(self._info(vm_id))
@@ -387,6 +423,7 @@ class LibvirtBackend(service.Service):
     async def _info(self, vm_id: str) -> VMInfo:
         self.ledger.entry(vm_id)
         states = await self.worker.vm_states([vm_id])
+        await self._learn_host_keys(states)
         return self.ledger.info(vm_id, states[vm_id])
 
     def list(self) -> defer.Deferred:
@@ -395,15 +432,70 @@ class LibvirtBackend(service.Service):
     async def _list(self) -> list[VMInfo]:
         ids = self.ledger.ids()
         states = await self.worker.vm_states(ids)
+        await self._learn_host_keys(states)
         return [self.ledger.info(v, states[v]) for v in ids if v in self.ledger]
 
+    def wait_ready(self, vm_id: str, timeout: float) -> defer.Deferred:
+        """
+        Wait until VM C{vm_id}'s guest is up: it printed L{guest.MARKER} (its
+        SSH server listens) after its host key on its serial console.  The
+        log is read on the worker thread every L{POLL_INTERVAL} seconds.  On
+        the test driver there is no guest: it fires at once, C{host_key}
+        C{None}.
+
+        @param timeout: seconds to wait, on the reactor's clock.
+        @return: Deferred firing with the L{VMInfo}, C{host_key} filled in;
+            it fails with L{UnknownVM}, or with L{VMError} naming the serial
+            log when the guest reports an error, is not running, or is not up
+            within C{timeout}.
+        """
+        return defer.ensureDeferred(self._wait_ready(vm_id, timeout))
+
+    async def _wait_ready(self, vm_id: str, timeout: float) -> VMInfo:
+        self.ledger.entry(vm_id)
+        if self.domain_kind != "qemu":
+            return await self._info(vm_id)
+        deadline = self.reactor.seconds() + timeout
+        serial = self.serial_log_path(vm_id)
+        while True:
+            state = (await self.worker.vm_states([vm_id]))[vm_id]
+            report = (await self.worker.console_reports([vm_id]))[vm_id]
+            self.ledger.entry(vm_id)  # destroyed meanwhile: UnknownVM
+            if report.error is not None:
+                raise VMError(f"the guest of VM {vm_id} failed: {report.error!r} (its console"
+                              f" is in {serial})")
+            if state != "running":
+                raise VMError(f"VM {vm_id} is {state}, its guest will not come up (its console"
+                              f" is in {serial})")
+            if report.up and report.host_key is not None:
+                if self.ledger.set_host_key(vm_id, report.host_key):
+                    await self._save()
+                return self.ledger.info(vm_id, state)
+            if report.up:
+                raise VMError(f"the guest of VM {vm_id} is up but reported no SSH host key"
+                              f" (its console is in {serial})")
+            left = deadline - self.reactor.seconds()
+            if left <= 0:
+                raise VMError(f"the guest of VM {vm_id} was not up after {timeout:g} s (its"
+                              f" console is in {serial})")
+            await task.deferLater(self.reactor, min(self.POLL_INTERVAL, left), lambda: None)
+
     def start(self, vm_id: str) -> defer.Deferred:
+        """
+        Boot the VM unless it runs.  A new boot makes a new host key, so
+        the one known is forgotten until the guest reports it again.
+        """
         return defer.ensureDeferred(self._start(vm_id))
 
     async def _start(self, vm_id: str) -> VMInfo:
         image = self.ledger.entry(vm_id).get("image", "")
         state = await self.worker.start_vm(vm_id, image)
+        await self._forget_host_key(vm_id)
         return self.ledger.info(vm_id, state)
+
+    async def _forget_host_key(self, vm_id: str) -> None:
+        if vm_id in self.ledger and self.ledger.set_host_key(vm_id, None):
+            await self._save()
 
     def stop(self, vm_id: str) -> defer.Deferred:
         """
@@ -415,6 +507,7 @@ class LibvirtBackend(service.Service):
     async def _stop(self, vm_id: str) -> VMInfo:
         self.ledger.entry(vm_id)
         state = await self.worker.stop_vm(vm_id)
+        await self._forget_host_key(vm_id)
         return self.ledger.info(vm_id, state)
 
     def destroy(self, vm_id: str) -> defer.Deferred:

@@ -190,6 +190,7 @@ class VMLedger:
             created_at=e["created_at"],
             address=e.get("address"),
             image=e.get("image", ""),
+            host_key=e.get("host_key"),
         )
 
     def committed(self) -> Resources:
@@ -256,6 +257,25 @@ class VMLedger:
         if vm_id not in self._vms:
             raise UnknownVM(f"no VM {vm_id!r} on this provider")
         self._vms[vm_id]["state"] = "defined"
+
+    def set_host_key(self, vm_id: str, host_key: str | None) -> bool:
+        """
+        Record the SSH host key VM C{vm_id}'s guest reported (C{None}: none
+        known, as after a stop or a new boot).
+
+        @return: whether the entry changed (and so the file needs writing).
+        @raise UnknownVM: there is no such entry.
+        """
+        if vm_id not in self._vms:
+            raise UnknownVM(f"no VM {vm_id!r} on this provider")
+        entry = self._vms[vm_id]
+        if entry.get("host_key") == host_key:
+            return False
+        if host_key is None:
+            del entry["host_key"]
+        else:
+            entry["host_key"] = host_key
+        return True
 
     def remove(self, vm_id: str) -> dict[str, Any] | None:
         """

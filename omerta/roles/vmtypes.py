@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from zope.interface import Attribute, Interface
 
+from omerta.roles.guest import check_ssh_key
+
 DEFAULT_URI = "test:///default"
 
 
@@ -62,6 +64,10 @@ class VMSpec:
     name: str = ""
     """A label chosen by the consumer; the domain name is always
     C{omerta-<vm_id>}."""
+    ssh_key: str = ""
+    """The consumer's OpenSSH public key line, installed in a QEMU guest for
+    the user C{omerta}; empty for none.  See
+    L{omerta.roles.guest.check_ssh_key}."""
 
     def validate(self) -> None:
         if self.vcpus < 1 or self.memory_mb < 16 or self.disk_gb < 0:
@@ -76,6 +82,11 @@ class VMSpec:
             bytes.fromhex(self.owner)
         except ValueError:
             raise BadSpec(f"owner must be a hex peer id, got {self.owner!r}")
+        if self.ssh_key:
+            try:
+                check_ssh_key(self.ssh_key)
+            except ValueError as e:
+                raise BadSpec(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,10 @@ class VMInfo:
     created_at: float
     address: str | None = None
     image: str = ""
+    host_key: str | None = None
+    """The guest's SSH host public key (C{ssh-ed25519 AAAA...}) as it
+    reported it on its serial console this boot; C{None} before that, and
+    always on the test driver."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,17 @@ class IVMBackend(Interface):
         """
         Stop, undefine and delete the disk of a VM, and forget it.
         @return: Deferred firing with C{None}.
+        """
+
+    def wait_ready(vm_id, timeout):
+        """
+        Wait until the VM's guest is up (for a real guest: its SSH server
+        listens and its host key is known).
+
+        @param timeout: seconds.
+        @return: Deferred firing with the L{VMInfo} (C{host_key} filled in
+            for a real guest); fails with L{UnknownVM}, or L{VMError} when
+            the guest fails, is not running or is not up in time.
         """
 
     def list():

@@ -3,10 +3,10 @@ The VM backend's worker: everything that blocks, on one dedicated thread.
 
 L{LibvirtWorker} owns a single-thread pool and the libvirt connection.  Every
 libvirt call (opening the connection included), every guest image build and
-bridge setup, every disk creation and removal, the permissions QEMU needs and
-every write of the ledger file run on that thread, in submission order:
-a libvirt connection is used from a single thread, and an operation
-submitted after another sees its effects.  Each method returns a Deferred
+bridge setup, every disk creation and removal, the permissions QEMU needs,
+every read of a guest's serial log and every write of the ledger file run on
+that thread, in submission order: a libvirt connection is used from a single
+thread, and an operation submitted after another sees its effects.  Each method returns a Deferred
 that fires on the reactor thread with plain values (a state word, a path, a
 dict); the worker keeps no bookkeeping of its own, so the caller (the
 backend, on the reactor thread) owns all state.
@@ -46,6 +46,10 @@ STATES = {
 
 LOST = "lost"
 """The state word of a VM whose domain is gone."""
+
+SERIAL_READ_LIMIT = 1 << 20
+"""How much of a serial log is read, from its start: a guest reports itself
+in the first few tens of kilobytes."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,26 @@ class LibvirtWorker:
 
     def _vm_states(self, vm_ids: list[str]) -> dict[str, str]:
         return {v: self._state_of(self._domain(v)) for v in vm_ids}
+
+    def console_reports(self, vm_ids: Iterable[str]) -> defer.Deferred:
+        """
+        What each VM's guest reported on its serial console
+        (L{guest.read_console}); a VM without a serial log reported nothing.
+
+        @return: Deferred firing with a L{guest.ConsoleReport} by VM id.
+        """
+        return self._run(self._console_reports, list(vm_ids))
+
+    def _console_reports(self, vm_ids: list[str]) -> dict[str, guest.ConsoleReport]:
+        out = {}
+        for vm_id in vm_ids:
+            try:
+                with open(self.paths.serial_log(vm_id), "rb") as f:
+                    text = f.read(SERIAL_READ_LIMIT).decode(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            out[vm_id] = guest.read_console(text, vm_id)
+        return out
 
     @staticmethod
     def _state_of(dom) -> str:
