@@ -9,11 +9,14 @@ in-memory L{FakeBackend}; time is the simulator's.
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 
 from twisted.trial import unittest
 
 from omerta.addressing import BootstrapSpec, Endpoint
 from omerta.mesh.network import MeshNetwork, NotJoined
+from omerta.crypto.wireguard import load_or_create_key
 from omerta.roles.consumer import ConsumerStore, ProviderScore
 from omerta.roles.consumer_client import (ConsumerClient, ConsumerError, NoAnswer, NoRoom,
                                           NotAProvider, NothingAnswered, ProviderNotFound,
@@ -89,7 +92,14 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(granted.provider.name, "provider-1")
         self.assertEqual(list(self.backends["provider-1"].vms), [vm.vm_id])
         stored = self.state()["vms"][vm.vm_id]
-        self.assertEqual(len(stored["wg_private_key"]), 44)
+        self.assertNotIn("private", " ".join(stored))
+        # the tunnel key for that provider is its own 0600 file, its public half sent
+        key_file = Path(self.data_dir) / "tunnels" / f"{vm.provider}.key"
+        self.assertEqual(stat.S_IMODE(key_file.stat().st_mode), 0o600)
+        self.assertEqual(load_or_create_key(key_file).public_text, vm.wg_public_key)
+        # no SSH key given: one was made for this VM, named after it
+        self.assertEqual(Path(vm.ssh_key), Path(self.data_dir) / "ssh" / vm.vm_id)
+        self.assertEqual(stat.S_IMODE(Path(vm.ssh_key).stat().st_mode), 0o600)
         self.assertEqual(self.client.held(), [vm])
         [score] = self.state()["providers"].values()
         self.assertEqual((score["successes"], score["failures"], score["last_outcome_at"]),

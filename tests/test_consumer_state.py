@@ -45,11 +45,12 @@ def held(vm_id="0123456789abcdef", **changes) -> HeldVM:
         name="web",
         state="running",
         address="10.99.0.2",
-        wg_private_key="cHJpdmF0ZQ==",
         wg_public_key="cHVibGlj",
         provider_wg_key="cHJvdmlkZXI=",
-        provider_endpoint="192.0.2.1:51820",
         path_kind="direct",
+        tunnel_address="100.64.7.2",
+        provider_tunnel_address="100.64.7.1",
+        tunnel_prefix=24,
     )
     return dataclasses.replace(vm, **changes)
 
@@ -322,13 +323,24 @@ class OutcomeTests(unittest.TestCase):
 
 
 class HeldVMTests(unittest.TestCase):
-    def test_public_hides_private_key(self):
-        """public() is every field but the WireGuard private key."""
+    def test_public_holds_no_private_key(self):
+        """public() is every field; none of them is a private key (those stay in key files)."""
         document = held().public()
-        self.assertNotIn("wg_private_key", document)
-        self.assertNotIn("cHJpdmF0ZQ==", json.dumps(document))
-        self.assertEqual(set(document) | {"wg_private_key"},
-                         {f.name for f in dataclasses.fields(HeldVM)})
+        self.assertEqual(set(document), {f.name for f in dataclasses.fields(HeldVM)})
+        self.assertFalse(any("private" in name for name in document))
+
+    def test_version_1_read(self):
+        """A version 1 file (a key pair per VM, the provider's endpoint) is read as version 2."""
+        old = dict(dataclasses.asdict(held()), wg_private_key="cHJpdmF0ZQ==",
+                   provider_endpoint="192.0.2.1:51820")
+        for name in ("tunnel_address", "provider_tunnel_address", "tunnel_prefix",
+                     "host_key", "ssh_key"):
+            del old[name]
+        state = ConsumerState.from_document({"version": 1, "vms": {"0123456789abcdef": old}},
+                                            Path("x"))
+        vm = state.vms["0123456789abcdef"]
+        self.assertIsNone(vm.tunnel_address)
+        self.assertNotIn("cHJpdmF0ZQ==", json.dumps(state.as_document()))
 
     def test_document_round_trip(self):
         """A state turned into its document and back is equal, None address included."""

@@ -42,6 +42,9 @@ from omerta.app import cli, control, documents
 from omerta.app.control import (CONTROL_SOCKET, MAX_BODY, STREAM_BACKLOG, ControlAPI,
                                 ControlService, ControlSite, control_socket_path, jsonable)
 from omerta.crypto.identity import load_or_create_identity
+from omerta.crypto.wireguard import load_or_create_key
+
+
 from omerta.mesh.peer import RelayRoute
 from omerta.mesh.service import NodeService
 from omerta.roles.consumer import ConsumerStore
@@ -572,7 +575,8 @@ class ResourceTests(unittest.TestCase):
         raw = identity.private_key.private_bytes_raw()
         membership = self.fixture.membership
         secrets = {
-            "wireguard private key": held.wg_private_key.encode(),
+            "wireguard private key": load_or_create_key(
+                self.daemon.data_dir / "tunnels" / f"{held.provider}.key").private_text.encode(),
             "identity key (hex)": raw.hex().encode(),
             "identity key (PEM)": identity.private_pem().split(b"\n")[1],
             "network key": membership.key.to_text().encode(),
@@ -907,11 +911,11 @@ class ServiceWiringTests(unittest.TestCase):
         options = relay_tap.Options()
         options.parseOptions(["--data-dir", data_dir])
         top = make_node_service(options, reactor=MemoryUDPReactor())
-        self.assertEqual([s.name for s in top], ["node", "control"])
+        self.assertEqual([s.name for s in top], ["node", "tunnels", "control"])
         self.assertIs(top.getServiceNamed("control").node, top.getServiceNamed("node"))
         options = relay_tap.Options()
         options.parseOptions(["--data-dir", data_dir, "--no-control"])
-        self.assertEqual([s.name for s in make_node_service(options)], ["node"])
+        self.assertEqual([s.name for s in make_node_service(options)], ["node", "tunnels"])
 
     def test_listens_only_when_started(self):
         """Nothing listens until startService; then control.sock, mode 0600, with a lock."""

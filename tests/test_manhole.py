@@ -184,7 +184,7 @@ class OptionTests(unittest.TestCase):
     def test_off_by_default(self):
         """Without --manhole the node has no manhole service."""
         top = make_node_service(self.parse())
-        self.assertEqual([s.name for s in top], ["node", "control"])
+        self.assertEqual([s.name for s in top], ["node", "tunnels", "control"])
         top = make_node_service(self.parse("--manhole", "tcp:7422:interface=127.0.0.1"))
         self.assertIsInstance(top.getServiceNamed("manhole"), manhole.ManholeService)
 

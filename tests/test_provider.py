@@ -10,6 +10,7 @@ guests).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import replace
@@ -28,6 +29,7 @@ from omerta.roles.vm import (BadSpec, IVMBackend, Quota, QuotaExceeded, Resource
 from omerta.storage import read_json
 from omerta.wire.messages import Capability
 from omerta.wire.vm import CHANNEL, VmOp, VmStatus, build_request, parse_reply
+from omerta.tunnel.addresses import provider_subnet
 from tests.test_node import MeshFixture
 
 HOST = HostResources(cpu_cores=4, memory_mb=8192, disk_gb=100, gpus=())
@@ -92,10 +94,47 @@ class FakeBackend:
         except UnknownVM:
             return defer.fail()
 
+    def wait_ready(self, vm_id, timeout):
+        try:
+            info = self._get(vm_id)
+        except UnknownVM:
+            return defer.fail()
+        self.vms[vm_id] = replace(info, host_key="ssh-ed25519 AAAAguest")
+        return defer.succeed(self.vms[vm_id])
+
     def _get(self, vm_id) -> VMInfo:
         if vm_id not in self.vms:
             raise UnknownVM(f"no VM {vm_id!r} on this provider")
         return self.vms[vm_id]
+
+
+class FakeTunnels:
+    """What the provider declares to its tunnels (L{ProviderTunnels}), recorded."""
+
+    def __init__(self):
+        self.address = "100.64.9.1"
+        self.running = False
+        self.grants: list = []
+        self.applied = 0
+
+    def start(self):
+        self.running = True
+        return defer.succeed(None)
+
+    def stop(self):
+        self.running = False
+        return defer.succeed(None)
+
+    def apply(self, grants):
+        self.grants = list(grants)
+        self.applied += 1
+        return defer.succeed(None)
+
+    def state_of(self, key):
+        return "ready" if any(g.consumer_key == key for g in self.grants) else "no peer"
+
+    def status(self):
+        return {"interface": "ompfake"}
 
 
 class ProviderTests(unittest.TestCase):
@@ -114,6 +153,8 @@ class ProviderTests(unittest.TestCase):
             lambda: all(self.knows(c, self.provider_node) for c in (self.alice, self.bob)), 10))
 
     def start_provider(self, backend, **options) -> ProviderService:
+        self.tunnels = FakeTunnels()
+        options.setdefault("tunnels", lambda key: self.tunnels)
         provider = ProviderService(self.provider_node, backend, HOST, self.data_dir, **options)
         provider.startService()
         self.addCleanup(lambda: provider.running and provider.stopService())
@@ -164,7 +205,11 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(vm.address, "10.237.0.2")
         self.assertEqual(vm.wg_public_key, self.provider.wireguard.public)
         self.assertEqual(vm.path_kind, "direct")
-        self.assertEqual(vm.wg_endpoint, "10.0.0.2:7400")
+        self.assertEqual(vm.host_key, "ssh-ed25519 AAAAguest")
+        self.assertEqual((vm.provider_tunnel_address, vm.tunnel_prefix, vm.tunnel_state),
+                         ("100.64.9.1", 24, "ready"))
+        self.assertIn(ipaddress.ip_address(vm.tunnel_address),
+                      provider_subnet(self.provider_node.node.peer_id))
         self.assertTrue(self.mesh.net.run_until(
             lambda: self.announced(self.alice)["cpu_cores"] == 2, 5),
             "the smaller free capacity was never announced")
@@ -192,6 +237,43 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(tunnels[vm.vm_id.hex()]["owner"], self.alice.node.peer_id.hex())
         self.ask(self.alice, VmOp.RELEASE, vm_id=vm.vm_id)
         self.assertEqual(read_json(self.data_dir / "vm-tunnels.json", dict)["tunnels"], {})
+
+    def test_tunnel_grants_follow_the_vms(self):
+        """
+        Each consumer is one grant (its key, one tunnel address, its VMs);
+        a release takes the VM out, the last one the whole grant.
+        """
+        alice_key, bob_key = os.urandom(32), os.urandom(32)
+        first = self.create(self.alice, wg_public_key=alice_key).vms[0]
+        self.create(self.alice, wg_public_key=alice_key)
+        bobs = self.create(self.bob, wg_public_key=bob_key).vms[0]
+        grants = {g.consumer_key: g for g in self.tunnels.grants}
+        self.assertEqual(set(grants), {alice_key, bob_key})
+        alice, bob = grants[alice_key], grants[bob_key]
+        self.assertEqual(alice.consumer_id, self.alice.node.peer_id)
+        self.assertEqual(alice.vm_addresses, ("10.237.0.2", "10.237.0.2"))
+        self.assertEqual(alice.consumer_address, first.tunnel_address)
+        self.assertNotEqual(alice.consumer_address, bob.consumer_address)
+        self.assertEqual(bob.consumer_address, bobs.tunnel_address)
+        self.ask(self.bob, VmOp.RELEASE, vm_id=bobs.vm_id)
+        self.assertEqual([g.consumer_key for g in self.tunnels.grants], [alice_key])
+
+    def test_tunnels_rebuilt_at_restart(self):
+        """A restarted provider declares the grants its records hold, before serving."""
+        key = os.urandom(32)
+        vm = self.create(self.alice, wg_public_key=key).vms[0]
+        self.provider.stopService()
+        self.provider = self.start_provider(self.backend)
+        self.mesh.net.run(0.1)
+        self.assertEqual([(g.consumer_key, g.consumer_address) for g in self.tunnels.grants],
+                         [(key, vm.tunnel_address)])
+
+    def test_without_tunnels_the_record_says_so(self):
+        self.provider.stopService()
+        self.provider = self.start_provider(self.backend, tunnels=None)
+        vm = self.create(self.alice).vms[0]
+        self.assertEqual((vm.tunnel_address, vm.provider_tunnel_address), ("", ""))
+        self.assertIn("without tunnels", vm.tunnel_state)
 
     def test_only_the_owner(self):
         """Another consumer can neither see, ask about nor release a VM."""

@@ -140,7 +140,9 @@ class VmCommandTests(unittest.TestCase):
         self.assertEqual(vm["path"]["kind"], "direct")
         self.assertEqual(vm["path"]["endpoint"], f"127.0.0.1:{self.provider_port}")
         self.assertEqual(len(vm["wireguard"]["provider_public_key"]), 44)
-        self.assertIn("not set up", vm["wireguard"]["tunnel"])
+        # a short-lived command holds no tunnel: the running node does
+        self.assertIn("omerta up", vm["tunnel"]["state"])
+        self.assertEqual(vm["provider_tunnel_address"].split(".")[0], "100")
         self.assertIsNone(vm["ssh_address"])  # the test driver runs no guest
         state_file = f"{self.consumer}/consumer.json"
         self.assertEqual(stat.S_IMODE(os.stat(state_file).st_mode), 0o600)

@@ -194,7 +194,8 @@ def handle(op, name=None, **kw):
         devices[name].down()
         return {"running": devices[name].running}
     if op == "reap":
-        return {"removed": reap_stale(kw["prefix"], Path(kw["state_dir"]), set(kw["keep"]))}
+        return {"removed": reap_stale(kw["prefix"], Path(kw["state_dir"]), set(kw["keep"]),
+                                      own=set(kw.get("own", ())))}
     raise ValueError(op)
 
 for line in sys.stdin:
@@ -729,18 +730,24 @@ class CrashTests(unittest.TestCase):
             process.wait(5)
 
     def test_reap_stale(self):
-        """reap_stale stops a stale wireguard-go and deletes a stray interface, sparing kept names and other processes."""
-        stale, stray, kept = self.name(), self.name(), self.name()
+        """
+        reap_stale stops a stale wireguard-go and deletes a stray interface of
+        its own name, sparing kept names, another node's interface with the
+        same prefix, and other processes.
+        """
+        stale, stray, kept, foreign = self.name(), self.name(), self.name(), self.name()
         stale_process = self.start_orphan(stale)
         stray_process = self.start_orphan(stray, pidfile=False)
         kept_process = self.start_orphan(kept)
+        foreign_process = self.start_orphan(foreign, pidfile=False)
         bystander = subprocess.Popen(["sleep", "60"])
         self.addCleanup(lambda: bystander.poll() is None and bystander.kill())
         decoy = f"{self.prefix}decoy"
         (self.state / f"{decoy}.pid").write_text(f"{bystander.pid}\n")
 
         removed = Owner(self, self.node).call("reap", prefix=self.prefix,
-                                              state_dir=str(self.state), keep=[kept])["removed"]
+                                              state_dir=str(self.state), keep=[kept],
+                                              own=[stray])["removed"]
 
         self.assertEqual(removed, sorted([stale, stray, decoy]))
         self.assertIsNotNone(stale_process.wait(10))
@@ -753,4 +760,6 @@ class CrashTests(unittest.TestCase):
         self.assertIsNone(bystander.poll())
         self.assertIsNone(kept_process.poll())
         self.assertTrue(self.ns.has_link(self.node, kept))
+        self.assertIsNone(foreign_process.poll())
+        self.assertTrue(self.ns.has_link(self.node, foreign))
         self.assertTrue((self.state / f"{kept}.pid").exists())

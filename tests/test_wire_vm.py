@@ -39,20 +39,22 @@ CREATE = {
     "image": "debian",
     "name": "web",
     "wg_public_key": KEY,
+    "ssh_key": "ssh-ed25519 AAAA",
 }
 CREATE_BYTES = (
-    unhex("01 01")  # version 1, op CREATE
+    unhex("02 01")  # version 2, op CREATE
     + unhex("00 02")  # vcpus 2
     + unhex("00 00 08 00")  # memory 2048 MiB
     + unhex("00 00 00 0a")  # disk 10 GiB
     + b"\x06" + b"debian"
     + b"\x03" + b"web"
     + KEY
+    + unhex("00 10") + b"ssh-ed25519 AAAA"
 )
 
-RELEASE_BYTES = unhex("01 02") + VM_ID
-LIST_BYTES = unhex("01 03")
-STATUS_BYTES = unhex("01 04") + VM_ID
+RELEASE_BYTES = unhex("02 02") + VM_ID
+LIST_BYTES = unhex("02 03")
+STATUS_BYTES = unhex("02 04") + VM_ID
 
 RECORD = {
     "vm_id": VM_ID,
@@ -65,8 +67,12 @@ RECORD = {
     "created_ms": 1_700_000_000_000,
     "address": "10.99.0.2",
     "wg_public_key": PROVIDER_KEY,
-    "wg_endpoint": "192.0.2.1:51820",
     "path_kind": "direct",
+    "tunnel_address": "100.64.7.2",
+    "provider_tunnel_address": "100.64.7.1",
+    "tunnel_prefix": 24,
+    "tunnel_state": "ready",
+    "host_key": "ssh-ed25519 AAAAC3",
 }
 RECORD_BYTES = (
     VM_ID
@@ -79,11 +85,15 @@ RECORD_BYTES = (
     + unhex("00 00 01 8b cf e5 68 00")  # 1 700 000 000 000 ms
     + b"\x09" + b"10.99.0.2"
     + PROVIDER_KEY
-    + b"\x0f" + b"192.0.2.1:51820"
     + b"\x06" + b"direct"
+    + b"\x0a" + b"100.64.7.2"
+    + b"\x0a" + b"100.64.7.1"
+    + b"\x18"
+    + b"\x05" + b"ready"
+    + unhex("00 12") + b"ssh-ed25519 AAAAC3"
 )
-REPLY_BYTES = unhex("01 00 00 02") + b"ok" + b"\x01" + RECORD_BYTES
-REFUSAL_BYTES = unhex("01 01 00 0b") + b"no capacity" + b"\x00"
+REPLY_BYTES = unhex("02 00 00 02") + b"ok" + b"\x01" + RECORD_BYTES
+REFUSAL_BYTES = unhex("02 01 00 0b") + b"no capacity" + b"\x00"
 
 
 
@@ -94,8 +104,8 @@ class GoldenTests(unittest.TestCase):
                          RECORD["created_ms"])
 
     def test_create(self):
-        """CREATE is version, op, vcpus (2), memory (4), disk (4), image, name, key (32)."""
-        self.assertEqual(len(CREATE_BYTES), 2 + 2 + 4 + 4 + 7 + 4 + 32)
+        """CREATE is version, op, vcpus (2), memory (4), disk (4), image, name, key (32), ssh key."""
+        self.assertEqual(len(CREATE_BYTES), 2 + 2 + 4 + 4 + 7 + 4 + 32 + 2 + 16)
         self.assertEqual(build_request(VmOp.CREATE, **CREATE), CREATE_BYTES)
         parsed = parse_request(CREATE_BYTES)
         self.assertEqual(parsed.version, VERSION)
@@ -161,7 +171,8 @@ class RoundTripTests(unittest.TestCase):
 
     def test_empty_address_and_no_key(self):
         """A VM without an address and a provider without a key round-trip as empty/zero."""
-        record = dict(RECORD, address="", wg_public_key=NO_KEY, wg_endpoint="", path_kind="")
+        record = dict(RECORD, address="", wg_public_key=NO_KEY, path_kind="", tunnel_address="",
+                      provider_tunnel_address="", tunnel_prefix=0, host_key="")
         self.assertEqual(as_plain(parse_reply(build_reply(VmStatus.OK, "", [record])).vms),
                          [record])
 
@@ -174,16 +185,17 @@ class RoundTripTests(unittest.TestCase):
 
     def test_unknown_status_parses(self):
         """The codec passes through a status it does not know (the caller decides)."""
-        self.assertEqual(parse_reply(unhex("01 63 00 00 00")).status, 0x63)
+        self.assertEqual(parse_reply(unhex("02 63 00 00 00")).status, 0x63)
 
     @given(
         st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
         st.text(max_size=60), st.text(max_size=60), st.binary(min_size=32, max_size=32),
+        st.text(max_size=600),
     )
-    def test_create_round_trip(self, vcpus, memory_mb, disk_gb, image, name, key):
+    def test_create_round_trip(self, vcpus, memory_mb, disk_gb, image, name, key, ssh_key):
         """Any CREATE whose fields fit parses back to itself."""
         body = dict(vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb, image=image,
-                    name=name, wg_public_key=key)
+                    name=name, wg_public_key=key, ssh_key=ssh_key)
         self.assertEqual(as_plain(parse_request(build_request(VmOp.CREATE, **body)).body), body)
 
 
@@ -209,8 +221,8 @@ class BuildErrorTests(unittest.TestCase):
 class RejectionTests(unittest.TestCase):
     def test_wrong_version(self):
         """A request or reply of another version is malformed."""
-        self.assertRaises(ParseError, parse_request, b"\x02" + LIST_BYTES[1:])
-        self.assertRaises(ParseError, parse_reply, b"\x02" + REFUSAL_BYTES[1:])
+        self.assertRaises(ParseError, parse_request, b"\x01" + LIST_BYTES[1:])
+        self.assertRaises(ParseError, parse_reply, b"\x01" + REFUSAL_BYTES[1:])
 
     def test_unknown_op(self):
         """An op outside VmOp is malformed."""

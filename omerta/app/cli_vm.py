@@ -13,10 +13,14 @@ provider (by id, id prefix or name; with C{--find} the best-ranked provider
 with room for the request; with C{--provider HOST:PORT}, whoever answers at
 that address, no discovery), connects to it (directly, hole-punched or
 through a relay) and asks for the VM on the C{vm} channel
-(L{omerta.wire.vm}).  It makes a WireGuard key pair for the VM and keeps it,
-with everything else about the VM, in C{<data-dir>/consumer.json}
+(L{omerta.wire.vm}) with this consumer's WireGuard key for that provider
+and an SSH public key for the guest (C{--ssh-key}, else
+C{~/.ssh/id_ed25519}, else one made for the VM).  Through a running node
+(C{omerta up}) the node brings the VM's tunnel up (docs/tunnel.md) and the
+command returns once the guest answers SSH through it; C{omerta vm ssh}
+then logs in.  What is held is kept in C{<data-dir>/consumer.json}
 (L{omerta.roles.consumer}), so C{list}, C{show} and C{release} work after a
-restart.  The tunnel itself is not built yet, and the output says so.
+restart.
 
 Every outcome feeds the provider's reputation in that file; C{--find} ranks
 providers with it.
@@ -36,11 +40,12 @@ from typing import Any
 from omerta.addressing import AddressError, BootstrapSpec, parse_endpoint
 from omerta.app.cli import CommandError, Invocation
 from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh
-from omerta.app.documents import (NO_TUNNEL, error_text, held_vm,  # noqa: F401
+from omerta.app.documents import (error_text, held_vm,  # noqa: F401
                                   network_of, vm_list_document, vm_refresh,
                                   vm_release_document, vm_request_document, vm_show_document)
 from omerta.app.formats import format_vm_list
 from omerta.app.via_node import ask, network_field, running_node
+from omerta.roles import sshkeys
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
@@ -104,7 +109,22 @@ def register(subparsers: Any) -> None:
     request.add_argument("--image", default=DEFAULT_IMAGE, metavar="NAME",
                          help=f"guest image (default {DEFAULT_IMAGE})")
     request.add_argument("--name", default="", metavar="LABEL", help="a label for the VM")
+    request.add_argument("--ssh-key", metavar="PATH", default=None,
+                         help="the SSH key to log into the guest with (private key or its"
+                         " .pub; default ~/.ssh/id_ed25519, else one is made for the VM)")
     request.set_defaults(func=request_command, discover_nat=True, timeout=REQUEST_TIMEOUT)
+
+    ssh = commands.add_parser(
+        "ssh",
+        help="log into a VM held (ssh through its tunnel)",
+        description="Run ssh to the VM's guest as user omerta, with the key it"
+        " was requested with and its reported host key; arguments after -- are"
+        " the command to run there.",
+    )
+    ssh.add_argument("vm", metavar="VM_ID", help="a held VM's id or unique id prefix")
+    ssh.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD",
+                     help="a command to run in the guest")
+    ssh.set_defaults(func=ssh_command)
 
     listing = commands.add_parser(
         "list",
@@ -145,6 +165,13 @@ def register(subparsers: Any) -> None:
 def request_command(invocation: Invocation) -> int:
     args = invocation.args
     ConsumerClient(None, invocation.data_dir).held()  # a damaged state file stops us first
+    try:
+        identity = sshkeys.choose_identity(args.ssh_key, invocation.data_dir) \
+            if args.ssh_key is not None or _default_key_exists() else None
+    except sshkeys.SshKeyError as e:
+        raise CommandError(str(e)) from None
+    key = {} if identity is None else {"ssh_key": identity.public_line,
+                                       "ssh_identity": str(identity.private_path)}
     node = running_node(invocation)
     if node is not None:
         which = ({"peer": args.peer} if args.peer is not None else
@@ -152,13 +179,13 @@ def request_command(invocation: Invocation) -> int:
         document = ask(node, "POST", "/v1/vms", body={
             **which, "cpu": args.cpu, "memory": args.memory, "disk": args.disk,
             "image": args.image, "name": args.name, "timeout": args.timeout,
-            **network_field(args)})
+            **key, **network_field(args)})
         invocation.emit(format_vm(document), document)
         return 0
     if args.provider is not None:
         args.bootstrap = [*args.bootstrap, BootstrapSpec(args.provider)]
     spec = VmRequest(vcpus=args.cpu, memory_mb=args.memory, disk_gb=args.disk,
-                     image=args.image, name=args.name)
+                     image=args.image, name=args.name, **key)
 
     async def body(view: MeshView) -> dict:
         def asking(record, connection):
@@ -171,6 +198,36 @@ def request_command(invocation: Invocation) -> int:
     document = run_on_mesh(invocation, body)
     invocation.emit(format_vm(document), document)
     return 0
+
+
+def _default_key_exists() -> bool:
+    from pathlib import Path
+
+    return (Path.home() / ".ssh" / "id_ed25519.pub").exists()
+
+
+def ssh_command(invocation: Invocation) -> int:
+    """C{omerta vm ssh VM_ID [-- CMD]}: exec ssh into the guest."""
+    import os
+
+    args = invocation.args
+    held = _find_held(invocation, args.vm)
+    if not held.address:
+        raise CommandError(f"VM {held.vm_id} has no guest address (the provider's test driver"
+                           f" runs no guest); there is nothing to log into")
+    if not held.tunnel_address:
+        raise CommandError(f"VM {held.vm_id}'s provider carries no tunnels; its guest cannot"
+                           f" be reached")
+    if running_node(invocation) is None:
+        raise CommandError("the VM's tunnel lives in the running node: start it with"
+                           " 'omerta up' (as root: tunnels need CAP_NET_ADMIN), then try again")
+    if not held.host_key:
+        raise CommandError(f"the guest of VM {held.vm_id} has not reported its SSH host key"
+                           f" yet; 'omerta vm show {held.vm_id}' asks the provider again")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = sshkeys.ssh_argv(invocation.data_dir, held.address, held.ssh_key) + command
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
 
 
 def _client(invocation: Invocation, view: MeshView) -> ConsumerClient:
@@ -311,14 +368,18 @@ def format_vm(document: dict) -> str:
         rtt = "-" if path["rtt_ms"] is None else f"{path['rtt_ms']:.3f} ms"
         lines.append(f"  path        {path['kind']} {path['endpoint']} from port"
                      f" {path['local_port']}, rtt {rtt}")
-    wireguard = document["wireguard"]
-    lines += [
-        f"  wireguard   provider {wireguard['provider_public_key']}"
-        f" at {wireguard['provider_endpoint']} ({document['path_kind']} path as it sees us)",
-        f"              yours {wireguard['public_key']} (private key in consumer.json)",
-        f"  tunnel      {wireguard['tunnel']}",
-    ]
+    lines.append(f"  tunnel      {format_tunnel(document['tunnel'])}")
+    if document.get("ssh_command"):
+        lines.append(f"  ssh         {document['ssh_command']}")
     return "\n".join(lines)
+
+
+def format_tunnel(tunnel: dict) -> str:
+    if "interface" not in tunnel:
+        return tunnel["state"]
+    path = f", {tunnel['path_kind']} path" if tunnel.get("path_kind") else ""
+    return (f"{tunnel['state']} on {tunnel['interface']} {tunnel['address']}"
+            f" (provider {tunnel['provider_address']}{path})")
 
 
 format_list = format_vm_list

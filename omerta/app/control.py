@@ -60,6 +60,7 @@ from omerta.app.documents import DocumentError, MeshView
 from omerta.mesh.events import KINDS
 from omerta.mesh.network import MeshNetwork
 from omerta.networks import MembershipError, NetworkStore
+from omerta.roles import sshkeys
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
@@ -647,7 +648,8 @@ class ControlAPI(Resource):
     # VMs
 
     def _consumer(self, mesh: MeshNetwork | None = None) -> ConsumerClient:
-        return ConsumerClient(mesh, self.node.data_dir)
+        return ConsumerClient(mesh, self.node.data_dir,
+                              tunnels=getattr(self.node, "consumer_tunnels", None))
 
     def _held(self) -> list[HeldVM]:
         try:
@@ -667,7 +669,16 @@ class ControlAPI(Resource):
         name = body.text("name", "", wanted="a label", max_bytes=255, empty=True)
         timeout = body.seconds("timeout", VM_REQUEST_TIMEOUT)
         network = body.text("network", None, wanted="a network id, id prefix or name")
+        ssh_key = body.text("ssh_key", "", wanted="an SSH public key line", max_bytes=4096,
+                            empty=True)
+        ssh_identity = body.text("ssh_identity", "", wanted="a private key path",
+                                 max_bytes=4096, empty=True)
         body.done()
+        if ssh_key:
+            try:
+                ssh_key = sshkeys.public_line(ssh_key)
+            except sshkeys.SshKeyError as e:
+                raise ApiError(http.BAD_REQUEST, f"field 'ssh_key': {e}") from None
         _query(request).done()
         if [peer is not None, find, provider_text is not None].count(True) != 1:
             raise ApiError(http.BAD_REQUEST, "give exactly one of 'peer' (id, prefix or name),"
@@ -681,7 +692,8 @@ class ControlAPI(Resource):
         before = self._held()  # a damaged state file stops us first
         mesh, scope = self._mesh(network)
         view = MeshView(mesh, scope, timeout)
-        spec = VmRequest(vcpus=cpu, memory_mb=memory, disk_gb=disk, image=image, name=name)
+        spec = VmRequest(vcpus=cpu, memory_mb=memory, disk_gb=disk, image=image, name=name,
+                         ssh_key=ssh_key, ssh_identity=ssh_identity)
         client = self._consumer(mesh)
         return _Async(self._vm_changes(before, documents.vm_request_document(
             view, client, spec, peer=peer, provider=provider)))

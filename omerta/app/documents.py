@@ -28,6 +28,7 @@ private key (VM tunnel keys, identity keys, network keys).
 from __future__ import annotations
 
 import contextlib
+import shlex
 import statistics as stats
 from typing import Any, Callable, Iterator
 
@@ -39,13 +40,13 @@ from omerta.mesh.network import ConnectError, MeshNetwork, NotJoined, peer_label
 from omerta.mesh.paths import Connection
 from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord
 from omerta.networks import Membership
+from omerta.tunnel.consumer_side import TunnelError
+from omerta.roles import sshkeys
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import (BadReply, ConsumerClient, ConsumerError, NoAnswer,
                                           NoRoom, NotAProvider, NothingAnswered,
                                           ProviderNotFound, Refused, Unreachable, VmRequest)
 
-NO_TUNNEL = ("not set up: this node does not carry WireGuard over the mesh;"
-             " the keys are exchanged and kept for it")
 
 
 # -- failures -------------------------------------------------------------------
@@ -398,20 +399,26 @@ def consumer_errors(view: MeshView) -> Iterator[None]:
         raise error_class(e)(error_text(view, e)) from None
 
 
-def vm_document(held: HeldVM, **extra) -> dict:
+def vm_document(held: HeldVM, client: ConsumerClient | None = None, **extra) -> dict:
     """
     One held VM as C{omerta vm request/show --output json} prints it:
-    everything kept about it but the WireGuard private key, plus C{extra}
-    (the path, the time waited).
+    everything kept about it, how to log in (C{ssh_address}, C{ssh_user},
+    C{ssh_command}), its tunnel as C{client}'s node carries it now, plus
+    C{extra} (the path, the time waited).
     """
     document = held.public()
     document["ssh_address"] = held.address
+    document["ssh_user"] = sshkeys.USER
+    document["ssh_command"] = None
+    if held.address and client is not None:
+        document["ssh_command"] = shlex.join(sshkeys.ssh_argv(client.data_dir, held.address,
+                                                              held.ssh_key))
     document["wireguard"] = {
         "public_key": held.wg_public_key,
         "provider_public_key": held.provider_wg_key,
-        "provider_endpoint": held.provider_endpoint,
-        "tunnel": NO_TUNNEL,
     }
+    document["tunnel"] = (client.tunnel_state(held) if client is not None
+                          else {"state": "unknown"})
     document.update(extra)
     return document
 
@@ -450,8 +457,13 @@ async def vm_request_document(
         finally:
             if done is not None:
                 done()
+    try:
+        await client.open_tunnel(held, max(1.0, view.remaining()))
+    except TunnelError as e:
+        raise NoPathError(f"VM {held.vm_id} was granted (it stays held; 'omerta vm release"
+                          f" {held.vm_id}' gives it back) but {e}") from None
     path = view.mesh.connection(record.peer_id) or connection
-    return vm_document(held, path=path.as_dict(), waited_s=round(view.elapsed(), 3))
+    return vm_document(held, client, path=path.as_dict(), waited_s=round(view.elapsed(), 3))
 
 
 async def provider_at(view: MeshView, client: ConsumerClient, endpoint) -> PeerRecord:
@@ -479,7 +491,7 @@ async def provider_at(view: MeshView, client: ConsumerClient, endpoint) -> PeerR
 
 def vm_list_document(client: ConsumerClient) -> dict:
     """What C{omerta vm list --output json} prints: the VMs held, as last known."""
-    return {"vms": [vm_document(v) for v in client.held()]}
+    return {"vms": [vm_document(v, client) for v in client.held()]}
 
 
 async def vm_refresh(view: MeshView, client: ConsumerClient) -> None:
@@ -492,7 +504,7 @@ async def vm_show_document(view: MeshView, client: ConsumerClient, held: HeldVM)
     """What C{omerta vm show --output json} prints: the VM as its provider sees it now."""
     with consumer_errors(view):
         current, connection = await client.show(held, view.remaining())
-    return vm_document(current, path=connection.as_dict())
+    return vm_document(current, client, path=connection.as_dict())
 
 
 async def vm_release_document(view: MeshView, client: ConsumerClient,

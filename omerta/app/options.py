@@ -279,6 +279,11 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
     )
     node.setName("node")
     node.setServiceParent(top)
+    from omerta.tunnel.consumer_side import ConsumerTunnelService
+
+    tunnels = ConsumerTunnelService(node)
+    tunnels.setName("tunnels")
+    tunnels.setServiceParent(top)
     if not options["no-control"]:
         from omerta.app.control import ControlService
 

@@ -7,6 +7,11 @@ libvirt's embedded test driver, which defines and "runs" domains in memory
 without a hypervisor, so a provider runs anywhere; C{qemu:///system} for
 real guests).  What it offers is what the machine has (measured), capped by
 the C{--vm-*} quotas; see docs/provider.md.
+
+Consumers reach their VMs over WireGuard carried by the mesh
+(docs/tunnel.md): the provider starts only where it can terminate those
+tunnels (wireguard-go, root, nftables, IPv4 forwarding), unless
+C{--no-tunnels}, and only with libvirt-python installed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class Options(NodeOptions):
     optFlags = [
         ["relay", None, "Also run the relay role in this process (serves STUN too)."],
         ["stun-server", None, "Answer STUN requests (implied by --relay)."],
+        ["no-tunnels", None, "Carry no WireGuard tunnels to consumers (they cannot reach"
+                             " their VMs); for hosts without root or wireguard-go."],
     ]
     optParameters = [
         ["libvirt-uri", None, "test:///default",
@@ -71,6 +78,21 @@ class Options(NodeOptions):
             raise usage.UsageError(
                 f"--libvirt-uri {uri!r} is not a libvirt URI; try test:///default or"
                 f" qemu:///system")
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            raise usage.UsageError(
+                "the provider role needs libvirt-python: pip install 'omerta[libvirt]'"
+                " (it builds against Debian's libvirt-dev and pkg-config)") from None
+        if not self["no-tunnels"]:
+            from omerta.tunnel.provider_side import ProviderTunnels, TunnelsUnavailable
+
+            try:
+                ProviderTunnels.check()
+            except TunnelsUnavailable as e:
+                raise usage.UsageError(
+                    f"cannot carry consumers' tunnels: {e}. Fix that, or start with"
+                    f" --no-tunnels (consumers then cannot reach their VMs)") from None
 
     def serves_stun(self) -> bool:
         return bool(self["relay"] or self["stun-server"])
@@ -111,8 +133,17 @@ def makeService(options: Options, reactor=None):
                              else Path(options["vm-images"]))
     backend.setName("vms")
     backend.setServiceParent(top)
+    tunnels = None
+    if not options["no-tunnels"]:
+        from omerta.tunnel.provider_side import ProviderTunnels
+
+        bridge = options["vm-bridge"] if options["libvirt-uri"].startswith("qemu") else None
+
+        def tunnels(key):
+            return ProviderTunnels(node.node, key, data_dir / "tunnels", bridge)
+
     provider = ProviderService(node, backend, host, data_dir,
-                               max_per_consumer=options["vms-per-consumer"])
+                               max_per_consumer=options["vms-per-consumer"], tunnels=tunnels)
     provider.setName("provider")
     provider.setServiceParent(top)
     return top

@@ -1,9 +1,12 @@
 """
-What a consumer remembers between commands: the VMs it holds (with the
-WireGuard key pair it made for each) and how each provider served it.
+What a consumer remembers between commands: the VMs it holds (with what
+reaching each takes: tunnel addresses, the provider's WireGuard key, the
+guest's SSH host key, the SSH key to log in with) and how each provider
+served it.  The tunnels' private keys are kept apart, one per provider
+(L{omerta.tunnel.consumer_side.tunnel_key}).
 
-Everything lives in C{<data-dir>/consumer.json}, mode 0600 (it holds the
-tunnels' private keys), rewritten atomically; a read-modify-write holds an
+Everything lives in C{<data-dir>/consumer.json}, mode 0600, rewritten
+atomically; a read-modify-write holds an
 exclusive lock on C{consumer.lock}, so two C{omerta vm} commands running at
 once never lose each other's VMs.
 
@@ -29,7 +32,9 @@ from omerta import storage
 
 STATE_FILE = "consumer.json"
 LOCK_FILE = "consumer.lock"
-VERSION = 1
+VERSION = 2
+_DROPPED_IN_2 = ("wg_private_key", "provider_endpoint")
+"""Version 1 kept a WireGuard key per VM and the provider's endpoint."""
 
 
 class ConsumerStateError(storage.StateFileError):
@@ -51,17 +56,22 @@ class HeldVM:
     name: str
     state: str
     address: str | None
-    wg_private_key: str
     wg_public_key: str
+    """This consumer's WireGuard public key for the provider."""
     provider_wg_key: str
-    provider_endpoint: str
     path_kind: str
+    tunnel_address: str | None = None
+    """This consumer's address in the provider's tunnel subnet."""
+    provider_tunnel_address: str | None = None
+    tunnel_prefix: int = 0
+    host_key: str | None = None
+    """The guest's SSH host key line, as the guest reported it."""
+    ssh_key: str | None = None
+    """The private key file to log in with."""
 
     def public(self) -> dict:
-        """Everything but the private key, for printing."""
-        document = asdict(self)
-        del document["wg_private_key"]
-        return document
+        """What is printed (nothing here is secret: the key files stay on disk)."""
+        return asdict(self)
 
 
 @dataclass
@@ -125,6 +135,8 @@ class ConsumerState:
                                      f" object); it was left untouched")
         if not document:
             return cls()
+        if document.get("version") == 1:
+            document = _from_version_1(document)
         if document.get("version") != VERSION:
             raise ConsumerStateError(
                 f"{path} has version {document.get('version')!r}; this omerta reads"
@@ -138,6 +150,15 @@ class ConsumerState:
         except (TypeError, AttributeError) as e:  # a field of the wrong kind
             raise ConsumerStateError(f"{path} is not a consumer state file ({e});"
                                      f" it was left untouched") from None
+
+
+def _from_version_1(document: dict) -> dict:
+    vms = {}
+    for vm_id, vm in (document.get("vms") or {}).items():
+        if isinstance(vm, dict):
+            vm = {k: v for k, v in vm.items() if k not in _DROPPED_IN_2}
+        vms[vm_id] = vm
+    return dict(document, version=VERSION, vms=vms)
 
 
 class ConsumerStore:

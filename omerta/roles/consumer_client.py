@@ -13,8 +13,11 @@ directory:
     await client.release(granted.vm.vm_id, timeout=30)
 
 Requests travel on the C{vm} channel (L{omerta.wire.vm}) inside the per-pair
-session.  For each VM the client makes a WireGuard key pair and keeps it,
-with everything else about the VM, in C{<data-dir>/consumer.json}
+session, with this consumer's WireGuard public key for that provider and
+the SSH public key the guest should accept.  With C{tunnels} (the running
+node's L{omerta.tunnel.consumer_side.ConsumerTunnels}) the client also
+brings the VM's tunnel up and waits until the guest answers SSH through it.
+What is held is kept in C{<data-dir>/consumer.json}
 (L{omerta.roles.consumer.ConsumerStore}), so what is held survives restarts.
 Every request's outcome (granted and how fast; refused for capacity, failed,
 unavailable or no answer) is folded into the provider's reputation and kept
@@ -37,12 +40,13 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred
 
-from omerta.crypto.wireguard import WireGuardKey, encode_key
+from omerta.crypto.wireguard import decode_key, encode_key
 from omerta.mesh.messaging import MessagingError
 from omerta.mesh.network import ConnectError, MeshNetwork, NotJoined, peer_label
 from omerta.mesh.paths import Connection
 from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord, Requirements
 from omerta.roles.consumer import ConsumerStore, HeldVM, ProviderScore
+from omerta.roles import sshkeys
 from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.wire import ParseError
 from omerta.wire.messages import Capability
@@ -156,6 +160,10 @@ class VmRequest:
     disk_gb: int = 1
     image: str = DEFAULT_IMAGE
     name: str = ""
+    ssh_key: str = ""
+    """The SSH public key line the guest accepts (empty: one is made)."""
+    ssh_identity: str = ""
+    """The private key file that goes with C{ssh_key}."""
 
     def requirements(self) -> Requirements:
         return Requirements(cpu_cores=self.vcpus, memory_mb=self.memory_mb,
@@ -209,9 +217,11 @@ class ConsumerClient:
     DEFAULT_TIMEOUT = 60.0
 
     def __init__(self, mesh: MeshNetwork | None, data_dir: Path, *, network=None,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, tunnels=None):
         self.mesh = mesh
         self.network = network
+        self.data_dir = Path(data_dir)
+        self.tunnels = tunnels
         self.store = ConsumerStore(data_dir)
         self._now = now
 
@@ -336,11 +346,17 @@ class ConsumerClient:
         goes into the provider's reputation.  Fails with L{Refused},
         L{NoAnswer} or L{BadReply}.
         """
+        from omerta.tunnel.consumer_side import tunnel_key
+
         mesh = self.mesh
-        key = WireGuardKey.generate()
+        key = tunnel_key(self.data_dir, record.peer_id_text)
+        if spec.ssh_key:
+            identity = sshkeys.Identity(Path(spec.ssh_identity), sshkeys.public_line(spec.ssh_key))
+        else:
+            identity = sshkeys.make_identity(self.data_dir)
         payload = build_request(VmOp.CREATE, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
                                 disk_gb=spec.disk_gb, image=spec.image, name=spec.name,
-                                wg_public_key=key.public)
+                                wg_public_key=key.public, ssh_key=identity.public_line)
         started = mesh.clock.seconds()
         try:
             reply = await self._ask(record, payload, timeout)
@@ -356,18 +372,85 @@ class ConsumerClient:
         if status != VmStatus.OK or not reply.vms:
             raise Refused(record, reply.status, reply.detail)
         granted = reply.vms[0]
+        vm_id = granted.vm_id.hex()
+        identity = identity.keep_for(self.data_dir, vm_id)
         held = HeldVM(
-            vm_id=granted.vm_id.hex(), provider=record.peer_id_text,
+            vm_id=vm_id, provider=record.peer_id_text,
             provider_name=record.name, network=mesh.network_id(self.network),
             created_at=granted.created_ms / 1000, vcpus=granted.vcpus,
             memory_mb=granted.memory_mb, disk_gb=granted.disk_gb,
             image=granted.image or spec.image, name=granted.name, state=granted.state,
-            address=granted.address or None, wg_private_key=key.private_text,
-            wg_public_key=key.public_text, provider_wg_key=encode_key(granted.wg_public_key),
-            provider_endpoint=granted.wg_endpoint, path_kind=granted.path_kind)
+            address=granted.address or None, wg_public_key=key.public_text,
+            provider_wg_key=encode_key(granted.wg_public_key), path_kind=granted.path_kind,
+            tunnel_address=granted.tunnel_address or None,
+            provider_tunnel_address=granted.provider_tunnel_address or None,
+            tunnel_prefix=granted.tunnel_prefix, host_key=granted.host_key or None,
+            ssh_key=str(identity.private_path))
+        if held.address and held.host_key:
+            sshkeys.remember_host_key(self.data_dir, held.address, held.host_key)
         with self.store.update() as state:
             state.vms[held.vm_id] = held
         return held
+
+    # tunnels
+
+    def tunnel_problem(self, held: HeldVM) -> str | None:
+        """Why C{held} has no tunnel here, or None when it can have one."""
+        if not held.tunnel_address or not held.provider_tunnel_address:
+            return "not carried: the provider carries no tunnels"
+        if self.tunnels is None:
+            return ("not carried: tunnels live in the running node; start it with"
+                    " 'omerta up' and the VM's tunnel comes up")
+        from omerta.tunnel.consumer_side import TunnelError
+
+        try:
+            self.tunnels.check()
+        except TunnelError as e:
+            return f"not carried: {e}"
+        return None
+
+    @_deferred
+    async def open_tunnel(self, held: HeldVM, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """
+        Bring C{held}'s tunnel up (the running node's) and wait until it
+        works: the guest answers on its SSH port through it, or, without a
+        guest, WireGuard's handshake with the provider completed.  Returns
+        the tunnel's state; fails with L{TunnelError}.
+        """
+        from omerta.tunnel.consumer_side import TunnelError
+
+        problem = self.tunnel_problem(held)
+        if problem is not None:
+            return {"state": problem}
+        mesh = self.mesh
+        remaining = self._deadline(timeout)
+        provider_id = bytes.fromhex(held.provider)
+        await self.tunnels.ensure(
+            bytes.fromhex(held.network), provider_id,
+            provider_key=decode_key(held.provider_wg_key), address=held.tunnel_address,
+            provider_address=held.provider_tunnel_address, prefix=held.tunnel_prefix,
+            vms={held.vm_id: held.address})
+
+        def handshaken():
+            state = self.tunnels.state(provider_id)
+            return state is not None and state["state"] == "up"
+
+        if not await mesh.wait_until(handshaken, max(0.1, remaining()), fallback=0.5):
+            raise TunnelError(f"no WireGuard handshake with the provider through the mesh"
+                              f" within {timeout:g} s")
+        if held.address:
+            if not await _port_answers(mesh.clock, held.address, 22, remaining()):
+                raise TunnelError(f"the tunnel is up but the guest {held.address} does not"
+                                  f" answer SSH (port 22) within {timeout:g} s")
+        return self.tunnels.state(provider_id)
+
+    def tunnel_state(self, held: HeldVM) -> dict:
+        """The tunnel of C{held} as documents show it."""
+        problem = self.tunnel_problem(held)
+        if problem is not None:
+            return {"state": problem}
+        state = self.tunnels.state(bytes.fromhex(held.provider))
+        return state or {"state": "down"}
 
     @_deferred
     async def request(self, spec: VmRequest, *, provider: str | None = None,
@@ -449,8 +532,7 @@ class ConsumerClient:
                 if problem is not None:
                     held.state = "unknown"
                 elif held.vm_id in live:
-                    held.state = live[held.vm_id].state
-                    held.address = live[held.vm_id].address or None
+                    self._update(held, live[held.vm_id])
                 else:
                     held.state = "gone"
         return problem
@@ -471,17 +553,29 @@ class ConsumerClient:
         reply = await self._ask(record, build_request(VmOp.STATUS, vm_id=vm_id_bytes(held.vm_id)),
                                 max(1.0, remaining()))
         if reply.status == VmStatus.UNKNOWN_VM:
-            state_now, address = "gone", None
+            record_now = None
         elif reply.status != VmStatus.OK or not reply.vms:
             raise Refused(record, reply.status, reply.detail)
         else:
-            state_now, address = reply.vms[0].state, reply.vms[0].address or None
+            record_now = reply.vms[0]
         with self.store.update() as state:
             current = state.vms.get(held.vm_id)
             if current is not None:
-                current.state, current.address = state_now, address
+                if record_now is None:
+                    current.state, current.address = "gone", None
+                else:
+                    self._update(current, record_now)
                 return current, connection
         return held, connection
+
+    def _update(self, held: HeldVM, record) -> None:
+        """A held VM takes what its provider says of it now."""
+        held.state = record.state
+        held.address = record.address or None
+        if record.host_key and record.host_key != held.host_key:
+            held.host_key = record.host_key
+            if held.address:
+                sshkeys.remember_host_key(self.data_dir, held.address, held.host_key)
 
     @_deferred
     async def release_vms(self, vms: list[HeldVM], timeout: float = DEFAULT_TIMEOUT
@@ -506,11 +600,20 @@ class ConsumerClient:
             if reply.status in (VmStatus.OK, VmStatus.UNKNOWN_VM):
                 with self.store.update() as state:
                     state.vms.pop(held.vm_id, None)
+                await self._forget(held)
                 released.append(held.vm_id)
             else:
                 failed.append((held, Refused(record, reply.status, reply.detail)))
         elsewhere = sorted(v.vm_id for v in vms if v.network != network_id)
         return ReleaseReport(released, failed, elsewhere)
+
+    async def _forget(self, held: HeldVM) -> None:
+        """What was kept locally for a released VM goes: tunnel, key, host key."""
+        if self.tunnels is not None:
+            await self.tunnels.forget(bytes.fromhex(held.provider), held.vm_id)
+        sshkeys.forget_identity(self.data_dir, held.vm_id)
+        if held.address:
+            sshkeys.forget_host(self.data_dir, held.address)
 
     @_deferred
     async def release(self, vm: HeldVM | str, timeout: float = DEFAULT_TIMEOUT) -> HeldVM:
@@ -532,6 +635,29 @@ class ConsumerClient:
         Release every VM held in this network (L{release_vms}).
         """
         return self.release_vms(self.held(), timeout)
+
+
+async def _port_answers(clock, host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to (host, port) opens within C{timeout} (retried)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import deferLater
+
+    deadline = clock.seconds() + timeout
+    while True:
+        left = deadline - clock.seconds()
+        if left <= 0:
+            return False
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(min(left, 3))))
+        try:
+            protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        except Exception:
+            await deferLater(clock, min(0.3, max(0.0, deadline - clock.seconds())),
+                             lambda: None)
+            continue
+        protocol.transport.loseConnection()
+        return True
 
 
 def _provider(record: PeerRecord) -> PeerRecord:

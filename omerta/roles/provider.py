@@ -7,9 +7,11 @@ sender is authenticated and owns what it creates: only the consumer that
 created a VM can see it, ask about it or release it.
 
     CREATE   check the request, reserve within the quota (atomically, on the
-             reactor thread), define and boot the domain, record the
-             consumer's WireGuard key, answer with the VM's record
-    RELEASE  destroy the VM (domain, disk, address), forget its tunnel key
+             reactor thread), define and boot the domain with the
+             consumer's SSH key, give the consumer a tunnel address and
+             make it a WireGuard peer allowed to reach this VM, wait for
+             the guest to report its SSH host key, answer with the record
+    RELEASE  destroy the VM (domain, disk, address), take its tunnel away
     LIST     the caller's VMs
     STATUS   one of the caller's VMs
 
@@ -17,6 +19,11 @@ What the provider can give is measured (L{omerta.roles.resources}) and
 capped by the operator's quota; what is free (capacity minus what the VMs
 hold) goes into the node's signed announcement, re-announced whenever a VM
 comes or goes, so C{find_peers(requirements)} sees it.
+
+Tunnels (L{omerta.tunnel.provider_side}) are declared from the tunnel
+records in C{vm-tunnels.json} (consumer, its WireGuard key, network, tunnel
+address, per VM): applied after every change and at start, once the
+backend reconciled its VMs, so a restart rebuilds exactly what is held.
 
 Nothing blocks the reactor: the backend runs libvirt on its own thread.
 """
@@ -32,18 +39,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
-from omerta.crypto.wireguard import encode_key, load_or_create_key
+from omerta.crypto.wireguard import decode_key, encode_key, load_or_create_key
 from omerta.mesh.network import MeshNetwork
 from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.roles.resources import Capacity, HostResources
 from omerta.roles.vm import BadSpec, QuotaExceeded, UnknownVM, VMError, VMInfo, VMSpec
 from omerta.storage import read_json, write_json
+from omerta.tunnel.addresses import PREFIX, AddressesExhausted, ConsumerPool, provider_subnet
 from omerta.wire import ParseError
 from omerta.wire.vm import (CHANNEL, MAX_VMS_PER_REPLY, VmOp, VmStatus, build_reply,
                             parse_request)
 
 TUNNELS_FILE = "vm-tunnels.json"
 WIREGUARD_KEY_FILE = "wireguard.key"
+GUEST_READY_TIMEOUT = 60.0
+"""Seconds a new guest has to report its SSH host key before CREATE fails."""
 
 
 class Refused(Exception):
@@ -64,12 +74,16 @@ class ProviderService(Service):
         this; requests wait for its C{whenReady}).
     @param host: the measured L{HostResources}.
     @param max_per_consumer: most VMs one consumer may hold here.
+    @param tunnels: a factory C{tunnels(key) -> ProviderTunnels} (called
+        with the provider's WireGuard key at start), or None: this provider
+        carries no tunnels and its records say so.
     """
 
     log = Logger()
 
     def __init__(self, node, backend, host: HostResources, data_dir: Path,
-                 max_per_consumer: int = 4, clock=time.time):
+                 max_per_consumer: int = 4, clock=time.time, tunnels=None,
+                 guest_ready_timeout: float = GUEST_READY_TIMEOUT):
         self.mesh = node if isinstance(node, MeshNetwork) else MeshNetwork(service=node)
         self.backend = backend
         self.host = host
@@ -80,7 +94,12 @@ class ProviderService(Service):
         self._clock = clock
         self._tunnels: dict[str, dict] = {}
         self._creating: dict[str, int] = {}  # owner -> creates in progress
+        self._addresses: dict[str, str | None] = {}  # vm id -> guest address
         self.wireguard = None
+        self._tunnels_factory = tunnels
+        self.tunnels = None
+        self.tunnel_error: str | None = None
+        self.guest_ready_timeout = guest_ready_timeout
 
     # lifecycle
 
@@ -88,6 +107,8 @@ class ProviderService(Service):
         super().startService()
         self.wireguard = load_or_create_key(self.data_dir / WIREGUARD_KEY_FILE)
         self._tunnels = dict(read_json(self.data_dir / TUNNELS_FILE, dict).get("tunnels", {}))
+        if self._tunnels_factory is not None:
+            self.tunnels = self._tunnels_factory(self.wireguard)
         for network in self.mesh.networks():
             self.mesh.on_channel(CHANNEL, self._handler(network), network=network)
         self.announce_free()
@@ -99,13 +120,28 @@ class ProviderService(Service):
         if self.mesh.started:
             for network in self.mesh.networks():
                 self.mesh.on_channel(CHANNEL, None, network=network)
+        if self.tunnels is not None and self.tunnels.running:
+            return self.tunnels.stop()
 
     def _ready(self, _) -> defer.Deferred:
-        return self.backend.list().addCallback(self._reconciled)
+        return self.backend.list().addCallback(
+            lambda vms: defer.ensureDeferred(self._reconciled(vms)))
 
-    def _reconciled(self, vms: list[VMInfo]) -> None:
-        self.ready = True
+    async def _start_tunnels(self) -> None:
+        try:
+            await self.tunnels.start()
+        except Exception as e:
+            self.tunnel_error = f"the provider's tunnel interface did not come up: {e}"
+            self.log.error("{error}", error=self.tunnel_error)
+            return
+        await self._apply_tunnels()
+
+    async def _reconciled(self, vms: list[VMInfo]) -> None:
         self._forget_gone_tunnels({v.vm_id for v in vms})
+        self._addresses = {v.vm_id: v.address for v in vms}
+        if self.tunnels is not None:
+            await self._start_tunnels()
+        self.ready = True
         self.announce_free()
         c = self.capacity
         self.log.info(
@@ -149,7 +185,7 @@ class ProviderService(Service):
         try:
             if not self.ready:
                 raise Refused(VmStatus.UNAVAILABLE, "the provider's VM backend is not ready")
-            vms = await self._do(op, peer_id, request.body)
+            vms = await self._do(op, peer_id, request.body, network)
         except Refused as e:
             metrics.inc("vm_requests", op=op.name.lower(), status=e.status.name.lower())
             self.log.info("VM {op} from {peer} refused: {detail}", op=op.name.lower(),
@@ -159,10 +195,10 @@ class ProviderService(Service):
         return build_reply(VmStatus.OK, "", [self._record(network, peer_id, v)
                                             for v in vms[:MAX_VMS_PER_REPLY]])
 
-    async def _do(self, op: VmOp, peer_id: bytes, body) -> list[VMInfo]:
+    async def _do(self, op: VmOp, peer_id: bytes, body, network: str = "") -> list[VMInfo]:
         owner = peer_id.hex()
         if op == VmOp.CREATE:
-            return [await self._create(owner, body)]
+            return [await self._create(owner, body, network)]
         if op == VmOp.LIST:
             return [v for v in await self.backend.list() if v.owner == owner]
         vm_id = body.vm_id.hex()
@@ -180,7 +216,7 @@ class ProviderService(Service):
             raise Refused(VmStatus.NOT_YOURS, f"VM {vm_id} belongs to another consumer")
         return info
 
-    async def _create(self, owner: str, body) -> VMInfo:
+    async def _create(self, owner: str, body, network: str = "") -> VMInfo:
         held = (sum(1 for v in self._tunnels.values() if v["owner"] == owner)
                 + self._creating.get(owner, 0))
         if held >= self.max_per_consumer:
@@ -191,15 +227,23 @@ class ProviderService(Service):
         # all pass the check above
         self._creating[owner] = self._creating.get(owner, 0) + 1
         try:
-            return await self._define_and_boot(owner, body)
+            return await self._define_and_boot(owner, body, network)
         finally:
             self._creating[owner] -= 1
             if not self._creating[owner]:
                 del self._creating[owner]
 
-    async def _define_and_boot(self, owner: str, body) -> VMInfo:
+    async def _define_and_boot(self, owner: str, body, network: str = "") -> VMInfo:
+        if self.tunnels is not None and not self.tunnels.running:
+            raise Refused(VmStatus.UNAVAILABLE,
+                          self.tunnel_error or "the provider's tunnels are not up yet")
         spec = VMSpec(vcpus=body.vcpus, memory_mb=body.memory_mb, disk_gb=body.disk_gb,
-                      image=body.image or DEFAULT_IMAGE, owner=owner, name=body.name)
+                      image=body.image or DEFAULT_IMAGE, owner=owner, name=body.name,
+                      ssh_key=body.ssh_key)
+        try:
+            consumer_address = self._consumer_address(owner)
+        except AddressesExhausted as e:
+            raise Refused(VmStatus.NO_CAPACITY, str(e)) from None
         try:
             info = await self.backend.create(spec)
         except QuotaExceeded as e:
@@ -209,14 +253,22 @@ class ProviderService(Service):
         except VMError as e:
             raise Refused(VmStatus.FAILED, f"could not define the VM: {e}") from None
         self._tunnels[info.vm_id] = {"owner": owner, "consumer_key": encode_key(body.wg_public_key),
+                                     "network": network, "address": consumer_address,
                                      "created_at": self._clock()}
+        self._addresses[info.vm_id] = info.address
         self._save_tunnels()
         self.announce_free()
         try:
             info = await self.backend.start(info.vm_id)
+            info = await self.backend.wait_ready(info.vm_id, self.guest_ready_timeout)
+            self._addresses[info.vm_id] = info.address
+            await self._apply_tunnels()
         except VMError as e:
             await self._release(info)
             raise Refused(VmStatus.FAILED, f"the VM did not start: {e}") from None
+        except Exception as e:
+            await self._release(info)
+            raise Refused(VmStatus.FAILED, f"the VM's tunnel could not be set up: {e}") from None
         self.log.info("VM {vm} ({cpu} cores, {mem} MiB) created for {peer}", vm=info.vm_id,
                       cpu=info.vcpus, mem=info.memory_mb, peer=format_peer_id(bytes.fromhex(owner)))
         return info
@@ -228,8 +280,10 @@ class ProviderService(Service):
             pass  # released meanwhile (a second release): the outcome is the same
         except VMError as e:
             raise Refused(VmStatus.FAILED, f"could not release VM {info.vm_id}: {e}") from None
+        self._addresses.pop(info.vm_id, None)
         if self._tunnels.pop(info.vm_id, None) is not None:
             self._save_tunnels()
+            await self._apply_tunnels()
         self.announce_free()
         self.log.info("VM {vm} released", vm=info.vm_id)
         return replace(info, state="released", address=None)
@@ -238,10 +292,8 @@ class ProviderService(Service):
 
     def _record(self, network: str, peer_id: bytes, info: VMInfo) -> dict:
         connection = self.mesh.connection(peer_id, network=network)
-        if connection is not None and connection.kind == "relayed":
-            endpoint = connection.endpoint  # the relay carries us
-        else:
-            endpoint = next(iter(self.mesh.public_endpoints()), ("0.0.0.0", 0))
+        tunnel = self._tunnels.get(info.vm_id, {})
+        carried = self.tunnels is not None and bool(tunnel.get("address"))
         return {
             "vm_id": bytes.fromhex(info.vm_id),
             "name": info.name,
@@ -253,14 +305,56 @@ class ProviderService(Service):
             "created_ms": int(info.created_at * 1000),
             "address": info.address or "",
             "wg_public_key": self.wireguard.public,
-            "wg_endpoint": f"{endpoint[0]}:{endpoint[1]}",
             "path_kind": connection.kind if connection is not None else "unknown",
+            "tunnel_address": tunnel.get("address", "") if carried else "",
+            "provider_tunnel_address": self.tunnels.address if carried else "",
+            "tunnel_prefix": PREFIX if carried else 0,
+            "tunnel_state": self._tunnel_state(tunnel),
+            "host_key": getattr(info, "host_key", None) or "",
         }
+
+    def _tunnel_state(self, tunnel: dict) -> str:
+        if self.tunnels is None:
+            return "unavailable: this provider runs without tunnels (--no-tunnels)"
+        if not self.tunnels.running:
+            return "unavailable: " + (self.tunnel_error or "the provider's tunnels are not up")
+        if not tunnel:
+            return "released"
+        return self.tunnels.state_of(decode_key(tunnel["consumer_key"]))
 
     # tunnel keys
 
     def _save_tunnels(self) -> None:
-        write_json(self.data_dir / TUNNELS_FILE, {"version": 1, "tunnels": self._tunnels})
+        write_json(self.data_dir / TUNNELS_FILE, {"version": 2, "tunnels": self._tunnels})
+
+    def _consumer_address(self, owner: str) -> str:
+        """The owner's tunnel address here: the one it has, else a free one."""
+        for tunnel in self._tunnels.values():
+            if tunnel["owner"] == owner and tunnel.get("address"):
+                return tunnel["address"]
+        pool = ConsumerPool(provider_subnet(self.mesh.node.peer_id))
+        return pool.allocate(t.get("address") for t in self._tunnels.values())
+
+    def grants(self) -> list:
+        """The tunnel grants the records declare, one per consumer key."""
+        from omerta.tunnel.provider_side import Grant
+
+        by_key: dict[str, dict] = {}
+        vms: dict[str, list[str]] = {}
+        for vm_id, tunnel in sorted(self._tunnels.items()):
+            if not tunnel.get("address") or not tunnel.get("network"):
+                continue  # a record from before tunnels: nothing to carry
+            key = tunnel["consumer_key"]
+            by_key.setdefault(key, tunnel)
+            address = self._addresses.get(vm_id)
+            if address:
+                vms.setdefault(key, []).append(address)
+        return [Grant(bytes.fromhex(t["network"]), bytes.fromhex(t["owner"]), decode_key(key),
+                      t["address"], tuple(vms.get(key, ()))) for key, t in by_key.items()]
+
+    async def _apply_tunnels(self) -> None:
+        if self.tunnels is not None and self.tunnels.running:
+            await self.tunnels.apply(self.grants())
 
     def _forget_gone_tunnels(self, held: set[str]) -> None:
         """
@@ -282,4 +376,6 @@ class ProviderService(Service):
             "free": self.free(),
             "vms": len(self._tunnels),
             "max_per_consumer": self.max_per_consumer,
+            "tunnels": (None if self.tunnels is None else
+                        {"error": self.tunnel_error, **self.tunnels.status()}),
         }

@@ -571,17 +571,21 @@ def _kill(pid: int, name: str, timeout: float) -> None:
 
 
 def reap_stale(prefix: str, state_dir: Path, keep: Iterable[str] = frozenset(), *,
-               runtime_dir: Path = RUNTIME_DIR, timeout: float = 5.0) -> list[str]:
+               own: Iterable[str] = (), runtime_dir: Path = RUNTIME_DIR,
+               timeout: float = 5.0) -> list[str]:
     """
     Remove what a crashed run left: for each pidfile C{<prefix>*.pid} in
     C{state_dir} whose name is not in C{keep}, stop the process if it
     really is wireguard-go for that name (C{/proc/PID/cmdline}), then
-    remove the pidfile and a socket nobody answers on; and delete every
-    tun interface C{<prefix>*} not in C{keep} in this network namespace.
+    remove the pidfile and a socket nobody answers on; and delete the tun
+    interfaces those pidfiles name, and those named in C{own} (names only
+    this node uses), unless in C{keep}.  Interfaces of other nodes on the
+    host, which share the prefix, are never touched.
 
     @return: the names removed, sorted.
     """
     keep = frozenset(keep)
+    own = frozenset(own)
     removed: set[str] = set()
     state_dir = Path(state_dir)
     for pidfile in sorted(state_dir.glob(f"{prefix}*.pid")):
@@ -603,6 +607,7 @@ def reap_stale(prefix: str, state_dir: Path, keep: Iterable[str] = frozenset(), 
         for link in ipr.get_links():
             name = link.get("ifname")
             if (not name or not name.startswith(prefix) or name in keep
+                    or name not in removed | own
                     or link.get(("linkinfo", "kind")) != "tun"):
                 continue
             log.info("deleting stale interface {name}", name=name)

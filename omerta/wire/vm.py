@@ -10,16 +10,18 @@ the provider sees is the authenticated consumer).
 Ops:
 
     CREATE   vcpus (2), memory MiB (4), disk GiB (4), image (text),
-             name (text), the consumer's WireGuard public key (32)
+             name (text), the consumer's WireGuard public key (32),
+             the consumer's SSH public key (long text: length 2, UTF-8)
     RELEASE  vm id (8)
     LIST     (nothing): the caller's VMs
     STATUS   vm id (8)
 
 A reply lists the VMs the op concerns (the new one, the released one, the
 caller's, the one asked about) with what the consumer needs to reach each:
-its address on the provider's side, the provider's WireGuard public key and
-the provider's endpoint and path kind as the provider's mesh sees the
-consumer.  Errors carry a L{VmStatus} and a detail a person can act on.
+its address on the provider's side, the provider's WireGuard public key,
+the tunnel's addresses (the consumer's, the provider's, their prefix) and
+state, the guest's SSH host key, and the path kind as the provider's mesh
+sees the consumer.  Errors carry a L{VmStatus} and a detail a person can act on.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import construct as c
 
 from omerta.wire.codec import SHORT_TEXT, build, parse_exact
 
-VERSION = 1
+VERSION = 2
 CHANNEL = "vm"
 NO_KEY = bytes(32)
 
@@ -56,6 +58,8 @@ class VmStatus(enum.IntEnum):
 
 
 VM_ID = c.Bytes(8)
+LONG_TEXT = c.PascalString(c.Int16ub, "utf8")
+"""An SSH public key line: up to a few kB."""
 
 _Create = c.Struct(
     "vcpus" / c.Int16ub,
@@ -64,6 +68,7 @@ _Create = c.Struct(
     "image" / SHORT_TEXT,
     "name" / SHORT_TEXT,
     "wg_public_key" / c.Bytes(32),
+    "ssh_key" / LONG_TEXT,
 )
 
 VmRequest = c.Struct(
@@ -93,11 +98,19 @@ VmRecord = c.Struct(
     # the VM's address on the provider's VM bridge; empty when it has none
     # (libvirt's test driver runs no guest)
     "address" / SHORT_TEXT,
-    # the provider's WireGuard public key, and its endpoint (host:port) and
-    # path kind as the provider's mesh reaches the consumer
+    # the provider's WireGuard public key and the path kind as the
+    # provider's mesh reaches the consumer
     "wg_public_key" / c.Bytes(32),
-    "wg_endpoint" / SHORT_TEXT,
     "path_kind" / SHORT_TEXT,
+    # the tunnel: the consumer's and the provider's addresses in it (empty
+    # when the provider carries no tunnels), their prefix length, its
+    # state ("ready", or why not), and the guest's SSH host key (empty
+    # until the guest reported it, or when there is no guest)
+    "tunnel_address" / SHORT_TEXT,
+    "provider_tunnel_address" / SHORT_TEXT,
+    "tunnel_prefix" / c.Int8ub,
+    "tunnel_state" / SHORT_TEXT,
+    "host_key" / LONG_TEXT,
 )
 
 VmReply = c.Struct(
@@ -111,6 +124,8 @@ MAX_VMS_PER_REPLY = 255
 
 
 def build_request(op: VmOp, **body) -> bytes:
+    if op == VmOp.CREATE:
+        body.setdefault("ssh_key", "")  # none: the guest accepts no login
     return build(VmRequest, {"version": VERSION, "op": int(op), "body": body}, "vm request")
 
 
