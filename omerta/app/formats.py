@@ -38,14 +38,22 @@ def format_peers(peers: list[dict]) -> str:
     ).rstrip()
 
 
+def tunnel_cell(tunnel: dict) -> str:
+    """A tunnel in one cell: C{up (direct)}, or the first words of why there is none."""
+    state = tunnel.get("state", "-")
+    if "interface" in tunnel:
+        return f"{state} ({tunnel.get('path_kind') or 'no path'})"
+    return state.split(":", 1)[0]
+
+
 def format_vm_list(document: dict) -> str:
     vms = document["vms"]
     if not vms:
         return "no VMs held"
-    rows = [("VM", "PROVIDER", "STATE", "CPU", "MEMORY", "DISK", "ADDRESS")]
+    rows = [("VM", "PROVIDER", "STATE", "CPU", "MEMORY", "DISK", "ADDRESS", "TUNNEL")]
     for v in vms:
         rows.append((v["vm_id"], v["provider_name"] or v["provider"][:16], v["state"],
                      str(v["vcpus"]), f"{v['memory_mb']} MiB", f"{v['disk_gb']} GiB",
-                     v["address"] or "-"))
+                     v["address"] or "-", tunnel_cell(v.get("tunnel") or {})))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -2,10 +2,8 @@
 WireGuard key pairs: X25519 from C{cryptography}, written the way C{wg}
 writes them (32 raw bytes, base64, one line), private keys mode 0600.
 
-The provider keeps one key pair for its VM tunnels; a consumer makes one
-per VM it requests.  The tunnel itself (the mesh carrying WireGuard
-datagrams) is not built yet: these keys are exchanged and kept so that it
-can be.
+The provider keeps one key pair for its VM tunnels; a consumer keeps one
+per provider it holds VMs from (docs/tunnel.md).
 """
 
 from __future__ import annotations

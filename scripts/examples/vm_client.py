@@ -30,7 +30,8 @@ async def main(reactor, args):
         vm = granted.vm
         print(f"VM {vm.vm_id} from {vm.provider_name or vm.provider}: {vm.state},"
               f" over a {granted.connection.kind} path")
-        print(f"  provider's WireGuard key {vm.provider_wg_key} at {vm.provider_endpoint}")
+        print(f"  provider's WireGuard key {vm.provider_wg_key}; tunnel address"
+              f" {vm.tunnel_address} (the running node carries the tunnel: docs/tunnel.md)")
         for held in client.held():
             print(f"held: {held.vm_id} {held.state} ({held.provider_name})")
         await client.release(vm, timeout=30)
