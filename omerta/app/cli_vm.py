@@ -218,9 +218,15 @@ def ssh_command(invocation: Invocation) -> int:
     if not held.tunnel_address:
         raise CommandError(f"VM {held.vm_id}'s provider carries no tunnels; its guest cannot"
                            f" be reached")
-    if running_node(invocation) is None:
+    node = running_node(invocation)
+    if node is None:
         raise CommandError("the VM's tunnel lives in the running node: start it with"
                            " 'omerta up' (as root: tunnels need CAP_NET_ADMIN), then try again")
+    listed = {v["vm_id"]: v for v in ask(node, "GET", "/v1/vms")["vms"]}
+    tunnel = listed.get(held.vm_id, {}).get("tunnel") or {}
+    if "interface" not in tunnel:
+        raise CommandError(f"VM {held.vm_id} has no tunnel on the running node:"
+                           f" {tunnel.get('state', 'unknown')}")
     if not held.host_key:
         raise CommandError(f"the guest of VM {held.vm_id} has not reported its SSH host key"
                            f" yet; 'omerta vm show {held.vm_id}' asks the provider again")

@@ -420,5 +420,6 @@ class MeshNode:
             "public_endpoints": [f"{h}:{p}" for h, p in self.public_endpoints()],
             "bootstrap": [{"spec": str(b.spec), "reached": b.reached} for b in self.bootstraps],
             "relay": None if self.relay is None else self.relay.status(),
+            "tunnels": [] if self.tunnels is None else self.tunnels.status(),
             "peers": peers,
         }
