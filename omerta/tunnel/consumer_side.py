@@ -52,7 +52,11 @@ class ProviderTunnel:
     provider_address: str
     prefix: int
     provider_key: bytes
-    vms: set[str] = field(default_factory=set)
+    vms: dict[str, str | None] = field(default_factory=dict)
+    """The VMs held there: vm id -> guest address (None without a guest)."""
+
+    def vm_addresses(self) -> list[str]:
+        return sorted({a for a in self.vms.values() if a})
     device: object = None
 
 
@@ -124,16 +128,15 @@ class ConsumerTunnels:
                                     interface_name(INTERFACE_PREFIX, self.node.peer_id,
                                                    provider_id),
                                     address, provider_address, prefix, provider_key)
-        new_vms = {vm: a for vm, a in vms.items() if vm not in tunnel.vms}
+        new_vms = {vm: a for vm, a in vms.items() if tunnel.vms.get(vm) != a}
         tunnel.vms.update(vms)
         self.tunnels[provider_id] = tunnel
-        addresses = self._vm_addresses(tunnel, vms)
         if tunnel.device is None:
             key = tunnel_key(self.data_dir, provider_id.hex())
             await self._run(self._up, tunnel, key)
         plane = self.node.tunnels
         endpoint = plane.open(network_id, provider_id, TO_CONSUMER, tunnel.device.listen_port)
-        await self._run(self._peer, tunnel, endpoint.address, addresses,
+        await self._run(self._peer, tunnel, endpoint.address, tunnel.vm_addresses(),
                         [a for a in new_vms.values() if a])
         return tunnel
 
@@ -148,13 +151,6 @@ class ConsumerTunnels:
                     f"the provider's tunnel subnet {mine} overlaps that of provider"
                     f" {other.provider_id.hex()[:16]} ({theirs}): release the VMs held there"
                     f" first")
-
-    @staticmethod
-    def _vm_addresses(tunnel: ProviderTunnel, vms: dict) -> list[str]:
-        known = getattr(tunnel, "_addresses", {})
-        known.update({vm: a for vm, a in vms.items() if a})
-        tunnel._addresses = known
-        return sorted({a for vm, a in known.items() if vm in tunnel.vms})
 
     def _up(self, tunnel: ProviderTunnel, key: WireGuardKey) -> None:
         from omerta.tunnel.wgdevice import WireGuardDevice
@@ -191,13 +187,12 @@ class ConsumerTunnels:
         tunnel = self.tunnels.get(provider_id)
         if tunnel is None:
             return
-        tunnel.vms.discard(vm_id)
-        address = getattr(tunnel, "_addresses", {}).pop(vm_id, None)
+        address = tunnel.vms.pop(vm_id, None)
         if not tunnel.vms:
             await self._down(tunnel)
             return
         if tunnel.device is not None and address:
-            remaining = self._vm_addresses(tunnel, {})
+            remaining = tunnel.vm_addresses()
             endpoint = self.node.tunnels.get(tunnel.network_id, provider_id, TO_CONSUMER)
             if endpoint is not None:
                 await self._run(self._peer, tunnel, endpoint.address, remaining, [])
