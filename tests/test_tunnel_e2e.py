@@ -129,7 +129,8 @@ class TunnelEndToEndTests(unittest.TestCase):
         for name in e2e.FLOWS:
             script = SCRIPTS / name
             self.assertTrue(os.access(script, os.X_OK), f"{script} is not executable")
-            result = subprocess.run([str(script), "--help"], capture_output=True, text=True,
-                                    timeout=60, cwd=REPO)
+            # with this Python: a fresh clone has no .venv for the script to find
+            result = subprocess.run([sys.executable, str(script), "--help"],
+                                    capture_output=True, text=True, timeout=60, cwd=REPO)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn(name, result.stdout)
