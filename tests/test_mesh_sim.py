@@ -233,13 +233,13 @@ class MessagingTests(unittest.TestCase):
         """Session data between a and b is useless to c, a member of the same network."""
         self.b.overlay.messaging.on_channel("echo", lambda p, x: x)
         captured = []
-        original = self.a.port.write
+        original = self.a.node._sendto  # what the node puts on its socket
 
         def spy(data, addr):
             captured.append((data, addr))
             return original(data, addr)
 
-        self.a.port.write = spy
+        self.a.node._sendto = spy
         d = self.wait(self.a.overlay.messaging.request(self.b.peer_id, "echo", b"secret"))
         self.successResultOf(d)
         from omerta.crypto.sealing import FrameOpener
@@ -274,8 +274,9 @@ class AmplificationTests(unittest.TestCase):
         victim = ("192.0.2.66", 9999)
         frame = frame_for(nodes[0].overlay)
         sent = []
-        original = seed.port.write
-        seed.port.write = lambda data, addr: (sent.append((data, addr)), original(data, addr))[1]
+        original = seed.node._sendto  # what the node puts on its socket
+        seed.node._sendto = lambda data, addr: (sent.append((data, addr)),
+                                                original(data, addr))[1]
         seed.port.protocol.datagramReceived(frame, victim)
         sim.run(60)
         return frame, [data for data, addr in sent if addr == victim]

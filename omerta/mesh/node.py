@@ -262,9 +262,13 @@ class MeshNode:
         """
         self.transport = transport
         if listen_udp is not None and self.tunnels is None:
-            from omerta.mesh.tunnel import TunnelPlane
+            from omerta.mesh.tunnel import TunnelPlane, grow_receive_buffer
 
             self.tunnels = TunnelPlane(self, listen_udp)
+            grow_receive_buffer(transport)
+        from omerta.mesh.tunnel import raw_sender
+
+        self._sendto = raw_sender(transport)
         host = transport.getHost()
         self.local_port = host.port
         if not ipaddress.ip_address(host.host).is_unspecified:
@@ -278,7 +282,7 @@ class MeshNode:
             address = (address.host, address.port)
             self.metrics.inc("frames_out_relayed")
         try:
-            self.transport.write(frame, address)
+            self._sendto(frame, address)
         except OSError as e:
             # e.g. no route to a candidate address during a hole punch
             self.metrics.inc("drops", reason="send_failed")

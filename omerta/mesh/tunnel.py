@@ -32,6 +32,7 @@ lookup; counters are plain integers on the endpoint, read by L{status}.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from typing import Callable
 
@@ -51,6 +52,37 @@ QUEUE_TTL = 3.0
 RETRY = 0.25
 """While datagrams wait, the session and path are looked at this often."""
 KIND_NAMES = {TO_PROVIDER: "provider", TO_CONSUMER: "consumer"}
+RECEIVE_BUFFER = 4 << 20
+"""
+Receive buffer of the node's socket and of each endpoint: room for a burst of
+WireGuard datagrams (about 1,800 full ones); the system default (212 kB)
+overflowed under a single TCP stream in the tunnel benchmark.
+"""
+
+
+def grow_receive_buffer(port, size: int = RECEIVE_BUFFER) -> None:
+    """SO_RCVBUFFORCE (a node carrying tunnels runs as root), else SO_RCVBUF (capped)."""
+    sock = getattr(port, "socket", None)
+    if not hasattr(sock, "setsockopt"):
+        return  # a simulated port
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
+
+
+def raw_sender(transport) -> Callable[[bytes, tuple], object]:
+    """
+    The socket's own C{sendto} when there is one: Twisted's C{Port.write}
+    checks the address again on every datagram (three parses), which was a
+    sixth of a node's time per tunnel datagram.  Addresses given to it are
+    always IP literals (paths, loopback, relay routes).  Test transports
+    keep their C{write}.
+    """
+    sock = getattr(transport, "socket", None)
+    return sock.sendto if sock is not None else transport.write
 
 
 class TunnelEndpoint(DatagramProtocol):
@@ -89,6 +121,9 @@ class TunnelEndpoint(DatagramProtocol):
         """The (host, port) to give WireGuard as this peer's endpoint."""
         return (self.host, self.port.getHost().port)
 
+    def startProtocol(self) -> None:
+        self._sendto = raw_sender(self.transport)
+
     def datagramReceived(self, datagram: bytes, addr) -> None:
         if addr[1] != self.wg_port or addr[0] != self.host:
             self.plane.metrics.inc("drops", reason="tunnel_foreign_source")
@@ -99,7 +134,10 @@ class TunnelEndpoint(DatagramProtocol):
         self.frames_in += 1
         self.bytes_in += len(datagram)
         self.last_in = now
-        self.transport.write(datagram, self.wg_address)
+        try:
+            self._sendto(datagram, self.wg_address)
+        except OSError:
+            self.plane.metrics.inc("drops", reason="tunnel_deliver_failed")
 
     def status(self) -> dict:
         return {
@@ -155,6 +193,7 @@ class TunnelPlane:
         if endpoint is None:
             endpoint = TunnelEndpoint(self, network_id, peer_id, kind, wg_port)
             endpoint.port = self._listen(0, endpoint, interface=self.host)
+            grow_receive_buffer(endpoint.port)
             self.endpoints[endpoint.key] = endpoint
             self.log.info("Tunnel endpoint {address} for {kind} {peer}",
                           address="%s:%d" % endpoint.address, kind=KIND_NAMES[kind],
