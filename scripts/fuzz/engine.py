@@ -196,6 +196,7 @@ def run_builtin(
     seed: int = 0,
     save: bool = True,
     crashes: Path = CRASHES,
+    max_len: int = MAX_LEN,
 ) -> tuple[Campaign, float]:
     """
     Every seed as it is, then mutations until C{inputs} inputs in all (or
@@ -214,5 +215,5 @@ def run_builtin(
     while campaign.inputs < limit:
         if deadline is not None and campaign.inputs % 64 == 0 and time.monotonic() >= deadline:
             break
-        campaign.one(mutate(rng, pool))
+        campaign.one(mutate(rng, pool, max_len))
     return campaign, time.monotonic() - start

@@ -15,6 +15,7 @@ appended to C{--escapes} as a JSON line as it happens (libFuzzer ends the
 process with exit(), so nothing runs after the last input).  A file
 C{--escapes}.stats holds the harness's own input count and, for the
 messages target, the inputs per message type, rewritten every 4096 inputs.
+A libFuzzer dictionary in C{dicts/TARGET.dict}, if there is one, is used.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
         "-print_pcs=0",
         f"-artifact_prefix={crashes}/{args.target}-",
     ]
+    dictionary = HERE / "dicts" / f"{args.target}.dict"
+    if dictionary.exists():
+        flags.append(f"-dict={dictionary}")
     if args.inputs is not None:
         flags.append(f"-runs={args.inputs}")
     if args.seconds is not None:
