@@ -3,7 +3,9 @@ The twistd plugins: option validation, service assembly, discoverability.
 """
 
 import os
+import sys
 import time
+from unittest import mock
 
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import getPlugins
@@ -44,6 +46,26 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(provider.capabilities(), Capability.PROVIDER)
         self.assertTrue(relay.serves_stun())
         self.assertFalse(provider.serves_stun())
+
+    def test_provider_refuses_without_tunnel_support(self):
+        """A provider that cannot carry tunnels says what is missing and names --no-tunnels."""
+        from omerta.tunnel import provider_side
+
+        def missing():
+            raise provider_side.TunnelsUnavailable("wireguard-go is not installed")
+
+        self.patch(provider_side.ProviderTunnels, "check", staticmethod(missing))
+        error = self.assertRaises(UsageError, self.parse, provider_tap.Options())
+        self.assertIn("wireguard-go is not installed", str(error))
+        self.assertIn("--no-tunnels", str(error))
+        self.assertTrue(self.parse(provider_tap.Options(), "--no-tunnels")["no-tunnels"])
+
+    def test_provider_refuses_without_libvirt_python(self):
+        """Without libvirt-python the provider role does not start; the message names the extra."""
+        with mock.patch.dict(sys.modules, {"libvirt": None}):  # import libvirt fails
+            error = self.assertRaises(UsageError, self.parse, provider_tap.Options(),
+                                      "--no-tunnels")
+        self.assertIn("omerta[libvirt]", str(error))
 
     def test_provider_with_relay(self):
         """omerta-provider --relay plays both roles in one process, STUN included."""
