@@ -57,7 +57,7 @@ class Endpoint:
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise AddressError(f"port {text!r} is not a number")
     port = int(text)
     low = 0 if allow_zero else 1

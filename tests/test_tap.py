@@ -82,32 +82,47 @@ class OptionsTests(unittest.TestCase):
     def test_stun_alternate(self):
         """--stun-alternate takes IP[:PORT], defaulting the port to --port + 1."""
         options = self.parse(
-            relay_tap.Options(), "--interface", "198.51.100.10", "--stun-alternate", "198.51.100.11"
+            relay_tap.Options(), "--interface", "127.0.0.10", "--stun-alternate", "127.0.0.11"
         )
-        self.assertEqual(options["stun-alternate"], ("198.51.100.11", 7401))
+        self.assertEqual(options["stun-alternate"], ("127.0.0.11", 7401))
         options = self.parse(
-            relay_tap.Options(), "--interface", "198.51.100.10",
-            "--stun-alternate", "198.51.100.11:4000",
+            relay_tap.Options(), "--interface", "127.0.0.10",
+            "--stun-alternate", "127.0.0.11:4000",
         )
-        self.assertEqual(options["stun-alternate"], ("198.51.100.11", 4000))
+        self.assertEqual(options["stun-alternate"], ("127.0.0.11", 4000))
 
     def test_stun_alternate_errors(self):
         """--stun-alternate needs a specific interface, a fixed port and a different address."""
         cases = [
-            (["--stun-alternate", "198.51.100.11"], "--interface"),
-            (["--interface", "198.51.100.10", "--port", "0", "--stun-alternate", "198.51.100.11"],
+            (["--stun-alternate", "127.0.0.11"], "--interface"),
+            (["--interface", "127.0.0.10", "--port", "0", "--stun-alternate", "127.0.0.11"],
              "fixed --port"),
-            (["--interface", "198.51.100.10", "--stun-alternate", "198.51.100.10:9"], "differ"),
-            (["--interface", "198.51.100.10", "--stun-alternate", "nonsense"], "IP[:PORT]"),
+            (["--interface", "127.0.0.10", "--stun-alternate", "127.0.0.10:9"], "differ"),
+            (["--interface", "127.0.0.10", "--stun-alternate", "nonsense"], "IP[:PORT]"),
         ]
         for args, fragment in cases:
             error = self.assertRaises(UsageError, self.parse, relay_tap.Options(), *args)
             self.assertIn(fragment, str(error), args)
         error = self.assertRaises(
             UsageError, self.parse, provider_tap.Options(),
-            "--interface", "198.51.100.10", "--stun-alternate", "198.51.100.11",
+            "--interface", "127.0.0.10", "--stun-alternate", "127.0.0.11",
         )
         self.assertIn("serve STUN", str(error))
+
+    def test_odd_values_get_messages(self):
+        """Values that used to end in tracebacks are refused with a message that says why."""
+        cases = [
+            (("--port", "²"), "is not a number"),
+            (("--nat-interval", "nan"), "--nat-interval takes 0"),
+            (("--nat-interval", "inf"), "--nat-interval takes 0"),
+            (("--nat-interval", "1e-9"), "--nat-interval takes 0"),
+            (("--interface", "203.0.113.9"), "not an address of this host"),
+            (("--invite", "00" * 32), "bare network key"),
+        ]
+        for args, fragment in cases:
+            error = self.assertRaises(UsageError, self.parse, relay_tap.Options(), *args)
+            self.assertIn(fragment, str(error), args)
+        self.assertEqual(self.parse(relay_tap.Options(), "--nat-interval", "0")["nat-interval"], 0)
 
     def test_stun_servers(self):
         """--stun takes IP:PORT (repeatable) and refuses host names."""

@@ -32,6 +32,24 @@ from tests.integration import Daemon, free_udp_port, wait_for
 from tests.test_cli_mesh import run_omerta
 
 
+class ArgumentTests(unittest.TestCase):
+    def test_odd_values_refused_before_anything_runs(self):
+        """Sizes beyond the wire format and labels over 255 bytes are argument errors."""
+        for args, fragment in [
+            (["--cpu", "70000"], "from 1 to 65535"),
+            (["--cpu", "²"], "from 1 to 65535"),
+            (["--memory", "5000000000"], "from 16 to 4294967295"),
+            (["--disk", "1099511627776"], "from 0 to 4294967295"),
+            (["--image", "x" * 256], "at most 255"),
+            (["--name", "é" * 128], "at most 255"),
+        ]:
+            result = run_omerta("--data-dir", self.mktemp(), "vm", "request", "--peer", "p",
+                                *args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertIn(fragment, result.stderr, args)
+            self.assertNotIn("Traceback", result.stderr, args)
+
+
 class ErrorTextTests(unittest.TestCase):
     """
     What C{omerta vm} says for each failure of the consumer client: the

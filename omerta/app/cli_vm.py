@@ -56,11 +56,22 @@ REQUEST_TIMEOUT = ConsumerClient.DEFAULT_TIMEOUT
 # -- arguments --------------------------------------------------------------
 
 
-def _positive(minimum: int):
+def _positive(minimum: int, maximum: int):
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        if not (text.isascii() and text.isdigit()) or not minimum <= int(text) <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number from {minimum} to {maximum}")
         return int(text)
+
+    return parse
+
+
+def _label(what: str):
+    def parse(text: str) -> str:
+        if len(text.encode()) > 255:
+            raise argparse.ArgumentTypeError(f"{what} is {len(text.encode())} bytes in UTF-8;"
+                                             f" at most 255")
+        return text
 
     return parse
 
@@ -100,15 +111,16 @@ def register(subparsers: Any) -> None:
                        " that announces room for the request")
     which.add_argument("--provider", metavar="HOST:PORT", type=_endpoint_arg,
                        help="legacy: the provider answering at this address, no discovery")
-    request.add_argument("--cpu", type=_positive(1), default=1, metavar="N",
+    request.add_argument("--cpu", type=_positive(1, 0xFFFF), default=1, metavar="N",
                          help="cpu cores (default 1)")
-    request.add_argument("--memory", type=_positive(16), default=256, metavar="MB",
+    request.add_argument("--memory", type=_positive(16, 0xFFFFFFFF), default=256, metavar="MB",
                          help="memory in MiB (default 256)")
-    request.add_argument("--disk", type=_positive(0), default=1, metavar="GB",
+    request.add_argument("--disk", type=_positive(0, 0xFFFFFFFF), default=1, metavar="GB",
                          help="disk in GiB (default 1)")
-    request.add_argument("--image", default=DEFAULT_IMAGE, metavar="NAME",
-                         help=f"guest image (default {DEFAULT_IMAGE})")
-    request.add_argument("--name", default="", metavar="LABEL", help="a label for the VM")
+    request.add_argument("--image", type=_label("the image name"), default=DEFAULT_IMAGE,
+                         metavar="NAME", help=f"guest image (default {DEFAULT_IMAGE})")
+    request.add_argument("--name", type=_label("the label"), default="", metavar="LABEL",
+                         help="a label for the VM")
     request.add_argument("--ssh-key", metavar="PATH", default=None,
                          help="the SSH key to log into the guest with (private key or its"
                          " .pub; default ~/.ssh/id_ed25519, else one is made for the VM)")

@@ -139,6 +139,7 @@ class NodeOptions(usage.Options):
                 raise usage.UsageError(
                     f"--interface {self['interface']!r} is not an IP address of this host"
                 ) from None
+            _check_local_address(self["interface"])
         if self["name"]:
             try:
                 validate_name(self["name"])
@@ -150,10 +151,13 @@ class NodeOptions(usage.Options):
             )
         try:
             self["nat-interval"] = float(self["nat-interval"])
-            if self["nat-interval"] < 0:
+            if not (self["nat-interval"] == 0
+                    or MIN_NAT_INTERVAL <= self["nat-interval"] <= MAX_NAT_INTERVAL):
                 raise ValueError
         except ValueError:
-            raise usage.UsageError("--nat-interval takes a number of seconds >= 0") from None
+            raise usage.UsageError(
+                f"--nat-interval takes 0 (never) or seconds from {MIN_NAT_INTERVAL:g} to"
+                f" {MAX_NAT_INTERVAL:g}") from None
         self._check_stun_alternate()
         for key in ("relay-sessions", "relay-sessions-per-peer", "relay-rate",
                     "relay-session-mb", "relay-session-duration", "relay-session-idle"):
@@ -218,7 +222,13 @@ class NodeOptions(usage.Options):
                 if "://" in text or len(text) > 64:
                     parse_invite(text, now)
                 else:
-                    NetworkKey.from_text(text)
+                    key = NetworkKey.from_text(text)
+                    if not any(m.key.network_id == key.network_id for m in members):
+                        raise usage.UsageError(
+                            f"--invite: a bare network key carries no network name or"
+                            f" bootstrap peers: give the invite link (omerta://join/...), or"
+                            f" join first with 'omerta --data-dir {data_dir} network join"
+                            f" --key KEY --name NAME'")
             except (InviteError, NetworkKeyError) as e:
                 raise usage.UsageError(f"--invite: {e}") from None
         if not members and not self["invite"]:
@@ -241,6 +251,31 @@ class NodeOptions(usage.Options):
 
     def capabilities(self) -> Capability:
         raise NotImplementedError
+
+
+MIN_NAT_INTERVAL = 10.0
+MAX_NAT_INTERVAL = 86400.0
+
+
+def _check_local_address(address: str) -> None:
+    """
+    @raise usage.UsageError: C{address} is not one of this host's (binding
+        to it would fail later, with a traceback).
+    """
+    import socket
+
+    if ipaddress.ip_address(address).is_unspecified:
+        return
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        probe.bind((address, 0))
+    except OSError as e:
+        raise usage.UsageError(
+            f"--interface {address} is not an address of this host ({e.strerror});"
+            f" 'ip -br addr' lists them") from None
+    finally:
+        probe.close()
 
 
 def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
