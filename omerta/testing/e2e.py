@@ -392,6 +392,26 @@ class Provider:
         metrics = client.get("/v1/status").get("metrics", {})
         return {s["labels"]["reason"]: s["value"] for s in metrics.get("drops", [])}
 
+    def state(self) -> str:
+        """What the provider's namespace holds now (for failure messages)."""
+        lab, parts = self.e2e.lab, [f"--- {self.name}'s namespace"]
+        interface = self.interface()
+        commands = [["ip", "-br", "addr"], ["ip", "neigh"], ["ip", "route"]]
+        if interface is not None:
+            commands += [["wg", "show", interface],
+                         ["nft", "list", "table", "inet", f"omerta_{interface}"]]
+        for argv in commands:
+            try:
+                result = lab.run(self.host, argv, timeout=10)
+                parts.append(f"$ {' '.join(argv)}\n{result.stdout.strip()}{result.stderr.strip()}")
+            except Exception as e:
+                parts.append(f"$ {' '.join(argv)}: {e}")
+        try:
+            parts.append(f"$ virsh list --all\n{self.libvirt.virsh('list', '--all').strip()}")
+        except Exception as e:
+            parts.append(f"virsh list: {e}")
+        return "\n".join(parts)
+
     def tunnel_failure(self) -> str | None:
         """The provider's log line saying its tunnels did not come up, if any."""
         try:
@@ -688,6 +708,11 @@ class E2ELab:
         parts = []
         for node in nodes:
             parts.append(node.log_tail())
+            if isinstance(node, Provider):
+                try:
+                    parts.append(node.state())
+                except Exception as e:
+                    parts.append(f"({node.name}'s state unavailable: {e})")
         parts += [d.log_tail(20) for d in self.relays.values()]
         return "\n".join(parts)
 
@@ -1263,6 +1288,9 @@ def flow_isolation(e2e: E2ELab) -> FlowResult:
             raise errors[0]
         result.figures["two_requests_s"] = round(time.monotonic() - started, 1)
         vm_a, vm_b = vms[first.name], vms[second.name]
+        if vm_a["tunnel_address"] == vm_b["tunnel_address"]:
+            raise E2EError(f"both consumers were given tunnel address {vm_a['tunnel_address']}"
+                           f" by {provider.name} (their requests were in flight together)")
         check_hostname(first, vm_a)
         check_hostname(second, vm_b)
         interface = vm_b["tunnel"]["interface"]
