@@ -770,6 +770,14 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(event["mode"], "0755")
         self.assertTrue(node.running)
 
+    def test_search_only_directory_served(self):
+        """A data dir others may only traverse (0711, as a provider of real guests sets) is served."""
+        os.makedirs(self.data_dir, mode=0o700)
+        os.chmod(self.data_dir, 0o711)
+        service = self.service(self.node())
+        self.assertIsNotNone(service.port)
+        self.assertEqual(stat.S_IMODE(os.stat(control_socket_path(self.data_dir)).st_mode), 0o600)
+
     def test_long_data_dir(self):
         """A data dir whose socket path is too long for bind() is served through a directory descriptor."""
         data_dir = os.path.join(self.dir, "d" * 120)

@@ -258,6 +258,27 @@ class ProviderTests(unittest.TestCase):
         self.ask(self.bob, VmOp.RELEASE, vm_id=bobs.vm_id)
         self.assertEqual([g.consumer_key for g in self.tunnels.grants], [alice_key])
 
+    def test_concurrent_consumers_get_different_tunnel_addresses(self):
+        """Two consumers' creates in flight at once never share a tunnel address."""
+        slow = defer.Deferred()
+        create = self.backend.create
+        self.backend.create = lambda spec: slow.addCallback(lambda _: create(spec))
+        replies = []
+        for consumer in (self.alice, self.bob):
+            payload = build_request(VmOp.CREATE, vcpus=1, memory_mb=256, disk_gb=1,
+                                    image="debian-busybox", name="", wg_public_key=os.urandom(32))
+            consumer.node.overlay().messaging.request(
+                self.provider_node.node.peer_id, CHANNEL, payload, timeout=10
+            ).addCallback(lambda answer: replies.append(parse_reply(answer)))
+        self.mesh.net.run(1)
+        self.backend.create = create
+        slow.callback(None)
+        self.mesh.net.run_until(lambda: len(replies) == 2, 5)
+        self.assertEqual([r.status for r in replies], [VmStatus.OK, VmStatus.OK])
+        addresses = {r.vms[0].tunnel_address for r in replies}
+        self.assertEqual(len(addresses), 2, addresses)
+        self.assertEqual(len({g.consumer_address for g in self.tunnels.grants}), 2)
+
     def test_tunnels_rebuilt_at_restart(self):
         """A restarted provider declares the grants its records hold, before serving."""
         key = os.urandom(32)

@@ -855,7 +855,10 @@ class ControlService(Service):
             self.log.error("Control API off: cannot read {data_dir}: {error}",
                            data_dir=str(data_dir), error=e.strerror)
             return
-        if mode & 0o077:
+        if mode & 0o066:
+            # Search permission alone (0711, which a provider of real guests
+            # sets so that QEMU reaches its disks) lists nothing and the
+            # socket itself is 0600; read or write permission is refused.
             self.log.error(
                 "Control API off: {data_dir} has mode {mode}, so other users could reach its"
                 " control socket; run 'chmod 700 {data_dir}' and restart the node",

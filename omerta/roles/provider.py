@@ -94,6 +94,7 @@ class ProviderService(Service):
         self._clock = clock
         self._tunnels: dict[str, dict] = {}
         self._creating: dict[str, int] = {}  # owner -> creates in progress
+        self._pending_addresses: dict[str, str] = {}  # owner -> tunnel address being given
         self._addresses: dict[str, str | None] = {}  # vm id -> guest address
         self.wireguard = None
         self._tunnels_factory = tunnels
@@ -232,6 +233,7 @@ class ProviderService(Service):
             self._creating[owner] -= 1
             if not self._creating[owner]:
                 del self._creating[owner]
+                self._pending_addresses.pop(owner, None)
 
     async def _define_and_boot(self, owner: str, body, network: str = "") -> VMInfo:
         if self.tunnels is not None and not self.tunnels.running:
@@ -244,6 +246,9 @@ class ProviderService(Service):
             consumer_address = self._consumer_address(owner)
         except AddressesExhausted as e:
             raise Refused(VmStatus.NO_CAPACITY, str(e)) from None
+        # held while the backend works: a concurrent request of another
+        # consumer must not be given the same address
+        self._pending_addresses[owner] = consumer_address
         try:
             info = await self.backend.create(spec)
         except QuotaExceeded as e:
@@ -332,8 +337,11 @@ class ProviderService(Service):
         for tunnel in self._tunnels.values():
             if tunnel["owner"] == owner and tunnel.get("address"):
                 return tunnel["address"]
+        if owner in self._pending_addresses:
+            return self._pending_addresses[owner]
         pool = ConsumerPool(provider_subnet(self.mesh.node.peer_id))
-        return pool.allocate(t.get("address") for t in self._tunnels.values())
+        return pool.allocate([*(t.get("address") for t in self._tunnels.values()),
+                              *self._pending_addresses.values()])
 
     def grants(self) -> list:
         """The tunnel grants the records declare, one per consumer key."""

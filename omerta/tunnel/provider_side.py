@@ -123,11 +123,14 @@ class ProviderTunnels:
         device = self._device_factory(self.interface, self.key.private, mtu=MTU,
                                       state_dir=self.state_dir)
         device.up([f"{self.address}/{addresses.PREFIX}"])
+        try:
+            enable_forwarding(self.interface)
+            self._bridge_forwarding()
+            self.firewall.install()
+        except Exception:
+            device.down()
+            raise
         self.device = device
-        enable_forwarding(self.interface)
-        if self.bridge:
-            enable_forwarding(self.bridge)
-        self.firewall.install()
         self.log.info("Tunnels: {interface} at {address}/{prefix}, WireGuard port {port}",
                       interface=self.interface, address=self.address,
                       prefix=addresses.PREFIX, port=device.listen_port)
@@ -177,8 +180,19 @@ class ProviderTunnels:
                 plane.close(grant.network_id, grant.consumer_id, TO_PROVIDER)
         self.grants = wanted
 
+    def _bridge_forwarding(self) -> None:
+        """
+        Forwarding on the VMs' bridge once it exists (the VM backend creates
+        it with the first guest; every apply looks again).
+        """
+        from omerta.tunnel.firewall import enable_forwarding
+
+        if self.bridge and Path(f"/proc/sys/net/ipv4/conf/{self.bridge}").exists():
+            enable_forwarding(self.bridge)
+
     def _configure(self, wanted: dict, gone: list[Grant], endpoints: dict) -> None:
         device = self.device
+        self._bridge_forwarding()
         for grant in gone:
             device.remove_peer(grant.consumer_key)
         for key, grant in wanted.items():
