@@ -8,6 +8,7 @@ ones).
 
 from __future__ import annotations
 
+from twisted.internet import task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
@@ -126,6 +127,43 @@ class CarryTests(unittest.TestCase):
         link = pair.a.overlay.liveness.links[pair.b.peer_id]
         self.assertTrue(is_relayed(link.address))
         self.assertNotEqual(pair.a.overlay.relays.relay_of(link.address), used)
+
+    def test_traffic_brings_a_dead_relay_path_back_within_seconds(self):
+        """
+        While datagrams flow both ways (a TCP transfer's data and acks), the
+        tunnel's own probes notice a dead relay and the path moves to the
+        other one within about five seconds, not at the next keepalive.
+        """
+        pair = TunnelPair(self, "symmetric", "symmetric", relays=2)
+        self.assertTrue(pair.a_to_b(b"warm", timeout=30))
+        self.assertTrue(pair.b_to_a(b"warm", timeout=30))
+        clock = pair.sim.clock
+        arrived = []
+
+        def pump():
+            n = len(arrived)
+            pair.port_a.write(b"data %d" % n, pair.end_a.address)
+            pair.port_b.write(b"ack %d" % n, pair.end_b.address)
+            arrived.append((clock.seconds(), len(pair.wg_b.received), len(pair.wg_a.received)))
+
+        loop = task.LoopingCall(pump)
+        loop.clock = clock
+        loop.start(0.1)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        pair.sim.run(3)
+        link = pair.a.overlay.liveness.links[pair.b.peer_id]
+        used = pair.a.overlay.relays.relay_of(link.address)
+        pair.sim.kill(next(r for r in pair.relays if r.peer_id == used))
+        killed = clock.seconds()
+        at_kill = (len(pair.wg_b.received), len(pair.wg_a.received))
+
+        def flowing_again() -> bool:
+            return (len(pair.wg_b.received) > at_kill[0] + 5
+                    and len(pair.wg_a.received) > at_kill[1] + 5)
+
+        self.assertTrue(pair.sim.run_until(flowing_again, 30, 0.05))
+        recovered = clock.seconds() - killed
+        self.assertLess(recovered, 6.0, f"traffic flowed again only after {recovered:.1f} s")
 
     def test_datagrams_wait_for_the_session(self):
         pair = TunnelPair(self, "none", "none")

@@ -51,6 +51,13 @@ QUEUE_TTL = 3.0
 """Seconds a waiting datagram is kept before it is dropped."""
 RETRY = 0.25
 """While datagrams wait, the session and path are looked at this often."""
+PROBE_AFTER = 1.0
+"""
+Seconds of sending into a tunnel with nothing back from the peer before its
+path is checked with a ping, once per L{PROBE_AFTER}: liveness counts the
+unanswered ones and fails the path over after three in C{path_dead_after},
+instead of waiting for the next keepalive (every 15 s).
+"""
 KIND_NAMES = {TO_PROVIDER: "provider", TO_CONSUMER: "consumer"}
 RECEIVE_BUFFER = 4 << 20
 """
@@ -111,6 +118,7 @@ class TunnelEndpoint(DatagramProtocol):
         self.bytes_in = self.bytes_out = 0
         self.last_in: float | None = None
         self.last_out: float | None = None
+        self.last_probe = 0.0
 
     @property
     def key(self) -> tuple[bytes, bytes, int]:
@@ -235,6 +243,10 @@ class TunnelPlane:
         if endpoint.waiting:
             self._flush(endpoint, now)
         self._transmit(endpoint, session, address, datagram, now)
+        if (now - (endpoint.last_in or 0.0) > PROBE_AFTER
+                and now - endpoint.last_probe >= PROBE_AFTER):
+            endpoint.last_probe = now
+            overlay.liveness.ping(peer_id, address)
 
     def _transmit(self, endpoint, session, address, datagram: bytes, now: float) -> None:
         try:
