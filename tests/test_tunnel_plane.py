@@ -165,6 +165,31 @@ class CarryTests(unittest.TestCase):
         recovered = clock.seconds() - killed
         self.assertLess(recovered, 6.0, f"traffic flowed again only after {recovered:.1f} s")
 
+    def test_a_backing_off_sender_still_gets_its_path_moved(self):
+        """
+        A TCP sender whose segments are lost backs off (0.2, 0.4, 0.8 s, ...),
+        sending too seldom to carry probes: the tunnel keeps probing on its
+        own, and the path leaves the dead relay within about five seconds.
+        """
+        pair = TunnelPair(self, "symmetric", "symmetric", relays=2)
+        self.assertTrue(pair.a_to_b(b"warm", timeout=30))
+        self.assertTrue(pair.b_to_a(b"warm", timeout=30))
+        overlay = pair.a.overlay
+        used = overlay.relays.relay_of(overlay.liveness.links[pair.b.peer_id].address)
+        pair.sim.kill(next(r for r in pair.relays if r.peer_id == used))
+        clock = pair.sim.clock
+        killed = clock.seconds()
+        for delay in (0.2, 0.6, 1.4, 3.0, 6.2, 12.6):
+            clock.callLater(delay, pair.port_a.write, b"retransmission", pair.end_a.address)
+
+        def moved() -> bool:
+            link = overlay.liveness.links.get(pair.b.peer_id)
+            return (link is not None and is_relayed(link.address)
+                    and overlay.relays.relay_of(link.address) not in (None, used))
+
+        self.assertTrue(pair.sim.run_until(moved, 30, 0.05))
+        self.assertLess(clock.seconds() - killed, 6.0, clock.seconds() - killed)
+
     def test_datagrams_wait_for_the_session(self):
         pair = TunnelPair(self, "none", "none")
         messaging = pair.a.overlay.messaging

@@ -54,10 +54,12 @@ RETRY = 0.25
 PROBE_AFTER = 1.0
 """
 Seconds of sending into a tunnel with nothing back from the peer before its
-path is checked with a ping, once per L{PROBE_AFTER}: liveness counts the
+path is checked with a ping, then once per L{PROBE_AFTER} while that lasts: liveness counts the
 unanswered ones and fails the path over after three in C{path_dead_after},
 instead of waiting for the next keepalive (every 15 s).
 """
+PROBE_FOR = 10.0
+"""Probing stops when this end has sent nothing into the tunnel for this long."""
 KIND_NAMES = {TO_PROVIDER: "provider", TO_CONSUMER: "consumer"}
 RECEIVE_BUFFER = 4 << 20
 """
@@ -118,7 +120,7 @@ class TunnelEndpoint(DatagramProtocol):
         self.bytes_in = self.bytes_out = 0
         self.last_in: float | None = None
         self.last_out: float | None = None
-        self.last_probe = 0.0
+        self.probing = None
 
     @property
     def key(self) -> tuple[bytes, bytes, int]:
@@ -215,8 +217,9 @@ class TunnelPlane:
         endpoint = self.endpoints.pop((network_id, peer_id, kind), None)
         if endpoint is None:
             return
-        if endpoint.retry is not None and endpoint.retry.active():
-            endpoint.retry.cancel()
+        for call in (endpoint.retry, endpoint.probing):
+            if call is not None and call.active():
+                call.cancel()
         if endpoint.port is not None:
             endpoint.port.stopListening()
 
@@ -243,10 +246,28 @@ class TunnelPlane:
         if endpoint.waiting:
             self._flush(endpoint, now)
         self._transmit(endpoint, session, address, datagram, now)
-        if (now - (endpoint.last_in or 0.0) > PROBE_AFTER
-                and now - endpoint.last_probe >= PROBE_AFTER):
-            endpoint.last_probe = now
-            overlay.liveness.ping(peer_id, address)
+        if endpoint.probing is None and now - (endpoint.last_in or 0.0) > PROBE_AFTER:
+            self._probe(endpoint)
+
+    def _probe(self, endpoint: TunnelEndpoint) -> None:
+        """
+        Ping the peer on the current path each L{PROBE_AFTER} seconds for as
+        long as this end sent into the tunnel lately and heard nothing back
+        since: a sender backing off (TCP's doubling timeouts) sends too
+        seldom to carry the probes itself.
+        """
+        endpoint.probing = None
+        if self.endpoints.get(endpoint.key) is not endpoint:
+            return
+        now = self.clock.seconds()
+        last_in, last_out = endpoint.last_in or 0.0, endpoint.last_out or 0.0
+        if now - last_in <= PROBE_AFTER or last_in >= last_out or now - last_out > PROBE_FOR:
+            return
+        overlay = self.node.overlays.get(endpoint.network_id)
+        address = None if overlay is None else overlay.paths.address_of(endpoint.peer_id)
+        if address is not None:
+            overlay.liveness.ping(endpoint.peer_id, address)
+        endpoint.probing = self.clock.callLater(PROBE_AFTER, self._probe, endpoint)
 
     def _transmit(self, endpoint, session, address, datagram: bytes, now: float) -> None:
         try:
