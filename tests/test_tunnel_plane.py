@@ -190,6 +190,28 @@ class CarryTests(unittest.TestCase):
         self.assertTrue(pair.sim.run_until(moved, 30, 0.05))
         self.assertLess(clock.seconds() - killed, 6.0, clock.seconds() - killed)
 
+    def test_datagrams_lost_with_the_old_path_go_again_on_the_new_one(self):
+        """
+        What was sent since the peer was last heard is sent again once the
+        path moves, so the receiver gets it without waiting for the sender
+        to retransmit.
+        """
+        pair = TunnelPair(self, "symmetric", "symmetric", relays=2)
+        self.assertTrue(pair.a_to_b(b"warm", timeout=30))
+        self.assertTrue(pair.b_to_a(b"warm", timeout=30))
+        overlay = pair.a.overlay
+        used = overlay.relays.relay_of(overlay.liveness.links[pair.b.peer_id].address)
+        pair.sim.kill(next(r for r in pair.relays if r.peer_id == used))
+        before = pair.end_a.frames_out
+        for n in range(3):
+            pair.port_a.write(b"lost %d" % n, pair.end_a.address)
+        self.assertTrue(pair.sim.run_until(
+            lambda: {b"lost 0", b"lost 1", b"lost 2"} <= {d for d, _ in pair.wg_b.received},
+            30, 0.05), "the datagrams lost with the dead relay never arrived")
+        replayed = pair.a.node.metrics.get("tunnel_replayed")
+        self.assertGreaterEqual(replayed, 3)
+        self.assertEqual(pair.end_a.frames_out - before, 3 + replayed)  # sent once by a's WireGuard
+
     def test_datagrams_wait_for_the_session(self):
         pair = TunnelPair(self, "none", "none")
         messaging = pair.a.overlay.messaging

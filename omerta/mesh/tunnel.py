@@ -60,6 +60,14 @@ instead of waiting for the next keepalive (every 15 s).
 """
 PROBE_FOR = 10.0
 """Probing stops when this end has sent nothing into the tunnel for this long."""
+REPLAY_LIMIT = 64
+"""
+Datagrams sent since the peer was last heard, kept to be sent again on the
+new path when the path changes (at most this many, the newest).  They were
+most likely lost with the old path; WireGuard drops any it already has.  A
+TCP sender in the tunnel gets its acknowledgements at once instead of at its
+next backed-off retransmission, seconds later.
+"""
 KIND_NAMES = {TO_PROVIDER: "provider", TO_CONSUMER: "consumer"}
 RECEIVE_BUFFER = 4 << 20
 """
@@ -121,6 +129,7 @@ class TunnelEndpoint(DatagramProtocol):
         self.last_in: float | None = None
         self.last_out: float | None = None
         self.probing = None
+        self.unheard: deque[bytes] = deque(maxlen=REPLAY_LIMIT)
 
     @property
     def key(self) -> tuple[bytes, bytes, int]:
@@ -144,6 +153,8 @@ class TunnelEndpoint(DatagramProtocol):
         self.frames_in += 1
         self.bytes_in += len(datagram)
         self.last_in = now
+        if self.unheard:
+            self.unheard.clear()
         try:
             self._sendto(datagram, self.wg_address)
         except OSError:
@@ -187,6 +198,7 @@ class TunnelPlane:
         self.metrics = node.metrics
         self._listen = listen_udp
         self.endpoints: dict[tuple[bytes, bytes, int], TunnelEndpoint] = {}
+        node.events.subscribe("path_changed", self._path_changed)
 
     # the endpoints
 
@@ -269,7 +281,8 @@ class TunnelPlane:
             overlay.liveness.ping(endpoint.peer_id, address)
         endpoint.probing = self.clock.callLater(PROBE_AFTER, self._probe, endpoint)
 
-    def _transmit(self, endpoint, session, address, datagram: bytes, now: float) -> None:
+    def _transmit(self, endpoint, session, address, datagram: bytes, now: float,
+                  again: bool = False) -> None:
         try:
             sealed = session.seal(INNER_TYPE, bytes((3 - endpoint.kind,)) + datagram)
         except SessionError:
@@ -280,6 +293,29 @@ class TunnelPlane:
         endpoint.frames_out += 1
         endpoint.bytes_out += len(datagram)
         endpoint.last_out = now
+        if not again:
+            endpoint.unheard.append(datagram)
+
+    def _path_changed(self, network: bytes, peer_id: bytes, **_) -> None:
+        for kind in KINDS:
+            endpoint = self.endpoints.get((network, peer_id, kind))
+            if endpoint is not None and endpoint.unheard:
+                # the link moves after the event: send on the next turn
+                self.clock.callLater(0, self._replay, endpoint)
+
+    def _replay(self, endpoint: TunnelEndpoint) -> None:
+        """What was sent since the peer was last heard goes again, on the new path."""
+        overlay = self.node.overlays.get(endpoint.network_id)
+        if self.endpoints.get(endpoint.key) is not endpoint or overlay is None:
+            return
+        now = self.clock.seconds()
+        session = overlay.messaging.sessions.get(endpoint.peer_id, now)
+        address = overlay.paths.address_of(endpoint.peer_id)
+        if session is None or address is None:
+            return
+        for datagram in list(endpoint.unheard):
+            self._transmit(endpoint, session, address, datagram, now, again=True)
+        self.metrics.inc("tunnel_replayed", len(endpoint.unheard))
 
     def _wait(self, overlay, endpoint: TunnelEndpoint, datagram: bytes, now: float) -> None:
         """
