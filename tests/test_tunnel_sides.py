@@ -253,3 +253,50 @@ class ConsumerTunnelsTests(unittest.TestCase):
         self.successResultOf(self.tunnels.stop())
         self.assertFalse(device.is_up)
         self.assertEqual(self.node.tunnels.endpoints, {})
+
+
+class RestoreTests(unittest.TestCase):
+    def test_held_vms_get_their_tunnels_back_at_start(self):
+        """
+        A node that starts again brings up the tunnels of the VMs its data
+        directory holds (those of its networks, with tunnel addresses), one
+        interface per provider.
+        """
+        from omerta.roles.consumer import ConsumerStore, HeldVM
+        from omerta.tunnel.consumer_side import ConsumerTunnelService
+        from omerta.tunnel import wgdevice
+
+        data_dir = self.mktemp()
+        provider, other_network = os.urandom(16), b"o" * 8
+        key = WireGuardKey.generate()
+
+        def vm(vm_id, network, **tunnel):
+            return HeldVM(vm_id=vm_id, provider=provider.hex(), provider_name="p",
+                          network=network.hex(), created_at=1.0, vcpus=1, memory_mb=256,
+                          disk_gb=1, image="debian-busybox", name="", state="running",
+                          address=tunnel.pop("address", None), wg_public_key="",
+                          provider_wg_key=key.public_text, path_kind="direct", **tunnel)
+
+        with ConsumerStore(data_dir).update() as state:
+            tunnel = dict(tunnel_address="100.64.7.2", provider_tunnel_address="100.64.7.1",
+                          tunnel_prefix=24)
+            state.vms["a" * 16] = vm("a" * 16, NETWORK, address="10.237.0.2", **tunnel)
+            state.vms["b" * 16] = vm("b" * 16, NETWORK, address="10.237.0.3", **tunnel)
+            state.vms["c" * 16] = vm("c" * 16, other_network, **tunnel)  # not this node's
+            state.vms["d" * 16] = vm("d" * 16, NETWORK)  # a provider without tunnels
+        node = fake_node(os.urandom(16))
+        node.overlays = {NETWORK: object()}
+        node_service = SimpleNamespace(node=node, data_dir=data_dir)
+        self.patch(ConsumerTunnels, "check", staticmethod(lambda: None))
+        self.patch(wgdevice, "reap_stale", lambda *a, **k: [])
+        FakeDevice.made = []
+        service = ConsumerTunnelService(node_service, run=inline, device_factory=FakeDevice)
+        service.startService()
+        self.successResultOf(service.restored)
+        self.assertIs(node_service.consumer_tunnels, service.tunnels)
+        [device] = FakeDevice.made
+        self.assertEqual(device.addresses, ["100.64.7.2/24"])
+        self.assertEqual(device.routes, {"10.237.0.2/32", "10.237.0.3/32"})
+        self.assertEqual(set(service.tunnels.tunnels[provider].vms), {"a" * 16, "b" * 16})
+        self.successResultOf(service.stopService())
+        self.assertFalse(device.is_up)

@@ -277,21 +277,23 @@ class ConsumerTunnelService(Service):
 
     log = Logger()
 
-    def __init__(self, node_service):
+    def __init__(self, node_service, **tunnel_options):
         self.node_service = node_service
         self.tunnels: ConsumerTunnels | None = None
+        self.restored: defer.Deferred | None = None
+        self._options = tunnel_options  # ConsumerTunnels' run= and device_factory= (tests)
 
     def startService(self) -> None:
         super().startService()
         node = self.node_service.node
-        self.tunnels = ConsumerTunnels(node, self.node_service.data_dir)
+        self.tunnels = ConsumerTunnels(node, self.node_service.data_dir, **self._options)
         self.node_service.consumer_tunnels = self.tunnels
         try:
             ConsumerTunnels.check()
         except TunnelError as e:
             self.log.info("No VM tunnels on this node: {why}", why=str(e))
             return
-        defer.ensureDeferred(self._restore()).addErrback(
+        self.restored = defer.ensureDeferred(self._restore()).addErrback(
             lambda f: self.log.failure("Restoring VM tunnels failed", f))
 
     async def _restore(self) -> None:
