@@ -108,6 +108,11 @@ def invite_link_seeds() -> list[bytes]:
         t.CREATED, t.EXPIRES, T.INVITE_IDENTITY.public_key,
     )
     expired = build_invite_body(t.KEY.secret, "old", [], 1, 2, T.INVITE_IDENTITY.public_key)
+    # Regression: a port of non-ASCII digits escaped parse_invite as a plain
+    # ValueError from int() until b9c39dc.
+    superscript_port = build_invite_body(
+        t.KEY.secret, "lab", ["relay-1@192.0.2.7:\u00b2"], t.CREATED, 0, T.INVITE_IDENTITY.public_key
+    )
     return [
         b"\x00" + t.GOLDEN_LINK.encode(),
         b"\x00" + t.GOLDEN_LINK[len("omerta://join/"):].encode(),
@@ -116,6 +121,7 @@ def invite_link_seeds() -> list[bytes]:
         b"\x02" + body,
         b"\x02" + many,
         b"\x02" + expired,
+        b"\x02" + superscript_port,
     ]
 
 
