@@ -821,3 +821,15 @@ class FuzzTests(unittest.TestCase):
         }
         self.assertRaises(HandshakeError, self.table.on_resp, self.peer.id, fields, 0)
         self.assertEqual((len(self.table), self.table.pending_count), (0, 1))
+
+
+class OpenArgumentTests(unittest.TestCase):
+    def test_fields_of_the_wrong_type_are_malformed(self):
+        """An integer 'sealed' (bytes(n) would allocate n bytes) or a float session id is refused."""
+        from omerta.crypto.session import Role, Session, SessionError
+
+        session = Session(b"p" * 16, 7, Role.RESPONDER, 0.0, bytes(32), bytes(32))
+        for fields in ({"session_id": 7, "counter": 1, "sealed": 2**32},
+                       {"session_id": 7.0, "counter": 1, "sealed": b"x" * 20}):
+            error = self.assertRaises(SessionError, session.open, fields)
+            self.assertEqual(error.reason, "malformed")

@@ -228,6 +228,8 @@ class Session:
             sealed = fields["sealed"]
         except (KeyError, TypeError):
             raise SessionError("malformed", "not SESSION_DATA fields") from None
+        if type(session_id) is not int or not isinstance(sealed, (bytes, bytearray, memoryview)):
+            raise SessionError("malformed", "session id or sealed bytes of the wrong type")
         if session_id != self.session_id:
             raise SessionError("wrong_session")
         if not isinstance(counter, int) or not 0 < counter <= MAX_COUNTER:
