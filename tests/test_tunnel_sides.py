@@ -159,6 +159,16 @@ class ProviderTunnelsTests(unittest.TestCase):
         self.assertEqual(set(self.device.peers_set), {new})
         self.assertIsNotNone(self.node.tunnels.get(NETWORK, alice, TO_PROVIDER))
 
+    def test_stopped_before_it_started_leaves_nothing(self):
+        """A provider stopped while its tunnels are not up yet sets nothing up after."""
+        tunnels = ProviderTunnels(self.node, WireGuardKey.generate(), self.mktemp(), None,
+                                  run=inline, device_factory=FakeDevice,
+                                  firewall_factory=FakeFirewall)
+        self.successResultOf(tunnels.stop())
+        self.successResultOf(tunnels.start())
+        self.assertFalse(tunnels.running)
+        self.assertFalse(tunnels.firewall.installed)
+
     def test_stop_takes_everything_down(self):
         alice = os.urandom(16)
         self.successResultOf(self.tunnels.apply([self.grant(alice, os.urandom(32),

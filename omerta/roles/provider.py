@@ -121,7 +121,8 @@ class ProviderService(Service):
         if self.mesh.started:
             for network in self.mesh.networks():
                 self.mesh.on_channel(CHANNEL, None, network=network)
-        if self.tunnels is not None and self.tunnels.running:
+        if self.tunnels is not None:
+            # also while the tunnels are still coming up: stop waits for that
             return self.tunnels.stop()
 
     def _ready(self, _) -> defer.Deferred:

@@ -87,6 +87,7 @@ class ProviderTunnels:
         self.device = None
         self.grants: dict[bytes, Grant] = {}  # consumer key -> grant
         self._lock = defer.DeferredLock()
+        self._stopping = False
 
     # lifecycle
 
@@ -118,6 +119,8 @@ class ProviderTunnels:
         from omerta.tunnel.firewall import enable_forwarding
         from omerta.tunnel.wgdevice import reap_stale
 
+        if self._stopping:
+            return  # stopped before it started: nothing to set up, nothing to leave behind
         reap_stale(INTERFACE_PREFIX, self.state_dir, own={self.interface})
         self.state_dir.mkdir(parents=True, exist_ok=True)
         device = self._device_factory(self.interface, self.key.private, mtu=MTU,
@@ -136,6 +139,11 @@ class ProviderTunnels:
                       prefix=addresses.PREFIX, port=device.listen_port)
 
     def stop(self) -> defer.Deferred:
+        """
+        Take everything down; safe at any time, also while L{start} runs (it
+        waits for it) or before it (start then does nothing).
+        """
+        self._stopping = True
         return self._lock.run(lambda: self._run(self._stop)).addCallback(self._closed)
 
     def _stop(self) -> None:
