@@ -191,6 +191,13 @@ class AcceptTests(unittest.TestCase):
         self.assertEqual(len(self.reg), 0)
         self.check(Outcome.NEW, announce(self.alice, at=NOW - 3599, ttl=3600))
 
+    def test_ttl_capped(self):
+        """A record claiming a TTL of years is kept for max_ttl_s after it arrives, no longer."""
+        reg = registry(max_ttl_s=7200)
+        self.assertEqual(reg.accept(announce(self.alice, at=NOW, ttl=2**32 - 1), NOW), Outcome.NEW)
+        self.assertEqual(reg.get(self.alice.peer_id).expires_at, NOW + 7200)
+        self.assertTrue(reg.get(self.alice.peer_id).expired(NOW + 7200))
+
     def test_future_timestamp(self):
         """A timestamp further ahead than clock_skew_s is EXPIRED; within the skew it is accepted."""
         reg = registry(clock_skew_s=300)

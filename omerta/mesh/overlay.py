@@ -50,7 +50,8 @@ class Overlay:
         self.basics = Basics(self.network_id, node.peer_id, self.config, self.clock,
                              self.metrics, self.send, self._emit)
         self.registry = PeerRegistry(self.network_id, node.peer_id,
-                                     max_peers=self.config.max_peers, events=node.events)
+                                     max_peers=self.config.max_peers, events=node.events,
+                                     max_ttl_s=max(7200, 2 * self.config.announce_ttl))
         self.connections = Connections(self._emit, self._transmit,
                                        limit=min(self.config.max_peers, 4096))
         # The one place the components are wired.  Each takes Basics and

@@ -26,7 +26,10 @@ gossip delivers each record many times and a check costs ~90 us):
     peer id): else C{malformed};
  4. our own announcement coming back is C{own};
  5. C{timestamp_ms + ttl_s} must lie in the future and C{timestamp_ms} no
-    further than C{clock_skew_s} ahead of C{now}: else C{expired};
+    further than C{clock_skew_s} ahead of C{now}: else C{expired}; a record
+    is kept for at most C{max_ttl_s} after it arrives, whatever TTL it
+    claims (a member cannot make its records, or thousands of invented
+    identities, live for years);
  6. against the record held for the same peer: the same sequence is a
     C{duplicate} (what gossip uses to stop forwarding), a lower one is
     C{stale};
@@ -306,6 +309,7 @@ class PeerRegistry:
         max_peers: int = 10000,
         clock_skew_s: float = 300,
         *,
+        max_ttl_s: float = 7200,
         reputation_alpha: float = 0.1,
         slow_latency_s: float = 10.0,
         events=None,
@@ -320,6 +324,7 @@ class PeerRegistry:
         self.own_peer_id = own_peer_id
         self.max_peers = max_peers
         self.clock_skew_s = clock_skew_s
+        self.max_ttl_s = max_ttl_s
         self.reputation_alpha = reputation_alpha
         self.slow_latency_s = slow_latency_s
         self._peers: dict[bytes, PeerRecord] = {}
@@ -414,7 +419,7 @@ class PeerRegistry:
             sequence=record.sequence,
             timestamp_ms=record.timestamp_ms,
             ttl_s=record.ttl_s,
-            expires_at=min(now + record.ttl_s, valid_until),
+            expires_at=min(now + min(record.ttl_s, self.max_ttl_s), valid_until),
             nat_type=_known(NatType, record.nat_type),
             capabilities=record.capabilities,
             paths=[
