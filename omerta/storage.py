@@ -59,6 +59,7 @@ def atomic_write(
     """
     path = Path(path)
     directory = path.parent
+    remove_stale_temporaries(path)
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -85,6 +86,37 @@ def atomic_write(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """
+    Delete the temporary files of C{path} that L{atomic_write} calls of
+    processes no longer running left behind (killed between creating and
+    renaming them).  Those of live processes (a write in progress) stay.
+
+    @return: the files deleted.
+    """
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):]
+        if not (pid.isascii() and pid.isdigit()) or int(pid) <= 0 or int(pid) == os.getpid():
+            continue
+        if pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def _unlink_quietly(path: Path) -> None:

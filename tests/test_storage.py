@@ -4,10 +4,13 @@ Atomic state files.
 
 import os
 import stat
+import subprocess
+import sys
+import time
 
 from twisted.trial import unittest
 
-from omerta.storage import StateFileError, atomic_write, read_json, write_json
+from omerta.storage import StateFileError, atomic_write, pid_alive, read_json, write_json
 
 
 class Crash(Exception):
@@ -50,3 +53,60 @@ class AtomicWriteTests(unittest.TestCase):
         self.assertIn(self.path, str(error))
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), b"{not json")
+
+
+class StaleTemporaryTests(unittest.TestCase):
+    """
+    Temporary files a killed writer left behind are removed by the next
+    write of the same file; a live writer's are not.
+    """
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "status.json")
+
+    def temporary(self, pid, name="status.json"):
+        path = os.path.join(self.dir, f".{name}.tmp-{pid}")
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        return path
+
+    def dead_pid(self):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        return child.pid
+
+    def test_dead_writers_temporary_removed(self):
+        """A .status.json.tmp-PID of a process that no longer exists goes at the next write."""
+        stale = self.temporary(self.dead_pid())
+        write_json(self.path, {"v": 1})
+        self.assertFalse(os.path.exists(stale))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["status.json"])
+
+    def test_zombie_writers_temporary_removed(self):
+        """A killed writer its parent has not reaped yet counts as dead."""
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(child.wait)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the kernel makes it a zombie asynchronously
+        stale = self.temporary(child.pid)
+        write_json(self.path, {"v": 1})
+        self.assertFalse(os.path.exists(stale))
+
+    def test_live_writers_temporary_kept(self):
+        """A temporary file of a running process (a write in progress) stays."""
+        live = self.temporary(os.getppid())
+        write_json(self.path, {"v": 1})
+        self.assertTrue(os.path.exists(live))
+
+    def test_other_files_temporaries_kept(self):
+        """Only the written file's temporaries are considered, and odd names are left alone."""
+        dead = self.dead_pid()
+        other = self.temporary(dead, name="peers-00.json")
+        odd = self.temporary("x1")
+        write_json(self.path, {"v": 1})
+        self.assertTrue(os.path.exists(other))
+        self.assertTrue(os.path.exists(odd))
