@@ -209,10 +209,12 @@ class NodeOptions(usage.Options):
         raise NotImplementedError
 
     def _check_state(self, data_dir: Path) -> None:
+        from omerta.crypto.identity import read_identity
+
         key_file = data_dir / IDENTITY_FILE
         try:
             if key_file.exists():
-                storage.check_private(key_file)
+                read_identity(key_file)
             members = NetworkStore(data_dir).list()
         except storage.StateFileError as e:
             raise usage.UsageError(str(e)) from None

@@ -181,15 +181,37 @@ def load_or_create_identity(data_dir: Path) -> Identity:
         identity = Identity.generate()
         storage.atomic_write(path, identity.private_pem())
         return identity
-    storage.check_private(path)
+    return read_identity(path)
+
+
+def read_identity(path: Path) -> Identity:
+    """
+    The identity in an existing key file (as L{load_or_create_identity}
+    writes it), checked without changing anything.
+
+    @raise storage.StateFileError: the key file is readable by other users,
+        unreadable, or not an Ed25519 private key; the message names it and
+        says what to do.
+    """
+    path = Path(path)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        storage.check_private(path)
+        data = path.read_bytes()
     except OSError as e:
         raise storage.StateFileError(f"cannot read {path}: {e.strerror}") from e
-    except (ValueError, TypeError) as e:
+    remedy = (
+        "it was left untouched: restore it from a backup, or move it aside to start"
+        " as a new node (with a new peer id, so networks must admit it again)"
+    )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except Exception as e:  # ValueError, UnsupportedAlgorithm, InternalError, ...
+        reason = str(e).split(". See https://", 1)[0]
         raise storage.StateFileError(
-            f"{path} is not a usable private key ({e}); it was left untouched"
+            f"{path} is damaged: not a usable private key ({reason}); {remedy}"
         ) from e
     if not isinstance(key, Ed25519PrivateKey):
-        raise storage.StateFileError(f"{path} holds a key that is not Ed25519")
+        raise storage.StateFileError(
+            f"{path} holds a key that is not Ed25519 (an omerta identity is); {remedy}"
+        )
     return Identity(key)
