@@ -67,6 +67,7 @@ from omerta.crypto.network import NetworkKey
 from omerta.mesh.network import MeshNetwork, peer_label
 from omerta.mesh.node import MeshConfig
 from omerta.networks import Membership, MembershipError, NetworkStore
+from omerta.safe_text import printable
 
 CLI_DIR = "cli"
 """
@@ -438,7 +439,7 @@ def format_status(document: dict) -> str:
     lines = [
         f"cli node   {document['peer_id']} ({document['data_dir']})",
         f"listening  udp {document['listen']}",
-        f"network    {network['id']} ({network['name']})",
+        f"network    {network['id']} ({printable(network['name'])})",
     ]
     for index, boot in enumerate(document["bootstrap"]):
         label = "bootstrap" if index == 0 else ""
@@ -495,13 +496,14 @@ def connect_command(invocation: Invocation) -> int:
 
 
 def format_connection(document: dict) -> str:
-    who = document["name"] or document["peer_id"]
+    who = printable(document["name"] or document["peer_id"])
     rtt = "-" if document["rtt_ms"] is None else f"{document['rtt_ms']:.3f} ms"
     lines = [
         f"connected to {who}",
         f"peer id     {document['peer_id']}",
-        f"path        {document['kind']}" + (f" via {document['via']}" if document["via"] else ""),
-        f"endpoint    {document['endpoint']}",
+        f"path        {document['kind']}"
+        + (f" via {printable(document['via'])}" if document["via"] else ""),
+        f"endpoint    {printable(document['endpoint'])}",
         f"local port  {document['local_port']}",
         f"rtt         {rtt}",
     ]
@@ -555,7 +557,7 @@ def ping_command(invocation: Invocation) -> int:
     if not document["replies"]:
         invocation.stdout.flush()
         raise CommandError(
-            f"no reply from {document['name'] or document['peer_id']} to"
+            f"no reply from {printable(document['name'] or document['peer_id'])} to"
             f" {args.count} ping(s)"
         )
     return 0
@@ -566,8 +568,9 @@ def _replay(document: dict, args, on_reply, on_lost, out) -> None:
     replies = {r["seq"]: r for r in document["replies"]}
     if replies:
         first = replies[min(replies)]
-        out.write(f"PING {document['name'] or document['peer_id']}: {first['kind']} path to"
-                  f" {first['endpoint']} from local port {first['local_port']}\n")
+        out.write(f"PING {printable(document['name'] or document['peer_id'])}: {first['kind']}"
+                  f" path to {printable(first['endpoint'])} from local port"
+                  f" {first['local_port']}\n")
     for seq in range(1, args.count + 1):
         if seq in replies:
             on_reply(replies[seq])
@@ -578,15 +581,15 @@ def _replay(document: dict, args, on_reply, on_lost, out) -> None:
 def format_reply(reply: dict) -> str:
     return (
         f"seq {reply['seq']}: rtt {reply['rtt_ms']:.3f} ms, {reply['kind']}"
-        f" {reply['endpoint']}, local port {reply['local_port']}"
-        + (f", via {reply['via']}" if reply.get("via") else "")
+        f" {printable(reply['endpoint'])}, local port {reply['local_port']}"
+        + (f", via {printable(reply['via'])}" if reply.get("via") else "")
     )
 
 
 def format_summary(document: dict) -> str:
     summary = document["summary"]
     lines = [
-        f"--- {document['name'] or document['peer_id']} ping statistics ---",
+        f"--- {printable(document['name'] or document['peer_id'])} ping statistics ---",
         f"{summary['sent']} sent, {summary['received']} received,"
         f" {summary['loss_pct']:g}% loss",
     ]
@@ -637,11 +640,11 @@ def format_event(kind: str, data: dict) -> str:
     head = [kind]
     for key in ("peer_id", "vm_id"):
         if key in fields:
-            head.append(str(fields.pop(key)))
+            head.append(printable(fields.pop(key)))
     fields.pop("network", None)
     rest = " ".join(f"{k}={_plain(v)}" for k, v in sorted(fields.items()))
     return " ".join(head) + (f"  {rest}" if rest else "")
 
 
 def _plain(value) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return json.dumps(value) if isinstance(value, (dict, list)) else printable(value)

@@ -49,6 +49,7 @@ from omerta.roles import sshkeys
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
+from omerta.safe_text import printable
 
 REQUEST_TIMEOUT = ConsumerClient.DEFAULT_TIMEOUT
 
@@ -372,32 +373,34 @@ def _use_network_of(args, vms) -> None:
 
 
 def format_vm(document: dict) -> str:
-    who = document["provider_name"] or document["provider"]
-    address = document["address"] or "none (the provider's test driver runs no guest)"
+    """The text of a VM document; its strings are the provider's, so each is L{printable}."""
+    who = printable(document["provider_name"] or document["provider"])
+    address = (printable(document["address"]) if document["address"]
+               else "none (the provider's test driver runs no guest)")
     lines = [
-        f"VM {document['vm_id']} from {who}: {document['state']}",
+        f"VM {printable(document['vm_id'])} from {who}: {printable(document['state'])}",
         f"  {document['vcpus']} cpu, {document['memory_mb']} MiB, {document['disk_gb']} GiB"
-        f" disk, image {document['image']}" + (f", name {document['name']}"
-                                                if document["name"] else ""),
+        f" disk, image {printable(document['image'])}"
+        + (f", name {printable(document['name'])}" if document["name"] else ""),
         f"  address     {address}",
     ]
     path = document.get("path")
     if path:
         rtt = "-" if path["rtt_ms"] is None else f"{path['rtt_ms']:.3f} ms"
-        lines.append(f"  path        {path['kind']} {path['endpoint']} from port"
-                     f" {path['local_port']}, rtt {rtt}")
+        lines.append(f"  path        {printable(path['kind'])} {printable(path['endpoint'])}"
+                     f" from port {path['local_port']}, rtt {rtt}")
     lines.append(f"  tunnel      {format_tunnel(document['tunnel'])}")
     if document.get("ssh_command"):
-        lines.append(f"  ssh         {document['ssh_command']}")
+        lines.append(f"  ssh         {printable(document['ssh_command'])}")
     return "\n".join(lines)
 
 
 def format_tunnel(tunnel: dict) -> str:
     if "interface" not in tunnel:
-        return tunnel["state"]
+        return printable(tunnel["state"])
     path = f", {tunnel['path_kind']} path" if tunnel.get("path_kind") else ""
-    return (f"{tunnel['state']} on {tunnel['interface']} {tunnel['address']}"
-            f" (provider {tunnel['provider_address']}{path})")
+    return printable(f"{tunnel['state']} on {tunnel['interface']} {tunnel['address']}"
+                     f" (provider {tunnel['provider_address']}{path})")
 
 
 format_list = format_vm_list

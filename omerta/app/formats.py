@@ -2,9 +2,13 @@
 Text forms of the documents the commands print, with no dependencies beyond
 the standard library: the fast path through a running node
 (L{omerta.app.fast}) formats with them before anything heavy is imported.
+Every string in them may come from another peer (names, endpoints, a
+provider's VM records): each cell goes through L{printable}.
 """
 
 from __future__ import annotations
+
+from omerta.safe_text import printable
 
 
 def resources_text(resources: dict) -> str:
@@ -21,7 +25,7 @@ def format_peers(peers: list[dict]) -> str:
         return "no peers known"
     rows = [("PEER ID", "NAME", "STATE", "RTT", "NAT", "CAPABILITIES", "ENDPOINTS", "RESOURCES")]
     for p in peers:
-        rows.append((
+        rows.append(tuple(printable(cell) for cell in (
             p["peer_id"],
             p["name"] or "-",
             p["state"],
@@ -30,7 +34,7 @@ def format_peers(peers: list[dict]) -> str:
             ",".join(p["capabilities"]) or "-",
             " ".join(path["endpoint"] for path in p["paths"]) or "-",
             resources_text(p["resources"]),
-        ))
+        )))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
@@ -52,8 +56,9 @@ def format_vm_list(document: dict) -> str:
         return "no VMs held"
     rows = [("VM", "PROVIDER", "STATE", "CPU", "MEMORY", "DISK", "ADDRESS", "TUNNEL")]
     for v in vms:
-        rows.append((v["vm_id"], v["provider_name"] or v["provider"][:16], v["state"],
-                     str(v["vcpus"]), f"{v['memory_mb']} MiB", f"{v['disk_gb']} GiB",
-                     v["address"] or "-", tunnel_cell(v.get("tunnel") or {})))
+        rows.append(tuple(printable(cell) for cell in (
+            v["vm_id"], v["provider_name"] or v["provider"][:16], v["state"],
+            str(v["vcpus"]), f"{v['memory_mb']} MiB", f"{v['disk_gb']} GiB",
+            v["address"] or "-", tunnel_cell(v.get("tunnel") or {}))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

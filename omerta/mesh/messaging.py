@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from omerta.crypto.identity import format_peer_id
 from omerta.crypto.session import HandshakeError, SessionError, SessionTable
 from omerta.wire import ParseError
+from omerta.safe_text import printable
 from omerta.wire.messages import MessageType, ResponseStatus, build_body, parse_body
 
 Handler = Callable[[bytes, bytes], object]
@@ -133,7 +134,7 @@ class Messaging:
         overlay.metrics.inc("requests", direction="out")
         self.log.info(
             "Request {request_id:016x} to {peer} on {channel}",
-            request_id=request_id, peer=format_peer_id(peer_id), channel=channel,
+            request_id=request_id, peer=format_peer_id(peer_id), channel=printable(channel),
             trace_id=trace_id.hex(),
         )
         self._transmit(request_id)
@@ -276,7 +277,8 @@ class Messaging:
             self.overlay.metrics.inc("drops", reason="no_such_channel")
             return
         maybeDeferred(handler, peer_id, message.payload).addErrback(
-            lambda f: self.log.failure("Handler for {channel} failed", f, channel=message.channel)
+            lambda f: self.log.failure("Handler for {channel} failed", f,
+                                       channel=printable(message.channel))
         )
 
     def _request(self, peer_id: bytes, message) -> None:
@@ -295,7 +297,7 @@ class Messaging:
         self.log.info(
             "Request {request_id:016x} from {peer} on {channel}",
             request_id=message.request_id, peer=format_peer_id(peer_id),
-            channel=message.channel, trace_id=message.trace_id.hex(),
+            channel=printable(message.channel), trace_id=message.trace_id.hex(),
         )
         handler = self.handlers.get(message.channel)
         if handler is None:
@@ -309,7 +311,8 @@ class Messaging:
 
         def failed(failure):
             self.log.failure("Request handler for {channel} failed", failure,
-                             channel=message.channel, trace_id=message.trace_id.hex())
+                             channel=printable(message.channel),
+                             trace_id=message.trace_id.hex())
             self._respond(key, message, ResponseStatus.ERROR,
                           failure.getErrorMessage().encode()[:1000])
 

@@ -32,6 +32,7 @@ from omerta.mesh.events import KINDS
 from omerta.mesh.paths import Connection, is_relayed
 from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord, Requirements
 from omerta.mesh.service import NodeService
+from omerta.safe_text import printable
 
 PATH_EVENTS = ("path_changed", "peer_connected", "peer_changed")
 """What may bring a path up: a move, a new link's first frame, a pong (rtt)."""
@@ -76,9 +77,12 @@ class BootstrapProgress:
 
 def peer_label(record: PeerRecord) -> str:
     """
-    How to name a peer to a person: C{name (id)}, or the id alone.
+    How to name a peer to a person: C{name (id)}, or the id alone.  The
+    name is the peer's own choice, so it is L{printable} (it goes into
+    error messages, progress lines and logs).
     """
-    return f"{record.name} ({record.peer_id_text})" if record.name else record.peer_id_text
+    return (f"{printable(record.name)} ({record.peer_id_text})" if record.name
+            else record.peer_id_text)
 
 
 class MeshNetwork:

@@ -33,6 +33,7 @@ provider), or the mesh's L{NotJoined} and C{AmbiguousPeer}.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from omerta.mesh.registry import AmbiguousPeer, PeerNotFound, PeerRecord, Requir
 from omerta.roles.consumer import ConsumerStore, HeldVM, ProviderScore
 from omerta.roles import sshkeys
 from omerta.roles.guest import DEFAULT_IMAGE
+from omerta.safe_text import printable
 from omerta.wire import ParseError
 from omerta.wire.messages import Capability
 from omerta.wire.vm import CHANNEL, VmOp, VmStatus, build_request, parse_reply, vm_id_bytes
@@ -123,7 +125,7 @@ class NoAnswer(ConsumerError):
     """The request got no answer (C{error}: the messaging layer's)."""
 
     def __init__(self, record: PeerRecord, error: MessagingError):
-        super().__init__(f"{peer_label(record)}: {error}")
+        super().__init__(f"{peer_label(record)}: {printable(error)}")
         self.record = record
         self.error = error
 
@@ -144,7 +146,8 @@ class Refused(ConsumerError):
             name = VmStatus(status).name.lower().replace("_", " ")
         except ValueError:
             name = f"status {status}"
-        super().__init__(f"{peer_label(record)} refused: {name}: {detail or 'no detail given'}")
+        super().__init__(f"{peer_label(record)} refused: {name}:"
+                         f" {printable(detail, 1000) if detail else 'no detail given'}")
         self.record = record
         self.status = status
         self.detail = detail
@@ -376,15 +379,16 @@ class ConsumerClient:
         identity = identity.keep_for(self.data_dir, vm_id)
         held = HeldVM(
             vm_id=vm_id, provider=record.peer_id_text,
-            provider_name=record.name, network=mesh.network_id(self.network),
+            provider_name=printable(record.name), network=mesh.network_id(self.network),
             created_at=granted.created_ms / 1000, vcpus=granted.vcpus,
             memory_mb=granted.memory_mb, disk_gb=granted.disk_gb,
-            image=granted.image or spec.image, name=granted.name, state=granted.state,
-            address=granted.address or None, wg_public_key=key.public_text,
-            provider_wg_key=encode_key(granted.wg_public_key), path_kind=granted.path_kind,
-            tunnel_address=granted.tunnel_address or None,
-            provider_tunnel_address=granted.provider_tunnel_address or None,
-            tunnel_prefix=granted.tunnel_prefix, host_key=granted.host_key or None,
+            image=printable(granted.image or spec.image), name=printable(granted.name),
+            state=printable(granted.state), address=_ip_address(granted.address),
+            wg_public_key=key.public_text, provider_wg_key=encode_key(granted.wg_public_key),
+            path_kind=printable(granted.path_kind),
+            tunnel_address=_ip_address(granted.tunnel_address),
+            provider_tunnel_address=_ip_address(granted.provider_tunnel_address),
+            tunnel_prefix=granted.tunnel_prefix, host_key=_host_key(granted.host_key),
             ssh_key=str(identity.private_path))
         if held.address and held.host_key:
             sshkeys.remember_host_key(self.data_dir, held.address, held.host_key)
@@ -570,10 +574,11 @@ class ConsumerClient:
 
     def _update(self, held: HeldVM, record) -> None:
         """A held VM takes what its provider says of it now."""
-        held.state = record.state
-        held.address = record.address or None
-        if record.host_key and record.host_key != held.host_key:
-            held.host_key = record.host_key
+        held.state = printable(record.state)
+        held.address = _ip_address(record.address)
+        host_key = _host_key(record.host_key)
+        if host_key and host_key != held.host_key:
+            held.host_key = host_key
             if held.address:
                 sshkeys.remember_host_key(self.data_dir, held.address, held.host_key)
 
@@ -668,6 +673,22 @@ def _provider(record: PeerRecord) -> PeerRecord:
 
 def _anonymous_at(spec, endpoint) -> bool:
     return spec.peer_id is None and spec.name is None and spec.endpoint == endpoint
+
+
+def _ip_address(text: str) -> str | None:
+    """A provider's address for a VM or tunnel end: an IP address, else None."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _host_key(text: str) -> str | None:
+    """A guest's SSH host key as its provider reported it: one key line, else None."""
+    try:
+        return sshkeys.public_line(text) if text else None
+    except sshkeys.SshKeyError:
+        return None
 
 
 def _status(value: int) -> VmStatus | None:
