@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.logger import Logger
@@ -791,15 +792,56 @@ class PersistenceTests(unittest.TestCase):
         self.assertEqual(registry().load(self.path, NOW), {})
 
     def test_corrupt_file(self):
-        """Corrupt JSON raises StateFileError and the file is left byte-for-byte unchanged."""
+        """Corrupt JSON raises StateFileError and the file is moved aside byte-for-byte unchanged."""
         garbage = b'{"version": 1, "peers": [tru'
         with open(self.path, "wb") as f:
             f.write(garbage)
         loaded = registry()
-        self.assertRaises(StateFileError, loaded.load, self.path, NOW)
+        e = self.assertRaises(StateFileError, loaded.load, self.path, NOW)
         self.assertEqual(len(loaded), 0)
+        aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(NOW))}"
+        self.assertIn(f"moved aside to {aside}", str(e))
+        self.assertFalse(os.path.exists(self.path))
+        with open(aside, "rb") as f:
+            self.assertEqual(f.read(), garbage)
+
+    def test_damaged_file_not_overwritten_by_save(self):
+        """A save after a damaged load keeps the damaged content (aside), a second one too."""
+        garbage = b"{damaged"
+        for _ in range(2):  # the same second twice: the second copy gets its own name
+            with open(self.path, "wb") as f:
+                f.write(garbage)
+            loaded = registry()
+            self.assertRaises(StateFileError, loaded.load, self.path, NOW)
+            loaded.save(self.path)
+        directory = os.path.dirname(self.path)
+        asides = sorted(n for n in os.listdir(directory) if ".damaged-" in n)
+        self.assertEqual(len(asides), 2)
+        for name in asides:
+            with open(os.path.join(directory, name), "rb") as f:
+                self.assertEqual(f.read(), garbage)
+        self.assertEqual(registry().load(self.path, NOW), {})
+
+    def test_damaged_file_that_cannot_be_moved_is_kept(self):
+        """When the damaged file cannot be moved aside, save refuses to replace it until it is gone."""
+        garbage = b"{damaged"
+        with open(self.path, "wb") as f:
+            f.write(garbage)
+
+        def refuse(source, target):
+            raise PermissionError(13, "Permission denied")
+
+        loaded = registry()
+        self.patch(os, "rename", refuse)
+        e = self.assertRaises(StateFileError, loaded.load, self.path, NOW)
+        self.assertIn("untouched", str(e))
+        e = self.assertRaises(StateFileError, loaded.save, self.path)
+        self.assertIn(self.path, str(e))
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), garbage)
+        os.unlink(self.path)  # the operator moved it
+        loaded.save(self.path)
+        self.assertEqual(registry().load(self.path, NOW), {})
 
     def test_wrong_version_or_network(self):
         """Another version, another network's file or a missing peer list raises StateFileError."""
@@ -812,4 +854,4 @@ class PersistenceTests(unittest.TestCase):
             with open(self.path, "w") as f:
                 json.dump(document, f)
             e = self.assertRaises(StateFileError, registry().load, self.path, NOW)
-            self.assertTrue(re.search("untouched", str(e)), str(e))
+            self.assertTrue(re.search("moved aside", str(e)), str(e))

@@ -52,6 +52,8 @@ import binascii
 import enum
 import ipaddress
 import math
+import os
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +330,7 @@ class PeerRegistry:
         self.reputation_alpha = reputation_alpha
         self.slow_latency_s = slow_latency_s
         self._peers: dict[bytes, PeerRecord] = {}
+        self._damaged: set[Path] = set()  # damaged files that could not be moved aside
         self._names: dict[str, bytes] = {}
         self.events = events
 
@@ -697,7 +700,17 @@ class PeerRegistry:
         """
         Write every held announcement with its reputation, last endpoint and
         last-heard time to C{path}, atomically.
+
+        @raise storage.StateFileError: L{load} found C{path} damaged and
+            could not move it aside; it is not overwritten while it is there.
         """
+        path = Path(path)
+        if path in self._damaged:
+            if path.exists():
+                raise storage.StateFileError(
+                    f"the known peers are not saved to {path}: it was damaged when"
+                    f" loaded and is left untouched; move it aside (or delete it)")
+            self._damaged.discard(path)
         peers = []
         for peer in self._peers.values():
             peers.append(
@@ -725,26 +738,37 @@ class PeerRegistry:
         C{unknown}: candidates to contact, not known to be online.  A peer
         already in the registry keeps its live state.
 
+        A damaged file (unreadable, not JSON, of another version or for
+        another network) is moved aside to C{PATH.damaged-TIME} (UTC, from
+        C{now}) so that the next L{save} does not overwrite it; if it cannot
+        be moved, it stays and L{save} refuses to replace it.
+
         @return: how many entries had each outcome (C{new} = loaded).
-        @raise storage.StateFileError: the file is unreadable, not JSON, of
-            another version or for another network; it is left untouched.
+        @raise storage.StateFileError: the file was damaged; the message
+            says what is wrong and where the file is now.
         """
-        document = storage.read_json(path, lambda: None)
+        path = Path(path)
+        try:
+            document = storage.read_json(path, lambda: None)
+        except storage.StateFileError as e:
+            cause = e.__cause__
+            if isinstance(cause, OSError):
+                problem = f"cannot be read ({cause.strerror})"
+            else:
+                problem = f"is not JSON ({cause})"
+            raise self._set_aside(path, problem, now) from e
         if document is None:
             return {}
         if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            raise storage.StateFileError(
-                f"{path} is not a version {STATE_VERSION} peer registry file; it was"
-                f" left untouched: move it aside to start with an empty registry"
-            )
+            raise self._set_aside(
+                path, f"is not a version {STATE_VERSION} peer registry file", now)
         if document.get("network_id") != self.network_id.hex():
-            raise storage.StateFileError(
-                f"{path} holds the peers of network {document.get('network_id')!r},"
-                f" not {self.network_id.hex()}; it was left untouched"
-            )
+            raise self._set_aside(
+                path, f"holds the peers of network {document.get('network_id')!r},"
+                f" not {self.network_id.hex()}", now)
         entries = document.get("peers")
         if not isinstance(entries, list):
-            raise storage.StateFileError(f"{path} has no list of peers; it was left untouched")
+            raise self._set_aside(path, "has no list of peers", now)
         counts: dict[str, int] = {}
         for index, entry in enumerate(entries):
             outcome = self._load_entry(entry, now)
@@ -757,6 +781,28 @@ class PeerRegistry:
                     outcome=str(outcome),
                 )
         return counts
+
+    def _set_aside(self, path: Path, problem: str, now: float) -> storage.StateFileError:
+        """
+        Move the damaged C{path} aside (or, failing that, remember not to
+        overwrite it) and return the error that says which.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        aside = path.with_name(f"{path.name}.damaged-{stamp}")
+        suffix = 1
+        while aside.exists():
+            aside = path.with_name(f"{path.name}.damaged-{stamp}-{suffix}")
+            suffix += 1
+        try:
+            os.rename(path, aside)
+        except OSError as e:
+            self._damaged.add(path)
+            return storage.StateFileError(
+                f"{path} {problem}; it could not be moved aside ({e.strerror}) and is left"
+                f" untouched (not overwritten): move it aside or delete it, then restart")
+        return storage.StateFileError(
+            f"{path} {problem}; it was moved aside to {aside} (the node starts without"
+            f" the peers it knew; delete that file when you no longer need it)")
 
     def _load_entry(self, entry: Any, now: float) -> Outcome:
         if not isinstance(entry, dict):

@@ -93,6 +93,7 @@ class NodeService(Service):
         self._loops: list[LoopingCall] = []
         self.bootstrapper: Bootstrapper | None = None
         self._last_status: dict | None = None
+        self._write_failures: dict[Path, str] = {}  # state file -> why it is not written
 
     @property
     def reactor(self):
@@ -240,12 +241,57 @@ class NodeService(Service):
             "nat_type": None if self.node.nat is None else self.node.nat.nat_type.name.lower(),
         }).encode()
 
-    def save_peers(self) -> None:
+    def save_peers(self, *, at_stop: bool = False) -> bool:
         """
         Persist each network's known peers (re-verified when loaded).
+
+        A network whose file cannot be written (a full disk, a damaged file
+        kept in place) is retried at the next round; see L{_persist}.
+
+        @return: whether every network's peers were saved.
         """
+        saved = True
         for overlay in self.node.overlays.values():
-            overlay.save_peers(self.data_dir)
+            count = len(overlay.registry)
+            saved &= self._persist(
+                overlay.peers_file(self.data_dir),
+                lambda overlay=overlay: overlay.save_peers(self.data_dir),
+                f"the {count} known peer(s) of network {overlay.network_id.hex()}",
+                self.peers_interval,
+                at_stop=at_stop,
+            )
+        return saved
+
+    def _persist(self, path: Path, write, what: str, interval: float, *,
+                 at_stop: bool = False) -> bool:
+        """
+        Call C{write} (which writes C{path}) without letting a failure to
+        write stop the periodic task: the first failure of a streak is
+        logged as a warning, the recovery as news, and a failure at stop as
+        an error saying C{what} was not saved.
+
+        @return: whether C{write} succeeded.
+        """
+        try:
+            write()
+        except (OSError, storage.StateFileError) as e:
+            error = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if at_stop:
+                self.log.error(
+                    "Not saved at stop: {what}, to {path}: {error}",
+                    what=what, path=str(path), error=error,
+                )
+            elif path not in self._write_failures:
+                self.log.warn(
+                    "Cannot write {path} ({error}): {what} not saved; retrying every"
+                    " {interval:g} s (logged again once it works)",
+                    path=str(path), error=error, what=what, interval=interval,
+                )
+            self._write_failures[path] = error
+            return False
+        if self._write_failures.pop(path, None) is not None:
+            self.log.info("Writing {path} works again", path=str(path))
+        return True
 
     def status(self) -> dict:
         host = self.port.getHost() if self.port is not None else None
@@ -267,13 +313,25 @@ class NodeService(Service):
         """
         Mirror the live state into C{status.json} when it changed.
         """
+        self._write_status()
+
+    def _write_status(self, *, at_stop: bool = False) -> bool:
         document = self.status()
         if document == self._last_status:
-            return
-        self._last_status = document
-        storage.write_json(
-            self.data_dir / STATUS_FILE, dict(document, updated_at=self.reactor.seconds())
+            return True
+        path = self.data_dir / STATUS_FILE
+        written = self._persist(
+            path,
+            lambda: storage.write_json(
+                path, dict(document, updated_at=self.reactor.seconds())),
+            "the node's status" + (" (omerta node status shows an older one)" if at_stop
+                                   else ""),
+            self.status_interval,
+            at_stop=at_stop,
         )
+        if written:
+            self._last_status = document
+        return written
 
     def stopService(self):
         Service.stopService(self)
@@ -283,13 +341,13 @@ class NodeService(Service):
             self.bootstrapper.stop()
         if self.node is not None:
             self.node.stop()
-            self.save_peers()
+            self.save_peers(at_stop=True)
         for loop in self._loops:
             if loop.running:
                 loop.stop()
         self._loops.clear()
         if self.port is None:
             return None
-        self.write_status()
+        self._write_status(at_stop=True)
         port, self.port = self.port, None
         return port.stopListening()
