@@ -6,6 +6,7 @@ it was.
 """
 
 import io
+import json
 import os
 import time
 
@@ -172,3 +173,75 @@ class DamagedStatusTests(unittest.TestCase):
         code, _, err = run_cli(self.dir, "node", "status")
         self.assertEqual(code, 2)
         self.assertIn("not an object", err)
+
+
+class DamagedProviderStateTests(unittest.TestCase):
+    """
+    The provider's wireguard.key and vm-tunnels.json are checked by its
+    option parsing, so a damaged one is a usage error (twistd exits
+    non-zero) rather than a half-started provider.
+    """
+
+    def setUp(self):
+        self.dir = make_member_dir(self)
+
+    def parse(self):
+        from omerta.app import provider_tap
+
+        return provider_tap.Options().parseOptions(["--data-dir", self.dir, "--no-tunnels"])
+
+    def write(self, name, content, mode=0o600):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        return path
+
+    def test_world_readable_wireguard_key(self):
+        """A wireguard.key others can read stops the provider with the chmod that fixes it."""
+        from omerta.crypto.wireguard import WireGuardKey
+
+        path = self.write("wireguard.key", WireGuardKey.generate().private_text.encode(), 0o644)
+        error = self.assertRaises(UsageError, self.parse)
+        self.assertIn(f"chmod 600 {path}", str(error))
+
+    def test_damaged_wireguard_key(self):
+        """A wireguard.key that holds no key stops the provider, naming it and what to do."""
+        for content in (b"not a key\n", b"\xff\xfe", b"AAAA\n"):
+            path = self.write("wireguard.key", content)
+            error = self.assertRaises(UsageError, self.parse)
+            self.assertIn(path, str(error))
+            self.assertIn("restore it from a backup", str(error))
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), content)
+
+    def test_damaged_tunnel_records(self):
+        """A vm-tunnels.json that is not JSON or not of the records' shape stops the provider."""
+        good = {"owner": "ab" * 16, "consumer_key": "A" * 43 + "=",
+                "network": "cd" * 8, "address": "100.64.0.2"}
+        cases = [
+            b"{damaged", b"[]", b'{"tunnels": []}', b'{"tunnels": {"vm": "x"}}',
+            json.dumps({"tunnels": {"vm": dict(good, owner=7)}}).encode(),
+            json.dumps({"tunnels": {"vm": dict(good, owner="zz")}}).encode(),
+            json.dumps({"tunnels": {"vm": dict(good, consumer_key="short")}}).encode(),
+            json.dumps({"tunnels": {"vm": dict(good, consumer_key=None)}}).encode(),
+            json.dumps({"tunnels": {"vm": dict(good, network=[1])}}).encode(),
+        ]
+        for content in cases:
+            path = self.write("vm-tunnels.json", content)
+            error = self.assertRaises(UsageError, self.parse)
+            self.assertIn(path, str(error), content)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), content)
+
+    def test_good_tunnel_records_read(self):
+        """Records as the provider writes them (with or without a tunnel address) are accepted."""
+        from omerta.roles.provider import read_tunnel_records
+
+        records = {"a": {"owner": "ab" * 16, "consumer_key": "A" * 43 + "=",
+                         "network": "cd" * 8, "address": "100.64.0.2", "created_at": 1.0},
+                   "b": {"owner": "ab" * 16, "consumer_key": "A" * 43 + "="}}
+        path = self.write("vm-tunnels.json", json.dumps({"version": 2, "tunnels": records}).encode())
+        self.assertEqual(read_tunnel_records(path), records)
+        os.unlink(path)
+        self.assertEqual(read_tunnel_records(path), {})

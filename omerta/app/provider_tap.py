@@ -94,6 +94,32 @@ class Options(NodeOptions):
                     f"cannot carry consumers' tunnels: {e}. Fix that, or start with"
                     f" --no-tunnels (consumers then cannot reach their VMs)") from None
 
+    def _check_state(self, data_dir) -> None:
+        """
+        Also the provider's own state files: its WireGuard key (private,
+        a key) and its tunnel records, so a damaged one stops the provider
+        before it binds its port instead of half-starting it.
+        """
+        super()._check_state(data_dir)
+        from omerta import storage
+        from omerta.crypto.wireguard import load_or_create_key
+        from omerta.roles.provider import TUNNELS_FILE, WIREGUARD_KEY_FILE, read_tunnel_records
+
+        key_file = data_dir / WIREGUARD_KEY_FILE
+        try:
+            if key_file.exists():
+                storage.check_private(key_file)
+                try:
+                    load_or_create_key(key_file)
+                except storage.StateFileError as e:
+                    raise storage.StateFileError(
+                        f"{e}; it was left untouched: restore it from a backup, or move it"
+                        f" aside for a new key (consumers' existing tunnels to this provider"
+                        f" then stop working until they create new VMs)") from None
+            read_tunnel_records(data_dir / TUNNELS_FILE)
+        except storage.StateFileError as e:
+            raise usage.UsageError(str(e)) from None
+
     def serves_stun(self) -> bool:
         return bool(self["relay"] or self["stun-server"])
 

@@ -44,7 +44,7 @@ from omerta.mesh.network import MeshNetwork
 from omerta.roles.guest import DEFAULT_IMAGE
 from omerta.roles.resources import Capacity, HostResources
 from omerta.roles.vm import BadSpec, QuotaExceeded, UnknownVM, VMError, VMInfo, VMSpec
-from omerta.storage import read_json, write_json
+from omerta.storage import StateFileError, read_json, write_json
 from omerta.tunnel.addresses import PREFIX, AddressesExhausted, ConsumerPool, provider_subnet
 from omerta.wire import ParseError
 from omerta.wire.vm import (CHANNEL, MAX_VMS_PER_REPLY, VmOp, VmStatus, build_reply,
@@ -54,6 +54,59 @@ TUNNELS_FILE = "vm-tunnels.json"
 WIREGUARD_KEY_FILE = "wireguard.key"
 GUEST_READY_TIMEOUT = 60.0
 """Seconds a new guest has to report its SSH host key before CREATE fails."""
+
+
+def read_tunnel_records(path: Path) -> dict[str, dict]:
+    """
+    The tunnel records (VM id -> record) in C{vm-tunnels.json}, checked for
+    the fields the provider uses; none while the file does not exist.
+
+    @raise StateFileError: the file is unreadable, not JSON or not of that
+        shape; the message names it and says what to do.
+    """
+    document = read_json(path, dict)
+    problem = None
+    tunnels = document.get("tunnels", {}) if isinstance(document, dict) else None
+    if not isinstance(tunnels, dict):
+        problem = "it has no object of tunnel records"
+    else:
+        for vm_id, record in tunnels.items():
+            problem = _tunnel_record_problem(record)
+            if problem is not None:
+                problem = f"the record of VM {vm_id!r} {problem}"
+                break
+    if problem is not None:
+        raise StateFileError(
+            f"{path} is damaged: {problem}; it was left untouched: restore it from a"
+            f" backup, or move it aside (the consumers of the VMs held here then lose"
+            f" their tunnels until they create new VMs)")
+    return dict(tunnels)
+
+
+def _tunnel_record_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return "is not an object"
+    owner = record.get("owner")
+    if not (isinstance(owner, str) and _is_hex(owner)):
+        return f"has owner {owner!r}, not a peer id"
+    try:
+        decode_key(record.get("consumer_key"))
+    except (AttributeError, ValueError):
+        return f"has consumer_key {record.get('consumer_key')!r}, not a WireGuard key"
+    network, address = record.get("network"), record.get("address")
+    if network and not (isinstance(network, str) and _is_hex(network)):
+        return f"has network {network!r}, not a network id"
+    if address and not isinstance(address, str):
+        return f"has address {address!r}, not an address"
+    return None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return bool(text)
 
 
 class Refused(Exception):
@@ -107,7 +160,7 @@ class ProviderService(Service):
     def startService(self) -> None:
         super().startService()
         self.wireguard = load_or_create_key(self.data_dir / WIREGUARD_KEY_FILE)
-        self._tunnels = dict(read_json(self.data_dir / TUNNELS_FILE, dict).get("tunnels", {}))
+        self._tunnels = read_tunnel_records(self.data_dir / TUNNELS_FILE)
         if self._tunnels_factory is not None:
             self.tunnels = self._tunnels_factory(self.wireguard)
         for network in self.mesh.networks():
