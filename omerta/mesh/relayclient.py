@@ -29,6 +29,7 @@ from typing import Callable
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.safe_text import printable
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import RelayRoute, is_relayed
 from omerta.wire.messages import (Capability, MessageType, PathKind,
@@ -204,7 +205,7 @@ class RelayClient:
         self.avoid[held.relay_id] = now + self.config.relay_avoid
         if held.live:
             self.log.info("Lost relay reservation on {relay}: {why}",
-                          relay=format_peer_id(held.relay_id), why=why)
+                          relay=format_peer_id(held.relay_id), why=printable(why))
             self.metrics.inc("relay_reservations_lost")
         for sessions in self.sessions.values():
             session = sessions.get(held.relay_id)
@@ -239,7 +240,7 @@ class RelayClient:
                 held.unanswered = 0  # it answered; the ping in flight proves us
                 return
             self.log.info("Relay {relay} refused a reservation: {detail}",
-                          relay=format_peer_id(frame.sender), detail=message.detail)
+                          relay=format_peer_id(frame.sender), detail=printable(message.detail))
             self._lose(held, now, message.detail)
             return
         if message.request == MessageType.RELAY_CONNECT:
