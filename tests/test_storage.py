@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 from twisted.trial import unittest
 
@@ -89,9 +88,9 @@ class StaleTemporaryTests(unittest.TestCase):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         self.addCleanup(child.wait)
         child.kill()
-        deadline = time.monotonic() + 10
-        while pid_alive(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)  # the kernel makes it a zombie asynchronously
+        # until the kernel has made it a zombie (WNOWAIT: not reaped)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        self.assertFalse(pid_alive(child.pid))
         stale = self.temporary(child.pid)
         write_json(self.path, {"v": 1})
         self.assertFalse(os.path.exists(stale))

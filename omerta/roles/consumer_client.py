@@ -642,6 +642,10 @@ class ConsumerClient:
         return self.release_vms(self.held(), timeout)
 
 
+CONNECT_RETRY = 0.3
+"""Seconds between attempts to reach a guest's SSH port through its new tunnel."""
+
+
 async def _port_answers(clock, host: str, port: int, timeout: float) -> bool:
     """Whether a TCP connection to (host, port) opens within C{timeout} (retried)."""
     from twisted.internet import reactor
@@ -658,7 +662,8 @@ async def _port_answers(clock, host: str, port: int, timeout: float) -> bool:
         try:
             protocol = await endpoint.connect(Factory.forProtocol(Protocol))
         except Exception:
-            await deferLater(clock, min(0.3, max(0.0, deadline - clock.seconds())),
+            # nothing announces a port opening: try again shortly, within the deadline
+            await deferLater(clock, min(CONNECT_RETRY, max(0.0, deadline - clock.seconds())),
                              lambda: None)
             continue
         protocol.transport.loseConnection()
