@@ -3,7 +3,7 @@ The VM tunnel end to end in the NAT lab (docs/tunnel.md): real relays, real
 providers with QEMU guests (each with a libvirtd of its own in its lab
 namespace), consumers in namespaces of their own running 'omerta up', ssh
 through WireGuard carried by the mesh.  One flow per test, the same flows
-as scripts/e2e/ (omerta/testing/e2e.py):
+as scripts/e2e/ (omerta/testing/e2e.py, omerta/testing/e2e_flows.py):
 
  - vm-provision: all public; request, ssh hostname, release leaves nothing;
  - vm-nat: port-restricted consumer, restricted-cone provider: punched or
@@ -30,7 +30,7 @@ import sys
 
 from twisted.trial import unittest
 
-from omerta.testing import e2e
+from omerta.testing import e2e, e2e_flows
 from tests.integration import REPO
 
 SCRIPTS = REPO / "scripts" / "e2e"
@@ -92,7 +92,7 @@ class TunnelEndToEndTests(unittest.TestCase):
         require_root()
         lab = _Shared.get()
         try:
-            result = e2e.FLOWS[name](lab, **kw)
+            result = e2e_flows.FLOWS[name](lab, **kw)
         except e2e.E2EError as err:
             self.fail(str(err))
         self.assertTrue(result.ok)
@@ -126,7 +126,7 @@ class TunnelEndToEndTests(unittest.TestCase):
 
     def test_scripts(self):
         """Each scripts/e2e flow script exists, is executable and describes its flow (--help), without root."""
-        for name in e2e.FLOWS:
+        for name in e2e_flows.FLOWS:
             script = SCRIPTS / name
             self.assertTrue(os.access(script, os.X_OK), f"{script} is not executable")
             # with this Python: a fresh clone has no .venv for the script to find
