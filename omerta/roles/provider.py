@@ -393,7 +393,7 @@ class ProviderService(Service):
                 return tunnel["address"]
         if owner in self._pending_addresses:
             return self._pending_addresses[owner]
-        pool = ConsumerPool(provider_subnet(self.mesh.node.peer_id))
+        pool = ConsumerPool(provider_subnet(bytes.fromhex(self.mesh.peer_id)))
         return pool.allocate([*(t.get("address") for t in self._tunnels.values()),
                               *self._pending_addresses.values()])
 
