@@ -158,30 +158,6 @@ def ensure_image(cache: Path = IMAGE_CACHE) -> float:
     return time.monotonic() - started
 
 
-def ns_pids(ns: str, comm: str | None = None) -> list[int]:
-    """
-    The processes in network namespace C{ns} (optionally only those whose
-    command name is C{comm}).
-    """
-    try:
-        target = os.stat(f"/var/run/netns/{ns}")
-    except FileNotFoundError:
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry}/ns/net")
-            if comm is not None and Path(f"/proc/{entry}/comm").read_text().strip() != comm:
-                continue
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-            pids.append(int(entry))
-    return sorted(pids)
-
-
 def links(ns: str) -> dict[str, dict]:
     """
     Interface name -> C{ip -j link} entry, inside C{ns}.
@@ -288,7 +264,7 @@ class PrivateLibvirt:
                     self.virsh("undefine", name, check=False)
             except (E2EError, subprocess.TimeoutExpired):
                 pass
-            virtlogd = [pid for pid in ns_pids(self.node.ns, "e2e-virtlogd")]
+            virtlogd = [pid for pid in natlab.namespace_pids(self.node.ns, "e2e-virtlogd")]
             self.process.terminate()
             try:
                 self.process.wait(timeout=10)
@@ -528,7 +504,7 @@ class Consumer:
         return {name: link for name, link in links(self.ns).items() if name.startswith("omc")}
 
     def wireguard_pids(self) -> list[int]:
-        return ns_pids(self.ns, "wireguard-go")
+        return natlab.namespace_pids(self.ns, "wireguard-go")
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.data_dir / "node.log", lines, f"{self.name} node log")

@@ -118,9 +118,10 @@ def _tag_pattern(prefix: str) -> re.Pattern:
     return re.compile(rf"^({re.escape(prefix)}-(\d+)-([0-9a-f]{{4}}))-")
 
 
-def _namespace_pids(ns: str) -> list[int]:
+def namespace_pids(ns: str, comm: str | None = None) -> list[int]:
     """
-    @return: the processes whose network namespace is C{ns}.
+    @return: the processes whose network namespace is C{ns} (only those
+        whose command name is C{comm}, when given).
     """
     try:
         target = os.stat(_NETNS_DIR / ns)
@@ -132,6 +133,8 @@ def _namespace_pids(ns: str) -> list[int]:
             continue
         try:
             st = os.stat(f"/proc/{entry}/ns/net")
+            if comm is not None and Path(f"/proc/{entry}/comm").read_text().strip() != comm:
+                continue
         except OSError:
             continue
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
@@ -146,7 +149,7 @@ def _kill_namespace_processes(namespaces: Iterable[str], grace: float = 2.0) -> 
     only the lab starts processes in them.
     """
     namespaces = list(namespaces)
-    pids = [pid for ns in namespaces for pid in _namespace_pids(ns)]
+    pids = [pid for ns in namespaces for pid in namespace_pids(ns)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
