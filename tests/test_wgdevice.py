@@ -26,6 +26,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from omerta.crypto.wireguard import WireGuardKey, encode_key
+from omerta.testing import natlab
 from omerta.tunnel import uapi, wgdevice
 from omerta.tunnel.uapi import DeviceStatus, ParseError, PeerConfig, PeerStats, UAPIError
 from omerta.tunnel.wgdevice import (
@@ -49,21 +50,8 @@ BOB_PUBLIC = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc
 # -- helpers shared with test_tunnel_firewall ---------------------------------
 
 def wait_until(predicate, timeout: float, what: str, describe=None):
-    """
-    Call C{predicate} until it returns something true or C{timeout}
-    seconds pass; return that value.
-
-    @raise AssertionError: naming C{what} (and C{describe()}).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
-        time.sleep(0.05)
+    """L{natlab.poll_until} every 0.05 s, failing with an AssertionError."""
+    return natlab.poll_until(predicate, timeout, what, describe, 0.05, AssertionError)
 
 
 def require_root(*programs: tuple[str, str]) -> None:

@@ -109,19 +109,8 @@ def environment() -> dict:
 
 def wait(predicate: Callable[[], Any], timeout: float, what: str,
          describe: Callable[[], str] | None = None, interval: float = POLL) -> Any:
-    """
-    Poll C{predicate} until it returns something true (returned) or
-    C{timeout} seconds pass (L{E2EError} naming C{what}, plus C{describe()}).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe else ""
-            raise E2EError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
+    """L{natlab.poll_until}, failing with L{E2EError}."""
+    return natlab.poll_until(predicate, timeout, what, describe, interval, E2EError)
 
 
 def check_environment() -> list[str]:

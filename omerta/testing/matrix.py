@@ -102,19 +102,8 @@ def environment() -> dict:
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str,
           describe: Callable[[], str] | None = None, interval: float = POLL) -> Any:
-    """
-    Poll C{predicate} until it returns something true (returned) or
-    C{timeout} seconds pass (L{MatrixError} naming C{what}).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe else ""
-            raise MatrixError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
+    """L{natlab.poll_until}, failing with L{MatrixError}."""
+    return natlab.poll_until(predicate, timeout, what, describe, interval, MatrixError)
 
 
 # -- daemons ---------------------------------------------------------------------

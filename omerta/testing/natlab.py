@@ -191,6 +191,25 @@ def _remove_namespaces(namespaces: Iterable[str]) -> list[str]:
     return removed
 
 
+def poll_until(predicate, timeout: float, what: str, describe=None, interval: float = 0.1,
+               error: type[Exception] = LabError):
+    """
+    Call C{predicate} every C{interval} seconds until it returns something
+    true (returned) or C{timeout} seconds pass: then raise C{error} naming
+    C{what}, plus C{describe()}.  For state outside this process (processes,
+    namespaces, links) that nothing announces.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f"\n{describe()}" if describe else ""
+            raise error(f"timed out after {timeout:g} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
 def wait_for_line(proc: subprocess.Popen, predicate, timeout: float, what: str = "") -> str:
     """
     Read C{proc}'s stdout (a pipe) line by line until C{predicate(line)} is
