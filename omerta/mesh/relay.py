@@ -3,7 +3,9 @@ The relay role: reservations for NAT-bound members and the forwarding of
 relayed data between two members of a network.
 
 Control is sealed mesh frames (authenticated by the network key, from an
-address a pong proved leads to the sender):
+address a pong proved leads to the sender; a request from an address not
+proven yet is refused without an answer, since any RELAY_DENY is larger than
+the request):
 
 - RELAY_RESERVE(lifetime) from B: "forward to me".  Accepted (RELAY_ACCEPT
   with the granted lifetime and the relay's free sessions) or denied with a
@@ -15,27 +17,39 @@ address a pong proved leads to the sender):
   both ends when a session ends on its side (expiry, byte limit, no traffic
   from one of its ends for C{session_idle} seconds, the target's
   reservation gone, the relay stopping).  The idle rule frees sessions whose
-  ends vanished without a word (a crash, a lost RELAY_END); it costs the
-  data path nothing, being read from the per-source rate windows.
+  ends vanished without a word (a crash, a lost RELAY_END), read from the
+  time each leg last sent.
+
+Limits hold per source address and per source IP, not only per peer id: a
+member holding the network key can invent peer ids (and answer pings for
+them) from one socket, so reservations and the sessions a requester holds
+are counted by address and IP too (see L{RelayConfig}), and the packet rate
+is one budget per source address shared by all its legs.  Denials are
+counted and at most C{denials_per_second} go to one address.
 
 Data is L{omerta.wire.relay}: the relay looks the 12-byte header up in a
 dict, checks the datagram came from one of the session's two addresses and
-the per-source packet rate, adds to the session's byte count, and sends the
-same bytes to the other address through the socket itself (Twisted's
-C{Port.write} re-validates the address on every call).  Nothing else runs
-per packet; durations and reservations are checked once a second.
+the packet rate of that address (a L{Budget} its legs share), notes when the
+leg last sent, adds to the session's byte count, and sends the same bytes to
+the other address through the socket itself (Twisted's C{Port.write}
+re-validates the address on every call).  Nothing else runs per packet;
+durations and reservations are checked once a second.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.mesh.peer import is_relayed
 from omerta.wire.messages import MessageType, RelayDenyReason, RelayEndReason
 from omerta.wire.relay import HEADER_SIZE, session_header
 
@@ -45,17 +59,68 @@ NO_PEER = bytes(16)
 @dataclass
 class RelayConfig:
     """
-    Limits of the relay role (see docs/traversal.md).
+    Limits of the relay role (see docs/traversal.md).  "Per IP" is per IPv4
+    address, per /64 for IPv6.  Session limits per address and IP count the
+    sessions a requester opened (its leg a).
     """
 
     max_reservations: int = 1000
+    reservations_per_address: int = 4   # one node, one socket: one per network
+    reservations_per_ip: int = 16       # several nodes behind one NAT
     max_lifetime: int = 120
     max_sessions: int = 50
-    sessions_per_peer: int = 8
+    sessions_per_peer: int = 8          # a member, as requester or target
+    sessions_per_address: int = 8
+    sessions_per_ip: int = 16
+    sessions_per_ip_to_peer: int = 2    # one IP's share of a target's slots
     session_bytes: int = 1 << 30
     session_duration: float = 3600.0
     session_idle: float = 90.0
-    packets_per_second: int = 4000
+    packets_per_second: int = 4000      # per source address, all its legs
+    denials_per_second: int = 4         # RELAY_DENY frames to one address
+
+
+@lru_cache(maxsize=4096)
+def source_ip(host: str) -> str:
+    """
+    What a source host counts under for the per-IP limits: an IPv4 address
+    itself, an IPv6 address its /64 (one subscriber's prefix), an
+    IPv4-mapped IPv6 address the IPv4 address.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+class Budget:
+    """
+    A count in a one-second window: the packets one source address sent
+    through all its legs, or the denials sent to one address.
+    """
+
+    __slots__ = ("window_end", "count")
+
+    def __init__(self):
+        self.window_end = 0.0
+        self.count = 0
+
+    def spend(self, now: float, limit: int) -> bool:
+        """
+        Count one; whether it is within C{limit} in the current window.
+        (L{RelayServer.forward} does the same inline: per packet, a call
+        costs more than the check.)
+        """
+        if now >= self.window_end:
+            self.window_end = now + 1.0
+            self.count = 0
+        self.count += 1
+        return self.count <= limit
 
 
 @dataclass(eq=False)
@@ -69,16 +134,18 @@ class Reservation:
 
 class Leg:
     """
-    One end of a relay session: its address and its packet-rate window.
+    One end of a relay session: its address, the packet budget of that
+    address (shared with the address's other legs) and when it last sent.
+    Bound by L{RelayServer._bind}.
     """
 
-    __slots__ = ("peer_id", "address", "window_end", "count")
+    __slots__ = ("peer_id", "address", "budget", "seen")
 
-    def __init__(self, peer_id: bytes, address: tuple):
+    def __init__(self, peer_id: bytes):
         self.peer_id = peer_id
-        self.address = address
-        self.window_end = 0.0
-        self.count = 0
+        self.address = None
+        self.budget = None
+        self.seen = 0.0
 
 
 class RelaySession:
@@ -106,13 +173,12 @@ class RelaySession:
 
     def last_active(self) -> float:
         """
-        When both ends last sent through it, to within the 1 s rate window
-        (the start of the latest window of the leg quieter of the two), or
-        when an end last asked for the session.  Liveness pings go both
-        ways, so a session one end stopped using goes quiet here even while
-        the other end still calls into it.
+        When both ends last sent through it (the last datagram of the leg
+        quieter of the two), or when an end last asked for the session.
+        Liveness pings go both ways, so a session one end stopped using goes
+        quiet here even while the other end still calls into it.
         """
-        return max(self.renewed, min(self.a.window_end, self.b.window_end) - 1.0)
+        return max(self.renewed, min(self.a.seen, self.b.seen))
 
 
 class RelayServer:
@@ -131,6 +197,11 @@ class RelayServer:
         self.clock = node.clock
         self.reservations: dict[tuple[bytes, bytes], Reservation] = {}
         self.sessions: dict[bytes, RelaySession] = {}
+        # reservations held by source address and by source IP
+        self._reserved_at: Counter = Counter()
+        self._reserved_from: Counter = Counter()
+        self._budgets: dict[tuple, Budget] = {}   # packets, by source address
+        self._denials: dict[tuple, Budget] = {}   # RELAY_DENY sent, by address
         self._sendto = None
         self._loop: LoopingCall | None = None
         # The hot path only adds to a session's ints; totals reach the
@@ -151,6 +222,10 @@ class RelayServer:
         for session in list(self.sessions.values()):
             self._end(session, RelayEndReason.RELAY_STOPPING)
         self.reservations.clear()
+        self._reserved_at.clear()
+        self._reserved_from.clear()
+        self._budgets.clear()
+        self._denials.clear()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -182,11 +257,13 @@ class RelayServer:
             self.metrics.inc("relay_drops", reason="not_bound")
             return True
         now = self.clock.seconds()
-        if now >= source.window_end:
-            source.window_end = now + 1.0
-            source.count = 0
-        source.count += 1
-        if source.count > self.config.packets_per_second:
+        source.seen = now
+        budget = source.budget
+        if now >= budget.window_end:
+            budget.window_end = now + 1.0
+            budget.count = 0
+        budget.count += 1
+        if budget.count > self.config.packets_per_second:
             session.limited += 1
             self.dropped += 1
             return True
@@ -205,25 +282,41 @@ class RelayServer:
     # control
 
     def on_reserve(self, overlay, frame, addr, message) -> None:
+        if is_relayed(addr):
+            # Forwarding needs the member's own address, not a route.
+            self.metrics.inc("relay_drops", reason="relayed_request")
+            return
         now = self.clock.seconds()
+        config = self.config
         key = (overlay.network_id, frame.sender)
         existing = self.reservations.get(key)
         if message.lifetime_s == 0:
             if existing is not None and existing.address == addr:
                 self._drop_reservation(existing, "released")
             return
+
+        def deny(reason, detail, proven=True):
+            self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER, reason, detail,
+                       proven)
+
         if not overlay.liveness.verified(frame.sender, addr):
-            self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER,
-                       RelayDenyReason.UNPROVEN, "address not proven yet; retry after a ping")
-            return
-        if existing is None and len(self.reservations) >= self.config.max_reservations:
-            self._deny(overlay, addr, MessageType.RELAY_RESERVE, NO_PEER,
-                       RelayDenyReason.FULL, f"{self.config.max_reservations} reservations held")
-            return
-        lifetime = min(message.lifetime_s, self.config.max_lifetime)
+            return deny(RelayDenyReason.UNPROVEN, "", proven=False)
+        if existing is None or existing.address != addr:
+            # A new reservation, or one moving here: it counts at this address.
+            ip = source_ip(addr[0])
+            if self._reserved_at[addr] >= config.reservations_per_address:
+                return deny(RelayDenyReason.TOO_MANY_RESERVATIONS,
+                            f"{config.reservations_per_address} reservations from this address")
+            if self._reserved_from[ip] >= config.reservations_per_ip:
+                return deny(RelayDenyReason.TOO_MANY_RESERVATIONS,
+                            f"{config.reservations_per_ip} reservations from {ip}")
+        if existing is None and len(self.reservations) >= config.max_reservations:
+            return deny(RelayDenyReason.FULL, f"{config.max_reservations} reservations held")
+        lifetime = min(message.lifetime_s, config.max_lifetime)
         if existing is None:
-            self.reservations[key] = Reservation(overlay.network_id, frame.sender, addr,
-                                                 now + lifetime, now)
+            reservation = Reservation(overlay.network_id, frame.sender, addr, now + lifetime, now)
+            self.reservations[key] = reservation
+            self._count_reservation(reservation, 1)
             self.metrics.inc("relay_reservations", event="granted")
             self.log.info("Relay reservation for {peer} at {address}",
                           peer=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}")
@@ -234,21 +327,25 @@ class RelayServer:
             existing.expires = now + lifetime
             self.metrics.inc("relay_reservations", event="renewed")
         overlay.send(addr, MessageType.RELAY_ACCEPT, lifetime_s=lifetime,
-                     session_limit=self.config.max_sessions,
-                     free_sessions=max(0, self.config.max_sessions - len(self.sessions)))
+                     session_limit=config.max_sessions,
+                     free_sessions=max(0, config.max_sessions - len(self.sessions)))
+        return None
 
     def on_connect(self, overlay, frame, addr, message) -> None:
+        if is_relayed(addr):
+            self.metrics.inc("relay_drops", reason="relayed_request")
+            return None
         target = message.target
         requester = frame.sender
         config = self.config
 
-        def deny(reason, detail):
-            self._deny(overlay, addr, MessageType.RELAY_CONNECT, target, reason, detail)
+        def deny(reason, detail, proven=True):
+            self._deny(overlay, addr, MessageType.RELAY_CONNECT, target, reason, detail, proven)
 
+        if not overlay.liveness.verified(requester, addr):
+            return deny(RelayDenyReason.UNPROVEN, "", proven=False)
         if target == requester:
             return deny(RelayDenyReason.SELF, "a session to yourself")
-        if not overlay.liveness.verified(requester, addr):
-            return deny(RelayDenyReason.UNPROVEN, "address not proven yet; retry after a ping")
         reservation = self.reservations.get((overlay.network_id, target))
         if reservation is None:
             return deny(RelayDenyReason.NO_RESERVATION,
@@ -260,24 +357,58 @@ class RelayServer:
                 # failing over at once, a NAT rebinding): one session per
                 # pair, its legs at the addresses proven now.
                 for leg in (session.a, session.b):
-                    leg.address = addr if leg.peer_id == requester else reservation.address
+                    self._bind(leg, addr if leg.peer_id == requester else reservation.address)
                 session.renewed = self.clock.seconds()
                 self._announce(overlay, session)
                 return None
-        if len(self.sessions) >= config.max_sessions:
-            return deny(RelayDenyReason.FULL, f"{config.max_sessions} sessions open")
-        for peer in (requester, target):
-            count = sum(1 for s in self.sessions.values() if s.involves(peer))
-            if count >= config.sessions_per_peer:
-                return deny(RelayDenyReason.TOO_MANY_SESSIONS,
-                            f"{format_peer_id(peer)} has {count} sessions here")
+        refusal = self._session_limit(requester, target, addr)
+        if refusal is not None:
+            return deny(*refusal)
         header = session_header(os.urandom(8))
-        session = RelaySession(header, overlay.network_id, Leg(requester, addr),
-                               Leg(target, reservation.address), self.clock.seconds(),
+        a, b = Leg(requester), Leg(target)
+        self._bind(a, addr)
+        self._bind(b, reservation.address)
+        session = RelaySession(header, overlay.network_id, a, b, self.clock.seconds(),
                                config.session_duration)
         self.sessions[header] = session
         self.metrics.inc("relay_sessions", event="opened")
         self._announce(overlay, session)
+        return None
+
+    def _session_limit(self, requester: bytes, target: bytes, addr: tuple):
+        """
+        Which limit a new session from C{requester} at C{addr} to C{target}
+        would break, as (reason, detail), or None.  The limits per source
+        (its address, its IP, its IP towards this target) hold whatever peer
+        ids the source claims; the one per peer id keeps a member's slots.
+        """
+        config = self.config
+        ip = source_ip(addr[0])
+        from_address = from_ip = from_ip_to_target = 0
+        per_peer = Counter()
+        for session in self.sessions.values():
+            source = session.a.address
+            if source == addr:
+                from_address += 1
+            if source_ip(source[0]) == ip:
+                from_ip += 1
+                from_ip_to_target += session.b.peer_id == target
+            per_peer[session.a.peer_id] += 1
+            per_peer[session.b.peer_id] += 1
+        if from_address >= config.sessions_per_address:
+            return (RelayDenyReason.TOO_MANY_SESSIONS,
+                    f"{from_address} sessions opened from this address")
+        if from_ip >= config.sessions_per_ip:
+            return RelayDenyReason.TOO_MANY_SESSIONS, f"{from_ip} sessions opened from {ip}"
+        if from_ip_to_target >= config.sessions_per_ip_to_peer:
+            return (RelayDenyReason.TOO_MANY_SESSIONS,
+                    f"{from_ip_to_target} sessions from {ip} to {format_peer_id(target)}")
+        for peer in (requester, target):
+            if per_peer[peer] >= config.sessions_per_peer:
+                return (RelayDenyReason.TOO_MANY_SESSIONS,
+                        f"{format_peer_id(peer)} has {per_peer[peer]} sessions here")
+        if len(self.sessions) >= config.max_sessions:
+            return RelayDenyReason.FULL, f"{config.max_sessions} sessions open"
         return None
 
     def on_end(self, overlay, frame, addr, message) -> None:
@@ -297,8 +428,23 @@ class RelayServer:
                          peer=other.peer_id, lifetime_s=remaining,
                          max_bytes=self.config.session_bytes)
 
-    def _deny(self, overlay, addr, request, target, reason, detail) -> None:
+    def _deny(self, overlay, addr, request, target, reason, detail, proven=True) -> None:
+        """
+        Count a refusal and answer it with RELAY_DENY, unless the address is
+        not proven (any RELAY_DENY is larger than the RELAY_RESERVE or
+        RELAY_CONNECT it answers: sent to an unproven, maybe spoofed, address
+        it would amplify) or the address had its C{denials_per_second}.
+        """
         self.metrics.inc("relay_denied", reason=reason.name.lower())
+        if not proven:
+            self.metrics.inc("relay_denials_unsent", why="unproven")
+            return
+        budget = self._denials.get(addr)
+        if budget is None:
+            budget = self._denials[addr] = Budget()
+        if not budget.spend(self.clock.seconds(), self.config.denials_per_second):
+            self.metrics.inc("relay_denials_unsent", why="rate_limited")
+            return
         overlay.send(addr, MessageType.RELAY_DENY, request=int(request), target=target,
                      reason=int(reason), detail=detail)
 
@@ -319,12 +465,34 @@ class RelayServer:
             overlay.send(leg.address, MessageType.RELAY_END, session=session.header[4:],
                          reason=int(reason))
 
+    def _bind(self, leg: Leg, address: tuple) -> None:
+        """
+        Put a leg at C{address}, on the packet budget of that address.
+        """
+        budget = self._budgets.get(address)
+        if budget is None:
+            budget = self._budgets[address] = Budget()
+        leg.address = address
+        leg.budget = budget
+
+    def _count_reservation(self, reservation: Reservation, delta: int) -> None:
+        address = reservation.address
+        ip = source_ip(address[0])
+        self._reserved_at[address] += delta
+        self._reserved_from[ip] += delta
+        if self._reserved_at[address] <= 0:
+            del self._reserved_at[address]
+        if self._reserved_from[ip] <= 0:
+            del self._reserved_from[ip]
+
     def _moved(self, reservation: Reservation, addr: tuple) -> None:
         for session in self.sessions.values():
             for leg in (session.a, session.b):
                 if leg.peer_id == reservation.peer_id and leg.address == reservation.address:
-                    leg.address = addr
+                    self._bind(leg, addr)
+        self._count_reservation(reservation, -1)
         reservation.address = addr
+        self._count_reservation(reservation, 1)
 
     def _drop_reservation(self, reservation: Reservation, event: str) -> None:
         """
@@ -332,7 +500,11 @@ class RelayServer:
         (their leg b came from it); sessions the holder opened itself, as
         leg a, do not depend on it and stay.
         """
-        self.reservations.pop((reservation.network_id, reservation.peer_id), None)
+        key = (reservation.network_id, reservation.peer_id)
+        if self.reservations.get(key) is not reservation:
+            return
+        del self.reservations[key]
+        self._count_reservation(reservation, -1)
         self.metrics.inc("relay_reservations", event=event)
         for session in list(self.sessions.values()):
             if (session.network_id == reservation.network_id
@@ -349,7 +521,19 @@ class RelayServer:
                 self._end(session, RelayEndReason.EXPIRED)
             elif session.last_active() <= idle_since:
                 self._end(session, RelayEndReason.IDLE)
+        self._forget_budgets(now)
         self.flush_counters()
+
+    def _forget_budgets(self, now: float) -> None:
+        """
+        Forget the packet budgets of addresses no leg is at any more, and
+        the denial counts of windows that ended.
+        """
+        bound = {leg.address for s in self.sessions.values() for leg in (s.a, s.b)}
+        for address in [a for a in self._budgets if a not in bound]:
+            del self._budgets[address]
+        for address in [a for a, b in self._denials.items() if b.window_end <= now]:
+            del self._denials[address]
 
     def flush_counters(self) -> None:
         metrics = self.metrics
@@ -379,11 +563,17 @@ class RelayServer:
             ],
             "limits": {
                 "max_reservations": self.config.max_reservations,
+                "reservations_per_address": self.config.reservations_per_address,
+                "reservations_per_ip": self.config.reservations_per_ip,
                 "max_sessions": self.config.max_sessions,
                 "sessions_per_peer": self.config.sessions_per_peer,
+                "sessions_per_address": self.config.sessions_per_address,
+                "sessions_per_ip": self.config.sessions_per_ip,
+                "sessions_per_ip_to_peer": self.config.sessions_per_ip_to_peer,
                 "session_bytes": self.config.session_bytes,
                 "session_duration_s": self.config.session_duration,
                 "session_idle_s": self.config.session_idle,
                 "packets_per_second": self.config.packets_per_second,
+                "denials_per_second": self.config.denials_per_second,
             },
         }

@@ -117,6 +117,7 @@ class RelayDenyReason(enum.IntEnum):
     NO_RESERVATION = 6
     UNPROVEN = 7
     SELF = 8
+    TOO_MANY_RESERVATIONS = 9
 
 
 class RelayEndReason(enum.IntEnum):
