@@ -76,7 +76,7 @@ class GossipTestCase(unittest.TestCase):
         self.clock = Clock()
         self.clock.advance(NOW)
         self.basics, self.sent, self.events = fake_basics(
-            config=self.config, clock=self.clock, peer_id=OWN.peer_id)
+            config=self.config, clock=self.clock, identity=OWN)
         self.registry = PeerRegistry(NETWORK, OWN.peer_id)
         self.me = Me()
         self.active: list[tuple[bytes, tuple]] = []

@@ -278,16 +278,28 @@ class AcceptTests(unittest.TestCase):
         self.assertEqual(self.reg.lookup("bob").peer_id, self.bob.peer_id)
 
     def test_name_freed_after_expiry(self):
-        """Once the holder's record expires another key may take the name; the old holder is dropped."""
+        """Once the holder's record expires another key's record is stored, but the name is not its: the first key is remembered and takes the name back."""
         self.reg.accept(announce(self.alice, name="provider-1", ttl=60), NOW)
         self.check(Outcome.NAME_TAKEN, announce(self.bob, name="provider-1"), now=NOW + 59)
         self.check(Outcome.NEW, announce(self.bob, name="provider-1", at=NOW + 60), now=NOW + 60)
         self.assertNotIn(self.alice.peer_id, self.reg)
-        self.assertEqual(self.reg.lookup("provider-1").peer_id, self.bob.peer_id)
+        with self.assertRaises(AmbiguousPeer) as caught:
+            self.reg.lookup("provider-1")
+        self.assertIn(self.alice.peer_id_text, str(caught.exception))
+        self.assertIn(self.bob.peer_id_text, str(caught.exception))
         self.assertEqual(
             self.reg.accept(announce(self.alice, name="provider-1", sequence=2, at=NOW + 61), NOW + 61),
-            Outcome.NAME_TAKEN,
+            Outcome.NEW,
         )
+        self.assertEqual(self.reg.lookup("provider-1").peer_id, self.alice.peer_id)
+
+    def test_name_memory_lapses(self):
+        """A first key away for longer than name_memory_s no longer holds its name."""
+        reg = registry(name_memory_s=600)
+        reg.accept(announce(self.alice, name="provider-1", ttl=60), NOW)
+        reg.expire(NOW + 60)
+        reg.accept(announce(self.bob, name="provider-1", at=NOW + 700), NOW + 700)
+        self.assertEqual(reg.lookup("provider-1").peer_id, self.bob.peer_id)
 
     def test_rename_frees_old_name(self):
         """A peer that changes its name releases the old one to other keys."""
@@ -732,7 +744,8 @@ class PersistenceTests(unittest.TestCase):
         entry = next(e for e in document["peers"] if e["peer_id"] == self.alice.peer_id_text)
         self.assertEqual(
             set(entry),
-            {"peer_id", "record", "signature", "reputation", "endpoint", "last_heard", "first_seen"},
+            {"peer_id", "record", "signature", "reputation", "endpoint", "last_heard", "first_seen",
+             "expires_at", "source"},
         )
         self.assertEqual(entry["endpoint"], ["192.0.2.1", 7400])
 

@@ -15,6 +15,15 @@ Signed announcements and their dissemination in one network.
   node sends everything it knows and asks for the same back.
 - Duplicate suppression: a record whose (peer, sequence) the registry holds
   already is dropped before its signature is checked.
+- Sybil bounds: a new identity is charged to the address it arrived from
+  (the announcer itself, or the neighbour that passed it on), whatever hop
+  count the frame claims; the registry refuses it beyond that source's
+  budget (L{omerta.mesh.registry.SourceLimits}: C{source_rate},
+  C{source_full}, counted as C{gossip_announcements{outcome=...}}) and what
+  it refuses is never passed on.  Only the list this node asks for while it
+  knows fewer than C{degree} peers (it is joining) is charged to nobody.
+- Anti-entropy sends a rotating window of C{SYNC_WINDOW} records, not the
+  whole registry, so its cost does not grow with idle records.
 
 L{Gossip} is built with L{Basics} and its narrow collaborators (the
 registry, what this node says of itself, callables for targets, proofs and
@@ -42,6 +51,13 @@ from omerta.wire.messages import MessageType, PathKind
 # Size budget of one PEER_LIST datagram body (keeps frames under ~1200 B).
 PEER_LIST_BUDGET = 1100
 _ENTRY_OVERHEAD = 1 + 2 + 64
+# records per anti-entropy round (every record goes out once per
+# len(registry) / SYNC_WINDOW rounds)
+SYNC_WINDOW = 64
+# how long after asking for a full list as a newcomer its answer is
+# charged to nobody, and how many such requests are remembered
+NEWCOMER_WINDOW = 30.0
+NEWCOMER_REQUESTS = 64
 
 
 def announcer(signed) -> bytes | None:
@@ -139,6 +155,7 @@ class Gossip:
         self._own: dict | None = None
         self._own_fields: tuple | None = None
         self._full_sent: dict[bytes, float] = {}
+        self._asked: dict[Any, float] = {}  # address -> until when its list is ours to trust
 
     # origination
 
@@ -188,9 +205,14 @@ class Gossip:
 
     # receiving
 
-    def accept(self, signed, hops: int, sender: bytes | None = None) -> str:
+    def accept(self, signed, hops: int, sender: bytes | None = None, source=None) -> str:
+        """
+        Take an announcement into the registry and, if it is new or newer,
+        make it a rumour.  C{source}: the address it arrived from, charged
+        for a new identity (None charges nobody).
+        """
         registry = self.registry
-        outcome = registry.accept(signed, self.clock.seconds())
+        outcome = registry.accept(signed, self.clock.seconds(), source=source)
         self.basics.metrics.inc("gossip_announcements", outcome=str(outcome.value))
         if outcome in (Outcome.NEW, Outcome.UPDATED):
             record = registry.get(announcer(signed))
@@ -207,14 +229,15 @@ class Gossip:
 
     def on_announce(self, frame, addr, message) -> None:
         signed = message.announcement
-        outcome = self.accept(signed, message.hops)
+        outcome = self.accept(signed, message.hops, source=addr)
         if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
             if announcer(signed) == frame.sender:
                 self._bootstrap_answered(addr, frame.sender)
 
     def on_peer_list(self, frame, addr, message) -> None:
+        source = None if self._asked_for(addr) else addr
         for entry in message.announcements:
-            outcome = self.accept(entry.announcement, entry.hops)
+            outcome = self.accept(entry.announcement, entry.hops, source=source)
             if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
                 if announcer(entry.announcement) == frame.sender:
                     self._bootstrap_answered(addr, frame.sender)
@@ -231,18 +254,37 @@ class Gossip:
 
     # sending
 
-    def send_peer_list(self, address, request: bool, peer_id: bytes | None = None) -> None:
+    def _asked_for(self, address) -> bool:
+        until = self._asked.get(address)
+        if until is None:
+            return False
+        if until < self.clock.seconds():
+            del self._asked[address]
+            return False
+        return True
+
+    def send_peer_list(self, address, request: bool, peer_id: bytes | None = None,
+                       records=None) -> None:
         """
-        Everything this node knows (its own announcement first), in as many
-        PEER_LIST datagrams as it takes.  Only ever sent to addresses a pong
-        has proven.
+        Everything this node knows (its own announcement first), or only
+        C{records}, in as many PEER_LIST datagrams as it takes.  Only ever
+        sent to addresses a pong has proven.  A request sent while this
+        node knows fewer than C{degree} peers (it is joining) makes the
+        answer from that address count as ours: charged to no source.
         """
+        now = self.clock.seconds()
         if peer_id is not None:
-            self._full_sent[peer_id] = self.clock.seconds()
+            self._full_sent[peer_id] = now
             while len(self._full_sent) > self.config.proven_memory:
                 self._full_sent.pop(next(iter(self._full_sent)))
+        if request and len(self.registry) < self.config.degree:
+            self._asked[address] = now + NEWCOMER_WINDOW
+            while len(self._asked) > NEWCOMER_REQUESTS:
+                self._asked.pop(next(iter(self._asked)))
+        if records is None:
+            records = self.registry.all()
         entries = [Rumour(self.own_announcement(), 0, 0)]
-        entries += [Rumour(r.signed, 1, 0) for r in self.registry.all() if r.signed]
+        entries += [Rumour(r.signed, 1, 0) for r in records if r.signed]
         batch, size = [], 0
         for entry in entries:
             if batch and size + entry.size > PEER_LIST_BUDGET:
@@ -262,13 +304,16 @@ class Gossip:
 
     def sync(self) -> None:
         """
-        Anti-entropy: every C{sync_interval}, a full peer-list exchange with
-        one random proven active peer, so a node that no rumour reached (or
-        that missed some) catches up.
+        Anti-entropy: every C{sync_interval}, a peer-list exchange with one
+        random proven active peer, so a node that no rumour reached (or that
+        missed some) catches up: it answers with its list, ours is the next
+        window of C{SYNC_WINDOW} records (all of them over successive
+        rounds), so an idle record costs a round nothing.
         """
         targets = self._targets(1, self.rng)
         for peer_id, address in targets:
-            self.send_peer_list(address, request=True, peer_id=peer_id)
+            self.send_peer_list(address, request=True, peer_id=peer_id,
+                                records=self.registry.window(SYNC_WINDOW))
 
     def round(self) -> None:
         """
@@ -279,9 +324,10 @@ class Gossip:
         targets = self._targets(self.config.fanout, self.rng)
         if not targets:
             return
+        pending = sorted(self.rumours.items(), key=lambda kv: -kv[1].left)
         for peer_id, address in targets:
             batch, size = [], 0
-            for origin, rumour in sorted(self.rumours.items(), key=lambda kv: -kv[1].left):
+            for origin, rumour in pending:
                 if origin == peer_id:
                     continue
                 if size + rumour.size > PEER_LIST_BUDGET:

@@ -36,10 +36,30 @@ gossip delivers each record many times and a check costs ~90 us):
  7. a name belongs to the first key that announced it for as long as that
     key's record is unexpired (names compare case-insensitively, so
     C{Provider-1} cannot shadow C{provider-1}): else C{name_taken}; once it
-    has expired, the new key takes the name and the expired record is
-    dropped;
- 8. a new peer when C{max_peers} records are held is C{full};
- 9. otherwise the record is stored: C{new} or C{updated}.
+    has expired, the new key's record is stored and the expired one
+    dropped, but the name's first key is remembered (C{name_memory_s} after
+    its last announcement, saved with the peers): when it comes back it is
+    accepted and the name resolves to it again, and while it is away a
+    newcomer's claim makes the name ambiguous (L{PeerRegistry.lookup}), so
+    a newcomer can never take a name over;
+ 8. a new peer announced from a C{source} address (what the gossip layer
+    passes) is charged to that source: each source address and each source
+    IP has a token bucket of new identities (L{SourceLimits}), and the
+    records a source IP introduced that are still held are capped: else
+    C{source_rate} / C{source_full}, settled before the signature check;
+ 9. a new peer when C{max_peers} records are held evicts the newest
+    never-contacted record of the source IP holding the most records, if
+    that source holds more than the newcomer's own; else it is C{full}.
+    Peers this node heard from, or learnt without a source (loaded, or a
+    list it asked for as a newcomer), are never evicted by newcomers;
+10. otherwise the record is stored: C{new} or C{updated}.
+
+Periodic work costs nothing per idle record: expiry pops a heap, offline
+clean-up reads an index of offline peers in the order they went offline,
+the statistics are counters kept as records change, L{PeerRegistry.save}
+writes only when something it writes changed, and
+L{PeerRegistry.sample} / L{PeerRegistry.window} pick records without
+listing them all.
 
 Reputation is an exponentially weighted moving average in [0, 1], see
 L{PeerRegistry.record_outcome}.
@@ -50,14 +70,18 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import heapq
 import ipaddress
+import json
 import math
 import os
+import random
 import time
 import types
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from twisted.logger import Logger
 
@@ -101,6 +125,8 @@ class Outcome(enum.StrEnum):
     NAME_TAKEN = "name_taken"
     OWN = "own"
     FULL = "full"
+    SOURCE_RATE = "source_rate"
+    SOURCE_FULL = "source_full"
 
 
 ACCEPTED = frozenset({Outcome.NEW, Outcome.UPDATED})
@@ -136,11 +162,10 @@ class AmbiguousPeer(LookupError):
     C{(hex id, name)} pairs.
     """
 
-    def __init__(self, ref: str, candidates: list[tuple[str, str]]):
+    def __init__(self, ref: str, candidates: list[tuple[str, str]], why: str = ""):
         shown = ", ".join(f"{pid} ({name})" if name else pid for pid, name in candidates)
-        super().__init__(
-            f"{ref!r} matches {len(candidates)} peers: {shown}; give more digits of the peer id"
-        )
+        why = why or f"{ref!r} matches {len(candidates)} peers"
+        super().__init__(f"{why}: {shown}; give more digits of the peer id")
         self.ref = ref
         self.candidates = candidates
 
@@ -226,6 +251,7 @@ class PeerRecord:
     rtt: float | None = None
     reputation: float = INITIAL_REPUTATION
     learned_via: bytes | None = None
+    source: str | None = None  # the source IP key that introduced it (None: none charged)
 
     @property
     def peer_id_text(self) -> str:
@@ -287,6 +313,65 @@ def _name_key(name: str) -> str:
     return name.casefold()
 
 
+@dataclass(frozen=True, slots=True)
+class SourceLimits:
+    """
+    How many new identities one source may introduce into the registry.
+
+    A source is the address an announcement arrived from (the announcer
+    itself, or the neighbour that passed it on): its IP (for a relayed
+    frame, the relay session) and its (IP, port).  Each has a token bucket
+    of new identities: C{*_burst} at once, refilled at C{*_per_minute}.  The
+    records introduced by one IP that are still held are capped at
+    C{max_per_ip}.  Updates of peers already held cost nothing.  At most
+    C{sources_kept} buckets are kept (least recently used dropped: a
+    dropped bucket starts full again).
+    """
+
+    address_burst: int = 32
+    address_per_minute: float = 12.0
+    ip_burst: int = 64
+    ip_per_minute: float = 30.0
+    max_per_ip: int = 1000
+    sources_kept: int = 4096
+
+
+def source_keys(source) -> tuple[str, str]:
+    """
+    The (IP key, address key) a source address is charged under: a
+    (host, port) pair gives its host and C{host:port}; a relay route (a
+    3-tuple with the session header) is one source of its own.
+    """
+    if len(source) == 3:
+        host, port, header = source
+        key = f"relay {host}:{port} {bytes(header).hex()}"
+        return key, key
+    host, port = source[0], source[1]
+    return str(host), f"{host}:{port}"
+
+
+class _Buckets:
+    """
+    Token buckets by key, least recently used dropped beyond C{kept}.
+    """
+
+    def __init__(self, burst: float, per_minute: float, kept: int):
+        self.burst = burst
+        self.rate = per_minute / 60.0
+        self.kept = kept
+        self._state: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def level(self, key: str, now: float) -> float:
+        tokens, stamp = self._state.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(0.0, now - stamp) * self.rate)
+
+    def take(self, key: str, now: float) -> None:
+        self._state[key] = (self.level(key, now) - 1, now)
+        self._state.move_to_end(key)
+        while len(self._state) > self.kept:
+            self._state.popitem(last=False)
+
+
 class PeerRegistry:
     """
     The verified peers of one network.
@@ -300,6 +385,9 @@ class PeerRegistry:
     @param reputation_alpha: weight of the newest outcome in the reputation
         average.
     @param slow_latency_s: the latency at which a success counts half.
+    @param limits: the bounds on new identities per source (L{SourceLimits}).
+    @param name_memory_s: how long the first key of a name is remembered
+        after its last announcement.
     """
 
     log = Logger()
@@ -314,6 +402,8 @@ class PeerRegistry:
         max_ttl_s: float = 7200,
         reputation_alpha: float = 0.1,
         slow_latency_s: float = 10.0,
+        limits: SourceLimits | None = None,
+        name_memory_s: float = 86400.0,
         events=None,
     ) -> None:
         if max_peers < 0:
@@ -331,8 +421,33 @@ class PeerRegistry:
         self.slow_latency_s = slow_latency_s
         self._peers: dict[bytes, PeerRecord] = {}
         self._damaged: set[Path] = set()  # damaged files that could not be moved aside
-        self._names: dict[str, bytes] = {}
+        # name key -> the peers holding it (normally one; two while a
+        # remembered first key is back and a newcomer's record lives on)
+        self._names: dict[str, dict[bytes, None]] = {}
+        # name key -> [first key, since, last announced]: who a name belongs to
+        self._claims: OrderedDict[str, list] = OrderedDict()
+        self.name_memory_s = name_memory_s
         self.events = events
+        self.limits = limits or SourceLimits()
+        self._ip_buckets = _Buckets(self.limits.ip_burst, self.limits.ip_per_minute,
+                                    self.limits.sources_kept)
+        self._address_buckets = _Buckets(self.limits.address_burst,
+                                         self.limits.address_per_minute,
+                                         self.limits.sources_kept)
+        self._introduced: dict[str, dict[bytes, None]] = {}  # source IP -> peers it introduced
+        self.evicted = 0
+        # what periodic work reads, kept as records change (nothing scans)
+        self._expiry: list[tuple[float, int, bytes, PeerRecord]] = []
+        self._heap_counter = 0
+        self._offline: dict[bytes, float] = {}  # offline peers, in the order they went offline
+        self._order: list[bytes] = []  # peer ids, for sampling without listing
+        self._index: dict[bytes, int] = {}
+        self._cursor = 0
+        self._state_counts: Counter = Counter()
+        self._capability_counts: Counter = Counter()
+        self._version = 0  # grows when anything save() writes changes
+        self._saved: tuple[int, bytes] | None = None  # (version, the file's bytes)
+        self.work = 0  # records touched by periodic methods (a cost counter for tests)
 
     def _changed(self, peer_id: bytes, change: str) -> None:
         if self.events is not None:
@@ -341,7 +456,7 @@ class PeerRegistry:
 
     # -- announcements -----------------------------------------------------
 
-    def accept(self, signed, now: float, via: bytes | None = None) -> Outcome:
+    def accept(self, signed, now: float, via: bytes | None = None, source=None) -> Outcome:
         """
         Verify an announcement nobody has checked yet and apply the rules in
         the module docstring.
@@ -351,10 +466,14 @@ class PeerRegistry:
         @param via: the neighbour that passed it on (gossip), or None when it
             came from the announcer itself.  Accepting never marks a peer
             online: that takes a direct frame (L{heard_from}).
+        @param source: the address (or relay route) the announcement arrived
+            from, charged for a new peer (L{SourceLimits}); None charges
+            nobody (a state file, a list this node asked for as a newcomer).
         """
-        return self._accept(signed, now, via)[0]
+        return self._accept(signed, now, via, source)[0]
 
-    def _accept(self, signed, now: float, via: bytes | None) -> tuple[Outcome, bytes | None]:
+    def _accept(self, signed, now: float, via: bytes | None,
+                source=None) -> tuple[Outcome, bytes | None]:
         """
         L{accept}, also returning the announcer's id once the signature has
         been verified.
@@ -373,6 +492,14 @@ class PeerRegistry:
         if held is not None and claimed.sequence <= held.sequence:
             duplicate = claimed.sequence == held.sequence
             return (Outcome.DUPLICATE if duplicate else Outcome.STALE), held.peer_id
+        keys = None
+        if held is None and source is not None:
+            # A new identity: the source pays, and a refusal costs no
+            # signature check.
+            keys = source_keys(source)
+            refused = self._source_refusal(keys, now)
+            if refused is not None:
+                return refused, None
         try:
             record = open_announcement(self.network_id, types.SimpleNamespace(**raw))
         except AnnouncementError as e:
@@ -402,19 +529,28 @@ class PeerRegistry:
             if record.sequence < held.sequence:
                 return Outcome.STALE, peer_id
 
-        evict = None
+        evict: list[bytes] = []
         if record.name:
-            holder_id = self._names.get(_name_key(record.name))
-            if holder_id is not None and holder_id != peer_id:
-                holder = self._peers[holder_id]
-                if not holder.expired(now):
+            name_key = _name_key(record.name)
+            claim = self._claim(name_key, now)
+            for holder_id in self._names.get(name_key, ()):
+                if holder_id == peer_id:
+                    continue
+                if self._peers[holder_id].expired(now):
+                    evict.append(holder_id)
+                elif claim is None or claim[0] != peer_id:
                     return Outcome.NAME_TAKEN, peer_id
-                evict = holder_id
-        if held is None and len(self._peers) - (evict is not None) >= self.max_peers:
-            return Outcome.FULL, peer_id
+        victim = None
+        if held is None and len(self._peers) - len(evict) >= self.max_peers:
+            victim = self._victim(keys[0] if keys else None)
+            if victim is None:
+                return Outcome.FULL, peer_id
 
-        if evict is not None:
-            self.remove(evict)
+        for gone in evict:
+            self.remove(gone)
+        if victim is not None:
+            self.remove(victim)
+            self.evicted += 1
         peer = PeerRecord(
             peer_id=peer_id,
             public_key=bytes(record.public_key),
@@ -452,13 +588,135 @@ class PeerRegistry:
             peer.endpoint = held.endpoint
             peer.rtt = held.rtt
             peer.reputation = held.reputation
-            if held.name and self._names.get(_name_key(held.name)) == peer_id:
-                del self._names[_name_key(held.name)]
+            peer.source = held.source
+            self._unindex(held)
+        else:
+            if keys is not None:
+                self._ip_buckets.take(keys[0], now)
+                self._address_buckets.take(keys[1], now)
+                peer.source = keys[0]
+                self._introduced.setdefault(keys[0], {})[peer_id] = None
+            self._index[peer_id] = len(self._order)
+            self._order.append(peer_id)
         self._peers[peer_id] = peer
+        self._reindex(peer)
         if peer.name:
-            self._names[_name_key(peer.name)] = peer_id
+            self._claim_name(_name_key(peer.name), peer_id, now)
         self._changed(peer_id, "announcement")
         return (Outcome.UPDATED if held is not None else Outcome.NEW), peer_id
+
+    def _source_refusal(self, keys: tuple[str, str], now: float) -> Outcome | None:
+        """
+        Whether a source may introduce one more identity now (nothing is
+        charged until the record is stored).
+        """
+        ip, address = keys
+        if len(self._introduced.get(ip, ())) >= self.limits.max_per_ip:
+            return Outcome.SOURCE_FULL
+        if self._ip_buckets.level(ip, now) < 1 or self._address_buckets.level(address, now) < 1:
+            return Outcome.SOURCE_RATE
+        return None
+
+    def _victim(self, incoming_ip: str | None) -> bytes | None:
+        """
+        The record a newcomer may evict from a full registry: the newest
+        never-contacted record of the source IP that introduced the most
+        records, if that is more than the newcomer's own source holds (so a
+        flood evicts its own records first and never a peer this node heard
+        from); None when there is none.  Runs only when the registry is
+        full, over the sources, not the records.
+        """
+        if not self._introduced:
+            return None
+        ip, members = max(self._introduced.items(), key=lambda item: len(item[1]))
+        own = len(self._introduced.get(incoming_ip, ())) if incoming_ip is not None else 0
+        if ip == incoming_ip or len(members) <= own + 1:
+            return None
+        for peer_id in reversed(members):
+            peer = self._peers[peer_id]
+            if peer.last_heard is None and peer.state == PeerState.UNKNOWN:
+                return peer_id
+        return None
+
+    # -- names -----------------------------------------------------------------
+
+    def _claim(self, name_key: str, now: float) -> list | None:
+        """
+        The remembered first key of a name, [peer id, since, last
+        announced], unless it lapsed.
+        """
+        claim = self._claims.get(name_key)
+        if claim is None:
+            return None
+        if claim[0] not in self._peers and claim[2] + self.name_memory_s <= now:
+            del self._claims[name_key]
+            return None
+        return claim
+
+    def _claim_name(self, name_key: str, peer_id: bytes, now: float) -> None:
+        self._names.setdefault(name_key, {})[peer_id] = None
+        claim = self._claim(name_key, now)
+        if claim is None:
+            self._claims[name_key] = [peer_id, now, now]
+        elif claim[0] == peer_id:
+            claim[2] = now
+        else:
+            return
+        self._claims.move_to_end(name_key)
+        limit = 2 * self.max_peers + 64
+        for _ in range(len(self._claims)):
+            # forget the oldest names whose first key is not held (held
+            # ones go to the back: there are at most max_peers of them)
+            if len(self._claims) <= limit:
+                break
+            oldest = next(iter(self._claims))
+            if self._claims[oldest][0] in self._peers:
+                self._claims.move_to_end(oldest)
+            else:
+                del self._claims[oldest]
+
+    def _drop_name(self, peer: PeerRecord) -> None:
+        if not peer.name:
+            return
+        name_key = _name_key(peer.name)
+        holders = self._names.get(name_key)
+        if holders is not None:
+            holders.pop(peer.peer_id, None)
+            if not holders:
+                del self._names[name_key]
+
+    # -- indexes -----------------------------------------------------------
+
+    def _reindex_expiry(self, peer: PeerRecord) -> None:
+        self._heap_counter += 1
+        heapq.heappush(self._expiry, (peer.expires_at, self._heap_counter, peer.peer_id, peer))
+
+    def _reindex(self, peer: PeerRecord) -> None:
+        """
+        Count a record that is now held (new or replacing another).
+        """
+        self._heap_counter += 1
+        heapq.heappush(self._expiry, (peer.expires_at, self._heap_counter, peer.peer_id, peer))
+        if len(self._expiry) > 4 * len(self._peers) + 64:
+            # replaced records' entries wait in the heap until their expiry:
+            # rebuild now and then (amortised O(1) per change)
+            self._expiry = [entry for entry in self._expiry
+                            if self._peers.get(entry[2]) is entry[3]]
+            heapq.heapify(self._expiry)
+        self._state_counts[peer.state] += 1
+        for flag in _flags(peer.capabilities):
+            self._capability_counts[flag] += 1
+        self._version += 1
+
+    def _unindex(self, peer: PeerRecord) -> None:
+        """
+        Uncount a record that is replaced or dropped.
+        """
+        self._drop_name(peer)
+        self._state_counts[peer.state] -= 1
+        for flag in _flags(peer.capabilities):
+            self._capability_counts[flag] -= 1
+        self._version += 1
 
     # -- observations ------------------------------------------------------
 
@@ -474,9 +732,12 @@ class PeerRegistry:
         if peer is None:
             return False
         self._set_state(peer, PeerState.ONLINE, now)
+        if peer.last_heard is None:
+            self._version += 1  # contacted: no longer evictable, and saved so
         peer.last_heard = now
-        if endpoint is not None:
+        if endpoint is not None and peer.endpoint != (endpoint[0], endpoint[1]):
             peer.endpoint = (endpoint[0], endpoint[1])
+            self._version += 1
         return True
 
     def set_rtt(self, peer_id: bytes, rtt: float | None) -> bool:
@@ -510,8 +771,13 @@ class PeerRegistry:
 
     def _set_state(self, peer: PeerRecord, state: PeerState, now: float) -> None:
         if peer.state != state:
+            self._state_counts[peer.state] -= 1
+            self._state_counts[state] += 1
             peer.state = state
             peer.state_since = now
+            self._offline.pop(peer.peer_id, None)
+            if state == PeerState.OFFLINE:
+                self._offline[peer.peer_id] = now
             self._changed(peer.peer_id, "state")
 
     def restore_reputation(self, peer_id: bytes, reputation: float) -> bool:
@@ -524,6 +790,7 @@ class PeerRegistry:
         if peer is None:
             return False
         peer.reputation = min(1.0, max(0.0, float(reputation)))
+        self._version += 1
         return True
 
     def record_outcome(
@@ -557,6 +824,7 @@ class PeerRegistry:
             score = 1.0 - 0.5 * min(latency / self.slow_latency_s, 1.0)
         alpha = self.reputation_alpha
         peer.reputation = min(1.0, max(0.0, (1 - alpha) * peer.reputation + alpha * score))
+        self._version += 1
         return peer.reputation
 
     def remove(self, peer_id: bytes) -> bool:
@@ -568,36 +836,56 @@ class PeerRegistry:
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return False
-        if peer.name and self._names.get(_name_key(peer.name)) == peer_id:
-            del self._names[_name_key(peer.name)]
+        self._unindex(peer)
+        self._offline.pop(peer_id, None)
+        if peer.source is not None:
+            members = self._introduced.get(peer.source)
+            if members is not None:
+                members.pop(peer_id, None)
+                if not members:
+                    del self._introduced[peer.source]
+        index = self._index.pop(peer_id)
+        last = self._order.pop()
+        if last != peer_id:
+            self._order[index] = last
+            self._index[last] = index
         self._changed(peer_id, "removed")
         return True
 
     def expire(self, now: float) -> list[bytes]:
         """
-        Drop every peer whose announcement has expired.
+        Drop every peer whose announcement has expired: pops the expiry
+        heap, so a call costs O(log n) per record that expired (or was
+        replaced) since the last, nothing per idle record.
 
         @return: the ids dropped.
         """
-        gone = [pid for pid, peer in self._peers.items() if peer.expired(now)]
-        for pid in gone:
-            self.remove(pid)
+        gone = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, _, peer_id, peer = heapq.heappop(heap)
+            self.work += 1
+            if self._peers.get(peer_id) is peer:
+                gone.append(peer_id)
+                self.remove(peer_id)
         return gone
 
     def cleanup_offline(self, now: float, after: float) -> list[bytes]:
         """
         Drop every peer that has been C{offline} for longer than C{after}
-        seconds.
+        seconds: reads the offline peers oldest first and stops at the
+        first recent one.
 
         @return: the ids dropped.
         """
-        gone = [
-            pid
-            for pid, peer in self._peers.items()
-            if peer.state == PeerState.OFFLINE and now - peer.state_since > after
-        ]
-        for pid in gone:
-            self.remove(pid)
+        gone = []
+        for peer_id, since in self._offline.items():
+            self.work += 1
+            if now - since <= after:
+                break
+            gone.append(peer_id)
+        for peer_id in gone:
+            self.remove(peer_id)
         return gone
 
     # -- look-ups ------------------------------------------------------------
@@ -640,9 +928,9 @@ class PeerRegistry:
                 raise PeerNotFound(f"no peer {lowered} in this network")
             return peer
         matches: dict[bytes, PeerRecord] = {}
-        by_name = self._names.get(_name_key(text))
+        by_name = self._by_name(text)
         if by_name is not None:
-            matches[by_name] = self._peers[by_name]
+            matches[by_name.peer_id] = by_name
         is_prefix = len(lowered) >= MIN_PREFIX and all(ch in "0123456789abcdef" for ch in lowered)
         if is_prefix:
             for pid, peer in self._peers.items():
@@ -656,6 +944,69 @@ class PeerRegistry:
             )
         hint = "" if is_prefix else f" (an id prefix needs at least {MIN_PREFIX} hex digits)"
         raise PeerNotFound(f"no peer named or with an id starting {text!r} in this network{hint}")
+
+    def _by_name(self, text: str) -> PeerRecord | None:
+        """
+        The peer a name resolves to: its remembered first key when that is
+        held; else its only holder, unless the first key is remembered (it
+        is away, and the holder is a newcomer to the name).
+
+        @raise AmbiguousPeer: a newcomer holds a name whose first key is
+            away, or two keys hold it (listing them).
+        """
+        name_key = _name_key(text)
+        holders = self._names.get(name_key)
+        if not holders:
+            return None
+        claim = self._claims.get(name_key)
+        if claim is not None and claim[0] in holders:
+            return self._peers[claim[0]]
+        if claim is None and len(holders) == 1:
+            return self._peers[next(iter(holders))]
+        candidates = [(format_peer_id(pid), self._peers[pid].name) for pid in holders]
+        why = f"the name {text!r} is announced by {len(holders)} peer(s)"
+        if claim is not None and claim[0] not in holders:
+            candidates.append((format_peer_id(claim[0]), text))
+            why += (f" that took it while {format_peer_id(claim[0])}, which announced it"
+                    " first, is away")
+        raise AmbiguousPeer(text, sorted(candidates), why)
+
+    def sample(self, count: int, rng: random.Random,
+               wanted: Callable[[PeerRecord], bool] = lambda record: True,
+               tries: int | None = None) -> list[PeerRecord]:
+        """
+        Up to C{count} distinct random records for which C{wanted} is true,
+        drawn without listing the registry: at most C{tries} (default
+        C{4 * count + 8}) draws, so the cost is O(count) whatever the size.
+        """
+        found: dict[bytes, PeerRecord] = {}
+        order = self._order
+        for _ in range(4 * count + 8 if tries is None else tries):
+            if len(found) >= count or not order:
+                break
+            self.work += 1
+            peer = self._peers[order[rng.randrange(len(order))]]
+            if peer.peer_id not in found and wanted(peer):
+                found[peer.peer_id] = peer
+        return list(found.values())
+
+    def window(self, count: int) -> list[PeerRecord]:
+        """
+        The next C{count} records in a rotating order: successive calls go
+        round the whole registry, each costing O(count) (anti-entropy sends
+        a window, not everything).
+        """
+        order = self._order
+        if not order:
+            return []
+        count = min(count, len(order))
+        start = self._cursor % len(order)
+        ids = order[start:start + count]
+        if len(ids) < count:
+            ids += order[: count - len(ids)]
+        self._cursor = (start + count) % len(order)
+        self.work += len(ids)
+        return [self._peers[peer_id] for peer_id in ids]
 
     def find_peers(
         self,
@@ -686,21 +1037,25 @@ class PeerRegistry:
         Counts: C{total}, C{by_state} (every state, zeros included) and
         C{by_capability} (peers announcing each capability).
         """
-        by_state = {str(state): 0 for state in PeerState}
-        by_capability = {cap.name.lower(): 0 for cap in Capability if cap}
-        for peer in self._peers.values():
-            by_state[str(peer.state)] += 1
-            for name in capability_names(peer.capabilities):
-                by_capability[name] += 1
+        by_state = {str(state): self._state_counts[state] for state in PeerState}
+        by_capability = {cap.name.lower(): self._capability_counts[cap]
+                         for cap in Capability if cap}
         return {"total": len(self._peers), "by_state": by_state, "by_capability": by_capability}
 
     # -- persistence -------------------------------------------------------
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> bool:
         """
-        Write every held announcement with its reputation, last endpoint and
-        last-heard time to C{path}, atomically.
+        Write every held announcement with its reputation, last endpoint,
+        first-seen and last-heard time, expiry, the source that introduced
+        it and the first keys of names to C{path}, atomically.  The file's
+        bytes are rebuilt only if something other than a last-heard time,
+        round-trip time or liveness state changed since they were last
+        built; otherwise the same bytes are written again (no work per
+        record; the caller's periodic write still happens, so a full disk
+        is still noticed).
 
+        @return: whether the bytes were rebuilt.
         @raise storage.StateFileError: L{load} found C{path} damaged and
             could not move it aside; it is not overwritten while it is there.
         """
@@ -711,8 +1066,13 @@ class PeerRegistry:
                     f"the known peers are not saved to {path}: it was damaged when"
                     f" loaded and is left untouched; move it aside (or delete it)")
             self._damaged.discard(path)
+        if self._saved is not None and self._saved[0] == self._version:
+            storage.atomic_write(path, self._saved[1])
+            return False
+        version = self._version
         peers = []
         for peer in self._peers.values():
+            self.work += 1
             peers.append(
                 {
                     "peer_id": peer.peer_id_text,
@@ -722,12 +1082,18 @@ class PeerRegistry:
                     "endpoint": None if peer.endpoint is None else list(peer.endpoint),
                     "last_heard": peer.last_heard,
                     "first_seen": peer.first_seen,
+                    "expires_at": peer.expires_at,
+                    "source": peer.source,
                 }
             )
-        storage.write_json(
-            path,
-            {"version": STATE_VERSION, "network_id": self.network_id.hex(), "peers": peers},
-        )
+        names = [[name, format_peer_id(peer_id), since, last]
+                 for name, (peer_id, since, last) in self._claims.items()]
+        document = {"version": STATE_VERSION, "network_id": self.network_id.hex(),
+                    "peers": peers, "names": names}
+        data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        self._saved = (version, data)
+        storage.atomic_write(path, data)
+        return True
 
     def load(self, path: Path, now: float) -> dict[str, int]:
         """
@@ -769,6 +1135,7 @@ class PeerRegistry:
         entries = document.get("peers")
         if not isinstance(entries, list):
             raise self._set_aside(path, "has no list of peers", now)
+        self._load_claims(document.get("names"), now)
         counts: dict[str, int] = {}
         for index, entry in enumerate(entries):
             outcome = self._load_entry(entry, now)
@@ -781,6 +1148,28 @@ class PeerRegistry:
                     outcome=str(outcome),
                 )
         return counts
+
+    def _load_claims(self, names: Any, now: float) -> None:
+        """
+        Remember the first keys of names from a state file (bad entries are
+        skipped): loaded before the records, so a newcomer saved beside a
+        name's first key does not take the name at restart.
+        """
+        if not isinstance(names, list):
+            return
+        for item in names:
+            if not (isinstance(item, list) and len(item) == 4):
+                continue
+            name, peer_id, since, last = item
+            if not (isinstance(name, str) and isinstance(peer_id, str)
+                    and is_peer_id_text(peer_id) and _is_number(since) and _is_number(last)):
+                continue
+            if last > now or last + self.name_memory_s <= now:
+                continue
+            name_key = _name_key(name)
+            if name_key not in self._claims:
+                self._claims[name_key] = [bytes.fromhex(peer_id), min(float(since), now),
+                                          float(last)]
 
     def _set_aside(self, path: Path, problem: str, now: float) -> storage.StateFileError:
         """
@@ -818,6 +1207,19 @@ class PeerRegistry:
         if outcome != Outcome.NEW:
             return outcome
         peer = self._peers[peer_id]
+        expires_at = entry.get("expires_at")
+        if _is_number(expires_at) and expires_at < peer.expires_at:
+            # the cap counts from the first arrival, not from each restart
+            if expires_at <= now:
+                self.remove(peer_id)
+                return Outcome.EXPIRED
+            peer.expires_at = float(expires_at)
+            self._reindex_expiry(peer)
+        source = entry.get("source")
+        if isinstance(source, str) and source:
+            members = self._introduced.setdefault(source, {})
+            members[peer_id] = None
+            peer.source = source
         reputation = entry.get("reputation")
         if _is_number(reputation) and 0 <= reputation <= 1:
             peer.reputation = float(reputation)
@@ -828,6 +1230,10 @@ class PeerRegistry:
         if _is_number(first_seen) and first_seen <= now:
             peer.first_seen = float(first_seen)
         return outcome
+
+
+def _flags(capabilities: int) -> list[Capability]:
+    return [cap for cap in Capability if cap and capabilities & cap]
 
 
 def _signed_value(signed) -> dict[str, bytes] | None:
