@@ -113,14 +113,14 @@ class ContactTests(FreshnessTestCase):
         ])
         self.assertEqual([c["peer_id"] for c in self.freshness.contacts_for(CAROL)], [BOB])
         contacts = self.freshness.contacts_for(DAVE)
-        wire(MessageType.PING, nonce=1, sent_ms=0, contacts=contacts)  # fits a PING
+        wire(MessageType.PING, nonce=1, sent_ms=0, flags=0, padding=b"", contacts=contacts)  # fits a PING
 
     def test_learn_fresher_contact(self):
         """A piggybacked contact fresher than ours becomes a candidate address, dated by its age."""
         now = self.clock.seconds()
         self.freshness.heard(ALICE, addr(1), now - 20)
         self.freshness.heard(BOB, addr(2), now - 1)
-        ping = wire(MessageType.PING, nonce=1, sent_ms=0, contacts=[
+        ping = wire(MessageType.PING, nonce=1, sent_ms=0, flags=0, padding=b"", contacts=[
             {"peer_id": ALICE, "endpoint": addr(11), "age_ms": 5000},
             {"peer_id": BOB, "endpoint": addr(12), "age_ms": 5000},
             {"peer_id": CAROL, "endpoint": addr(13), "age_ms": 2500},
@@ -130,7 +130,7 @@ class ContactTests(FreshnessTestCase):
 
     def test_learn_ignores_self(self):
         """A contact about this node itself is ignored."""
-        ping = wire(MessageType.PING, nonce=1, sent_ms=0,
+        ping = wire(MessageType.PING, nonce=1, sent_ms=0, flags=0, padding=b"",
                     contacts=[{"peer_id": SELF, "endpoint": addr(1), "age_ms": 0}])
         self.freshness.learn_contacts(ping.contacts)
         self.assertEqual(self.candidates, [])

@@ -11,12 +11,18 @@ from types import SimpleNamespace
 
 from twisted.trial import unittest
 
-from omerta.mesh.liveness import CHALLENGE_SIZE, UNKNOWN_ENDPOINT, Liveness
+from omerta.crypto import proof
+from omerta.mesh.liveness import (CHALLENGE_SIZE, PONG_SIZE, PROVEN_PONG_SIZE,
+                                  UNKNOWN_ENDPOINT, Liveness, nonce_bytes)
 from omerta.mesh.peer import Connections, RelayRoute, State
-from omerta.testing.fakes import fake_basics
-from omerta.wire.messages import MessageType
+from omerta.testing.fakes import BOOT, fake_basics, fake_prover, fixed_identity
+from omerta.wire.envelope import MIN_FRAME_SIZE
+from omerta.wire.messages import PING_PROVE, MessageType
 
-PEER, HELPER = b"\x0a" * 16, b"\x0b" * 16
+IDENTITIES = {i.peer_id: i for i in (fixed_identity(0x0A), fixed_identity(0x0B),
+                                     fixed_identity(0x0C))}
+PEER, HELPER, MEMBER = IDENTITIES
+RESTARTED = b"\x01" * 8
 AT, ELSEWHERE, HELPER_AT = ("198.51.100.7", 7400), ("203.0.113.9", 40000), ("198.51.100.8", 7400)
 
 
@@ -71,14 +77,33 @@ class LivenessTests(unittest.TestCase):
             relay_of=lambda address: None,
             announce_to=lambda address: None,
             observed_address=self.observed.append,
-            address_proven=lambda peer_id, address: self.proven.append((peer_id, address)))
+            address_proven=lambda peer_id, address: self.proven.append((peer_id, address)),
+            run_proven=lambda peer_id, boot: self.runs.append((peer_id, boot)))
+        self.runs = []
 
     def pings_to(self, address):
         return [s for s in self.sent.of(MessageType.PING) if s.address == address]
 
-    def pong(self, sender, addr, nonce, observed=("192.0.2.1", 5000)):
-        self.liveness.on_pong(SimpleNamespace(sender=sender), addr, SimpleNamespace(
-            nonce=nonce, echo_ms=0, observed=observed, contacts=[]))
+    def pong(self, sender, addr, nonce, observed=("192.0.2.1", 5000), boot=BOOT,
+             signer=None, proven=None):
+        """
+        C{sender}'s pong from its run C{boot}, with the proof its ping asked
+        for (or C{proven}: force one or none), signed by C{signer} (the
+        sender's identity unless a member forges it).
+        """
+        asked = any(s.fields["nonce"] == nonce and s.fields["flags"] & PING_PROVE
+                    for s in self.sent.of(MessageType.PING))
+        signed = b""
+        if asked if proven is None else proven:
+            prover = fake_prover(signer or IDENTITIES[sender], boot)
+            signed = prover.prove(proof.PONG, self.basics.peer_id, nonce_bytes(nonce))
+        self.liveness.on_pong(SimpleNamespace(sender=sender, boot=boot), addr, SimpleNamespace(
+            nonce=nonce, echo_ms=0, observed=observed, contacts=[], proof=signed))
+
+    def on_ping(self, sender, addr, nonce, flags=0, size=CHALLENGE_SIZE):
+        self.liveness.on_ping(
+            SimpleNamespace(sender=sender, body=bytes(size - MIN_FRAME_SIZE)), addr,
+            SimpleNamespace(nonce=nonce, sent_ms=5, flags=flags, contacts=[]))
 
     def connect_and_prove(self, peer_id, address):
         self.liveness.connect(peer_id, address)
@@ -101,6 +126,78 @@ class LivenessTests(unittest.TestCase):
         self.assertEqual(self.observed, [("192.0.2.1", 5000)])
         self.assertTrue(self.liveness.verified(PEER, AT))
 
+    def test_a_member_cannot_prove_another_members_address(self):
+        """
+        A pong with the peer's sender id but without its proof, or with a
+        proof signed by another member, proves nothing and moves nothing.
+        """
+        self.liveness.connect(PEER, AT)
+        self.pong(PEER, AT, self.liveness.ping(PEER, AT), proven=False)
+        self.pong(PEER, AT, self.liveness.ping(PEER, AT), signer=IDENTITIES[MEMBER])
+        self.assertIs(self.connections.get(PEER).state, State.UNPROVEN)
+        self.assertFalse(self.liveness.verified(PEER, AT))
+        self.assertEqual(self.basics.metrics.get("drops", reason="unproven_pong"), 1)
+        self.assertEqual(self.basics.metrics.get("drops", reason="bad_proof"), 1)
+        self.assertEqual(self.proven, [])
+
+    def test_a_forged_pong_does_not_move_a_path(self):
+        """
+        A member that answers the challenge of a frame it sent from its own
+        address in another member's name cannot take that member's path.
+        """
+        link = self.connect_and_prove(PEER, AT)
+        self.sent.clear()
+        self.liveness.heard(PEER, ELSEWHERE, self.clock.seconds(), CHALLENGE_SIZE, BOOT)
+        (challenge,) = self.pings_to(ELSEWHERE)
+        self.assertTrue(challenge.fields["flags"] & PING_PROVE)
+        self.pong(PEER, ELSEWHERE, challenge.fields["nonce"], signer=IDENTITIES[MEMBER])
+        self.assertEqual(link.address, AT)
+        self.assertEqual(self.events.of("path_changed"), [])
+
+    def test_frames_of_an_unproven_run_count_for_nothing(self):
+        """
+        A frame under the peer's id from another run (a forgery, a replay
+        of an earlier run, or a restart) neither keeps the peer alive nor
+        unproves its path; it draws a challenge asking for a proof.
+        """
+        link = self.connect_and_prove(PEER, AT)
+        self.sent.clear()
+        link.heard_this_period = False
+        self.assertIsNone(self.liveness.heard(PEER, AT, self.clock.seconds(), CHALLENGE_SIZE,
+                                              RESTARTED))
+        self.assertFalse(link.heard_this_period)
+        self.assertTrue(link.verified)
+        (challenge,) = self.pings_to(AT)
+        self.assertTrue(challenge.fields["flags"] & PING_PROVE)
+        self.assertEqual(self.runs, [(PEER, BOOT)])
+        # the real run answers the challenge: nothing changes
+        self.pong(PEER, AT, challenge.fields["nonce"])
+        self.assertEqual(self.runs, [(PEER, BOOT)])
+        self.assertTrue(link.verified)
+        self.assertIs(self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT), link)
+
+    def test_a_proven_new_run_is_a_restart(self):
+        """The peer's new run, once proven, replaces the old one and is proven afresh."""
+        link = self.connect_and_prove(PEER, AT)
+        self.sent.clear()
+        self.liveness.heard(PEER, AT, self.clock.seconds(), CHALLENGE_SIZE, RESTARTED)
+        (challenge,) = self.pings_to(AT)
+        self.pong(PEER, AT, challenge.fields["nonce"], boot=RESTARTED)
+        self.assertEqual(self.runs, [(PEER, BOOT), (PEER, RESTARTED)])
+        self.assertTrue(link.verified)
+        self.assertIs(self.liveness.heard(PEER, AT, self.clock.seconds(), 100, RESTARTED), link)
+        self.assertIsNone(self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT))
+
+    def test_keepalives_ask_for_no_proof_once_proven(self):
+        """A proven path and run need no signature per keepalive; a pong without one measures it."""
+        link = self.connect_and_prove(PEER, AT)
+        nonce = self.liveness.ping(PEER, AT)
+        (ping,) = [s for s in self.pings_to(AT) if s.fields["nonce"] == nonce]
+        self.assertFalse(ping.fields["flags"] & PING_PROVE)
+        self.clock.advance(0.05)
+        self.pong(PEER, AT, nonce)
+        self.assertAlmostEqual(link.rtt, 0.05)
+
     def test_pong_from_wrong_peer_or_nonce_dropped(self):
         self.liveness.connect(PEER, AT)
         nonce = self.liveness.ping(PEER, AT)
@@ -110,11 +207,41 @@ class LivenessTests(unittest.TestCase):
         self.assertIs(self.connections.get(PEER).state, State.UNPROVEN)
 
     def test_ping_answered_with_pong_observed_address(self):
-        self.liveness.on_ping(SimpleNamespace(sender=PEER), AT, SimpleNamespace(
-            nonce=7, sent_ms=5, contacts=[]))
+        self.on_ping(PEER, AT, 7)
         (pong,) = self.sent.of(MessageType.PONG)
         self.assertEqual((pong.address, pong.fields["nonce"], pong.fields["observed"]),
                          (AT, 7, AT))
+        self.assertEqual(pong.fields["proof"], b"")
+
+    def test_pong_carries_a_proof_when_asked(self):
+        """The proof is this node's signature over the pinger's nonce, for the pinger only."""
+        self.on_ping(PEER, AT, 7, flags=PING_PROVE)
+        (pong,) = self.sent.of(MessageType.PONG)
+        checker = fake_prover(IDENTITIES[PEER])
+        self.assertTrue(checker.check(proof.PONG, pong.fields["proof"], self.basics.peer_id,
+                                      BOOT, nonce_bytes(7)))
+        other = fake_prover(IDENTITIES[HELPER])
+        self.assertFalse(other.check(proof.PONG, pong.fields["proof"], self.basics.peer_id,
+                                     BOOT, nonce_bytes(7)))
+
+    def test_no_pong_larger_than_the_ping_to_an_unproven_address(self):
+        """A ping smaller than its answer from an address not proven gets nothing."""
+        self.on_ping(PEER, AT, 7, flags=PING_PROVE, size=PROVEN_PONG_SIZE - 1)
+        self.on_ping(PEER, AT, 8, size=PONG_SIZE - 1)
+        self.assertEqual(self.sent, [])
+        self.assertEqual(self.basics.metrics.get("drops", reason="ping_smaller_than_pong"), 2)
+
+    def test_own_pings_are_as_large_as_their_answers(self):
+        """Every ping this node sends is padded to the size of the pong it asks for."""
+        from omerta.wire.messages import build_body
+
+        self.liveness.ping(PEER, AT)
+        link = self.connect_and_prove(PEER, AT)
+        self.liveness.ping(PEER, link.address)
+        for sent in self.sent.of(MessageType.PING):
+            size = MIN_FRAME_SIZE + len(build_body(MessageType.PING, sent.fields))
+            wanted = PROVEN_PONG_SIZE if sent.fields["flags"] & PING_PROVE else PONG_SIZE
+            self.assertGreaterEqual(size, wanted)
 
     def run_periods(self, periods):
         for _ in range(int(periods * self.config.keepalive)):
@@ -208,7 +335,6 @@ class LivenessTests(unittest.TestCase):
 
     def test_ping_through_a_relay_reveals_no_address(self):
         route = RelayRoute("198.51.100.1", 7400, bytes(12))
-        self.liveness.on_ping(SimpleNamespace(sender=PEER), route, SimpleNamespace(
-            nonce=7, sent_ms=5, contacts=[]))
+        self.on_ping(PEER, route, 7)
         (pong,) = self.sent.of(MessageType.PONG)
         self.assertEqual((pong.address, pong.fields["observed"]), (route, UNKNOWN_ENDPOINT))

@@ -50,13 +50,17 @@ PATH_BYTES = path(2, ep4("10.0.0.1", 7), P2)
 CASES = [
     (
         T.PING,
-        {"nonce": 1, "sent_ms": 2, "contacts": [{"peer_id": P1, "endpoint": ("::1", 9), "age_ms": 3}]},
-        struct.pack("!QQB", 1, 2, 1) + P1 + ep6("::1", 9) + struct.pack("!I", 3),
+        {"nonce": 1, "sent_ms": 2, "flags": 1,
+         "contacts": [{"peer_id": P1, "endpoint": ("::1", 9), "age_ms": 3}],
+         "padding": b"\x00\x00"},
+        struct.pack("!QQBB", 1, 2, 1, 1) + P1 + ep6("::1", 9) + struct.pack("!IH", 3, 2)
+        + b"\x00\x00",
     ),
     (
         T.PONG,
-        {"nonce": 1, "echo_ms": 2, "observed": ("192.0.2.1", 7400), "contacts": []},
-        struct.pack("!QQ", 1, 2) + ep4("192.0.2.1", 7400) + b"\x00",
+        {"nonce": 1, "echo_ms": 2, "observed": ("192.0.2.1", 7400), "contacts": [],
+         "proof": b"K" * 32 + b"S" * 64},
+        struct.pack("!QQ", 1, 2) + ep4("192.0.2.1", 7400) + b"\x00\x60" + b"K" * 32 + b"S" * 64,
     ),
     (T.ANNOUNCE, {"hops": 2, "announcement": SIGNED}, b"\x02" + SIGNED_BYTES),
     (
@@ -121,13 +125,13 @@ CASES = [
     ),
     (
         T.PUNCH_PROBE,
-        {"attempt_id": 7, "seq": 3, "sent_ms": 5},
-        struct.pack("!QHQ", 7, 3, 5),
+        {"attempt_id": 7, "seq": 3, "sent_ms": 5, "padding": b""},
+        struct.pack("!QHQH", 7, 3, 5, 0),
     ),
     (
         T.PUNCH_ACK,
-        {"attempt_id": 7, "seq": 3, "observed": ("198.51.100.1", 40000)},
-        struct.pack("!QH", 7, 3) + ep4("198.51.100.1", 40000),
+        {"attempt_id": 7, "seq": 3, "observed": ("198.51.100.1", 40000), "proof": b""},
+        struct.pack("!QH", 7, 3) + ep4("198.51.100.1", 40000) + b"\x00",
     ),
     (
         T.PUNCH_RESULT,
@@ -202,7 +206,7 @@ class BodyTests(unittest.TestCase):
 
     def test_bad_endpoint_family(self):
         """An endpoint family other than 4 or 6 is malformed."""
-        bad = struct.pack("!QQ", 1, 2) + b"\x05" + bytes(6) + b"\x00"
+        bad = struct.pack("!QQ", 1, 2) + b"\x05" + bytes(6) + b"\x00\x00"
         self.assertRaises(ParseError, parse_body, T.PONG, bad)
 
     def test_bad_utf8(self):

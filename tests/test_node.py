@@ -265,7 +265,7 @@ class RejectionTests(unittest.TestCase):
     def test_unexpected_pong(self):
         """A pong that answers no ping of ours gives no RTT and is counted."""
         self.overlay.send((RELAY_IP, PORT), MessageType.PONG, nonce=12345, echo_ms=0,
-                          observed=("10.0.0.2", PORT), contacts=[])
+                          observed=("10.0.0.2", PORT), contacts=[], proof=b"")
         self.mesh.net.run(1)
         self.assertEqual(self.relay.metrics.get("drops", reason="unexpected_pong"), 1)
 

@@ -16,11 +16,11 @@ from twisted.trial import unittest
 from omerta.mesh.liveness import Liveness
 from omerta.mesh.paths import PathManager
 from omerta.mesh.peer import DIRECT, PUNCHED, RELAYED, Connections, RelayRoute, State
-from omerta.testing.fakes import fake_basics
+from omerta.testing.fakes import fake_basics, fixed_identity, proven_pong
 from omerta.wire.messages import MessageType, NatType, PathKind
 
-PEER = b"\x0a" * 16
-RELAY = b"\x0c" * 16
+IDENTITIES = {i.peer_id: i for i in (fixed_identity(0x0A), fixed_identity(0x0C))}
+PEER, RELAY = IDENTITIES
 AT = ("203.0.113.9", 40000)
 PUNCHED_AT = ("203.0.113.9", 40123)
 ROUTE = RelayRoute("198.51.100.1", 7400, b"\xf0\x4d\x01\x80" + bytes(8))
@@ -124,8 +124,8 @@ class PathManagerTests(unittest.TestCase):
     def prove(self, peer_id, address):
         nonce = self.liveness.ping(peer_id, address)
         self.clock.advance(0.01)
-        self.liveness.on_pong(SimpleNamespace(sender=peer_id), address, SimpleNamespace(
-            nonce=nonce, echo_ms=0, observed=("0.0.0.0", 0), contacts=[]))
+        frame, pong = proven_pong(IDENTITIES[peer_id], self.basics.peer_id, nonce)
+        self.liveness.on_pong(frame, address, pong)
 
     def test_establish_tries_every_way(self):
         self.paths.establish(PEER)

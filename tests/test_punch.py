@@ -9,15 +9,16 @@ from types import SimpleNamespace
 
 from twisted.trial import unittest
 
+from omerta.crypto import proof
 from omerta.crypto.sealing import OpenedFrame
-from omerta.mesh.punch import Puncher, probe_schedule, spray_ports
-from omerta.testing.fakes import NETWORK, fake_basics
+from omerta.mesh.punch import PROBE_PADDING, Puncher, probe_schedule, spray_ports
+from omerta.testing.fakes import BOOT, NETWORK, fake_basics, fake_prover, fixed_identity
 from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
                                   PunchStrategy, build_body, parse_body)
 
 RELAY = b"r" * 16
-PEER = b"p" * 16
-OTHER = b"o" * 16
+IDENTITIES = {i.peer_id: i for i in (fixed_identity(0x70), fixed_identity(0x6F))}
+PEER, OTHER = IDENTITIES
 COORDINATOR = ("198.51.100.1", 7400)
 MAPPED = ("192.0.2.10", 50000)          # this node's STUN-mapped address
 PEER_HOST = ("10.9.0.5", 7400)           # the peer's candidates
@@ -65,17 +66,29 @@ class PuncherTests(unittest.TestCase):
             nat=lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE),
             local_port=lambda: 7400,
             public_endpoints=lambda: [MAPPED],
-            proven=lambda peer, address: self.proven.append((peer, address)),
+            proven=lambda peer, address, boot: self.proven.append((peer, address)),
             holds_reservation=lambda relay_id: relay_id in self.held,
             on_punched=lambda peer, address: self.punched.append((peer, address)),
             local_address=lambda towards: "10.0.0.2")
 
     # helpers
 
-    def deliver(self, msg_type: MessageType, sender: bytes, addr: tuple, **fields):
-        """Hand the puncher a frame as the overlay does: opened, then parsed."""
+    def deliver(self, msg_type: MessageType, sender: bytes, addr: tuple, signer=None,
+                **fields):
+        """
+        Hand the puncher a frame as the overlay does: opened, then parsed.
+        Probes are padded and acks proven by C{signer} (the sender's own
+        identity unless given) as a real peer's are, unless the test says.
+        """
+        if msg_type == MessageType.PUNCH_PROBE:
+            fields.setdefault("padding", PROBE_PADDING)
+        if msg_type == MessageType.PUNCH_ACK and "proof" not in fields:
+            prover = fake_prover(signer or IDENTITIES[sender], BOOT)
+            fields["proof"] = prover.prove(
+                proof.PUNCH_ACK, self.basics.peer_id,
+                fields["attempt_id"].to_bytes(8, "big") + fields["seq"].to_bytes(2, "big"))
         body = build_body(msg_type, fields)
-        frame = OpenedFrame(int(msg_type), NETWORK, sender, b"\x00" * 8, 1, body)
+        frame = OpenedFrame(int(msg_type), NETWORK, sender, BOOT, 1, body)
         handler = {MessageType.PUNCH_EXECUTE: self.puncher.on_execute,
                    MessageType.PUNCH_PROBE: self.puncher.on_probe,
                    MessageType.PUNCH_ACK: self.puncher.on_ack}[msg_type]
@@ -136,7 +149,7 @@ class PuncherTests(unittest.TestCase):
         port = [0]
         puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: port[0],
                           public_endpoints=lambda: [("10.0.0.2", 7400)],
-                          proven=lambda p, a: None, holds_reservation=lambda r: False,
+                          proven=lambda p, a, b: None, holds_reservation=lambda r: False,
                           on_punched=lambda p, a: None, local_address=lambda t: "10.0.0.2")
         self.assertEqual(puncher.own_candidates(COORDINATOR),
                          [candidate(CandidateKind.SERVER_REFLEXIVE, ("10.0.0.2", 7400))])
@@ -148,7 +161,7 @@ class PuncherTests(unittest.TestCase):
         """Before NAT discovery the request carries NAT type 0 (unknown)."""
         basics, sent, _ = fake_basics()
         puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: 0,
-                          public_endpoints=lambda: [], proven=lambda p, a: None,
+                          public_endpoints=lambda: [], proven=lambda p, a, b: None,
                           holds_reservation=lambda r: False, on_punched=lambda p, a: None,
                           local_address=lambda t: None)
         puncher.request(PEER, (RELAY, COORDINATOR))
@@ -269,9 +282,28 @@ class PuncherTests(unittest.TestCase):
                      attempt_id=ATTEMPT, seq=7, sent_ms=1234)
         (ack,) = self.sent.of(MessageType.PUNCH_ACK)
         self.assertEqual(ack.address, PEER_MAPPED)
-        self.assertEqual(ack.fields, {"attempt_id": ATTEMPT, "seq": 7, "observed": PEER_MAPPED})
-        probe = build_body(MessageType.PUNCH_PROBE, attempt_id=ATTEMPT, seq=7, sent_ms=1234)
+        self.assertEqual({k: v for k, v in ack.fields.items() if k != "proof"},
+                         {"attempt_id": ATTEMPT, "seq": 7, "observed": PEER_MAPPED})
+        self.assertTrue(fake_prover(IDENTITIES[PEER]).check(
+            proof.PUNCH_ACK, ack.fields["proof"], self.basics.peer_id, BOOT,
+            ATTEMPT.to_bytes(8, "big") + (7).to_bytes(2, "big")))
+        probe = build_body(MessageType.PUNCH_PROBE, attempt_id=ATTEMPT, seq=7, sent_ms=1234,
+                           padding=PROBE_PADDING)
         self.assertLessEqual(len(build_body(MessageType.PUNCH_ACK, ack.fields)), len(probe))
+
+    def test_probe_smaller_than_its_ack_gets_none(self):
+        """An unpadded probe would make the ack an amplifier: it gets nothing."""
+        self.execute(ATTEMPT)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED,
+                     attempt_id=ATTEMPT, seq=7, sent_ms=1234, padding=b"")
+        self.assertEqual(self.sent.of(MessageType.PUNCH_ACK), [])
+        self.assertEqual(self.drops(), {"punch_probe_smaller_than_ack": 1})
+
+    def test_own_probes_are_as_large_as_the_acks_they_ask_for(self):
+        self.execute(ATTEMPT)
+        self.clock.advance(0)
+        for sent in self.probes():
+            self.assertEqual(sent.fields["padding"], PROBE_PADDING)
 
     def test_probe_source_becomes_a_candidate_probed_at_once(self):
         """A probe from a new address (peer-reflexive) makes that address a target, probed at once."""
@@ -347,7 +379,7 @@ class PuncherTests(unittest.TestCase):
         self.assertTrue(result.fields["success"])
 
     def test_unauthenticated_acks_are_dropped(self):
-        """ACKs for an unknown attempt, from another peer, or for a seq never sent are dropped and counted."""
+        """ACKs for an unknown attempt, from another peer, for a seq never sent, or without the peer's own proof are dropped and counted."""
         attempt_id, results = self.request()
         self.execute(attempt_id)
         self.clock.advance(0)
@@ -358,7 +390,11 @@ class PuncherTests(unittest.TestCase):
                      seq=seq, observed=MAPPED)
         self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
                      seq=seq + 100, observed=MAPPED)
-        self.assertEqual(self.drops(), {"punch_unknown_ack": 3})
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
+                     seq=seq, observed=MAPPED, signer=IDENTITIES[OTHER])
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_HOST, attempt_id=attempt_id,
+                     seq=seq, observed=MAPPED, proof=b"")
+        self.assertEqual(self.drops(), {"punch_unknown_ack": 3, "punch_unproven_ack": 2})
         self.assertEqual(results, [])
         self.assertEqual(self.proven, [])
         self.assertEqual(self.sent.of(MessageType.PUNCH_RESULT), [])
@@ -436,7 +472,7 @@ class PuncherTests(unittest.TestCase):
         """Past max_punch_attempts the oldest attempt is given up to make room."""
         basics, _, _ = fake_basics(config=type(self.config)(max_punch_attempts=2))
         puncher = Puncher(basics, FakeRegistry(), nat=lambda: None, local_port=lambda: 0,
-                          public_endpoints=lambda: [], proven=lambda p, a: None,
+                          public_endpoints=lambda: [], proven=lambda p, a, b: None,
                           holds_reservation=lambda r: False, on_punched=lambda p, a: None,
                           local_address=lambda t: None)
         results = []

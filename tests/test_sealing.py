@@ -118,7 +118,31 @@ class SealTests(unittest.TestCase):
         o = opener()
         o.open(old[0])
         o.open(new)
+        o.confirm(KEY.network_id, ALICE, second.boot)
         self.assertRejected("stale_boot", o, old[1])
+
+    def test_a_new_boot_retires_nothing_until_confirmed(self):
+        """
+        Seeing a frame of another run (any member can seal one under any
+        sender id and boot id) does not retire the run in use: both are
+        accepted until an identity proof confirms one.
+        """
+        real = FrameSealer(KEY, ALICE)
+        o = opener()
+        o.open(real.seal(1, b"a"))
+        o.confirm(KEY.network_id, ALICE, real.boot)
+        forged = FrameSealer(KEY, ALICE)  # a member using Alice's id
+        o.open(forged.seal(1, b"forged"))
+        self.assertEqual(o.open(real.seal(1, b"still")).body, b"still")
+        o.confirm(KEY.network_id, ALICE, real.boot)
+        self.assertRejected("stale_boot", o, forged.seal(1, b"again"))
+
+    def test_unconfirmed_boots_are_bounded_per_sender(self):
+        """A flood of invented boot ids for one sender keeps few contexts."""
+        o = opener()
+        for _ in range(100):
+            o.open(FrameSealer(KEY, ALICE).seal(1, b"x"))
+        self.assertLessEqual(len(o._contexts), FrameOpener.UNCONFIRMED_BOOTS)
 
     def test_senders_do_not_share_nonces(self):
         """Two senders with the same counter produce unrelated ciphertexts."""

@@ -10,11 +10,17 @@ across restarts (a fresh boot id gives a fresh key, with no state to persist),
 and not within a run (the counter only grows).
 
 The receiver keeps, per (network, sender, boot), a sliding replay window of
-L{ReplayWindow.SIZE} counters, and per (network, sender) the boot ids it has
-seen retire, so frames from a sender's previous run are refused.  Both tables
-are bounded (least recently used entries go first), so a flood of senders
-cannot grow memory without limit.  Nothing is remembered about a frame until
-its tag has been verified.
+L{ReplayWindow.SIZE} counters.  Which run of a sender is its current one is
+not for the network key to say (every member holds it, so any member can
+seal frames under any sender id and boot id): the mesh learns it from an
+identity proof (L{omerta.crypto.proof}) and tells the opener
+(L{FrameOpener.confirm}); from then on frames of the sender's earlier runs
+are refused as C{stale_boot}.  Runs not confirmed yet are accepted (a
+restarted peer must be able to introduce itself), at most
+L{FrameOpener.UNCONFIRMED_BOOTS} per sender.  Every table is bounded (least
+recently used entries go first), so a flood of senders or boot ids cannot
+grow memory without limit.  Nothing is remembered about a frame until its
+tag has been verified.
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class FrameOpener:
     """
 
     RETIRED_BOOTS = 4
+    UNCONFIRMED_BOOTS = 4
 
     def __init__(
         self,
@@ -153,7 +160,9 @@ class FrameOpener:
         self._keys = dict(keys)
         self._max = max_contexts
         self._contexts: OrderedDict[tuple, _Context] = OrderedDict()
-        self._boots: OrderedDict[tuple, tuple[bytes, deque]] = OrderedDict()
+        # (network, sender) -> [confirmed boot or None, retired boots,
+        #                       unconfirmed boots]
+        self._boots: OrderedDict[tuple, list] = OrderedDict()
 
     def set_keys(self, keys: Mapping[bytes, NetworkKey]) -> None:
         self._keys = dict(keys)
@@ -177,7 +186,7 @@ class FrameOpener:
             raise FrameRejected("unknown_network")
         peer = (header.network_id, header.sender)
         boots = self._boots.get(peer)
-        if boots is not None and header.boot != boots[0] and header.boot in boots[1]:
+        if boots is not None and header.boot in boots[1]:
             raise FrameRejected("stale_boot")
         ident = (header.network_id, header.sender, header.boot)
         context = self._contexts.get(ident)
@@ -192,7 +201,7 @@ class FrameOpener:
             raise FrameRejected("bad_tag") from None
         context.window.mark(header.counter)
         self._remember(ident, context)
-        self._note_boot(peer, header.boot, boots)
+        self._note_boot(peer, header.boot)
         return OpenedFrame(
             header.type, header.network_id, header.sender, header.boot, header.counter, body
         )
@@ -206,16 +215,39 @@ class FrameOpener:
         if len(contexts) > self._max:
             contexts.popitem(last=False)
 
-    def _note_boot(self, peer: tuple, boot: bytes, boots) -> None:
+    def _entry(self, peer: tuple) -> list:
         table = self._boots
-        if boots is None:
-            table[peer] = (boot, deque(maxlen=self.RETIRED_BOOTS))
+        entry = table.get(peer)
+        if entry is None:
+            entry = table[peer] = [None, deque(maxlen=self.RETIRED_BOOTS), deque()]
             if len(table) > self._max:
                 table.popitem(last=False)
+        else:
+            table.move_to_end(peer)
+        return entry
+
+    def _note_boot(self, peer: tuple, boot: bytes) -> None:
+        entry = self._entry(peer)
+        unconfirmed = entry[2]
+        if boot == entry[0] or boot in unconfirmed:
             return
-        table.move_to_end(peer)
-        current, retired = boots
-        if boot != current:
-            retired.append(current)
-            self._contexts.pop(peer + (current,), None)
-            table[peer] = (boot, retired)
+        unconfirmed.append(boot)
+        if len(unconfirmed) > self.UNCONFIRMED_BOOTS:
+            self._contexts.pop(peer + (unconfirmed.popleft(),), None)
+
+    def confirm(self, network_id: bytes, sender: bytes, boot: bytes) -> None:
+        """
+        An identity proof showed C{boot} is C{sender}'s current run: its
+        other runs are retired (their frames refused as C{stale_boot}).
+        """
+        peer = (network_id, sender)
+        entry = self._entry(peer)
+        retired = entry[1]
+        for old in [entry[0], *entry[2]]:
+            if old is not None and old != boot:
+                retired.append(old)
+                self._contexts.pop(peer + (old,), None)
+        if boot in retired:
+            retired.remove(boot)
+        entry[0] = boot
+        entry[2].clear()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # node.py builds the overlays that use this
+    from omerta.crypto.proof import Prover
     from omerta.mesh.node import MeshConfig
     from omerta.metrics import Metrics
 
@@ -27,6 +28,8 @@ class Basics:
     @ivar send: C{send(address, msg_type, **fields)} seals a message of this
         network and sends it to an address or relay route.
     @ivar emit: C{emit(kind, **data)} emits a node event for this network.
+    @ivar prover: makes this node's identity proofs and checks its peers'
+        (L{omerta.crypto.proof}).
     """
 
     network_id: bytes
@@ -36,3 +39,4 @@ class Basics:
     metrics: "Metrics"
     send: Callable[..., None]
     emit: Callable[..., None]
+    prover: "Prover"

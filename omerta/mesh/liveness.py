@@ -16,6 +16,16 @@ offline.
   endpoint is reported failed, and a replacement is found.  So one lossy link
   does not evict a live peer.
 - Offline peers are forgotten after C{offline_cleanup} seconds.
+
+Only the peer itself can prove anything about itself.  Frames are sealed
+with the network key, which every member holds, so a frame's sender id says
+only that *a* member sent it.  An address leads to a peer, and a run (boot
+id) of the peer is its current one, when a PONG answering a PING that asked
+for it carries an identity proof (L{omerta.crypto.proof}) by the peer's key
+over this node's nonce.  Until then frames under that sender id and run
+count for nothing here: they keep no one alive, move no path, and retire
+no run; they draw a challenge (a proof-asking ping) at most once per
+C{challenge_retry} seconds.
 """
 
 from __future__ import annotations
@@ -29,22 +39,35 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from omerta.crypto import proof
 from omerta.crypto.identity import format_peer_id
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import Connections, PeerConnection, State, is_relayed
 from omerta.wire.envelope import MIN_FRAME_SIZE
-from omerta.wire.messages import build_body
-from omerta.wire.messages import MessageType
+from omerta.wire.messages import PING_PROVE, MessageType, build_body
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 
-CHALLENGE_SIZE = MIN_FRAME_SIZE + len(
-    build_body(MessageType.PING, nonce=0, sent_ms=0, contacts=[])
-)
+_BARE_PING = len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[],
+                            padding=b""))
+PONG_SIZE = MIN_FRAME_SIZE + len(build_body(
+    MessageType.PONG, nonce=0, echo_ms=0, observed=("::", 0), contacts=[], proof=b""))
+"""Bytes of the largest contact-free PONG frame without a proof."""
+
+PROVEN_PONG_SIZE = PONG_SIZE + proof.PROOF_SIZE
+"""Bytes of the largest contact-free PONG frame with an identity proof."""
+
+CHALLENGE_SIZE = PROVEN_PONG_SIZE
 """
-Bytes of a contact-free PING frame: a frame smaller than this from an
-unproven address gets no answer at all (no amplification).
+Bytes of a challenge (a contact-free PING asking for a proof, padded to the
+size of its answer).  A frame smaller than this from an address not proven
+yet draws no challenge, and a PING smaller than its answer draws no PONG:
+nothing larger than a request goes to an unproven address.
 """
+
+
+def nonce_bytes(nonce: int) -> bytes:
+    return nonce.to_bytes(8, "big")
 
 
 @dataclass
@@ -110,7 +133,8 @@ class Liveness:
                  relay_of: Callable[[object], bytes | None],
                  announce_to: Callable[[object], None],
                  observed_address: Callable[[tuple], None],
-                 address_proven: Callable[[bytes, object], None]):
+                 address_proven: Callable[[bytes, object], None],
+                 run_proven: Callable[[bytes, bytes], None] = lambda peer_id, boot: None):
         """
         @param freshness: the overlay's L{omerta.mesh.freshness.Freshness}
             (contacts piggybacked on pings and pongs, stale paths reported).
@@ -125,6 +149,9 @@ class Liveness:
         @param observed_address: a pong says where our datagram came from.
         @param address_proven: a pong (or ack) proved an address leads to a
             peer, for the first time.
+        @param run_proven: C{run_proven(peer_id, boot)}: an identity proof
+            showed C{boot} is the peer's current run (its earlier runs can be
+            refused from now on).
         """
         self.basics = basics
         self.clock = basics.clock
@@ -142,6 +169,8 @@ class Liveness:
         self._announce_to = announce_to
         self._observed_address = observed_address
         self._address_proven = address_proven
+        self._run_proven = run_proven
+        self.prover = basics.prover
         self.rng = rng or random.Random()
         self.links: dict[bytes, Link] = {}
         self._pings: dict[int, tuple[bytes, float, tuple]] = {}
@@ -151,20 +180,39 @@ class Liveness:
         # bootstrap service and peer lists do not depend on a free slot in
         # the active set.
         self._proven: OrderedDict[tuple, float] = OrderedDict()
+        # peer -> the boot id of its run an identity proof showed current;
+        # peers whose frames came under another run since (restarted, or a
+        # replay or forgery): their next pings ask for a proof.
+        self.boots: OrderedDict[bytes, bytes] = OrderedDict()
+        self._doubted: set[bytes] = set()
 
     # contact
 
-    def heard(self, peer_id: bytes, address: tuple, now: float, size: int) -> Link | None:
+    def heard(self, peer_id: bytes, address: tuple, now: float, size: int,
+              boot: bytes | None = None) -> Link | None:
         """
-        A frame of C{size} bytes from C{peer_id} arrived from C{address}.
+        A frame of C{size} bytes from C{peer_id}'s run C{boot} arrived from
+        C{address}.
 
         The sender id is only proven to be *a* member, and the source address
         not at all, so a frame from a new address does not move an existing
-        link: it starts a challenge (a contact-free ping, sent only if the
-        frame was at least as large), and the link moves when the pong comes
-        back from there (L{on_pong}).  Returns the link when C{address} is
-        the link's address.
+        link: it starts a challenge (a contact-free ping asking for a proof,
+        sent only if the frame was at least as large), and the link moves
+        when the proven pong comes back from there (L{on_pong}).  A frame of
+        a run other than the proven one is challenged the same way and
+        counts for nothing until the proof comes.  Returns the link when
+        C{address} is the link's address and the run is the current one.
         """
+        current = self.boots.get(peer_id)
+        if boot is not None and current is not None and boot != current:
+            self._doubted.add(peer_id)
+            link = self.links.get(peer_id)
+            if link is not None:
+                self._challenge(link, address, now, size)
+            elif size >= CHALLENGE_SIZE:
+                self.ping(peer_id, address, contacts=False)
+            self.metrics.inc("liveness_unproven_run")
+            return None
         link = self.links.get(peer_id)
         if link is None:
             if len(self.links) >= self.config.max_active:
@@ -174,6 +222,7 @@ class Liveness:
                     self.ping(peer_id, address, contacts=False)
                 return None
             link = self._link(peer_id, address, now, now + self._jitter())
+            self._challenge(link, address, now, size)
         elif link.address != address:
             if (is_relayed(address) and not link.conn.path.relayed and link.verified
                     and link.suspected_at is None):
@@ -225,7 +274,8 @@ class Liveness:
         """
         if (size >= CHALLENGE_SIZE
                 and now - link.challenged_at >= self.config.challenge_retry
-                and (link.peer_id, address) not in self._proven):
+                and ((link.peer_id, address) not in self._proven
+                     or link.peer_id in self._doubted)):
             self.ping(link.peer_id, address, contacts=False)
 
     def connect(self, peer_id: bytes, address: tuple) -> None:
@@ -243,10 +293,20 @@ class Liveness:
 
     # pings
 
+    def wants_proof(self, peer_id: bytes, address) -> bool:
+        """
+        Whether a ping to C{peer_id} at C{address} should ask for an
+        identity proof: the address or the peer's run is not proven yet.
+        """
+        return ((peer_id, address) not in self._proven or peer_id not in self.boots
+                or peer_id in self._doubted)
+
     def ping(self, peer_id: bytes, address: tuple, contacts: bool = True) -> int:
         """
         Send a ping; C{contacts=False} for a challenge to an address not
         proven yet (no piggybacked contacts: smaller, and nothing leaked).
+        The ping asks for a proof when it has something to prove, and is
+        padded to the size of the answer it asks for.
         """
         if len(self._pings) >= self.config.max_outstanding_pings:
             self._pings.pop(next(iter(self._pings)))
@@ -260,8 +320,15 @@ class Liveness:
             link.unanswered += 1
             if link.first_unanswered is None:
                 link.first_unanswered = now
+        prove = self.wants_proof(peer_id, address)
+        listed = self.freshness.contacts_for(peer_id) if contacts else []
+        size = MIN_FRAME_SIZE + _BARE_PING + sum(
+            len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[c],
+                           padding=b"")) - _BARE_PING for c in listed)
+        answer = PROVEN_PONG_SIZE if prove else PONG_SIZE
         self.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
-                     contacts=self.freshness.contacts_for(peer_id) if contacts else [])
+                  flags=PING_PROVE if prove else 0, contacts=listed,
+                  padding=bytes(max(0, answer - size)))
         return nonce
 
     def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
@@ -292,13 +359,35 @@ class Liveness:
         self._move(link, address, self.clock.seconds(), proven)
         link.initiated = True
 
-    def proven(self, peer_id: bytes, address) -> None:
+    def proven(self, peer_id: bytes, address, boot: bytes) -> None:
         """
-        Something other than a pong (a hole-punch ack) proved C{address}
-        leads to C{peer_id}.
+        Something other than a pong (a hole-punch ack with its proof) proved
+        C{address} leads to C{peer_id}'s run C{boot}.
         """
+        self._identified(peer_id, boot)
         if (peer_id, address) not in self._proven:
             self._prove(peer_id, address, self.links.get(peer_id))
+
+    def _identified(self, peer_id: bytes, boot: bytes) -> None:
+        """
+        An identity proof showed C{boot} is C{peer_id}'s current run.  A
+        new run is a restart: every address must be proven again (the one
+        the proof came from is, at once, by the caller).
+        """
+        self._doubted.discard(peer_id)
+        old = self.boots.get(peer_id)
+        self.boots[peer_id] = boot
+        self.boots.move_to_end(peer_id)
+        if old != boot:
+            if old is not None:
+                self.forget_proof(peer_id)
+                link = self.links.get(peer_id)
+                if link is not None:
+                    link.conn.unprove()
+            self._run_proven(peer_id, boot)
+            while len(self.boots) > self.config.proven_memory:
+                gone, _ = self.boots.popitem(last=False)
+                self.forget_proof(gone)
 
     def ping_and_wait(self, peer_id: bytes, address: tuple, timeout: float) -> Deferred:
         """
@@ -318,16 +407,55 @@ class Liveness:
             d.callback(None)
 
     def on_ping(self, frame, addr, ping) -> None:
+        """
+        Answer with a pong: with the contacts only to an address proven to
+        be the sender's, with a proof when asked, and to an unproven address
+        only if the ping is at least as large as the pong.
+        """
         self.freshness.learn_contacts(ping.contacts)
+        prove = bool(ping.flags & PING_PROVE)
+        if (frame.sender, addr) in self._proven:
+            contacts = self.freshness.contacts_for(frame.sender)
+        else:
+            contacts = []
+            if MIN_FRAME_SIZE + len(frame.body) < (PROVEN_PONG_SIZE if prove else PONG_SIZE):
+                self.metrics.inc("drops", reason="ping_smaller_than_pong")
+                return
         self.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
-                     observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
-                     contacts=self.freshness.contacts_for(frame.sender))
+                  observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
+                  contacts=contacts,
+                  proof=self.prover.prove(proof.PONG, frame.sender, nonce_bytes(ping.nonce))
+                  if prove else b"")
 
     def on_pong(self, frame, addr, pong) -> None:
-        sent = self._pings.pop(pong.nonce, None)
+        """
+        A pong to one of our pings.  With a valid proof it proves the
+        address and the sender's run; without one it only measures a path
+        and a run proven before.
+        """
+        sent = self._pings.get(pong.nonce)
         if sent is None or sent[0] not in (frame.sender, b""):
             self.metrics.inc("drops", reason="unexpected_pong")
             return
+        if pong.proof:
+            if not self.prover.check(proof.PONG, pong.proof, frame.sender, frame.boot,
+                                     nonce_bytes(pong.nonce)):
+                self.metrics.inc("drops", reason="bad_proof")
+                return
+            del self._pings[pong.nonce]
+            self._identified(frame.sender, frame.boot)
+        elif (self.boots.get(frame.sender) != frame.boot
+              or (frame.sender, addr) not in self._proven or sent[2] != addr):
+            # Nothing here is proven: ask again, for a proof this time.
+            self.metrics.inc("drops", reason="unproven_pong")
+            del self._pings[pong.nonce]
+            self._doubted.add(frame.sender)
+            link = self.links.get(frame.sender)
+            if link is not None:
+                self._challenge(link, addr, self.clock.seconds(), CHALLENGE_SIZE)
+            return
+        else:
+            del self._pings[pong.nonce]
         rtt = self.clock.seconds() - sent[1]
         self.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)

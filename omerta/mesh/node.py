@@ -178,6 +178,7 @@ class MeshNode:
         self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession
         self.tunnels = None        # TunnelPlane once the socket is attached
         self.transport = None
+        self.opener = None         # the socket's FrameOpener, once built
         self.local_port = 0
         self._bound: Address | None = None
         self._observed: Address | None = None
@@ -275,6 +276,14 @@ class MeshNode:
             self._bound = (host.host, host.port)
         if self.relay is not None:
             self.relay.attach(transport)
+
+    def run_proven(self, network_id: bytes, peer_id: bytes, boot: bytes) -> None:
+        """
+        An identity proof showed C{boot} is the peer's current run in a
+        network: the socket refuses its earlier runs' frames from now on.
+        """
+        if self.opener is not None:
+            self.opener.confirm(network_id, peer_id, boot)
 
     def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> None:
         if type(address) is RelayRoute:

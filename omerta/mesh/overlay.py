@@ -7,7 +7,6 @@ networks has one L{Overlay} per network on its single socket.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from pathlib import Path
 
 from twisted.internet.task import LoopingCall
@@ -15,11 +14,12 @@ from twisted.logger import Logger
 
 from omerta import storage
 from omerta.crypto.network import NetworkKey
+from omerta.crypto.proof import Prover
 from omerta.crypto.sealing import FrameSealer, OpenedFrame
 from omerta.mesh.context import Basics
 from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
-from omerta.mesh.liveness import CHALLENGE_SIZE, Liveness
+from omerta.mesh.liveness import Liveness
 from omerta.mesh.messaging import Messaging
 from omerta.mesh.paths import PathManager
 from omerta.mesh.peer import Connections, is_relayed
@@ -48,7 +48,8 @@ class Overlay:
         rng = rng or random.Random()
         self.sealer = FrameSealer(key, node.peer_id)
         self.basics = Basics(self.network_id, node.peer_id, self.config, self.clock,
-                             self.metrics, self.send, self._emit)
+                             self.metrics, self.send, self._emit,
+                             Prover(node.identity, self.network_id, self.sealer.boot))
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers, events=node.events,
                                      max_ttl_s=max(7200, 2 * self.config.announce_ttl))
@@ -79,7 +80,8 @@ class Overlay:
             relay_of=self.relays.relay_of,
             announce_to=lambda address: self.gossip.announce_to(address),
             observed_address=node.observed_address,
-            address_proven=self.address_proven)
+            address_proven=self.address_proven,
+            run_proven=self.run_proven)
         self.paths = PathManager(
             self.basics, self.connections, self.registry,
             liveness=self.liveness, relays=self.relays, freshness=self.freshness,
@@ -90,7 +92,7 @@ class Overlay:
             self.basics, self.registry, nat=lambda: self.node.nat,
             local_port=lambda: self.node.local_port,
             public_endpoints=lambda: self.node.public_endpoints(),
-            proven=lambda peer, address: self.liveness.proven(peer, address),
+            proven=lambda peer, address, boot: self.liveness.proven(peer, address, boot),
             holds_reservation=lambda relay_id: relay_id in self.relays.held,
             on_punched=lambda peer, address: self.paths.use_punched(peer, address))
         self.gossip = Gossip(
@@ -101,7 +103,6 @@ class Overlay:
             own_endpoints=self.own_endpoints, own_relayed_paths=self.own_relayed_paths,
             bootstrap_answered=self.bootstrap_answered)
         self.messaging = Messaging(self)
-        self._boots: OrderedDict[bytes, bytes] = OrderedDict()
         self._loops: list[LoopingCall] = []
         self._handlers = {
             MessageType.PING: self.liveness.on_ping,
@@ -136,6 +137,8 @@ class Overlay:
                 if method == "on_reserve" and message.lifetime_s == 0:
                     return
                 self.metrics.inc("relay_denied", reason="not_a_relay")
+                if not self.liveness.verified(frame.sender, addr):
+                    return  # a refusal is larger than the request: none to unproven addresses
                 self.send(addr, MessageType.RELAY_DENY, request=int(frame.type),
                           target=getattr(message, "target", bytes(16)),
                           reason=int(RelayDenyReason.NOT_A_RELAY), detail="not a relay")
@@ -187,39 +190,22 @@ class Overlay:
         now = self.clock.seconds()
         sender = frame.sender
         size = MIN_FRAME_SIZE + len(frame.body)
-        link = self.liveness.heard(sender, addr, now, size)
-        if link is not None:
-            if link.verified and is_relayed(addr):
+        link = self.liveness.heard(sender, addr, now, size, frame.boot)
+        if link is not None and link.verified:
+            if is_relayed(addr):
                 self.registry.heard_from(sender, None, now)
-            elif link.verified:
+            else:
                 # Only a proven address becomes what others are told.
                 self.freshness.heard(sender, addr, now)
                 self.registry.heard_from(sender, addr, now)
-            if self._boots.get(sender) != frame.boot:
-                self._introduce(sender, frame.boot, addr, size)
         handler(frame, addr, message)
 
-    def _introduce(self, peer_id: bytes, boot: bytes, addr: tuple, size: int) -> None:
+    def run_proven(self, peer_id: bytes, boot: bytes) -> None:
         """
-        First frame of a peer's run on an active link: a ping, and nothing
-        else, since the source address is not proven yet (a ping is smaller
-        than any frame that can trigger it: no amplification).  Our
-        announcement and the peer-list exchange follow once the pong proves
-        the address (L{link_verified}).
+        An identity proof showed C{boot} is the peer's current run: frames
+        of its earlier runs are refused from now on.
         """
-        self._boots[peer_id] = boot
-        self._boots.move_to_end(peer_id)
-        while len(self._boots) > 4 * self.config.max_active:
-            self._boots.popitem(last=False)
-        link = self.liveness.links.get(peer_id)
-        if link is not None:
-            link.conn.unprove()  # a new run of the peer: prove it again
-        self.liveness.forget_proof(peer_id)
-        if size >= self.challenge_size and (link is None or link.challenged_at < self.clock.seconds()):
-            # (unless liveness just challenged this frame's address itself)
-            self.liveness.ping(peer_id, addr, contacts=False)
-
-    challenge_size = CHALLENGE_SIZE
+        self.node.run_proven(self.network_id, peer_id, boot)
 
     def address_proven(self, peer_id: bytes, addr: tuple) -> None:
         """

@@ -15,11 +15,20 @@ Coordinated hole punching.
    C{punch_timeout}.  A probe is answered with PUNCH_ACK to the address it
    came from, and that address (peer-reflexive, the only way to learn a
    symmetric NAT's new mapping) becomes a candidate probed at once.
-4. The first authenticated ACK wins: its source address is the punched path.
-   Both report PUNCH_RESULT to the coordinator.
+4. The first ACK with a valid identity proof (L{omerta.crypto.proof}: the
+   peer's signature over the attempt id and the probe's sequence number)
+   wins: its source address is the punched path.  Both report PUNCH_RESULT
+   to the coordinator.
 
 Probes and acks are sealed frames of the network, accepted only for an
-attempt this node knows with that peer; an ack is no larger than a probe.
+attempt this node knows with that peer; a probe is padded to the size of
+the ack it asks for, so an ack is never larger than its probe.
+
+The coordinator passes on only candidates it can vouch for, so no member can
+make another send probes to addresses of its choosing: the address it sees
+the requester at, server-reflexive candidates on that same IP address, and
+at most two host candidates in private, loopback or link-local ranges (a
+LAN peer's own address; never a global one).
 For symmetric towards port-restricted NATs the coordinator asks the
 port-restricted side to "spray": probe C{spray} ports of the symmetric
 side's address around the ports it was seen on, within the same schedule
@@ -28,6 +37,7 @@ side's address around the ports it was seen on, within the same schedule
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -36,13 +46,23 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from omerta.crypto import proof
 from omerta.crypto.identity import format_peer_id
 from omerta.mesh.context import Basics
+from omerta.wire.envelope import MIN_FRAME_SIZE
 from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
-                                  PathKind, PunchStrategy)
+                                  PathKind, PunchStrategy, build_body)
 
 S = PunchStrategy
 N = NatType
+
+_PROBE_SIZE = len(build_body(MessageType.PUNCH_PROBE, attempt_id=0, seq=0, sent_ms=0,
+                             padding=b""))
+_ACK_SIZE = len(build_body(MessageType.PUNCH_ACK, attempt_id=0, seq=0, observed=("::", 0),
+                           proof=bytes(proof.PROOF_SIZE)))
+PROBE_PADDING = bytes(_ACK_SIZE - _PROBE_SIZE)
+"""Makes a probe as large as the largest ack with its proof."""
+MAX_HOST_CANDIDATES = 2
 
 # Reachable at the mapped address by anyone once it has sent anything.
 _OPEN = (N.PUBLIC, N.FULL_CONE)
@@ -193,11 +213,14 @@ class Coordinator:
             self.metrics.inc("punch_coordinated", outcome="impossible")
             overlay.send(addr, MessageType.PUNCH_EXECUTE, **impossible)
             return
-        candidates_a = _merge(message.candidates, [(CandidateKind.SERVER_REFLEXIVE, addr)])
-        candidates_b = _merge(
-            [], [(CandidateKind.SERVER_REFLEXIVE, tuple(e))
-                 for kind, e, _via in record_b.paths if kind == PathKind.DIRECT]
-            + [(CandidateKind.SERVER_REFLEXIVE, b_address)])
+        candidates_a = _vouched(
+            [(c.kind, tuple(c.endpoint)) for c in message.candidates], addr)
+        candidates_b = _vouched(
+            [(CandidateKind.SERVER_REFLEXIVE, tuple(e))
+             for kind, e, _via in record_b.paths if kind == PathKind.DIRECT], b_address)
+        dropped = len(message.candidates) + 1 - len(candidates_a)
+        if dropped:
+            self.metrics.inc("punch_candidates_refused", dropped)
         rtt_a = _rtt(overlay, a)
         rtt_b = _rtt(overlay, b)
         lead = max(rtt_a, rtt_b) / 2 + config.punch_margin
@@ -240,14 +263,37 @@ def _rtt(overlay, peer_id: bytes) -> float:
     return 0.1
 
 
-def _merge(candidates, extra) -> list[dict]:
-    out, seen = [], set()
-    for kind, endpoint in [(c.kind, tuple(c.endpoint)) for c in candidates] + list(extra):
+def _vouched(candidates: list[tuple], seen_at: tuple) -> list[dict]:
+    """
+    The candidates a coordinator passes on for a peer it sees at
+    C{seen_at} (a proven address): that address first, then named
+    server-reflexive candidates on the same IP address, then at most
+    L{MAX_HOST_CANDIDATES} host candidates that are not global addresses.
+    At most 8 in all.
+    """
+    out = [{"kind": int(CandidateKind.SERVER_REFLEXIVE), "endpoint": seen_at}]
+    seen, hosts = {seen_at}, 0
+    for kind, endpoint in candidates:
         if endpoint in seen or len(out) >= 8:
+            continue
+        if kind == CandidateKind.HOST:
+            if hosts >= MAX_HOST_CANDIDATES or not _local_scope(endpoint[0]):
+                continue
+            hosts += 1
+        elif endpoint[0] != seen_at[0]:
             continue
         seen.add(endpoint)
         out.append({"kind": int(kind), "endpoint": endpoint})
     return out
+
+
+def _local_scope(host: str) -> bool:
+    """Whether an address is private, loopback or link-local (not global)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_private or address.is_loopback or address.is_link_local
 
 
 # -- the two ends ---------------------------------------------------------------
@@ -285,7 +331,8 @@ class Puncher:
         (0 before it is bound).
     @param public_endpoints: C{public_endpoints()} lists the node's
         server-reflexive (STUN-mapped, observed) addresses.
-    @param proven: C{proven(peer_id, address)}: an ack proved the address.
+    @param proven: C{proven(peer_id, address, boot)}: an ack with its
+        identity proof proved the address leads to the peer's run C{boot}.
     @param holds_reservation: C{holds_reservation(relay_id)}: this node holds
         a reservation on that relay (only such a relay may start a punch this
         node did not ask for).
@@ -300,7 +347,7 @@ class Puncher:
 
     def __init__(self, basics: Basics, registry, *, nat: Callable[[], Any],
                  local_port: Callable[[], int], public_endpoints: Callable[[], list],
-                 proven: Callable[[bytes, tuple], None],
+                 proven: Callable[[bytes, tuple, bytes], None],
                  holds_reservation: Callable[[bytes], bool],
                  on_punched: Callable[[bytes, tuple], None],
                  local_address: Callable[[tuple], str | None] | None = None):
@@ -441,7 +488,7 @@ class Puncher:
         attempt.sent[attempt.seq] = now
         attempt.probes += 1
         self.basics.send(target, MessageType.PUNCH_PROBE, attempt_id=attempt.attempt_id,
-                         seq=attempt.seq, sent_ms=int(now * 1000))
+                         seq=attempt.seq, sent_ms=int(now * 1000), padding=PROBE_PADDING)
         self.metrics.inc("punch_probes")
 
     def on_probe(self, frame, addr, message) -> None:
@@ -449,9 +496,15 @@ class Puncher:
         if attempt is None or attempt.peer_id != frame.sender:
             self.metrics.inc("drops", reason="punch_unknown_attempt")
             return
+        if MIN_FRAME_SIZE + len(frame.body) < MIN_FRAME_SIZE + _ACK_SIZE:
+            self.metrics.inc("drops", reason="punch_probe_smaller_than_ack")
+            return
         attempt.probes_answered = True
         self.basics.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
-                         seq=message.seq, observed=addr)
+                         seq=message.seq, observed=addr,
+                         proof=self.basics.prover.prove(
+                             proof.PUNCH_ACK, frame.sender,
+                             _ack_challenge(message.attempt_id, message.seq)))
         if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
             # Peer-reflexive: the mapping its NAT made towards us.
             attempt.targets.append(addr)
@@ -465,10 +518,15 @@ class Puncher:
             return
         if attempt.result is not None:
             return
+        if not self.basics.prover.check(proof.PUNCH_ACK, message.proof, frame.sender,
+                                        frame.boot,
+                                        _ack_challenge(message.attempt_id, message.seq)):
+            self.metrics.inc("drops", reason="punch_unproven_ack")
+            return
         now = self.clock.seconds()
         rtt = now - attempt.sent[message.seq]
         attempt.result = addr
-        self.proven(frame.sender, addr)
+        self.proven(frame.sender, addr, frame.boot)
         self.registry.set_rtt(frame.sender, rtt)
         self.metrics.inc("punch_success")
         elapsed = now - attempt.started
@@ -511,6 +569,10 @@ class Puncher:
     def stop(self) -> None:
         for attempt_id in list(self.attempts):
             self._give_up(attempt_id)
+
+
+def _ack_challenge(attempt_id: int, seq: int) -> bytes:
+    return attempt_id.to_bytes(8, "big") + seq.to_bytes(2, "big")
 
 
 def _local_address(towards: tuple) -> str | None:

@@ -14,12 +14,28 @@ from dataclasses import dataclass
 
 from twisted.internet.task import Clock
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from omerta.crypto.identity import Identity
+from omerta.crypto.proof import Prover
 from omerta.mesh.context import Basics
 from omerta.mesh.node import MeshConfig
 from omerta.metrics import Metrics
 
 NETWORK = bytes.fromhex("0123456789abcdef")
-SELF = bytes(range(16))
+SELF_IDENTITY = Identity(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+SELF = SELF_IDENTITY.peer_id
+BOOT = bytes(8)
+
+
+def fixed_identity(seed: int) -> Identity:
+    """A deterministic identity for a test peer (its peer id is C{.peer_id})."""
+    return Identity(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
+
+
+def fake_prover(identity: Identity, boot: bytes = BOOT) -> Prover:
+    """The prover of a test peer in the fake network."""
+    return Prover(identity, NETWORK, boot)
 
 
 @dataclass
@@ -46,9 +62,27 @@ class EventLog(list):
         return [data for k, data in self if k == kind]
 
 
+def proven_pong(identity: Identity, requester: bytes, nonce: int, boot: bytes = BOOT,
+                observed: tuple = ("0.0.0.0", 0)):
+    """
+    The (frame, message) pair of C{identity}'s PONG, from its run C{boot},
+    answering C{requester}'s ping C{nonce} with its identity proof, as
+    L{omerta.mesh.liveness.Liveness.on_pong} receives it.
+    """
+    from types import SimpleNamespace
+
+    from omerta.crypto import proof
+
+    signed = fake_prover(identity, boot).prove(proof.PONG, requester, nonce.to_bytes(8, "big"))
+    return (SimpleNamespace(sender=identity.peer_id, boot=boot),
+            SimpleNamespace(nonce=nonce, echo_ms=0, observed=observed, contacts=[],
+                            proof=signed))
+
+
 def fake_basics(config: MeshConfig | None = None, clock: Clock | None = None,
-                peer_id: bytes = SELF) -> tuple[Basics, Outbox, EventLog]:
+                identity: Identity = SELF_IDENTITY) -> tuple[Basics, Outbox, EventLog]:
     outbox, events = Outbox(), EventLog()
+    peer_id = identity.peer_id
     basics = Basics(
         network_id=NETWORK,
         peer_id=peer_id,
@@ -57,5 +91,6 @@ def fake_basics(config: MeshConfig | None = None, clock: Clock | None = None,
         metrics=Metrics(),
         send=lambda address, msg_type, **fields: outbox.append(Sent(address, msg_type, fields)),
         emit=lambda kind, **data: events.append((kind, data)),
+        prover=fake_prover(identity),
     )
     return basics, outbox, events

@@ -171,6 +171,21 @@ SignedAnnouncement = c.Struct(
     "signature" / c.Bytes(64),
 )
 
+PING_PROVE = 0x01
+"""PING flag: answer with an identity proof (L{omerta.crypto.proof})."""
+
+PROOF = c.Prefixed(c.Int8ub, c.GreedyBytes)
+"""
+Empty, or an identity proof: the sender's 32-byte Ed25519 public key and a
+64-byte signature (L{omerta.crypto.proof}).
+"""
+
+PADDING = c.Prefixed(c.Int16ub, c.GreedyBytes)
+"""
+Zero bytes that make a request as large as the answer it asks for, so an
+answer to an address not proven yet is never larger than its request.
+"""
+
 Candidate = c.Struct(
     "kind" / c.Int8ub,
     "endpoint" / ENDPOINT,
@@ -180,13 +195,16 @@ BODIES: dict[MessageType, c.Construct] = {
     MessageType.PING: c.Struct(
         "nonce" / c.Int64ub,
         "sent_ms" / c.Int64ub,
+        "flags" / c.Int8ub,
         "contacts" / c.PrefixedArray(c.Int8ub, Contact),
+        "padding" / PADDING,
     ),
     MessageType.PONG: c.Struct(
         "nonce" / c.Int64ub,
         "echo_ms" / c.Int64ub,
         "observed" / ENDPOINT,
         "contacts" / c.PrefixedArray(c.Int8ub, Contact),
+        "proof" / PROOF,
     ),
     MessageType.ANNOUNCE: c.Struct(
         "hops" / c.Int8ub,
@@ -284,11 +302,13 @@ BODIES: dict[MessageType, c.Construct] = {
         "attempt_id" / c.Int64ub,
         "seq" / c.Int16ub,
         "sent_ms" / c.Int64ub,
+        "padding" / PADDING,
     ),
     MessageType.PUNCH_ACK: c.Struct(
         "attempt_id" / c.Int64ub,
         "seq" / c.Int16ub,
         "observed" / ENDPOINT,
+        "proof" / PROOF,
     ),
     MessageType.PUNCH_RESULT: c.Struct(
         "attempt_id" / c.Int64ub,
