@@ -39,6 +39,9 @@ class FakeRegistry:
     def all(self):
         return []
 
+    def __len__(self):
+        return 0
+
 
 class FakeFreshness:
     def __init__(self):
@@ -338,3 +341,38 @@ class LivenessTests(unittest.TestCase):
         self.on_ping(PEER, route, 7)
         (pong,) = self.sent.of(MessageType.PONG)
         self.assertEqual((pong.address, pong.fields["observed"]), (route, UNKNOWN_ENDPOINT))
+
+
+class RefillTests(unittest.TestCase):
+    def test_a_large_registry_is_sampled_not_listed(self):
+        """Refilling the active set from thousands of records draws a few, never lists them all."""
+        basics, sent, _ = fake_basics()
+        records = [SimpleNamespace(peer_id=i.to_bytes(16, "big"), state="online")
+                   for i in range(5000)]
+
+        class Large:
+            draws = 0
+
+            def __len__(self):
+                return len(records)
+
+            def all(self):
+                raise AssertionError("listed every record")
+
+            def sample(self, count, rng, wanted):
+                Large.draws += 1
+                return [r for r in rng.sample(records, 4 * count) if wanted(r)][:count]
+
+            def set_state(self, *args):
+                pass
+
+        liveness = Liveness(
+            basics, Connections(basics.emit, lambda frame, address: None), Large(),
+            FakeFreshness(), rng=random.Random(1), path_failed=lambda link: False,
+            known_addresses=lambda peer_id: set(),
+            address_of=lambda peer_id: ("198.51.100.9", int.from_bytes(peer_id, "big") + 1),
+            relay_of=lambda address: None, announce_to=lambda address: None,
+            observed_address=lambda address: None, address_proven=lambda p, a: None)
+        liveness.tick()
+        self.assertEqual(len(liveness.links), basics.config.degree)
+        self.assertEqual(Large.draws, 1)

@@ -286,6 +286,29 @@ class RelayedPathTests(unittest.TestCase):
         self.assertEqual(request(sim, a, b, b"after"), b"echo:after")
 
 
+    def test_a_nat_that_loses_its_state_is_proven_again_and_punched_again(self):
+        """
+        b's NAT forgets its mappings (a conntrack flush, a reboot): b's
+        datagrams leave from a new port.  Its keepalives from there draw the
+        relay's and a's challenges, b proves the new address with its
+        identity, and the pair is punched again.
+        """
+        sim, relays, a, b = setup_pair(self, "port-restricted", "restricted-cone")
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(sim.run_until(lambda: connection_kind(a, b) == PUNCHED, 20))
+        before = a.overlay.paths.connection(b.peer_id).endpoint
+        sim.net.nat_of("10.2.0.2").flush()
+        relay = relays[0].node.relay
+
+        def moved() -> bool:
+            held = relay.reservations.get((sim.key.network_id, b.peer_id))
+            connection = a.overlay.paths.connection(b.peer_id)
+            return (held is not None and held.address[1] != before[1]
+                    and connection_kind(a, b) == PUNCHED and connection.endpoint != before)
+
+        self.assertTrue(sim.run_until(moved, 60), "b's new address was never proven and punched")
+
+
 class RelayRuleTests(unittest.TestCase):
     def test_no_session_without_reservation(self):
         sim, relays, a, b = setup_pair(self, "none", "none")

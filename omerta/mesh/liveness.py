@@ -125,6 +125,9 @@ class _IndirectProbe:
 class Liveness:
     log = Logger()
 
+    SAMPLE_ABOVE = 256
+    """Registries larger than this are sampled, not listed, to refill the active set."""
+
     def __init__(self, basics: Basics, connections: Connections, registry, freshness, *,
                  rng: random.Random | None = None,
                  path_failed: Callable[[Link], bool],
@@ -306,7 +309,7 @@ class Liveness:
         Send a ping; C{contacts=False} for a challenge to an address not
         proven yet (no piggybacked contacts: smaller, and nothing leaked).
         The ping asks for a proof when it has something to prove, and is
-        padded to the size of the answer it asks for.
+        padded to the size of a challenge (no smaller than any answer).
         """
         if len(self._pings) >= self.config.max_outstanding_pings:
             self._pings.pop(next(iter(self._pings)))
@@ -325,10 +328,13 @@ class Liveness:
         size = MIN_FRAME_SIZE + _BARE_PING + sum(
             len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[c],
                            padding=b"")) - _BARE_PING for c in listed)
-        answer = PROVEN_PONG_SIZE if prove else PONG_SIZE
+        # Every ping is as large as a challenge, whether it asks for a proof
+        # or not: a keepalive that arrives from an address its receiver has
+        # not proven (our NAT moved us) must be able to draw the challenge
+        # that proves it.
         self.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
                   flags=PING_PROVE if prove else 0, contacts=listed,
-                  padding=bytes(max(0, answer - size)))
+                  padding=bytes(max(0, CHALLENGE_SIZE - size)))
         return nonce
 
     def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
@@ -617,14 +623,17 @@ class Liveness:
         missing = self.config.degree - len(self.links)
         if missing <= 0:
             return
-        candidates = [
-            (record.peer_id, address)
-            for record in self.registry.all()
-            if record.peer_id not in self.links and record.state != "offline"
-            for address in [self._address_of(record.peer_id)]
-            if address is not None
-        ]
-        for peer_id, address in self.rng.sample(candidates, min(missing, len(candidates))):
+        def wanted(record) -> bool:
+            return (record.peer_id not in self.links and record.state != "offline"
+                    and self._address_of(record.peer_id) is not None)
+
+        if len(self.registry) > self.SAMPLE_ABOVE:
+            # O(missing) draws, not a pass over every record each second
+            records = self.registry.sample(missing, self.rng, wanted)
+        else:
+            records = [r for r in self.registry.all() if wanted(r)]
+            records = self.rng.sample(records, min(missing, len(records)))
+        for peer_id, address in [(r.peer_id, self._address_of(r.peer_id)) for r in records]:
             self.connect(peer_id, address)
             self._announce_to(address)
             self.ping(peer_id, address)

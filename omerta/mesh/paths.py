@@ -301,7 +301,7 @@ class PathManager:
         state.next_upgrade = None
         state.upgrade_backoff = 0.0
         if link is None:
-            self.liveness.proven(peer_id, address)
+            # (the ack's proof already proved the address: the link starts proven)
             self.liveness.connect(peer_id, address)
         elif link.address != address and (link.conn.path.relayed or link.conn.suspected
                                           or not link.verified):

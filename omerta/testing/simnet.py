@@ -394,6 +394,14 @@ class MappingNat:
             return True
         return False
 
+    def flush(self) -> None:
+        """
+        Forget every mapping, as a conntrack flush or a router reboot does:
+        the next outbound datagram of an inside endpoint gets a new port.
+        """
+        for mapping in list(self._by_key.values()):
+            self._remove(mapping)
+
     def _remove(self, mapping: _Mapping) -> None:
         del self._by_key[mapping.key]
         del self._by_port[mapping.external_port]
@@ -831,6 +839,10 @@ class SimNetwork:
         for ip in inside:
             self._nat_by_inside[ip] = router
         return model
+
+    def nat_of(self, inside_ip: str) -> INatModel:
+        """The model of the NAT router C{inside_ip} is behind."""
+        return self._nat_by_inside[inside_ip].model
 
     # running
 
