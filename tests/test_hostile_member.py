@@ -161,12 +161,7 @@ class HostileMemberTests(unittest.TestCase):
         outsider after the victim and then the seed restarted, leaves the
         seed with the victim's real run.
         """
-        captured = []
-        protocol = self.seed.port.protocol
-        original = protocol.datagramReceived
-        protocol.datagramReceived = lambda data, addr: (
-            captured.append(data) if addr == self.victim.address else None,
-            original(data, addr))[1]
+        captured = self.capture(self.seed, self.victim.address)
         self.sim.run(10)
         earlier_run = list(captured)
         self.assertTrue(earlier_run)
@@ -185,6 +180,64 @@ class HostileMemberTests(unittest.TestCase):
         self.assertEqual(self.drops(self.seed).get("stale_boot", 0), 0)
         self.assertTrue(self.linked())
         self.assertTrue(self.victim_online())
+
+    def capture(self, node, source) -> list[bytes]:
+        """Record the datagrams C{node} receives from C{source} from now on."""
+        captured = []
+        protocol = node.port.protocol
+        original = protocol.datagramReceived
+        protocol.datagramReceived = lambda data, addr: (
+            captured.append(data) if addr == source else None, original(data, addr))[1]
+        return captured
+
+    def delivered_from(self, node, source) -> list:
+        """Record the frames C{node} hands its overlays from C{source} from now on."""
+        frames = []
+        original = node.node.frame_received
+        node.node.frame_received = lambda frame, addr: (
+            frames.append(frame) if addr == source else None, original(frame, addr))[1]
+        return frames
+
+    def test_frames_between_two_members_open_at_no_third(self):
+        """
+        Frames the victim sent the seed, replayed by an outsider to another
+        member, do not open there: they are addressed to the seed's run.
+        """
+        third = self.sim.add_node("198.51.100.4", [self.seed], name="third")
+        self.assertTrue(self.sim.run_until(self.sim.converged, 30))
+        captured = self.capture(self.seed, self.victim.address)
+        self.sim.run(10)
+        replayed = list(captured)
+        self.assertTrue(replayed)
+        delivered = self.delivered_from(third, (IMPOSTOR_IP, 7400))
+        for data in replayed:
+            self.impostor.transport.write(data, third.address)
+        self.sim.run(1)
+        self.assertEqual(delivered, [])
+        self.assertEqual(self.drops(third).get("misaddressed", 0), len(replayed))
+
+    def test_a_restarted_node_opens_nothing_captured_before(self):
+        """
+        Frames captured on their way to the seed, replayed after the seed
+        restarted (its replay windows gone), do not open: they are
+        addressed to its earlier run.  The victim's own frames, addressed
+        to the old run too until it learns the new one, draw a ping that
+        tells it, and the pair is linked again.
+        """
+        captured = self.capture(self.seed, self.victim.address)
+        self.sim.run(10)
+        replayed = list(captured)
+        self.assertTrue(replayed)
+        self.sim.kill(self.seed)
+        self.seed = self.sim.add_node(SEED_IP, [self.victim], name="seed", relay=True,
+                                      nat_type=NatType.PUBLIC, identity=self.seed.identity)
+        delivered = self.delivered_from(self.seed, (IMPOSTOR_IP, 7400))
+        for data in replayed:
+            self.impostor.transport.write(data, self.seed.address)
+        self.sim.run(1)
+        self.assertEqual(delivered, [])
+        self.assertGreaterEqual(self.drops(self.seed).get("misaddressed", 0), len(replayed))
+        self.assertTrue(self.sim.run_until(self.linked, 30))
 
     def spoofed(self, node, frames: list[bytes], victim=OUTSIDE, seconds: float = 10) -> int:
         """

@@ -244,8 +244,11 @@ class MessagingTests(unittest.TestCase):
         self.successResultOf(d)
         from omerta.crypto.sealing import FrameOpener
         from omerta.wire.messages import MessageType
+        # (a member can open the envelope of a frame addressed to b: b's id
+        # and run are no secret; the session keeps the body one)
         opener = FrameOpener({self.sim.key.network_id: self.sim.key})
-        session_frames = [opener.open(data) for data, _ in captured]
+        opener.set_local(self.sim.key.network_id, self.b.peer_id, self.b.overlay.sealer.boot)
+        session_frames = [opener.open(data) for data, addr in captured if addr == self.b.address]
         session_frames = [f for f in session_frames if f.type == MessageType.SESSION_DATA]
         self.assertTrue(session_frames)
         for frame in session_frames:
@@ -311,3 +314,22 @@ class AmplificationTests(unittest.TestCase):
                        endpoint=("192.0.2.66", 53))
         sim.run(1)
         self.assertEqual(seed.node.metrics.get("drops", reason="indirect_unknown_endpoint"), 1)
+
+
+class StatusTests(unittest.TestCase):
+    def test_status_lists_a_bounded_number_of_peers(self):
+        """
+        A status lists the active peers first and at most STATUS_PEERS per
+        network, saying how many it left out: its cost does not grow with
+        idle records (thousands of them from a flood of identities).
+        """
+        sim = MeshSim(seed=4)
+        self.addCleanup(sim.stop)
+        seed, nodes = star(sim, 6)
+        self.assertTrue(sim.run_until(sim.converged, timeout=60))
+        seed.node.STATUS_PEERS = 2
+        status = seed.node.status()
+        self.assertEqual(len(status["peers"]), 2)
+        self.assertTrue(all(p["active"] for p in status["peers"]))
+        self.assertEqual(status["network_status"][0]["peers_omitted"],
+                         len(seed.overlay.registry) - 2)

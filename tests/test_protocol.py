@@ -27,6 +27,9 @@ class Recorder:
             raise RuntimeError("controller bug")
         self.frames.append((frame, addr))
 
+    def misaddressed(self, network_id, sender, addr, size):
+        self.misaddressed_from = (network_id, sender, addr, size)
+
 
 class ClassifyTests(unittest.TestCase):
     def test_kinds(self):

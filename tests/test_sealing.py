@@ -14,6 +14,7 @@ KEY = NetworkKey(bytes(range(32)))
 OTHER = NetworkKey(bytes(range(1, 33)))
 ALICE = b"A" * 16
 BOB = b"B" * 16
+CAROL = b"C" * 16
 
 
 def opener(*keys):
@@ -25,13 +26,38 @@ class SealTests(unittest.TestCase):
         error = self.assertRaises(FrameRejected, opener.open, frame)
         self.assertEqual(error.reason, reason)
 
-    @given(st.integers(0, 255), st.binary(max_size=1500))
+    @given(st.integers(0, 0x3F), st.binary(max_size=1500))
     def test_round_trip(self, msg_type, body):
         """Whatever is sealed opens to the same type, sender and body."""
         sealer = FrameSealer(KEY, ALICE)
         opened = opener().open(sealer.seal(msg_type, body))
         self.assertEqual((opened.type, opened.sender, opened.body), (msg_type, ALICE, body))
         self.assertEqual(opened.network_id, KEY.network_id)
+
+    def test_an_addressed_frame_opens_only_at_its_receivers_run(self):
+        """
+        A frame addressed to Bob's run opens there, and fails its tag at
+        another node or at Bob after a restart (a replay goes nowhere).
+        """
+        bob_boot = bytes(range(8))
+        frame = FrameSealer(KEY, ALICE).seal(5, b"for bob", to=BOB + bob_boot)
+        bob = opener()
+        bob.set_local(KEY.network_id, BOB, bob_boot)
+        opened = bob.open(frame)
+        self.assertEqual((opened.type, opened.body, opened.addressed), (5, b"for bob", True))
+        carol = opener()
+        carol.set_local(KEY.network_id, CAROL, bob_boot)
+        self.assertRejected("misaddressed", carol, frame)
+        restarted = opener()
+        restarted.set_local(KEY.network_id, BOB, bytes(8))
+        self.assertRejected("misaddressed", restarted, frame)
+        self.assertRejected("misaddressed", opener(), frame)
+
+    def test_an_unaddressed_frame_opens_anywhere(self):
+        frame = FrameSealer(KEY, ALICE).seal(5, b"hello")
+        bob = opener()
+        bob.set_local(KEY.network_id, BOB, bytes(8))
+        self.assertFalse(bob.open(frame).addressed)
 
     def test_body_is_encrypted(self):
         """The body does not appear in clear on the wire."""

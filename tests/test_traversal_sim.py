@@ -156,7 +156,7 @@ class EventuallyDirectTests(unittest.TestCase):
         lost = []
 
         def lossy(source, data, addr):
-            if (len(lost) < count and is_frame(data) and parse_header(data).type == msg_type
+            if (len(lost) < count and is_frame(data) and parse_header(data).message_type == msg_type
                     and (src is None or source[0] == src)):
                 lost.append(data)
                 return
@@ -198,7 +198,7 @@ class EventuallyDirectTests(unittest.TestCase):
 
         def tap(source, data, addr):
             if (source == relay.address and is_frame(data)
-                    and parse_header(data).type == MessageType.PUNCH_EXECUTE):
+                    and parse_header(data).message_type == MessageType.PUNCH_EXECUTE):
                 executes.append(addr)
             route(source, data, addr)
 
@@ -452,7 +452,7 @@ class RelayRuleTests(unittest.TestCase):
 
         def lossy(src, data, addr):
             if (src == relay.address and addr[0] == "203.0.113.3" and is_frame(data)
-                    and parse_header(data).type == MessageType.PING
+                    and parse_header(data).message_type == MessageType.PING
                     and sim.clock.seconds() - started < 3):
                 dropped.append(data)
                 return

@@ -9,6 +9,11 @@ nonce never repeats under one key: not across senders (different keys), not
 across restarts (a fresh boot id gives a fresh key, with no state to persist),
 and not within a run (the counter only grows).
 
+A frame addressed to a receiver (L{omerta.wire.envelope.ADDRESSED}) has the
+receiver's peer id and boot id in its associated data: a copy replayed to
+another node, or to the same node after it restarted, fails its tag there
+(C{misaddressed}).
+
 The receiver keeps, per (network, sender, boot), a sliding replay window of
 L{ReplayWindow.SIZE} counters.  Which run of a sender is its current one is
 not for the network key to say (every member holds it, so any member can
@@ -35,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from omerta.crypto.network import NetworkKey
 from omerta.wire import ParseError
 from omerta.wire.envelope import (
+    ADDRESSED,
     BOOT_ID_SIZE,
     HEADER_SIZE,
     build_header,
@@ -44,18 +50,22 @@ from omerta.wire.envelope import (
 _NONCE_PAD = bytes(4)
 _FRAME_LABEL = b"frame"
 MAX_COUNTER = 2**64 - 1
+_TYPE_BITS = ADDRESSED - 1
 
 
 class FrameRejected(Exception):
     """
     A frame that was not accepted.  C{reason} is a short stable token used as
-    a drop-counter label: malformed, unknown_network, bad_tag, replay,
-    stale_boot.
+    a drop-counter label: malformed, unknown_network, bad_tag, misaddressed
+    (an addressed frame whose tag fails here: addressed to another node or
+    to an earlier run of this one, or tampered with), replay, stale_boot.
+    C{header} is the frame's clear header when it parsed.
     """
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", header=None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.header = header
 
 
 class OpenedFrame(NamedTuple):
@@ -65,6 +75,7 @@ class OpenedFrame(NamedTuple):
     boot: bytes
     counter: int
     body: bytes
+    addressed: bool = False
 
 
 def _frame_key(key: NetworkKey, sender: bytes, boot: bytes) -> ChaCha20Poly1305:
@@ -94,12 +105,23 @@ class FrameSealer:
         """
         return self._counter
 
-    def seal(self, msg_type: int, body: bytes) -> bytes:
+    def seal(self, msg_type: int, body: bytes, to: bytes | None = None) -> bytes:
+        """
+        Seal a frame; C{to} (the receiver's peer id and boot id, 24 bytes)
+        addresses it to that run of that node only.
+        """
+        if msg_type & ~_TYPE_BITS:
+            raise ValueError(f"frame type 0x{msg_type:02x} is outside 0x00-0x3f")
         if self._counter >= MAX_COUNTER:
             raise OverflowError("frame counter exhausted; restart the node for a new boot id")
         self._counter += 1
-        header = build_header(msg_type, self.network_id, self.sender, self.boot, self._counter)
-        return header + self._aead.encrypt(_nonce(self._counter), body, header)
+        if to is None:
+            header = build_header(msg_type, self.network_id, self.sender, self.boot,
+                                  self._counter)
+            return header + self._aead.encrypt(_nonce(self._counter), body, header)
+        header = build_header(msg_type | ADDRESSED, self.network_id, self.sender, self.boot,
+                              self._counter)
+        return header + self._aead.encrypt(_nonce(self._counter), body, header + to)
 
 
 class ReplayWindow:
@@ -158,6 +180,7 @@ class FrameOpener:
         max_contexts: int = 16384,
     ):
         self._keys = dict(keys)
+        self._local: dict[bytes, bytes] = {}
         self._max = max_contexts
         self._contexts: OrderedDict[tuple, _Context] = OrderedDict()
         # (network, sender) -> [confirmed boot or None, retired boots,
@@ -170,6 +193,13 @@ class FrameOpener:
             del self._contexts[key]
         for key in [k for k in self._boots if k[0] not in self._keys]:
             del self._boots[key]
+
+    def set_local(self, network_id: bytes, peer_id: bytes, boot: bytes) -> None:
+        """
+        This node's peer id and boot id in a network: frames addressed to
+        anything else do not open.
+        """
+        self._local[network_id] = peer_id + boot
 
     def open(self, frame: bytes) -> OpenedFrame:
         """
@@ -195,15 +225,25 @@ class FrameOpener:
         elif not context.window.fresh(header.counter):
             raise FrameRejected("replay")
         head = frame[:HEADER_SIZE]
+        addressed = bool(header.type & ADDRESSED)
+        if addressed:
+            local = self._local.get(header.network_id)
+            if local is None:
+                raise FrameRejected("misaddressed", header=header)
+            associated = head + local
+        else:
+            associated = head
         try:
-            body = context.aead.decrypt(_nonce(header.counter), frame[HEADER_SIZE:], head)
+            body = context.aead.decrypt(_nonce(header.counter), frame[HEADER_SIZE:], associated)
         except InvalidTag:
-            raise FrameRejected("bad_tag") from None
+            raise FrameRejected("misaddressed" if addressed else "bad_tag",
+                                header=header) from None
         context.window.mark(header.counter)
         self._remember(ident, context)
         self._note_boot(peer, header.boot)
         return OpenedFrame(
-            header.type, header.network_id, header.sender, header.boot, header.counter, body
+            header.type & ~ADDRESSED, header.network_id, header.sender, header.boot,
+            header.counter, body, addressed,
         )
 
     def _remember(self, ident: tuple, context: _Context) -> None:

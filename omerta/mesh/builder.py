@@ -135,7 +135,7 @@ def build_node(
         node.enable_relay(None if relay is True else relay)
     by_id = {key.network_id: key for key in keys}
     protocol = NodeProtocol(FrameOpener(by_id), node, metrics)
-    node.opener = protocol.opener
+    node.use_opener(protocol.opener)
     protocol.relay = node.relay
     listening = reactor.listenUDP(port, protocol, interface=interface)
     node.attach(listening, listen_udp=reactor.listenUDP)

@@ -188,6 +188,10 @@ class Liveness:
         # replay or forgery): their next pings ask for a proof.
         self.boots: OrderedDict[bytes, bytes] = OrderedDict()
         self._doubted: set[bytes] = set()
+        # address -> the peer a proof showed it leads to (what frames sent
+        # there are addressed to); addresses hinted at, when
+        self._proven_at: dict[object, bytes] = {}
+        self._hinted: OrderedDict[object, float] = OrderedDict()
 
     # contact
 
@@ -659,13 +663,49 @@ class Liveness:
         The peer restarted: its addresses must be proven again.
         """
         for key in [k for k in self._proven if k[0] == peer_id]:
-            del self._proven[key]
+            self._unprove(key)
+
+    def _unprove(self, key: tuple) -> None:
+        del self._proven[key]
+        if self._proven_at.get(key[1]) == key[0]:
+            del self._proven_at[key[1]]
 
     def _prove(self, peer_id: bytes, address: tuple, link) -> None:
         self._proven[(peer_id, address)] = self.clock.seconds()
+        self._proven_at[address] = peer_id
         while len(self._proven) > self.config.proven_memory:
-            self._proven.popitem(last=False)
+            self._unprove(next(iter(self._proven)))
         self._address_proven(peer_id, address)
+
+    def destination(self, address) -> bytes | None:
+        """
+        Whom a frame sent to C{address} is addressed to (peer id and boot
+        id), when a proof showed the address leads to a peer whose current
+        run is proven and not in doubt; None (unaddressed) otherwise.
+        """
+        peer_id = self._proven_at.get(address)
+        if peer_id is None or peer_id in self._doubted:
+            return None
+        boot = self.boots.get(peer_id)
+        return None if boot is None else peer_id + boot
+
+    def misaddressed(self, peer_id: bytes, address, size: int) -> None:
+        """
+        A frame from C{peer_id}, addressed to a run of this node that is not
+        this one (we restarted), failed to open: ping the sender so it
+        learns this run (at most once per C{challenge_retry} per address,
+        and only for a frame at least as large as the ping).
+        """
+        now = self.clock.seconds()
+        if size < CHALLENGE_SIZE or now - self._hinted.get(address, float("-inf")) < \
+                self.config.challenge_retry:
+            return
+        self._hinted[address] = now
+        self._hinted.move_to_end(address)
+        while len(self._hinted) > self.config.proven_memory:
+            self._hinted.popitem(last=False)
+        self.metrics.inc("liveness_misaddressed_hints")
+        self.ping(peer_id, address, contacts=False)
 
     def stop(self) -> None:
         for probe in list(self._probes.values()):

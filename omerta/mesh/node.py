@@ -6,6 +6,7 @@ public address.  Frames are dispatched to the overlay of their network.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -277,6 +278,25 @@ class MeshNode:
         if self.relay is not None:
             self.relay.attach(transport)
 
+    def use_opener(self, opener) -> None:
+        """
+        The socket's L{FrameOpener}: it learns this node's run in each
+        network (frames addressed to anything else do not open) and, later,
+        which runs of peers are proven (L{run_proven}).
+        """
+        self.opener = opener
+        for overlay in self.overlays.values():
+            opener.set_local(overlay.network_id, self.peer_id, overlay.sealer.boot)
+
+    def misaddressed(self, network_id: bytes, sender: bytes, addr: Address, size: int) -> None:
+        """
+        A frame addressed to a run of this node that is not this one (we
+        restarted) or tampered with: the sender may not know our run yet.
+        """
+        overlay = self.overlays.get(network_id)
+        if overlay is not None:
+            overlay.liveness.misaddressed(sender, addr, size)
+
     def run_proven(self, network_id: bytes, peer_id: bytes, boot: bytes) -> None:
         """
         An identity proof showed C{boot} is the peer's current run in a
@@ -403,6 +423,9 @@ class MeshNode:
 
     # status
 
+    STATUS_PEERS = 256
+    """At most this many peers per network are listed in a status."""
+
     def status(self) -> dict:
         now = self.clock.seconds()
         networks = []
@@ -415,7 +438,16 @@ class MeshNode:
                 "paths": overlay.paths.statistics(),
                 "relays": overlay.relays.status(),
             })
-            for record in overlay.registry.all():
+            records = overlay.registry.all()
+            if len(records) > self.STATUS_PEERS:
+                # the active peers, then the most recently heard: the cost
+                # of a status does not grow with idle records
+                links = overlay.liveness.links
+                records = heapq.nlargest(
+                    self.STATUS_PEERS, records,
+                    key=lambda r: (r.peer_id in links, r.last_heard or 0.0))
+                networks[-1]["peers_omitted"] = len(overlay.registry) - len(records)
+            for record in records:
                 entry = record.as_dict(now)
                 entry["network"] = network_id.hex()
                 link = overlay.liveness.links.get(record.peer_id)

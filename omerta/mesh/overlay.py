@@ -166,7 +166,8 @@ class Overlay:
     # sending
 
     def send(self, address: tuple, msg_type: MessageType, **fields) -> None:
-        frame = self.sealer.seal(msg_type, build_body(msg_type, fields))
+        frame = self.sealer.seal(msg_type, build_body(msg_type, fields),
+                                 self.liveness.destination(address))
         self.node.send_frame(frame, address, msg_type)
 
     def _transmit(self, frame: bytes, address) -> None:

@@ -88,7 +88,7 @@ class NodeProtocol(DatagramProtocol):
         if datagram.startswith(TUNNEL_PREFIX, RELAY_HEADER_SIZE):
             self.handler.tunnel_received(datagram[RELAY_HEADER_SIZE:], session)
             return
-        frame = self._open(datagram[RELAY_HEADER_SIZE:])
+        frame = self._open(datagram[RELAY_HEADER_SIZE:], session.route)
         if frame is None:
             return
         if frame.sender != session.peer_id or frame.network_id != session.network_id:
@@ -97,7 +97,7 @@ class NodeProtocol(DatagramProtocol):
         metrics.inc("frames_in_relayed")
         self.handler.frame_received(frame, session.route)
 
-    def _open(self, datagram: bytes) -> OpenedFrame | None:
+    def _open(self, datagram: bytes, addr) -> OpenedFrame | None:
         """
         Open a sealed frame, or count why not and return None.
         """
@@ -105,6 +105,9 @@ class NodeProtocol(DatagramProtocol):
             frame = self.opener.open(datagram)
         except FrameRejected as e:
             self.metrics.inc("drops", reason=e.reason)
+            if e.reason == "misaddressed":
+                self.handler.misaddressed(e.header.network_id, e.header.sender, addr,
+                                          len(datagram))
             return None
         self.metrics.inc("frames_in")
         return frame
@@ -115,7 +118,7 @@ class NodeProtocol(DatagramProtocol):
         metrics.inc("bytes_in", len(datagram))
         kind = classify(datagram)
         if kind is Kind.FRAME:
-            frame = self._open(datagram)
+            frame = self._open(datagram, addr)
             if frame is not None:
                 self.handler.frame_received(frame, addr)
         elif kind is Kind.STUN:

@@ -4,7 +4,8 @@ The mesh envelope: the clear header every omerta frame starts with.
     offset size field
     0      2    magic          0xF0 0x4D ("\\xf0M"; never a STUN first byte)
     2      1    version        1
-    3      1    type           L{omerta.wire.messages.MessageType}
+    3      1    type           L{omerta.wire.messages.MessageType} (bits 0-5),
+                               bit 6 L{ADDRESSED}
     4      8    network id     first 8 bytes of SHA-256 over the network key
     12     16   sender         the sender's peer id
     28     8    boot id        random per sender process start
@@ -12,7 +13,12 @@ The mesh envelope: the clear header every omerta frame starts with.
     44     n+16 sealed body    ChaCha20-Poly1305(body), 16-byte tag last
 
 The whole header is the AEAD's associated data, so no field of it can be
-changed without the tag failing.
+changed without the tag failing.  An I{addressed} frame (type bit 6 set)
+also binds its receiver: the associated data is the header followed by the
+receiver's peer id and boot id (24 bytes that are not sent, since the
+receiver knows them), so the frame opens only at that node and only in that
+run of it.  A sender addresses its frames once it has proven the
+receiver's current run; before that (first contact) they are unaddressed.
 
 L{HEADER} is the precompiled C{struct} used on the per-packet path;
 L{HeaderStruct} is the construct definition of the same bytes, kept as the
@@ -34,6 +40,8 @@ VERSION = 1
 TAG_SIZE = 16
 NETWORK_ID_SIZE = 8
 BOOT_ID_SIZE = 8
+ADDRESSED = 0x40
+"""Type-byte flag: the frame is bound to its receiver's peer id and boot id."""
 
 HeaderStruct = c.Struct(
     "magic" / c.Const(MAGIC),
@@ -59,6 +67,15 @@ class Header(NamedTuple):
     sender: bytes
     boot: bytes
     counter: int
+
+    @property
+    def message_type(self) -> int:
+        """The message type, without the L{ADDRESSED} flag."""
+        return self.type & ~ADDRESSED
+
+    @property
+    def addressed(self) -> bool:
+        return bool(self.type & ADDRESSED)
 
 
 def is_frame(datagram: bytes) -> bool:

@@ -413,6 +413,9 @@ class _Handler:
     def tunnel_received(self, frame: bytes, relay_session=None) -> None:
         self.frames += 1
 
+    def misaddressed(self, network_id: bytes, sender: bytes, addr, size: int) -> None:
+        self.frames += 1
+
 
 class _Relay:
     def __init__(self, forwards: bool):
