@@ -137,6 +137,9 @@ def frame_opener_seeds() -> list[bytes]:
         T.step(0, envelope.build_header(1, T.KEY.network_id, T.SENDERS[0], T.BOOTS[0], 1) + bytes(16)),
         b"".join(T.step(1, T.frame_spec(i & 3, i >> 2, 7, 1, b"evict")) for i in range(8)),
         T.step(1, T.frame_spec(0, 0, 3000, 1)) + T.step(1, T.frame_spec(0, 0, 1, 1)),
+        # addressed to the opener, then to someone else (selector bit 5)
+        T.step(1, T.frame_spec(0, 0, 1, 1 | envelope.ADDRESSED, b"to me"))
+        + T.step(1, bytes((0x20,)) + T.frame_spec(0, 0, 2, 1 | envelope.ADDRESSED)[1:]),
     ]
 
 

@@ -104,6 +104,8 @@ KEY = NetworkKey(bytes(range(32)))
 OTHER_KEY = NetworkKey(bytes(range(1, 33)))
 SENDERS = tuple(bytes((i,)) * 16 for i in range(1, 5))
 BOOTS = tuple(bytes((0xB0 + i,)) * 8 for i in range(4))
+LOCAL = b"\x77" * 16 + b"\xb7" * 8
+"""The fuzzed opener's own peer id and boot id (what addressed frames are bound to)."""
 NOW = 1_700_000_100
 INVITE_IDENTITY = Identity(Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132))))
 MAX_STEPS = 8
@@ -113,8 +115,9 @@ def sealed_frame(spec: bytes) -> bytes:
     """
     A frame sealed under L{KEY} (or, with bit 4 of the first byte,
     L{OTHER_KEY}) as docs/identity.md#sealing specifies, described by
-    C{spec}: selector (1: sender bits 0-1, boot bits 2-3), counter (8),
-    type (1), body (rest).
+    C{spec}: selector (1: sender bits 0-1, boot bits 2-3; bit 5 addresses
+    a type with the ADDRESSED bit to another receiver than L{LOCAL}),
+    counter (8), type (1), body (rest).
     """
     r = Reader(spec)
     sel = r.byte()
@@ -124,8 +127,11 @@ def sealed_frame(spec: bytes) -> bytes:
     msg_type = r.byte()
     body = r.take(len(spec))
     header = envelope.build_header(msg_type, key.network_id, sender, boot, counter)
+    associated = header
+    if msg_type & envelope.ADDRESSED:
+        associated += bytes(24) if sel & 0x20 else LOCAL
     aead = ChaCha20Poly1305(key.derive(b"frame", sender + boot))
-    return header + aead.encrypt(bytes(4) + counter.to_bytes(8, "big"), body, header)
+    return header + aead.encrypt(bytes(4) + counter.to_bytes(8, "big"), body, associated)
 
 
 def frame_spec(sender: int = 0, boot: int = 0, counter: int = 1, msg_type: int = 1,
@@ -249,6 +255,7 @@ def fuzz_frame_opener(data: bytes) -> None:
     the chunk's first byte); 3 a frame sent before, again.
     """
     opener = sealing.FrameOpener({KEY.network_id: KEY}, max_contexts=4)
+    opener.set_local(KEY.network_id, LOCAL[:16], LOCAL[16:])
     sent: list[bytes] = []
     r = Reader(data)
     for _ in range(MAX_STEPS):
