@@ -16,6 +16,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
 from omerta.crypto import proof
+from omerta.crypto.announce import sign_announcement
 from omerta.crypto.identity import Identity
 from omerta.crypto.sealing import FrameOpener, FrameRejected, FrameSealer
 from omerta.mesh.liveness import CHALLENGE_SIZE
@@ -41,7 +42,7 @@ class Impostor(DatagramProtocol):
         self.identity = Identity.generate()
         self.sealers: dict[tuple, FrameSealer] = {}
         self.received: list = []
-        self.pose_as: tuple | None = None   # (peer id, boot) to answer pings as
+        self.pose_as: tuple | None = None   # (peer id, boot[, identity]) to answer pings as
 
     def seal(self, sender: bytes, boot: bytes, msg_type: MessageType, **fields) -> bytes:
         sealer = self.sealers.get((sender, boot))
@@ -64,8 +65,9 @@ class Impostor(DatagramProtocol):
         self.received.append(frame)
         if frame.type == MessageType.PING and self.pose_as is not None:
             ping = parse_body(frame.type, frame.body)
-            sender, boot = self.pose_as
-            signed = proof.Prover(self.identity, self.key.network_id, boot).prove(
+            sender, boot, *signer = self.pose_as
+            signer = signer[0] if signer else self.identity
+            signed = proof.Prover(signer, self.key.network_id, boot).prove(
                 proof.PONG, frame.sender, ping.nonce.to_bytes(8, "big"))
             self.send(addr, sender, boot, MessageType.PONG, nonce=ping.nonce,
                       echo_ms=ping.sent_ms, observed=addr, contacts=[], proof=signed)
@@ -303,3 +305,54 @@ class HostileMemberTests(unittest.TestCase):
         self.assertNotIn(("100.64.7.8", 9), probed)
         self.assertLessEqual(len({a for a in probed if a[0].startswith("10.99.")}), 2)
         self.assertGreater(self.seed.node.metrics.get("punch_candidates_refused"), 0)
+
+    def test_many_identities_from_one_socket_take_a_bounded_share_of_a_relay(self):
+        """
+        The impostor makes identities of its own (real keys, so it proves
+        each at its one address) and reserves at the relay with every one:
+        the relay grants one socket a few reservations, not all of them.
+        """
+        relay = self.seed.node.relay
+        boot = os.urandom(8)
+        granted = 0
+        for _ in range(12):
+            identity = Identity.generate()
+            self.impostor.pose_as = (identity.peer_id, boot, identity)
+            self.impostor.send(self.seed.address, identity.peer_id, boot, MessageType.PING,
+                               nonce=1, sent_ms=0, flags=PING_PROVE, contacts=[],
+                               padding=bytes(CHALLENGE_SIZE))
+            self.sim.run(1)
+            self.impostor.send(self.seed.address, identity.peer_id, boot,
+                               MessageType.RELAY_RESERVE, lifetime_s=60)
+            self.sim.run(1)
+        granted = sum(1 for r in relay.reservations.values() if r.address == (IMPOSTOR_IP, 7400))
+        self.assertGreater(granted, 0, "the impostor's identities were never proven")
+        self.assertLessEqual(granted, relay.config.reservations_per_address)
+        self.assertGreater(self.seed.node.metrics.get(
+            "relay_denied", reason="too_many_reservations"), 0)
+
+    def test_a_flood_of_identities_takes_a_bounded_share_of_the_registry(self):
+        """
+        Hundreds of validly signed announcements of fresh identities from
+        one socket: the seed takes a bounded number, counts the rest, and
+        still takes a real newcomer.
+        """
+        before = len(self.seed.overlay.registry)
+        for n in range(200):
+            identity = Identity.generate()
+            signed = sign_announcement(identity, self.sim.key.network_id, {
+                "public_key": identity.public_key, "name": f"sybil-{n}", "sequence": 1,
+                "timestamp_ms": int(self.sim.clock.seconds() * 1000), "ttl_s": 2**31,
+                "nat_type": 0, "capabilities": 0, "paths": [],
+                "resources": {"cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0}})
+            self.impostor.send(self.seed.address, identity.peer_id, os.urandom(8),
+                               MessageType.ANNOUNCE, hops=0, announcement=signed)
+        self.sim.run(5)
+        taken = len(self.seed.overlay.registry) - before
+        outcomes = self.seed.node.metrics.by_label("gossip_announcements", "outcome")
+        self.assertLessEqual(taken, 64)
+        self.assertGreaterEqual(outcomes.get("source_rate", 0) + outcomes.get("source_full", 0),
+                                200 - taken)
+        newcomer = self.sim.add_node("198.51.100.5", [self.seed], name="newcomer")
+        self.assertTrue(self.sim.run_until(
+            lambda: self.seed.overlay.registry.get(newcomer.peer_id) is not None, 30))

@@ -26,7 +26,11 @@ class Basics:
     @ivar clock: an C{IReactorTime} (C{seconds}, C{callLater}).
     @ivar metrics: the node's one metrics object.
     @ivar send: C{send(address, msg_type, **fields)} seals a message of this
-        network and sends it to an address or relay route.
+        network and sends it to an address or relay route (addressed to the
+        peer proven at that address, if any).
+    @ivar send_to: C{send_to(peer_id, address, msg_type, **fields)}, the same
+        for a message meant for C{peer_id}: addressed to it only if the
+        address is proven to be its own, unaddressed otherwise.
     @ivar emit: C{emit(kind, **data)} emits a node event for this network.
     @ivar prover: makes this node's identity proofs and checks its peers'
         (L{omerta.crypto.proof}).
@@ -38,5 +42,6 @@ class Basics:
     clock: Any
     metrics: "Metrics"
     send: Callable[..., None]
+    send_to: Callable[..., None]
     emit: Callable[..., None]
     prover: "Prover"

@@ -336,9 +336,9 @@ class Liveness:
         # or not: a keepalive that arrives from an address its receiver has
         # not proven (our NAT moved us) must be able to draw the challenge
         # that proves it.
-        self.send(address, MessageType.PING, nonce=nonce, sent_ms=int(now * 1000),
-                  flags=PING_PROVE if prove else 0, contacts=listed,
-                  padding=bytes(max(0, CHALLENGE_SIZE - size)))
+        self.basics.send_to(peer_id, address, MessageType.PING, nonce=nonce,
+                            sent_ms=int(now * 1000), flags=PING_PROVE if prove else 0,
+                            contacts=listed, padding=bytes(max(0, CHALLENGE_SIZE - size)))
         return nonce
 
     def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
@@ -431,11 +431,12 @@ class Liveness:
             if MIN_FRAME_SIZE + len(frame.body) < (PROVEN_PONG_SIZE if prove else PONG_SIZE):
                 self.metrics.inc("drops", reason="ping_smaller_than_pong")
                 return
-        self.send(addr, MessageType.PONG, nonce=ping.nonce, echo_ms=ping.sent_ms,
-                  observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
-                  contacts=contacts,
-                  proof=self.prover.prove(proof.PONG, frame.sender, nonce_bytes(ping.nonce))
+        answer = (self.prover.prove(proof.PONG, frame.sender, nonce_bytes(ping.nonce))
                   if prove else b"")
+        self.basics.send_to(frame.sender, addr, MessageType.PONG, nonce=ping.nonce,
+                            echo_ms=ping.sent_ms,
+                            observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
+                            contacts=contacts, proof=answer)
 
     def on_pong(self, frame, addr, pong) -> None:
         """
@@ -677,14 +678,17 @@ class Liveness:
             self._unprove(next(iter(self._proven)))
         self._address_proven(peer_id, address)
 
-    def destination(self, address) -> bytes | None:
+    def destination(self, address, peer_id: bytes | None = None) -> bytes | None:
         """
-        Whom a frame sent to C{address} is addressed to (peer id and boot
-        id), when a proof showed the address leads to a peer whose current
-        run is proven and not in doubt; None (unaddressed) otherwise.
+        Whom a frame sent to C{address} (meant for C{peer_id}, or for
+        whoever is there) is addressed to, peer id and boot id: the peer a
+        proof showed the address leads to, if its current run is proven and
+        not in doubt; None (unaddressed) otherwise.
         """
-        peer_id = self._proven_at.get(address)
-        if peer_id is None or peer_id in self._doubted:
+        proven = self._proven_at.get(address)
+        if peer_id is None:
+            peer_id = proven
+        if peer_id is None or peer_id != proven or peer_id in self._doubted:
             return None
         boot = self.boots.get(peer_id)
         return None if boot is None else peer_id + boot

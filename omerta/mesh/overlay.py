@@ -48,7 +48,7 @@ class Overlay:
         rng = rng or random.Random()
         self.sealer = FrameSealer(key, node.peer_id)
         self.basics = Basics(self.network_id, node.peer_id, self.config, self.clock,
-                             self.metrics, self.send, self._emit,
+                             self.metrics, self.send, self.send_to, self._emit,
                              Prover(node.identity, self.network_id, self.sealer.boot))
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers, events=node.events,
@@ -168,6 +168,12 @@ class Overlay:
     def send(self, address: tuple, msg_type: MessageType, **fields) -> None:
         frame = self.sealer.seal(msg_type, build_body(msg_type, fields),
                                  self.liveness.destination(address))
+        self.node.send_frame(frame, address, msg_type)
+
+    def send_to(self, peer_id: bytes, address, msg_type: MessageType, **fields) -> None:
+        """L{send} for a message meant for C{peer_id} (whoever else an address was proven for)."""
+        frame = self.sealer.seal(msg_type, build_body(msg_type, fields),
+                                 self.liveness.destination(address, peer_id))
         self.node.send_frame(frame, address, msg_type)
 
     def _transmit(self, frame: bytes, address) -> None:

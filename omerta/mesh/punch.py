@@ -487,8 +487,9 @@ class Puncher:
         attempt.seq = (attempt.seq + 1) & 0xFFFF
         attempt.sent[attempt.seq] = now
         attempt.probes += 1
-        self.basics.send(target, MessageType.PUNCH_PROBE, attempt_id=attempt.attempt_id,
-                         seq=attempt.seq, sent_ms=int(now * 1000), padding=PROBE_PADDING)
+        self.basics.send_to(attempt.peer_id, target, MessageType.PUNCH_PROBE,
+                            attempt_id=attempt.attempt_id, seq=attempt.seq,
+                            sent_ms=int(now * 1000), padding=PROBE_PADDING)
         self.metrics.inc("punch_probes")
 
     def on_probe(self, frame, addr, message) -> None:
@@ -500,11 +501,11 @@ class Puncher:
             self.metrics.inc("drops", reason="punch_probe_smaller_than_ack")
             return
         attempt.probes_answered = True
-        self.basics.send(addr, MessageType.PUNCH_ACK, attempt_id=message.attempt_id,
-                         seq=message.seq, observed=addr,
-                         proof=self.basics.prover.prove(
-                             proof.PUNCH_ACK, frame.sender,
-                             _ack_challenge(message.attempt_id, message.seq)))
+        answer = self.basics.prover.prove(proof.PUNCH_ACK, frame.sender,
+                                          _ack_challenge(message.attempt_id, message.seq))
+        self.basics.send_to(frame.sender, addr, MessageType.PUNCH_ACK,
+                            attempt_id=message.attempt_id, seq=message.seq, observed=addr,
+                            proof=answer)
         if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
             # Peer-reflexive: the mapping its NAT made towards us.
             attempt.targets.append(addr)

@@ -90,6 +90,8 @@ def fake_basics(config: MeshConfig | None = None, clock: Clock | None = None,
         clock=clock or Clock(),
         metrics=Metrics(),
         send=lambda address, msg_type, **fields: outbox.append(Sent(address, msg_type, fields)),
+        send_to=lambda peer_id, address, msg_type, **fields: outbox.append(
+            Sent(address, msg_type, fields)),
         emit=lambda kind, **data: events.append((kind, data)),
         prover=fake_prover(identity),
     )
