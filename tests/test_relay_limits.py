@@ -54,6 +54,7 @@ class FakeOverlay:
     def __init__(self):
         self.network_id = NETWORK
         self.liveness = FakeLiveness()
+        self.registry = {}  # peer id -> record (with .state), as the relay reads it
         self.sent: list[tuple[tuple, MessageType, dict, int]] = []
 
     def send(self, address: tuple, msg_type: MessageType, **fields) -> None:

@@ -417,6 +417,23 @@ class RelayRuleTests(unittest.TestCase):
         self.assertNotIn((relays[0].overlay.network_id, a.peer_id), relay.reservations)
         self.assertIn((relays[0].overlay.network_id, b.peer_id), relay.reservations)
 
+    def test_a_killed_holder_loses_its_reservation_when_declared_offline(self):
+        """
+        A member killed without a goodbye keeps no reservation past the
+        relay's own verdict that it is offline (well before the
+        reservation would expire): nobody is given a session to it.
+        """
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        relay = relays[0].node.relay
+        key = (relays[0].overlay.network_id, b.peer_id)
+        self.assertIn(key, relay.reservations)
+        sim.kill(b)
+        killed = sim.clock.seconds()
+        self.assertTrue(sim.run_until(lambda: key not in relay.reservations, 90))
+        self.assertLess(sim.clock.seconds() - killed, relay.config.max_lifetime)
+        self.assertEqual(relays[0].node.metrics.get("relay_reservations",
+                                                    event="holder_offline"), 1)
+
     def test_lost_reservation_ends_only_sessions_towards_its_holder(self):
         sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
         relay = relays[0].node.relay

@@ -515,6 +515,9 @@ class RelayServer:
         now = self.clock.seconds()
         for reservation in [r for r in self.reservations.values() if r.expires <= now]:
             self._drop_reservation(reservation, "expired")
+        for reservation in [r for r in self.reservations.values() if self._gone(r)]:
+            # (killed without a goodbye: no session is opened towards it)
+            self._drop_reservation(reservation, "holder_offline")
         idle_since = now - self.config.session_idle
         for session in list(self.sessions.values()):
             if session.deadline <= now:
@@ -523,6 +526,12 @@ class RelayServer:
                 self._end(session, RelayEndReason.IDLE)
         self._forget_budgets(now)
         self.flush_counters()
+
+    def _gone(self, reservation: Reservation) -> bool:
+        """Whether this node's liveness declared a reservation's holder offline."""
+        overlay = self.node.overlays.get(reservation.network_id)
+        record = None if overlay is None else overlay.registry.get(reservation.peer_id)
+        return record is not None and record.state == "offline"
 
     def _forget_budgets(self, now: float) -> None:
         """
