@@ -143,6 +143,14 @@ class LivenessTests(unittest.TestCase):
         self.assertEqual(self.basics.metrics.get("drops", reason="bad_proof"), 1)
         self.assertEqual(self.proven, [])
 
+    def test_a_forged_pong_does_not_spoil_the_real_answer(self):
+        """A forgery that races the real pong leaves the ping outstanding for it."""
+        self.liveness.connect(PEER, AT)
+        nonce = self.liveness.ping(PEER, AT)
+        self.pong(PEER, AT, nonce, signer=IDENTITIES[MEMBER])
+        self.pong(PEER, AT, nonce)
+        self.assertTrue(self.liveness.verified(PEER, AT))
+
     def test_a_forged_pong_does_not_move_a_path(self):
         """
         A member that answers the challenge of a frame it sent from its own

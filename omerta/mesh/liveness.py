@@ -448,25 +448,23 @@ class Liveness:
         if sent is None or sent[0] not in (frame.sender, b""):
             self.metrics.inc("drops", reason="unexpected_pong")
             return
+        if pong.proof and not self.prover.check(proof.PONG, pong.proof, frame.sender,
+                                                frame.boot, nonce_bytes(pong.nonce)):
+            # (the ping stays outstanding: the real answer may still come)
+            self.metrics.inc("drops", reason="bad_proof")
+            return
+        del self._pings[pong.nonce]
         if pong.proof:
-            if not self.prover.check(proof.PONG, pong.proof, frame.sender, frame.boot,
-                                     nonce_bytes(pong.nonce)):
-                self.metrics.inc("drops", reason="bad_proof")
-                return
-            del self._pings[pong.nonce]
             self._identified(frame.sender, frame.boot)
         elif (self.boots.get(frame.sender) != frame.boot
               or (frame.sender, addr) not in self._proven or sent[2] != addr):
             # Nothing here is proven: ask again, for a proof this time.
             self.metrics.inc("drops", reason="unproven_pong")
-            del self._pings[pong.nonce]
             self._doubted.add(frame.sender)
             link = self.links.get(frame.sender)
             if link is not None:
                 self._challenge(link, addr, self.clock.seconds(), CHALLENGE_SIZE)
             return
-        else:
-            del self._pings[pong.nonce]
         rtt = self.clock.seconds() - sent[1]
         self.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)
