@@ -7,9 +7,8 @@ not hijacked, and periodic work does not grow with idle records.
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -25,6 +24,7 @@ from omerta.mesh.registry import (
 )
 from omerta.testing.fakes import NETWORK, fake_basics
 from omerta.wire.messages import MessageType, NatType, build_body, parse_body
+from tests.test_gossip import OWN, Me, identity
 
 NOW = 1_700_000_000.0
 FLOOD = 2000
@@ -32,11 +32,6 @@ ATTACKER = ("203.0.113.66", 7400)
 HONEST = ("198.51.100.7", 7400)
 
 
-def identity(seed: int) -> Identity:
-    return Identity(Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big")))
-
-
-OWN = identity(1)
 _SYBILS: list[Identity] = []
 
 
@@ -58,16 +53,6 @@ def announce(ident, sequence=1, name="", at=NOW, ttl=0xFFFFFFFF):
 
 def wire(msg_type, **fields):
     return parse_body(msg_type, build_body(msg_type, fields))
-
-
-@dataclass
-class Me:
-    identity: Identity = OWN
-    name: str = "self"
-    nat: object = None
-    capabilities: int = 0
-    resources: dict = field(default_factory=lambda: {
-        "cpu_cores": 0, "memory_mb": 0, "disk_gb": 0, "gpus": 0})
 
 
 @dataclass
