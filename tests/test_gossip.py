@@ -424,18 +424,3 @@ class PeerListTests(GossipTestCase):
         self.assertEqual(self.gossip.rumours[bob.peer_id].hops, 3)
         self.assertEqual(self.answered, [])
         self.assertEqual(self.sent, [])
-
-    def test_sync(self):
-        """sync asks one proven active peer for a full exchange."""
-        alice, addr = identity(2), ("198.51.100.2", 9)
-        self.active = [(alice.peer_id, addr), (identity(3).peer_id, ("198.51.100.3", 9))]
-        self.gossip.sync()
-        self.assertEqual(self.target_calls, [1])
-        [sent] = self.sent
-        self.assertEqual(sent.address, addr)
-        self.assertTrue(sent.fields["request"])
-        # and counts as the full list sent to that peer
-        self.proven.add((alice.peer_id, addr))
-        self.gossip.on_peer_list(frame(alice.peer_id), addr,
-                                 wire(MessageType.PEER_LIST, request=True, announcements=[]))
-        self.assertEqual(len(self.sent), 1)

@@ -81,8 +81,9 @@ class LivenessTests(unittest.TestCase):
             announce_to=lambda address: None,
             observed_address=self.observed.append,
             address_proven=lambda peer_id, address: self.proven.append((peer_id, address)),
-            run_proven=lambda peer_id, boot: self.runs.append((peer_id, boot)))
-        self.runs = []
+            run_proven=lambda peer_id, boot: self.runs.append((peer_id, boot)),
+            unreachable=lambda peer_id: self.unreachable.append(peer_id))
+        self.runs, self.unreachable = [], []
 
     def pings_to(self, address):
         return [s for s in self.sent.of(MessageType.PING) if s.address == address]
@@ -275,7 +276,8 @@ class LivenessTests(unittest.TestCase):
             tick_with_helper_alive()
         self.assertIs(conn.state, State.SUSPECT)
         self.assertTrue(self.failed_links, "the path manager was not asked first")
-        self.assertIn((PEER, "suspect"), self.registry.states)
+        # a link's suspicion is this node's alone: the registry is not told
+        self.assertEqual(self.registry.states, [])
         indirect = self.sent.of(MessageType.INDIRECT_PING)
         self.assertEqual([(s.address, s.fields["target"]) for s in indirect], [(HELPER_AT, PEER)])
         self.assertEqual(self.freshness.stale, [(PEER, AT)])
@@ -284,7 +286,10 @@ class LivenessTests(unittest.TestCase):
             tick_with_helper_alive()
         self.assertNotIn(PEER, self.liveness.links)
         self.assertIs(conn.state, State.OFFLINE)
-        self.assertIn((PEER, "offline"), self.registry.states)
+        # the link is dropped; declaring the peer gone is the membership's
+        # call, told it is unreachable from here
+        self.assertEqual(self.registry.states, [])
+        self.assertEqual(self.unreachable, [PEER])
         self.assertEqual([d["peer_id"] for d in self.events.of("peer_disconnected")], [PEER])
         self.assertEqual(self.freshness.failed, [(PEER, AT)])
 
@@ -295,7 +300,7 @@ class LivenessTests(unittest.TestCase):
         self.liveness.on_indirect_ack(SimpleNamespace(sender=HELPER), HELPER_AT, SimpleNamespace(
             nonce=link.indirect_nonce, target=PEER, alive=True))
         self.assertIs(link.conn.state, State.ACTIVE)
-        self.assertIn((PEER, "online"), self.registry.states)
+        self.assertEqual(self.unreachable, [])
 
     def test_path_manager_takes_over_a_dead_path(self):
         self.path_failed_result = True

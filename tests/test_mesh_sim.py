@@ -131,7 +131,7 @@ class FreshnessTests(unittest.TestCase):
         stale = ("10.1.99.99", 7400)
         asker.overlay.liveness.connect(target.peer_id, stale)
         d = asker.overlay.freshness.peer_stale(target.peer_id, stale)
-        sim.run(5)
+        self.assertTrue(sim.run_until(lambda: d.called, timeout=5, check_every=0.05))
         answer = self.successResultOf(d)
         self.assertEqual(answer.address, target.address)
         self.assertEqual(answer.responder, seed.address)

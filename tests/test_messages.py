@@ -93,6 +93,25 @@ CASES = [
         {"nonce": 4, "target": P2, "alive": True, "rtt_us": 1500},
         struct.pack("!Q", 4) + P2 + b"\x01" + struct.pack("!I", 1500),
     ),
+    (
+        T.MEMBERSHIP,
+        {"notices": [{"kind": 1, "peer": P1, "sequence": 9, "by": P2, "signature": b""},
+                     {"kind": 3, "peer": P2, "sequence": 10, "by": bytes(16),
+                      "signature": b"S" * 64}]},
+        b"\x02" + b"\x01" + P1 + struct.pack("!Q", 9) + P2 + b"\x00"
+        + b"\x03" + P2 + struct.pack("!Q", 10) + bytes(16) + b"\x40" + b"S" * 64,
+    ),
+    (
+        T.SYNC_DIGEST,
+        {"buckets": 2, "hashes": [1, 0xFFFFFFFF]},
+        struct.pack("!HHII", 2, 2, 1, 0xFFFFFFFF),
+    ),
+    (
+        T.SYNC_SUMMARY,
+        {"buckets": 4, "indices": [1, 3], "entries": [{"peer": P1, "sequence": 7}],
+         "want": [P2]},
+        struct.pack("!HBHHB", 4, 2, 1, 3, 1) + P1 + struct.pack("!Q", 7) + b"\x01" + P2,
+    ),
     (T.RELAY_RESERVE, {"lifetime_s": 600}, struct.pack("!I", 600)),
     (
         T.RELAY_ACCEPT,

@@ -554,14 +554,17 @@ class FindPeersTests(unittest.TestCase):
         self.assertEqual(self.found(both_bits), [both])
 
     def test_online_only(self):
-        """By default only online peers match; online_only=False also offers unknown and offline ones."""
+        """
+        By default only online peers match; online_only=False also offers
+        unknown ones, never one known to be gone.
+        """
         online = self.add(10)
         unknown = self.add(11, online=False)
         offline = self.add(12)
         self.reg.set_state(offline, "offline", NOW)
         self.assertEqual(self.found(), [online])
         everyone = self.found(Requirements(online_only=False))
-        self.assertEqual(sorted(everyone), sorted([online, unknown, offline]))
+        self.assertEqual(sorted(everyone), sorted([online, unknown]))
 
     def test_ordering(self):
         """Results sort by reputation (highest first), then RTT (lowest, None last), then peer id."""

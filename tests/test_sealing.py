@@ -113,6 +113,28 @@ class SealTests(unittest.TestCase):
         for frame in frames:
             self.assertRejected("replay", o, frame)
 
+    def test_frames_from_elsewhere_cannot_block_the_proven_address(self):
+        """
+        A member sealing frames under Alice's id with counters far ahead,
+        from its own address, does not make Alice's frames from her proven
+        address look like replays; and frames first seen from elsewhere
+        cannot be replayed into the proven lane.
+        """
+        alice_at, impostor_at = ("198.51.100.1", 7400), ("203.0.113.6", 7400)
+        real = FrameSealer(KEY, ALICE)
+        forger = FrameSealer(KEY, ALICE, real.boot)
+        forger._counter = 1 << 40
+        o = opener()
+        o.proven = lambda network, sender, source: source == alice_at
+        early = real.seal(1, b"first contact")
+        o.open(early, source=("198.51.100.1", 9999))   # before her address was proven
+        o.open(forger.seal(1, b"far ahead"), source=impostor_at)
+        o.open(real.seal(1, b"hello"), source=alice_at)
+        o.open(real.seal(1, b"again"), source=alice_at)
+        with self.assertRaises(FrameRejected) as caught:
+            o.open(early, source=alice_at)
+        self.assertEqual(caught.exception.reason, "replay")
+
     def test_too_old(self):
         """A frame older than the window is refused even if never seen."""
         sealer = FrameSealer(KEY, ALICE)

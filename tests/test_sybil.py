@@ -14,7 +14,8 @@ from twisted.trial import unittest
 
 from omerta.crypto.announce import sign_announcement
 from omerta.crypto.identity import Identity
-from omerta.mesh.gossip import SYNC_WINDOW, Gossip
+from omerta.mesh.antientropy import AntiEntropy
+from omerta.mesh.gossip import Gossip
 from omerta.mesh.node import MeshConfig
 from omerta.mesh.registry import (
     AmbiguousPeer,
@@ -255,18 +256,21 @@ class IdleCostTests(SybilTestCase):
         large = self.work_per_tick()
         self.assertLessEqual(large, small + 30)
 
-    def test_sync_sends_a_window_not_the_registry(self):
-        """Anti-entropy sends at most SYNC_WINDOW records per round, and all of them over the rounds."""
+    def test_sync_sends_a_digest_not_the_registry(self):
+        """Anti-entropy sends a digest of at most 256 buckets, touching no record to build it."""
         self.fill(FLOOD)
-        seen = set()
-        for _ in range(FLOOD // SYNC_WINDOW + 1):
-            del self.sent[:]
-            self.gossip.sync()
-            entries = [e for s in self.sent.of(MessageType.PEER_LIST)
-                       for e in s.fields["announcements"]]
-            self.assertLessEqual(len(entries), SYNC_WINDOW + 1)
-            seen.update(bytes(e["announcement"]["record"]) for e in entries)
-        self.assertGreaterEqual(len(seen), FLOOD)
+        sync = AntiEntropy(self.basics, self.registry, own_sequence=lambda: 1,
+                           targets=lambda count, rng: self.active[:count],
+                           verified=lambda peer_id, address: True,
+                           send_records=lambda address, records: None,
+                           tell_gone=lambda peer_id, address: None)
+        del self.sent[:]
+        self.registry.work = 0
+        sync.sync()
+        [digest] = self.sent
+        self.assertEqual(digest.type, MessageType.SYNC_DIGEST)
+        self.assertLessEqual(len(digest.fields["hashes"]), 256)
+        self.assertEqual(self.registry.work, 0)
 
     def test_save_rebuilds_only_when_changed(self):
         """An idle registry's file is not rebuilt (the same bytes are written again); a change rebuilds it."""

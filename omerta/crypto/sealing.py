@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict, deque
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -69,6 +69,13 @@ class FrameRejected(Exception):
 
 
 class OpenedFrame(NamedTuple):
+    """
+    A frame that opened.  C{arrived} is when its datagram reached the
+    node's socket (the receiver's clock, before it was opened), None when
+    the opener was not told: a round trip ends there, not after this
+    node's own decoding.
+    """
+
     type: int
     network_id: bytes
     sender: bytes
@@ -76,6 +83,7 @@ class OpenedFrame(NamedTuple):
     counter: int
     body: bytes
     addressed: bool = False
+    arrived: float | None = None
 
 
 def _frame_key(key: NetworkKey, sender: bytes, boot: bytes) -> ChaCha20Poly1305:
@@ -146,6 +154,16 @@ class ReplayWindow:
         offset = self.top - counter
         return offset < self.SIZE and not (self.bits >> offset) & 1
 
+    @classmethod
+    def starting_at(cls, counter: int) -> "ReplayWindow":
+        """
+        A window to which every counter below C{counter} is already seen.
+        """
+        window = cls()
+        window.top = max(0, counter - 1)
+        window.bits = (1 << cls.SIZE) - 1
+        return window
+
     def mark(self, counter: int) -> None:
         if counter > self.top:
             shift = counter - self.top
@@ -156,11 +174,31 @@ class ReplayWindow:
 
 
 class _Context:
-    __slots__ = ("aead", "window")
+    """
+    One sender's run: its key, and two replay windows: one for frames from
+    an address proven to be the sender's, one for frames from anywhere
+    else.  Any member can seal frames under another's id (the network key
+    is shared); with one window, frames with counters far ahead sent from
+    its own address would make the real sender's frames look like replays.
+    When frames came from elsewhere first, the proven lane starts at the
+    first frame that arrives in it, every earlier counter counting as seen
+    (so those frames cannot be replayed into it).
+    """
+
+    __slots__ = ("aead", "windows")
 
     def __init__(self, aead: ChaCha20Poly1305):
         self.aead = aead
-        self.window = ReplayWindow()
+        self.windows: list[ReplayWindow | None] = [None, None]
+
+    def window(self, proven: bool, counter: int) -> ReplayWindow:
+        lane = 0 if proven else 1
+        window = self.windows[lane]
+        if window is None:
+            window = self.windows[lane] = (
+                ReplayWindow.starting_at(counter) if proven and self.windows[1] is not None
+                else ReplayWindow())
+        return window
 
 
 class FrameOpener:
@@ -186,6 +224,11 @@ class FrameOpener:
         # (network, sender) -> [confirmed boot or None, retired boots,
         #                       unconfirmed boots]
         self._boots: OrderedDict[tuple, list] = OrderedDict()
+        self.proven: Callable[[bytes, bytes, object], bool] = lambda network, sender, source: True
+        """
+        C{proven(network_id, sender, source)}: whether C{source} is proven
+        to be C{sender}'s address (which replay window its frames use).
+        """
 
     def set_keys(self, keys: Mapping[bytes, NetworkKey]) -> None:
         self._keys = dict(keys)
@@ -201,9 +244,11 @@ class FrameOpener:
         """
         self._local[network_id] = peer_id + boot
 
-    def open(self, frame: bytes) -> OpenedFrame:
+    def open(self, frame: bytes, arrived: float | None = None, source=None) -> OpenedFrame:
         """
-        Authenticate and decrypt C{frame}.
+        Authenticate and decrypt C{frame}; C{arrived} (when its datagram
+        reached the socket) is carried on the opened frame; C{source} is the
+        address it came from (see L{proven}; None: the proven lane).
 
         @raise FrameRejected: with the reason it was refused.
         """
@@ -222,7 +267,10 @@ class FrameOpener:
         context = self._contexts.get(ident)
         if context is None:
             context = _Context(_frame_key(key, header.sender, header.boot))
-        elif not context.window.fresh(header.counter):
+        window = context.window(
+            source is None or self.proven(header.network_id, header.sender, source),
+            header.counter)
+        if not window.fresh(header.counter):
             raise FrameRejected("replay")
         head = frame[:HEADER_SIZE]
         addressed = bool(header.type & ADDRESSED)
@@ -238,12 +286,12 @@ class FrameOpener:
         except InvalidTag:
             raise FrameRejected("misaddressed" if addressed else "bad_tag",
                                 header=header) from None
-        context.window.mark(header.counter)
+        window.mark(header.counter)
         self._remember(ident, context)
         self._note_boot(peer, header.boot)
         return OpenedFrame(
             header.type & ~ADDRESSED, header.network_id, header.sender, header.boot,
-            header.counter, body, addressed,
+            header.counter, body, addressed, arrived,
         )
 
     def _remember(self, ident: tuple, context: _Context) -> None:

@@ -23,9 +23,14 @@ KINDS = {
                     " network, peer_id, change (announcement|state|rtt|removed)",
     "peer_connected": "the first frame of a peer on a new liveness link; network, peer_id,"
                       " address",
-    "peer_suspected": "a peer missed its keepalives; network, peer_id",
-    "peer_disconnected": "a suspected peer did not answer indirect probes either (offline);"
-                         " network, peer_id",
+    "peer_suspected": "a peer of the active set missed its keepalives; network, peer_id",
+    "peer_disconnected": "a suspected peer of the active set did not answer indirect probes"
+                         " either: its link is dropped (the peer is not declared gone for"
+                         " that alone: see member_suspected); network, peer_id",
+    "member_suspected": "this node began to suspect a member (its own evidence or a"
+                        " rumour); it is declared gone unless it refutes; network, peer_id",
+    "peer_gone": "a member is known gone: declared dead after an unrefuted suspicion, or"
+                 " it left; network, peer_id, reason (failed|left)",
     "path_changed": "a peer's path moved to another address or relay session;"
                     " network, peer_id, old, new, path_kind (direct|punched|relayed)",
     "bootstrap_reached": "a bootstrap peer answered for the first time; spec, peer_id",

@@ -22,8 +22,13 @@ Signed announcements and their dissemination in one network.
   C{source_full}, counted as C{gossip_announcements{outcome=...}}) and what
   it refuses is never passed on.  Only the list this node asks for while it
   knows fewer than C{degree} peers (it is joining) is charged to nobody.
-- Anti-entropy sends a rotating window of C{SYNC_WINDOW} records, not the
-  whole registry, so its cost does not grow with idle records.
+- Anti-entropy compares digests (L{omerta.mesh.antientropy}); this module
+  sends the records it finds missing.
+- The sequence number is this node's incarnation: L{Gossip.refute} signs a
+  new announcement when a notice says this node is suspected or dead
+  (L{omerta.mesh.membership}).  A record that arrives for a peer known
+  dead here, under the sequence it died with, is answered with the news
+  (C{gone_known}).
 
 L{Gossip} is built with L{Basics} and its narrow collaborators (the
 registry, what this node says of itself, callables for targets, proofs and
@@ -51,9 +56,6 @@ from omerta.wire.messages import MessageType, PathKind
 # Size budget of one PEER_LIST datagram body (keeps frames under ~1200 B).
 PEER_LIST_BUDGET = 1100
 _ENTRY_OVERHEAD = 1 + 2 + 64
-# records per anti-entropy round (every record goes out once per
-# len(registry) / SYNC_WINDOW rounds)
-SYNC_WINDOW = 64
 # how long after asking for a full list as a newcomer its answer is
 # charged to nobody, and how many such requests are remembered
 NEWCOMER_WINDOW = 30.0
@@ -121,6 +123,7 @@ class Gossip:
         own_endpoints: Callable[[], list[tuple]],
         own_relayed_paths: Callable[[], list[dict]],
         bootstrap_answered: Callable[[tuple, bytes], None],
+        gone_known: Callable[[bytes, Any], None] = lambda peer_id, address: None,
         rng: random.Random | None = None,
     ):
         """
@@ -137,6 +140,9 @@ class Gossip:
             path dicts).
         @param bootstrap_answered: C{bootstrap_answered(addr, peer_id)},
             called when a peer answers with its own announcement.
+        @param gone_known: C{gone_known(peer_id, address)}: an address sent
+            the record of a peer this node holds as gone (under the same or
+            a newer sequence).
         """
         self.basics = basics
         self.config = basics.config
@@ -149,6 +155,7 @@ class Gossip:
         self._own_endpoints = own_endpoints
         self._own_relayed_paths = own_relayed_paths
         self._bootstrap_answered = bootstrap_answered
+        self._gone_known = gone_known
         self.rng = rng or random.Random()
         self.rumours: dict[bytes, Rumour] = {}
         self._sequence = int(self.clock.seconds() * 1000)
@@ -192,6 +199,21 @@ class Gossip:
             self.rumours[node.identity.peer_id] = Rumour(self._own, 0, self._limit())
         return self._own
 
+    @property
+    def sequence(self) -> int:
+        """The sequence (incarnation) of this node's current announcement."""
+        self.own_announcement()
+        return self._sequence
+
+    def refute(self, address=None) -> None:
+        """
+        A notice says this node is suspected or dead: a newer announcement
+        (it spreads as a rumour), also straight back to C{address}.
+        """
+        self.reannounce()
+        if address is not None:
+            self.announce_to(address)
+
     def reannounce(self) -> None:
         """
         Periodic: a fresh sequence number and timestamp, spread as a rumour.
@@ -214,6 +236,10 @@ class Gossip:
         registry = self.registry
         outcome = registry.accept(signed, self.clock.seconds(), source=source)
         self.basics.metrics.inc("gossip_announcements", outcome=str(outcome.value))
+        if outcome in (Outcome.DUPLICATE, Outcome.STALE) and source is not None:
+            record = registry.get(announcer(signed))
+            if record is not None and record.state == "offline":
+                self._gone_known(record.peer_id, source)
         if outcome in (Outcome.NEW, Outcome.UPDATED):
             record = registry.get(announcer(signed))
             link = self._active_link(record.peer_id)
@@ -235,9 +261,9 @@ class Gossip:
                 self._bootstrap_answered(addr, frame.sender)
 
     def on_peer_list(self, frame, addr, message) -> None:
-        source = None if self._asked_for(addr) else addr
+        asked = self._asked_for(addr)
         for entry in message.announcements:
-            outcome = self.accept(entry.announcement, entry.hops, source=source)
+            outcome = self.accept(entry.announcement, entry.hops, source=None if asked else addr)
             if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
                 if announcer(entry.announcement) == frame.sender:
                     self._bootstrap_answered(addr, frame.sender)
@@ -301,19 +327,6 @@ class Gossip:
             request=request,
             announcements=[{"hops": r.hops, "announcement": r.signed} for r in batch],
         )
-
-    def sync(self) -> None:
-        """
-        Anti-entropy: every C{sync_interval}, a peer-list exchange with one
-        random proven active peer, so a node that no rumour reached (or that
-        missed some) catches up: it answers with its list, ours is the next
-        window of C{SYNC_WINDOW} records (all of them over successive
-        rounds), so an idle record costs a round nothing.
-        """
-        targets = self._targets(1, self.rng)
-        for peer_id, address in targets:
-            self.send_peer_list(address, request=True, peer_id=peer_id,
-                                records=self.registry.window(SYNC_WINDOW))
 
     def round(self) -> None:
         """

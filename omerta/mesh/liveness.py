@@ -12,10 +12,19 @@ offline.
   C{suspect_after_missed} the peer is *suspected*, and one or two other active
   peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
   any frame from the peer, clears the suspicion; silence for
-  C{indirect_timeout} makes it *offline*: it leaves the active set, its
-  endpoint is reported failed, and a replacement is found.  So one lossy link
-  does not evict a live peer.
-- Offline peers are forgotten after C{offline_cleanup} seconds.
+  C{indirect_timeout} (times 1 + the local health score) drops it from the
+  active set, its endpoint is reported failed, a replacement is found, and
+  the membership layer is told it is unreachable
+  (L{omerta.mesh.membership}: a suspicion the whole network checks; only
+  that declares a peer gone).  So one lossy link does not evict a live peer.
+- A keepalive is skipped when the peer was heard within the last half
+  period (its own keepalive crossed ours): about one ping and one pong per
+  link per period.
+- Local health (Lifeguard): a score from 0 to L{MAX_HEALTH}, raised when a
+  peer of ours stops answering or this node has to refute a suspicion of
+  itself, lowered by each answered keepalive.  A node whose own link is bad
+  sees many peers stop answering at once; its score stretches the time it
+  gives a suspected peer, so it does not accuse healthy ones.
 
 Only the peer itself can prove anything about itself.  Frames are sealed
 with the network key, which every member holds, so a frame's sender id says
@@ -47,6 +56,7 @@ from omerta.wire.envelope import MIN_FRAME_SIZE
 from omerta.wire.messages import PING_PROVE, MessageType, build_body
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
+MAX_HEALTH = 8
 
 _BARE_PING = len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[],
                             padding=b""))
@@ -137,7 +147,8 @@ class Liveness:
                  announce_to: Callable[[object], None],
                  observed_address: Callable[[tuple], None],
                  address_proven: Callable[[bytes, object], None],
-                 run_proven: Callable[[bytes, bytes], None] = lambda peer_id, boot: None):
+                 run_proven: Callable[[bytes, bytes], None] = lambda peer_id, boot: None,
+                 unreachable: Callable[[bytes], None] = lambda peer_id: None):
         """
         @param freshness: the overlay's L{omerta.mesh.freshness.Freshness}
             (contacts piggybacked on pings and pongs, stale paths reported).
@@ -155,6 +166,8 @@ class Liveness:
         @param run_proven: C{run_proven(peer_id, boot)}: an identity proof
             showed C{boot} is the peer's current run (its earlier runs can be
             refused from now on).
+        @param unreachable: C{unreachable(peer_id)}: neither this node nor
+            its helpers reached the peer (its link was dropped).
         """
         self.basics = basics
         self.clock = basics.clock
@@ -173,6 +186,8 @@ class Liveness:
         self._observed_address = observed_address
         self._address_proven = address_proven
         self._run_proven = run_proven
+        self._unreachable = unreachable
+        self.local_health = 0
         self.prover = basics.prover
         self.rng = rng or random.Random()
         self.links: dict[bytes, Link] = {}
@@ -288,12 +303,14 @@ class Liveness:
     def connect(self, peer_id: bytes, address: tuple) -> None:
         """
         Start keeping C{peer_id} alive at C{address} (it becomes active at
-        once; the usual missed-keepalive rules decide if it answers).
+        once; the caller pings it, and the usual missed-keepalive rules
+        decide at the end of the first period whether it answered).
         """
         now = self.clock.seconds()
         if peer_id in self.links or len(self.links) >= self.config.max_active:
             return
-        self._link(peer_id, address, now, now, initiated=True).heard_this_period = False
+        self._link(peer_id, address, now, now + self.config.keepalive,
+                   initiated=True).heard_this_period = False
 
     def _jitter(self) -> float:
         return self.rng.uniform(0, self.config.keepalive)
@@ -358,7 +375,6 @@ class Liveness:
         link.missed = 0
         if was_suspect:
             link.indirect_nonce = None
-            self.registry.set_state(link.peer_id, "online", now)
 
     def switch(self, link: Link, address, proven: bool) -> None:
         """
@@ -474,6 +490,7 @@ class Liveness:
             self._move(link, addr, now=self.clock.seconds())
         if link is not None and link.address == addr:
             link.conn.measured(rtt)
+            self.health(-1)
             if not link.verified and sent[2] == addr:
                 # A pong to a nonce we sent to this address: the address
                 # really leads to this peer (return routability).
@@ -529,9 +546,15 @@ class Liveness:
             self.metrics.inc("liveness_indirect", result="alive")
             self._clear_suspicion(link, self.clock.seconds())
 
+    def health(self, change: int) -> None:
+        """
+        Raise (+1) or lower (-1) the local health score, within 0 and
+        L{MAX_HEALTH}.
+        """
+        self.local_health = min(MAX_HEALTH, max(0, self.local_health + change))
+
     def _suspect(self, link: Link, now: float) -> None:
         link.conn.suspect(now)
-        self.registry.set_state(link.peer_id, "suspect", now)
         self.metrics.inc("liveness_suspected")
         link.indirect_nonce = int.from_bytes(os.urandom(8), "big")
         link.second_round = False
@@ -553,16 +576,25 @@ class Liveness:
         link.conn.heard()
         link.indirect_nonce = None
         link.missed = 0
-        self.registry.set_state(link.peer_id, "online", now)
 
     def _declare_offline(self, link: Link, now: float) -> None:
-        del self.links[link.peer_id]
-        link.conn.offline()
-        self.registry.set_state(link.peer_id, "offline", now)
         self.metrics.inc("liveness_offline")
-        self.emit("peer_disconnected", peer_id=link.peer_id)
+        self.health(+1)
+        self.drop(link.peer_id)
         if not link.conn.path.relayed:
             self.freshness.path_failed(link.peer_id, link.address)
+        self._unreachable(link.peer_id)
+
+    def drop(self, peer_id: bytes) -> None:
+        """
+        Take a peer out of the active set (unreachable from here, or known
+        gone); a replacement is found on the next tick.
+        """
+        link = self.links.pop(peer_id, None)
+        if link is None:
+            return
+        link.conn.offline()
+        self.emit("peer_disconnected", peer_id=peer_id)
 
     # periodic
 
@@ -591,9 +623,10 @@ class Liveness:
                 link.missed = 0
                 continue
             if link.suspected_at is not None:
-                if now - link.suspected_at >= config.indirect_timeout:
+                patience = config.indirect_timeout * (1 + self.local_health)
+                if now - link.suspected_at >= patience:
                     self._declare_offline(link, now)
-                elif not link.second_round and now - link.suspected_at >= config.indirect_timeout / 2:
+                elif not link.second_round and now - link.suspected_at >= patience / 2:
                     link.second_round = True
                     self._ask_helpers(link)
                     self.ping(link.peer_id, link.address)
@@ -618,7 +651,7 @@ class Liveness:
                         link.first_unanswered = None
                         continue
                     self._suspect(link, now)
-                else:
+                elif now - link.last_heard >= config.keepalive / 2:
                     self.ping(link.peer_id, link.address)
         self._refill(now)
 
@@ -640,6 +673,22 @@ class Liveness:
             self.connect(peer_id, address)
             self._announce_to(address)
             self.ping(peer_id, address)
+
+    def reconnect(self) -> None:
+        """
+        Periodic (every C{reconnect_interval}): ping one random peer
+        declared dead (not one that left), so a partition that healed, or a
+        peer that was only cut off, is found again: its answer makes the
+        membership tell it, and it refutes.
+        """
+        def wanted(record) -> bool:
+            return (record.state == "offline" and record.gone == "failed"
+                    and record.peer_id not in self.links
+                    and self._address_of(record.peer_id) is not None)
+
+        for record in self.registry.sample(1, self.rng, wanted):
+            self.metrics.inc("liveness_reconnects")
+            self.ping(record.peer_id, self._address_of(record.peer_id), contacts=False)
 
     def gossip_targets(self, count: int, rng: random.Random) -> list[tuple[bytes, tuple]]:
         healthy = [(l.peer_id, l.address) for l in self.links.values()

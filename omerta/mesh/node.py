@@ -34,9 +34,9 @@ class MeshConfig:
     """
 
     # liveness
-    keepalive: float = 15.0
-    suspect_after_missed: int = 3
-    indirect_timeout: float = 5.0
+    keepalive: float = 2.0
+    suspect_after_missed: int = 1
+    indirect_timeout: float = 1.5
     indirect_helpers: int = 2
     max_indirect_probes: int = 64
     degree: int = 8
@@ -44,7 +44,7 @@ class MeshConfig:
     offline_cleanup: float = 3600.0
     max_outstanding_pings: int = 1024
     ping_retries: int = 2
-    ping_retry: float = 2.0
+    ping_retry: float = 0.5
     # an address a peer sends from, not proven yet, is challenged again at
     # most this often while frames keep coming from it
     challenge_retry: float = 1.0
@@ -56,7 +56,15 @@ class MeshConfig:
     fanout: int = 3
     retransmit_mult: int = 4
     gossip_hop_limit: int = 8
-    sync_interval: float = 30.0
+    sync_interval: float = 5.0
+    # membership (SWIM suspicion with Lifeguard's timeouts): a suspicion
+    # lasts suspicion_mult * log10(n) seconds with suspicion_confirmations
+    # independent suspecters, up to suspicion_max_mult times that with one
+    suspicion_mult: float = 1.0
+    suspicion_max_mult: float = 4.0
+    suspicion_confirmations: int = 3
+    # a peer declared dead is pinged again, one at a time, this often
+    reconnect_interval: float = 10.0
     # a full peer list is sent to one member at most this often on request
     # (a newcomer whose first list lost a datagram asks again)
     peer_list_interval: float = 2.0
@@ -285,8 +293,14 @@ class MeshNode:
         which runs of peers are proven (L{run_proven}).
         """
         self.opener = opener
+        opener.proven = self._proven_source
         for overlay in self.overlays.values():
             opener.set_local(overlay.network_id, self.peer_id, overlay.sealer.boot)
+
+    def _proven_source(self, network_id: bytes, sender: bytes, source) -> bool:
+        """Whether a pong proved C{source} is C{sender}'s address in a network."""
+        overlay = self.overlays.get(network_id)
+        return overlay is not None and overlay.liveness.verified(sender, source)
 
     def misaddressed(self, network_id: bytes, sender: bytes, addr: Address, size: int) -> None:
         """

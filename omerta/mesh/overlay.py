@@ -16,10 +16,12 @@ from omerta import storage
 from omerta.crypto.network import NetworkKey
 from omerta.crypto.proof import Prover
 from omerta.crypto.sealing import FrameSealer, OpenedFrame
+from omerta.mesh.antientropy import AntiEntropy
 from omerta.mesh.context import Basics
 from omerta.mesh.freshness import Freshness
 from omerta.mesh.gossip import Gossip
 from omerta.mesh.liveness import Liveness
+from omerta.mesh.membership import Membership
 from omerta.mesh.messaging import Messaging
 from omerta.mesh.paths import PathManager
 from omerta.mesh.peer import Connections, is_relayed
@@ -81,7 +83,8 @@ class Overlay:
             announce_to=lambda address: self.gossip.announce_to(address),
             observed_address=node.observed_address,
             address_proven=self.address_proven,
-            run_proven=self.run_proven)
+            run_proven=self.run_proven,
+            unreachable=lambda peer_id: self.membership.suspect(peer_id))
         self.paths = PathManager(
             self.basics, self.connections, self.registry,
             liveness=self.liveness, relays=self.relays, freshness=self.freshness,
@@ -101,7 +104,24 @@ class Overlay:
             verified=lambda peer_id, address: self.liveness.verified(peer_id, address),
             active_link=lambda peer_id: self.liveness.links.get(peer_id),
             own_endpoints=self.own_endpoints, own_relayed_paths=self.own_relayed_paths,
-            bootstrap_answered=self.bootstrap_answered)
+            bootstrap_answered=self.bootstrap_answered,
+            gone_known=lambda peer_id, address: self.membership.tell(peer_id, address))
+        self.membership = Membership(
+            self.basics, self.registry, rng=rng,
+            own_sequence=lambda: self.gossip.sequence,
+            refute=self.gossip.refute,
+            targets=lambda n, r: self.liveness.gossip_targets(n, r),
+            link_address=self.liveness.address_of,
+            drop_link=self.liveness.drop,
+            health=self.liveness.health)
+        self.antientropy = AntiEntropy(
+            self.basics, self.registry, rng=rng,
+            own_sequence=lambda: self.gossip.sequence,
+            targets=lambda n, r: self.liveness.gossip_targets(n, r),
+            verified=self.liveness.verified,
+            send_records=lambda address, records: self.gossip.send_peer_list(
+                address, request=False, records=records),
+            tell_gone=self.membership.tell)
         self.messaging = Messaging(self)
         self._loops: list[LoopingCall] = []
         self._handlers = {
@@ -111,6 +131,9 @@ class Overlay:
             MessageType.INDIRECT_ACK: self.liveness.on_indirect_ack,
             MessageType.ANNOUNCE: self.gossip.on_announce,
             MessageType.PEER_LIST: self.gossip.on_peer_list,
+            MessageType.MEMBERSHIP: self.membership.on_membership,
+            MessageType.SYNC_DIGEST: self.antientropy.on_digest,
+            MessageType.SYNC_SUMMARY: self.antientropy.on_summary,
             MessageType.FRESHNESS_QUERY: self.freshness.on_query,
             MessageType.FRESHNESS_ANSWER: self.freshness.on_answer,
             MessageType.PATH_FAILED: self.freshness.on_path_failed,
@@ -205,6 +228,10 @@ class Overlay:
                 # Only a proven address becomes what others are told.
                 self.freshness.heard(sender, addr, now)
                 self.registry.heard_from(sender, addr, now)
+            record = self.registry.get(sender)
+            if record is not None and record.state == "offline":
+                # declared gone, yet here it is: it should refute
+                self.membership.tell(sender, addr)
         handler(frame, addr, message)
 
     def run_proven(self, peer_id: bytes, boot: bytes) -> None:
@@ -252,9 +279,11 @@ class Overlay:
         config = self.config
         for function, interval in (
             (self.gossip.round, config.gossip_interval),
+            (self.membership.round, config.gossip_interval),
             (self.tick, 1.0),
             (self.gossip.reannounce, config.reannounce),
-            (self.gossip.sync, config.sync_interval),
+            (self.antientropy.sync, config.sync_interval),
+            (self.liveness.reconnect, config.reconnect_interval),
         ):
             loop = LoopingCall(function)
             loop.clock = self.clock
@@ -274,6 +303,8 @@ class Overlay:
         self.messaging.sessions.expire(now)
 
     def stop(self) -> None:
+        if self._loops:
+            self.membership.leave()
         for loop in self._loops:
             if loop.running:
                 loop.stop()

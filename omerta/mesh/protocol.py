@@ -4,6 +4,11 @@ The datagram protocol on a node's single UDP socket.
 It is a thin adapter: classify the datagram, open omerta frames, hand what is
 valid to a controller and count everything else.  C{datagramReceived} never
 raises.
+
+Every frame handed on carries when its datagram reached the socket
+(L{OpenedFrame.arrived}), read from the clock before anything else is done
+with it: a round trip measured to there is the path's and the peer's, not
+this node's own opening and decoding of the answer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ Address = tuple[str, int]
 
 
 class FrameHandler(TypingProtocol):
+    clock: object  # IReactorTime: arrival times, unless the protocol is given a clock
+
     def frame_received(self, frame: OpenedFrame, addr: Address) -> None: ...
 
     def relay_route(self, header: bytes, addr: Address): ...
@@ -38,6 +45,9 @@ class NodeProtocol(DatagramProtocol):
     @param stun_handler: called with C{(datagram, addr)} for STUN messages, or
         None when the node does not speak STUN yet (they are then counted as
         dropped with reason C{stun_unhandled}).
+    @param clock: an C{IReactorTime} that stamps each datagram's arrival;
+        the handler's C{clock} when None (none there either: frames carry
+        no arrival time).
     """
 
     log = Logger()
@@ -49,7 +59,10 @@ class NodeProtocol(DatagramProtocol):
         handler: FrameHandler,
         metrics: Metrics,
         stun_handler: Callable[[bytes, Address], None] | None = None,
+        clock=None,
     ):
+        clock = clock if clock is not None else getattr(handler, "clock", None)
+        self._now = clock.seconds if clock is not None else lambda: None
         self.opener = opener
         self.handler = handler
         self.metrics = metrics
@@ -57,23 +70,24 @@ class NodeProtocol(DatagramProtocol):
         self.relay = None  # a RelayServer: relayed data it forwards never goes further
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
+        arrived = self._now()
         try:
             if datagram.startswith(RELAY_PREFIX):
                 # The relayed-data fast path: a dict lookup and a send.
                 relay = self.relay
                 if relay is None or not relay.forward(datagram, addr):
-                    self._relayed(datagram, (addr[0], addr[1]))
+                    self._relayed(datagram, (addr[0], addr[1]), arrived)
                 return
             if datagram.startswith(TUNNEL_PREFIX):
                 # Tunnel data: opened with the pair's session, not the network key.
                 self.handler.tunnel_received(datagram)
                 return
-            self._dispatch(datagram, (addr[0], addr[1]))
+            self._dispatch(datagram, (addr[0], addr[1]), arrived)
         except Exception:
             self.metrics.inc("drops", reason="internal_error")
             self.log.failure("Error handling a datagram from {addr}", addr=addr)
 
-    def _relayed(self, datagram: bytes, addr: Address) -> None:
+    def _relayed(self, datagram: bytes, addr: Address, arrived: float | None) -> None:
         """
         Relayed data for this node: open the payload and hand it on as a
         frame from the session's peer, arrived over the session's route.
@@ -88,7 +102,7 @@ class NodeProtocol(DatagramProtocol):
         if datagram.startswith(TUNNEL_PREFIX, RELAY_HEADER_SIZE):
             self.handler.tunnel_received(datagram[RELAY_HEADER_SIZE:], session)
             return
-        frame = self._open(datagram[RELAY_HEADER_SIZE:], session.route)
+        frame = self._open(datagram[RELAY_HEADER_SIZE:], session.route, arrived)
         if frame is None:
             return
         if frame.sender != session.peer_id or frame.network_id != session.network_id:
@@ -97,12 +111,12 @@ class NodeProtocol(DatagramProtocol):
         metrics.inc("frames_in_relayed")
         self.handler.frame_received(frame, session.route)
 
-    def _open(self, datagram: bytes, addr) -> OpenedFrame | None:
+    def _open(self, datagram: bytes, addr, arrived: float | None) -> OpenedFrame | None:
         """
         Open a sealed frame, or count why not and return None.
         """
         try:
-            frame = self.opener.open(datagram)
+            frame = self.opener.open(datagram, arrived, addr)
         except FrameRejected as e:
             self.metrics.inc("drops", reason=e.reason)
             if e.reason == "misaddressed":
@@ -112,13 +126,13 @@ class NodeProtocol(DatagramProtocol):
         self.metrics.inc("frames_in")
         return frame
 
-    def _dispatch(self, datagram: bytes, addr: Address) -> None:
+    def _dispatch(self, datagram: bytes, addr: Address, arrived: float | None) -> None:
         metrics = self.metrics
         metrics.inc("packets_in")
         metrics.inc("bytes_in", len(datagram))
         kind = classify(datagram)
         if kind is Kind.FRAME:
-            frame = self._open(datagram, addr)
+            frame = self._open(datagram, addr, arrived)
             if frame is not None:
                 self.handler.frame_received(frame, addr)
         elif kind is Kind.STUN:

@@ -54,12 +54,24 @@ gossip delivers each record many times and a check costs ~90 us):
     list it asked for as a newcomer), are never evicted by newcomers;
 10. otherwise the record is stored: C{new} or C{updated}.
 
+The sequence number is the peer's incarnation (SWIM): a newer announcement
+refutes whatever was believed of an older one, so a peer C{suspect} or
+C{offline} (declared dead, or left) under sequence C{s} is alive again
+(C{unknown} until heard from) once an announcement above C{s} is accepted,
+and only then: a frame from a peer declared offline does not revive it
+(L{omerta.mesh.membership} asks the peer to refute instead).
+
+A digest of who is alive (L{PeerRegistry.digest}: 256 buckets by the first
+byte of the peer id, each the XOR of a 64-bit hash of (peer id, sequence)
+of its live records, folded to fewer buckets on request) is kept as records
+change, so the digest-based anti-entropy costs O(buckets), not O(records).
+
 Periodic work costs nothing per idle record: expiry pops a heap, offline
 clean-up reads an index of offline peers in the order they went offline,
 the statistics are counters kept as records change, L{PeerRegistry.save}
 writes only when something it writes changed, and
-L{PeerRegistry.sample} / L{PeerRegistry.window} pick records without
-listing them all.
+L{PeerRegistry.sample} picks records without listing them all, and the
+anti-entropy digest is kept as records change.
 
 Reputation is an exponentially weighted moving average in [0, 1], see
 L{PeerRegistry.record_outcome}.
@@ -70,6 +82,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 import heapq
 import ipaddress
 import json
@@ -107,6 +120,16 @@ MAX_RECORD_SIZE = 0xFFFF
 SIGNATURE_SIZE = 64
 MIN_PREFIX = 4
 INITIAL_REPUTATION = 0.5
+DIGEST_LEAVES = 256
+"""Buckets of the live-record digest (by the first byte of the peer id)."""
+
+
+def digest_hash(peer_id: bytes, sequence: int) -> int:
+    """
+    The 64-bit hash of one live record in the digest.
+    """
+    return int.from_bytes(hashlib.blake2b(peer_id + sequence.to_bytes(8, "big"),
+                                          digest_size=8).digest(), "big")
 
 
 class Outcome(enum.StrEnum):
@@ -252,6 +275,7 @@ class PeerRecord:
     reputation: float = INITIAL_REPUTATION
     learned_via: bytes | None = None
     source: str | None = None  # the source IP key that introduced it (None: none charged)
+    gone: str | None = None  # while offline: "failed" (declared dead) or "left"
 
     @property
     def peer_id_text(self) -> str:
@@ -285,6 +309,7 @@ class PeerRecord:
             ],
             "resources": self.resources.as_dict(),
             "state": str(self.state),
+            "gone": self.gone,
             "state_for_s": round(now - self.state_since, 3),
             "endpoint": None if self.endpoint is None else str(Endpoint(*self.endpoint)),
             "last_heard_ago_s": None if self.last_heard is None else round(now - self.last_heard, 3),
@@ -442,8 +467,10 @@ class PeerRegistry:
         self._offline: dict[bytes, float] = {}  # offline peers, in the order they went offline
         self._order: list[bytes] = []  # peer ids, for sampling without listing
         self._index: dict[bytes, int] = {}
-        self._cursor = 0
         self._state_counts: Counter = Counter()
+        # live records by digest bucket, and each bucket's XOR of hashes
+        self._leaves = [0] * DIGEST_LEAVES
+        self._live: list[dict[bytes, None]] = [{} for _ in range(DIGEST_LEAVES)]
         self._capability_counts: Counter = Counter()
         self._version = 0  # grows when anything save() writes changes
         self._saved: tuple[int, bytes] | None = None  # (version, the file's bytes)
@@ -582,8 +609,12 @@ class PeerRegistry:
         )
         if held is not None:
             peer.first_seen = held.first_seen
-            peer.state = held.state
-            peer.state_since = held.state_since
+            if held.state in (PeerState.SUSPECT, PeerState.OFFLINE):
+                # a newer incarnation refutes the suspicion or the death
+                self._offline.pop(peer_id, None)
+            else:
+                peer.state = held.state
+                peer.state_since = held.state_since
             peer.last_heard = held.last_heard
             peer.endpoint = held.endpoint
             peer.rtt = held.rtt
@@ -706,7 +737,19 @@ class PeerRegistry:
         self._state_counts[peer.state] += 1
         for flag in _flags(peer.capabilities):
             self._capability_counts[flag] += 1
+        if peer.state != PeerState.OFFLINE:
+            self._digest_add(peer)
         self._version += 1
+
+    def _digest_add(self, peer: PeerRecord) -> None:
+        bucket = peer.peer_id[0]
+        self._live[bucket][peer.peer_id] = None
+        self._leaves[bucket] ^= digest_hash(peer.peer_id, peer.sequence)
+
+    def _digest_remove(self, peer: PeerRecord) -> None:
+        bucket = peer.peer_id[0]
+        if self._live[bucket].pop(peer.peer_id, 0) is None:
+            self._leaves[bucket] ^= digest_hash(peer.peer_id, peer.sequence)
 
     def _unindex(self, peer: PeerRecord) -> None:
         """
@@ -714,6 +757,8 @@ class PeerRegistry:
         """
         self._drop_name(peer)
         self._state_counts[peer.state] -= 1
+        if peer.state != PeerState.OFFLINE:
+            self._digest_remove(peer)
         for flag in _flags(peer.capabilities):
             self._capability_counts[flag] -= 1
         self._version += 1
@@ -723,15 +768,17 @@ class PeerRegistry:
     def heard_from(self, peer_id: bytes, endpoint: Address | None, now: float) -> bool:
         """
         A frame arrived from C{peer_id} (directly from C{endpoint}, or
-        through a relay when C{endpoint} is None): the peer is online.  Only
-        peers with a verified announcement are tracked.
+        through a relay when C{endpoint} is None): the peer is online, unless
+        it was declared offline (only a newer announcement revives it).
+        Only peers with a verified announcement are tracked.
 
         @return: False if the peer is not in the registry.
         """
         peer = self._peers.get(peer_id)
         if peer is None:
             return False
-        self._set_state(peer, PeerState.ONLINE, now)
+        if peer.state != PeerState.OFFLINE:
+            self._set_state(peer, PeerState.ONLINE, now)
         if peer.last_heard is None:
             self._version += 1  # contacted: no longer evictable, and saved so
         peer.last_heard = now
@@ -755,9 +802,11 @@ class PeerRegistry:
         self._changed(peer_id, "rtt")
         return True
 
-    def set_state(self, peer_id: bytes, state: str, now: float) -> bool:
+    def set_state(self, peer_id: bytes, state: str, now: float,
+                  gone: str | None = None) -> bool:
         """
-        Set a peer's liveness state (one of L{PeerState}).
+        Set a peer's liveness state (one of L{PeerState}); C{gone} says why
+        a peer is offline ("failed" or "left").
 
         @return: False if the peer is not in the registry.
         @raise ValueError: an unknown state.
@@ -766,18 +815,28 @@ class PeerRegistry:
         peer = self._peers.get(peer_id)
         if peer is None:
             return False
-        self._set_state(peer, state, now)
+        self._set_state(peer, state, now, gone)
         return True
 
-    def _set_state(self, peer: PeerRecord, state: PeerState, now: float) -> None:
+    def _set_state(self, peer: PeerRecord, state: PeerState, now: float,
+                   gone: str | None = None) -> None:
+        if state == PeerState.OFFLINE:
+            peer.gone = gone or peer.gone or "failed"
+        else:
+            peer.gone = None
         if peer.state != state:
             self._state_counts[peer.state] -= 1
             self._state_counts[state] += 1
+            if state == PeerState.OFFLINE:
+                self._digest_remove(peer)
+            elif peer.state == PeerState.OFFLINE:
+                self._digest_add(peer)
             peer.state = state
             peer.state_since = now
             self._offline.pop(peer.peer_id, None)
             if state == PeerState.OFFLINE:
                 self._offline[peer.peer_id] = now
+            self._version += 1
             self._changed(peer.peer_id, "state")
 
     def restore_reputation(self, peer_id: bytes, reputation: float) -> bool:
@@ -990,23 +1049,29 @@ class PeerRegistry:
                 found[peer.peer_id] = peer
         return list(found.values())
 
-    def window(self, count: int) -> list[PeerRecord]:
+    def digest(self, buckets: int, extra: tuple = ()) -> list[int]:
         """
-        The next C{count} records in a rotating order: successive calls go
-        round the whole registry, each costing O(count) (anti-entropy sends
-        a window, not everything).
+        The live-record digest folded to C{buckets} (a power of two up to
+        L{DIGEST_LEAVES}; bucket i holds the peers whose id starts with a
+        byte b with b % buckets == i), each value cut to 32 bits.
+        C{extra}: (peer id, sequence) pairs counted as if held (this node's
+        own record).
         """
-        order = self._order
-        if not order:
-            return []
-        count = min(count, len(order))
-        start = self._cursor % len(order)
-        ids = order[start:start + count]
-        if len(ids) < count:
-            ids += order[: count - len(ids)]
-        self._cursor = (start + count) % len(order)
-        self.work += len(ids)
-        return [self._peers[peer_id] for peer_id in ids]
+        folded = [0] * buckets
+        for leaf, value in enumerate(self._leaves):
+            folded[leaf % buckets] ^= value
+        for peer_id, sequence in extra:
+            folded[peer_id[0] % buckets] ^= digest_hash(peer_id, sequence)
+        return [value & 0xFFFFFFFF for value in folded]
+
+    def bucket(self, index: int, buckets: int) -> list[PeerRecord]:
+        """
+        The live records in bucket C{index} of the digest folded to C{buckets}.
+        """
+        found = [self._peers[peer_id] for leaf in range(index, DIGEST_LEAVES, buckets)
+                 for peer_id in self._live[leaf]]
+        self.work += len(found)
+        return found
 
     def find_peers(
         self,
@@ -1017,13 +1082,14 @@ class PeerRegistry:
         """
         Peers whose announced resources meet every minimum of
         C{requirements}, best first: highest reputation, then lowest RTT
-        (unknown RTT last), then peer id.  Never this node; with C{now},
-        never a peer whose announcement has expired.
+        (unknown RTT last), then peer id.  Never this node or a peer known
+        to be gone; with C{now}, never a peer whose announcement has expired.
         """
         found = [
             peer
             for pid, peer in self._peers.items()
             if pid != self.own_peer_id
+            and peer.state != PeerState.OFFLINE
             and requirements.met_by(peer)
             and (now is None or not peer.expired(now))
         ]

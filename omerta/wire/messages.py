@@ -38,6 +38,9 @@ class MessageType(enum.IntEnum):
     PATH_FAILED = 0x0A
     INDIRECT_PING = 0x0B
     INDIRECT_ACK = 0x0C
+    MEMBERSHIP = 0x0D
+    SYNC_DIGEST = 0x0E
+    SYNC_SUMMARY = 0x0F
     RELAY_RESERVE = 0x10
     RELAY_ACCEPT = 0x11
     RELAY_DENY = 0x12
@@ -55,6 +58,14 @@ class MessageType(enum.IntEnum):
     HANDSHAKE_INIT = 0x38
     HANDSHAKE_RESP = 0x39
     SESSION_DATA = 0x3A
+
+
+class NoticeKind(enum.IntEnum):
+    """What a MEMBERSHIP notice says of a peer (L{omerta.mesh.membership})."""
+
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
 
 
 class NatType(enum.IntEnum):
@@ -186,6 +197,19 @@ Zero bytes that make a request as large as the answer it asks for, so an
 answer to an address not proven yet is never larger than its request.
 """
 
+Notice = c.Struct(
+    "kind" / c.Int8ub,
+    "peer" / PEER_ID,
+    "sequence" / c.Int64ub,
+    "by" / PEER_ID,
+    "signature" / c.Prefixed(c.Int8ub, c.GreedyBytes),
+)
+"""
+A membership notice about C{peer}'s announcement number C{sequence}:
+suspected or declared dead by C{by}, or left (then C{signature} is the
+peer's own, L{omerta.mesh.membership.leave_signature}; empty otherwise).
+"""
+
 Candidate = c.Struct(
     "kind" / c.Int8ub,
     "endpoint" / ENDPOINT,
@@ -256,6 +280,20 @@ BODIES: dict[MessageType, c.Construct] = {
         "target" / PEER_ID,
         "alive" / c.Flag,
         "rtt_us" / c.Int32ub,
+    ),
+    MessageType.MEMBERSHIP: c.Struct(
+        "notices" / c.PrefixedArray(c.Int8ub, Notice),
+    ),
+    MessageType.SYNC_DIGEST: c.Struct(
+        "buckets" / c.Int16ub,
+        "hashes" / c.PrefixedArray(c.Int16ub, c.Int32ub),
+    ),
+    MessageType.SYNC_SUMMARY: c.Struct(
+        "buckets" / c.Int16ub,
+        "indices" / c.PrefixedArray(c.Int8ub, c.Int16ub),
+        "entries" / c.PrefixedArray(c.Int8ub, c.Struct("peer" / PEER_ID,
+                                                       "sequence" / c.Int64ub)),
+        "want" / c.PrefixedArray(c.Int8ub, PEER_ID),
     ),
     MessageType.RELAY_RESERVE: c.Struct(
         "lifetime_s" / c.Int32ub,
