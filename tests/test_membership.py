@@ -231,6 +231,20 @@ class LeaveTests(MembershipTestCase):
         self.advance(0.2)
         self.assertTrue(any(n["kind"] == NoticeKind.LEFT for n in self.notices_sent()))
 
+    def test_a_leave_under_a_newer_sequence_holds_against_older_announcements(self):
+        """
+        A leave signed under a sequence not seen here yet is believed, and
+        the announcements up to that sequence arriving late do not revive
+        the peer; a later one (it came back) does.
+        """
+        signature = X.sign(leave_message(NETWORK, X.peer_id, 7))
+        self.hear(NoticeKind.LEFT, sequence=7, by=bytes(16), signature=signature)
+        self.assertEqual(self.state(), "offline")
+        self.registry.accept(announce(X, sequence=7), NOW)
+        self.assertEqual((self.state(), self.registry.get(X.peer_id).gone), ("offline", "left"))
+        self.registry.accept(announce(X, sequence=8), NOW)
+        self.assertEqual(self.state(), "unknown")
+
     def test_a_leave_in_someone_elses_name_is_refused(self):
         """Signed by another key, or over another sequence: refused and counted."""
         self.hear(NoticeKind.LEFT, signature=PEERS[1].sign(leave_message(NETWORK, X.peer_id, 5)))

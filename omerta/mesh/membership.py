@@ -212,9 +212,10 @@ class Membership:
                 self._gone(record, "failed", now)
                 self._spread(notice(NoticeKind.DEAD, peer_id, record.sequence, self.me))
 
-    def _gone(self, record: PeerRecord, reason: str, now: float) -> None:
+    def _gone(self, record: PeerRecord, reason: str, now: float,
+              sequence: int | None = None) -> None:
         self.suspicions.pop(record.peer_id, None)
-        self.registry.set_state(record.peer_id, "offline", now, gone=reason)
+        self.registry.set_state(record.peer_id, "offline", now, gone=reason, sequence=sequence)
         self.metrics.inc("membership_gone", reason=reason)
         self.log.info("Peer {peer} is gone ({reason})", peer=format_peer_id(record.peer_id),
                       reason=reason)
@@ -237,13 +238,16 @@ class Membership:
             self._about_me(entry, addr)
             return
         record = self.registry.get(peer_id)
-        if record is None or entry.sequence != record.sequence:
+        kind = entry.kind
+        if record is None or entry.sequence < record.sequence or (
+                entry.sequence > record.sequence and kind != NoticeKind.LEFT):
+            # (a leave is signed by the peer: it may be under a sequence
+            # whose announcement has not arrived here yet)
             self.metrics.inc("membership_notices", outcome="stale")
             return
         if record.state == PeerState.OFFLINE:
             self.metrics.inc("membership_notices", outcome="duplicate")
             return
-        kind = entry.kind
         if kind == NoticeKind.SUSPECT:
             self._suspect(record, bytes(entry.by), now)
         elif kind == NoticeKind.DEAD:
@@ -254,7 +258,7 @@ class Membership:
                     self.basics.network_id, peer_id, entry.sequence)):
                 self.metrics.inc("membership_notices", outcome="bad_signature")
                 return
-            self._gone(record, "left", now)
+            self._gone(record, "left", now, entry.sequence)
             self._spread(notice(NoticeKind.LEFT, peer_id, entry.sequence, bytes(16),
                                 bytes(entry.signature)))
         else:

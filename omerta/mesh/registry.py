@@ -276,6 +276,7 @@ class PeerRecord:
     learned_via: bytes | None = None
     source: str | None = None  # the source IP key that introduced it (None: none charged)
     gone: str | None = None  # while offline: "failed" (declared dead) or "left"
+    gone_sequence: int = 0  # while offline: only an announcement above it revives
 
     @property
     def peer_id_text(self) -> str:
@@ -609,7 +610,11 @@ class PeerRegistry:
         )
         if held is not None:
             peer.first_seen = held.first_seen
-            if held.state in (PeerState.SUSPECT, PeerState.OFFLINE):
+            if held.state == PeerState.OFFLINE and record.sequence <= held.gone_sequence:
+                # (a leave signed under a later sequence than this one)
+                peer.state, peer.state_since = held.state, held.state_since
+                peer.gone, peer.gone_sequence = held.gone, held.gone_sequence
+            elif held.state in (PeerState.SUSPECT, PeerState.OFFLINE):
                 # a newer incarnation refutes the suspicion or the death
                 self._offline.pop(peer_id, None)
             else:
@@ -803,10 +808,12 @@ class PeerRegistry:
         return True
 
     def set_state(self, peer_id: bytes, state: str, now: float,
-                  gone: str | None = None) -> bool:
+                  gone: str | None = None, sequence: int | None = None) -> bool:
         """
         Set a peer's liveness state (one of L{PeerState}); C{gone} says why
-        a peer is offline ("failed" or "left").
+        a peer is offline ("failed" or "left"), C{sequence} under which
+        announcement number (the one held, if None): only a higher one
+        revives it.
 
         @return: False if the peer is not in the registry.
         @raise ValueError: an unknown state.
@@ -815,15 +822,17 @@ class PeerRegistry:
         peer = self._peers.get(peer_id)
         if peer is None:
             return False
-        self._set_state(peer, state, now, gone)
+        self._set_state(peer, state, now, gone, sequence)
         return True
 
     def _set_state(self, peer: PeerRecord, state: PeerState, now: float,
-                   gone: str | None = None) -> None:
+                   gone: str | None = None, sequence: int | None = None) -> None:
         if state == PeerState.OFFLINE:
             peer.gone = gone or peer.gone or "failed"
+            peer.gone_sequence = max(peer.gone_sequence, peer.sequence,
+                                     0 if sequence is None else sequence)
         else:
-            peer.gone = None
+            peer.gone, peer.gone_sequence = None, 0
         if peer.state != state:
             self._state_counts[peer.state] -= 1
             self._state_counts[state] += 1
