@@ -28,7 +28,7 @@ def format_peers(peers: list[dict]) -> str:
         rows.append(tuple(printable(cell) for cell in (
             p["peer_id"],
             p["name"] or "-",
-            p["state"],
+            p["state"] if not p.get("gone") else f"{p['state']} ({p['gone']})",
             "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms",
             str(p["nat_type"]),
             ",".join(p["capabilities"]) or "-",
