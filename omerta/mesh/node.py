@@ -319,20 +319,32 @@ class MeshNode:
         if self.opener is not None:
             self.opener.confirm(network_id, peer_id, boot)
 
-    def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> None:
-        if type(address) is RelayRoute:
+    def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> float | None:
+        """
+        Put a sealed frame on the socket (through the relay of a relay
+        route).  Returns when it was handed to the socket, the clock read
+        just before: where a round trip starts (a ping's is measured from
+        there to its pong's L{OpenedFrame.arrived}, so neither end's own
+        building, sealing, opening nor decoding is counted in it).  None
+        when it could not be sent.  Counted after it left.
+        """
+        relayed = type(address) is RelayRoute
+        if relayed:
             frame = address.header + frame
             address = (address.host, address.port)
-            self.metrics.inc("frames_out_relayed")
+        sent = self.clock.seconds()
         try:
             self._sendto(frame, address)
         except OSError as e:
             # e.g. no route to a candidate address during a hole punch
             self.metrics.inc("drops", reason="send_failed")
             self.log.debug("Send to {address} failed: {error}", address=address, error=e)
-            return
+            return None
+        if relayed:
+            self.metrics.inc("frames_out_relayed")
         self.metrics.inc("frames_out", type="data" if msg_type is None else msg_type.name.lower())
         self.metrics.inc("bytes_out", len(frame))
+        return sent
 
     def relay_route(self, header: bytes, addr: Address):
         """
