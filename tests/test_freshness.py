@@ -328,6 +328,22 @@ class StaleTests(FreshnessTestCase):
         self.assertEqual(self.successResultOf(d).address, addr(62))
         self.assertEqual(self.basics.metrics.get("freshness_recoveries_tried"), 1)
 
+    def test_peer_stale_twice_asks_once(self):
+        """A second peer_stale while the first query is out waits for its answer."""
+        first = self.freshness.peer_stale(TARGET, addr(60))
+        sent = len(self.sent)
+        second = self.freshness.peer_stale(TARGET, addr(60))
+        self.assertEqual(len(self.sent), sent)
+        query_id = self.sent[0].fields["query_id"]
+        self.freshness.on_answer(frame(ALICE), addr(1),
+                                 self.answer_message(query_id, endpoint=addr(62)))
+        self.clock.advance(self.config.query_timeout)
+        self.assertEqual(self.successResultOf(first).address, addr(62))
+        self.assertEqual(self.successResultOf(second).address, addr(62))
+        self.assertEqual(self.pings, [(TARGET, addr(62))])
+        self.freshness.peer_stale(TARGET, addr(62))  # (a new query once that one is done)
+        self.assertGreater(len(self.sent), sent)
+
     def test_peer_stale_nothing_fresher(self):
         """Only the stale address known: no ping, the Deferred fires None."""
         d = self.freshness.peer_stale(TARGET, addr(60))

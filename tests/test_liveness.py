@@ -174,10 +174,11 @@ class LivenessTests(unittest.TestCase):
         """
         link = self.connect_and_prove(PEER, AT)
         self.sent.clear()
-        link.heard_this_period = False
+        self.clock.advance(1)
+        heard = link.last_heard
         self.assertIsNone(self.liveness.heard(PEER, AT, self.clock.seconds(), CHALLENGE_SIZE,
                                               RESTARTED))
-        self.assertFalse(link.heard_this_period)
+        self.assertEqual(link.last_heard, heard)
         self.assertTrue(link.verified)
         (challenge,) = self.pings_to(AT)
         self.assertTrue(challenge.fields["flags"] & PING_PROVE)
@@ -259,6 +260,47 @@ class LivenessTests(unittest.TestCase):
         for _ in range(int(periods * self.config.keepalive)):
             self.clock.advance(1)
             self.liveness.tick()
+
+    def tick_for(self, seconds, step=0.25):
+        for _ in range(int(round(seconds / step))):
+            self.clock.advance(step)
+            self.liveness.tick()
+
+    def test_only_a_quiet_link_is_pinged(self):
+        """
+        A link is pinged once it has been quiet for a keepalive; frames from
+        the peer (its own keepalives, traffic) keep it from being pinged.
+        """
+        self.connect_and_prove(PEER, AT)
+        self.sent.clear()
+        for _ in range(8):
+            self.tick_for(self.config.keepalive / 2)
+            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
+        self.assertEqual(self.pings_to(AT), [])
+        self.tick_for(self.config.keepalive)
+        self.assertEqual(len(self.pings_to(AT)), 1)
+
+    def test_a_round_is_retried_then_missed(self):
+        """
+        An unanswered keepalive is retried every ping_retry up to
+        ping_retries times; a round with no answer is missed and, with no
+        other path, the peer suspected: about keepalive + 1.5 s after the
+        last frame (1 s more when the peer has the lower id and pings first).
+        """
+        link = self.connect_and_prove(PEER, AT)
+        self.sent.clear()
+        last = link.last_heard
+        while link.conn.state is not State.SUSPECT and self.clock.seconds() - last < 30:
+            self.tick_for(0.25)
+        took = self.clock.seconds() - last
+        config = self.config
+        self.assertEqual(len(self.pings_to(AT)), 1 + config.ping_retries)
+        bound = config.keepalive + (config.ping_retries + 1) * config.ping_retry
+        if PEER < self.basics.peer_id:
+            bound += config.ping_retries * config.ping_retry  # (the peer pings first)
+        self.assertGreaterEqual(took, bound)
+        self.assertLessEqual(took, bound + config.liveness_tick * 2)
+        self.assertEqual(self.failed_links, [link])
 
     def test_missed_keepalives_suspect_then_offline(self):
         self.connect_and_prove(HELPER, HELPER_AT)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
@@ -106,6 +107,7 @@ class Freshness:
         self._candidate = candidate
         self.rng = rng or random.Random()
         self.contacts: OrderedDict[bytes, Contact] = OrderedDict()
+        self._stale: dict[bytes, list[Deferred]] = {}  # peer -> callers waiting
         self._queries: dict[int, _Query] = {}
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._back: OrderedDict[int, tuple] = OrderedDict()
@@ -161,8 +163,15 @@ class Freshness:
     def peer_stale(self, peer_id: bytes, address: tuple) -> Deferred:
         """
         The endpoint of C{peer_id} stopped answering: ask the mesh, and try
-        the freshest answer.
+        the freshest answer.  While a query for the peer is out, another
+        call waits for its answer instead of asking again.
         """
+        waiting = self._stale.get(peer_id)
+        if waiting is not None:
+            follower = Deferred()
+            waiting.append(follower)
+            return follower
+        waiting = self._stale[peer_id] = []
         d = self.query(peer_id, self.config.contact_max_age)
 
         def answered(answers: list[Answer]):
@@ -174,7 +183,15 @@ class Freshness:
             self._ping(peer_id, best.address)
             return best
 
-        return d.addCallback(answered)
+        def done(result):
+            for follower in self._stale.pop(peer_id, []):
+                if isinstance(result, Failure):
+                    follower.errback(result)
+                else:
+                    follower.callback(result)
+            return result
+
+        return d.addCallback(answered).addBoth(done)
 
     def query(self, target: bytes, max_age: float) -> Deferred:
         basics = self.basics

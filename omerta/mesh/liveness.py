@@ -7,19 +7,21 @@ offline.
   with (bootstrap peers first, then peers that contact us, then random known
   peers), at most C{max_active}.  Gossip rounds and queries go to it, so the
   overlay is a bounded-degree random graph whatever the mesh size.
-- Every C{keepalive} seconds each active peer is pinged (the pong gives the
-  RTT).  A period with no frame at all from it is a missed keepalive; after
-  C{suspect_after_missed} the peer is *suspected*, and one or two other active
-  peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
+- An active peer not heard from for C{keepalive} seconds is pinged (the
+  pong gives the RTT), again every C{ping_retry} seconds up to
+  C{ping_retries} times; any frame from it ends the round.  Of two peers
+  the one with the lower id pings first, the other only after
+  C{ping_retries * ping_retry} more seconds of quiet: so an idle link costs
+  one ping and one pong per C{keepalive}, a busy one none.  A round
+  with no answer is missed; after C{suspect_after_missed} in a row the path
+  manager may take another path, else the peer is *suspected*, and one or two
+  other active peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
   any frame from the peer, clears the suspicion; silence for
   C{indirect_timeout} (times 1 + the local health score) drops it from the
   active set, its endpoint is reported failed, a replacement is found, and
   the membership layer is told it is unreachable
   (L{omerta.mesh.membership}: a suspicion the whole network checks; only
   that declares a peer gone).  So one lossy link does not evict a live peer.
-- A keepalive is skipped when the peer was heard within the last half
-  period (its own keepalive crossed ours): about one ping and one pong per
-  link per period.
 - Local health (Lifeguard): a score from 0 to L{MAX_HEALTH}, raised when a
   peer of ours stops answering or this node has to refute a suspicion of
   itself, lowered by each answered keepalive.  A node whose own link is bad
@@ -57,6 +59,8 @@ from omerta.wire.messages import PING_PROVE, MessageType, build_body
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 MAX_HEALTH = 8
+DEAD_PATH_PINGS = 3
+"""Unanswered pings over C{path_dead_after} seconds that make a path dead."""
 
 _BARE_PING = len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[],
                             padding=b""))
@@ -93,9 +97,8 @@ class Link:
     conn: PeerConnection
     since: float
     last_heard: float
-    next_ping: float
+    round_started: float | None = None  # a keepalive round waiting for an answer
     missed: int = 0
-    heard_this_period: bool = True
     indirect_nonce: int | None = None
     established: bool = False
     retries: int = 0
@@ -243,7 +246,7 @@ class Liveness:
                 if (peer_id, address) not in self._proven and size >= CHALLENGE_SIZE:
                     self.ping(peer_id, address, contacts=False)
                 return None
-            link = self._link(peer_id, address, now, now + self._jitter())
+            link = self._link(peer_id, address, now)
             self._challenge(link, address, now, size)
         elif link.address != address:
             if (is_relayed(address) and not link.conn.path.relayed and link.verified
@@ -259,7 +262,9 @@ class Liveness:
         elif not link.verified:
             self._challenge(link, address, now, size)
         link.last_heard = now
-        link.heard_this_period = True
+        link.round_started = None
+        link.retries = 0
+        link.missed = 0
         link.unanswered = 0
         link.first_unanswered = None
         if not link.established:
@@ -269,8 +274,7 @@ class Liveness:
             self._clear_suspicion(link, now)
         return link
 
-    def _link(self, peer_id: bytes, address, now: float, next_ping: float,
-              initiated: bool = False) -> Link:
+    def _link(self, peer_id: bytes, address, now: float, initiated: bool = False) -> Link:
         """
         A new link in the active set, its peer's connection moved to
         C{address} (proven already if a pong proved it before).
@@ -282,8 +286,7 @@ class Liveness:
                       proven=proven)
         elif proven and not conn.proven:
             conn.prove()
-        link = self.links[peer_id] = Link(peer_id, conn, now, now, next_ping,
-                                          initiated=initiated)
+        link = self.links[peer_id] = Link(peer_id, conn, now, now, initiated=initiated)
         return link
 
     def _challenge(self, link: Link, address: tuple, now: float, size: int) -> None:
@@ -303,17 +306,13 @@ class Liveness:
     def connect(self, peer_id: bytes, address: tuple) -> None:
         """
         Start keeping C{peer_id} alive at C{address} (it becomes active at
-        once; the caller pings it, and the usual missed-keepalive rules
-        decide at the end of the first period whether it answered).
+        once; the caller's ping opens its first keepalive round, so the
+        usual rules decide whether it answers).
         """
         now = self.clock.seconds()
         if peer_id in self.links or len(self.links) >= self.config.max_active:
             return
-        self._link(peer_id, address, now, now + self.config.keepalive,
-                   initiated=True).heard_this_period = False
-
-    def _jitter(self) -> float:
-        return self.rng.uniform(0, self.config.keepalive)
+        self._link(peer_id, address, now, initiated=True).round_started = now
 
     # pings
 
@@ -369,7 +368,7 @@ class Liveness:
                        proven=proven)
         link.pending_address = None
         link.last_heard = now
-        link.heard_this_period = True
+        link.round_started = None
         link.unanswered = 0
         link.first_unanswered = None
         link.missed = 0
@@ -490,6 +489,8 @@ class Liveness:
             self._move(link, addr, now=self.clock.seconds())
         if link is not None and link.address == addr:
             link.conn.measured(rtt)
+            link.round_started, link.missed = None, 0
+            link.unanswered, link.first_unanswered = 0, None
             self.health(-1)
             if not link.verified and sent[2] == addr:
                 # A pong to a nonce we sent to this address: the address
@@ -600,8 +601,8 @@ class Liveness:
 
     def tick(self) -> None:
         """
-        Called every second: keepalives due, suspicion timeouts, refilling the
-        active set.
+        Called every C{liveness_tick} seconds: keepalive rounds, suspicion
+        timeouts, refilling the active set.
         """
         now = self.clock.seconds()
         config = self.config
@@ -614,13 +615,15 @@ class Liveness:
                     link.conn.offline()
                     self.metrics.inc("liveness_unverified_dropped")
                 continue
-            if (link.suspected_at is None and link.unanswered >= config.suspect_after_missed
+            if (link.suspected_at is None and link.unanswered >= DEAD_PATH_PINGS
                     and now - link.first_unanswered >= config.path_dead_after
                     and self._path_failed(link)):
-                # The path stopped answering and another one was taken.
+                # Pings (keepalives, or a tunnel's probes) stopped being
+                # answered, and the path manager took another path.
                 link.unanswered = 0
                 link.first_unanswered = None
                 link.missed = 0
+                link.round_started = None
                 continue
             if link.suspected_at is not None:
                 patience = config.indirect_timeout * (1 + self.local_health)
@@ -631,29 +634,48 @@ class Liveness:
                     self._ask_helpers(link)
                     self.ping(link.peer_id, link.address)
                 continue
-            if (not link.heard_this_period and link.retries < config.ping_retries
-                    and now >= link.next_ping - config.keepalive + (link.retries + 1) * config.ping_retry):
-                # No answer yet this period: try again before counting a miss,
-                # so a lossy link needs several losses in a row to look dead.
+            self._keepalive(link, now)
+        self._refill(now)
+
+    def _keepalive(self, link: Link, now: float) -> None:
+        """
+        A link quiet for C{keepalive} seconds opens a round: a ping, retried
+        every C{ping_retry} seconds up to C{ping_retries} times.  Any frame
+        from the peer ends the round.  A round with no answer is missed;
+        C{suspect_after_missed} missed in a row make the path manager try
+        another path, or, when there is none, the peer suspected.
+        """
+        config = self.config
+        if link.round_started is None:
+            wait = config.keepalive
+            if link.peer_id < self.basics.peer_id:
+                # The peer with the lower id pings first; its ping is our
+                # news.  We ping only when it has been quiet a little longer.
+                wait += config.ping_retries * config.ping_retry
+            if now - link.last_heard >= wait:
+                link.round_started, link.retries = now, 0
+                self.ping(link.peer_id, link.address)
+            return
+        elapsed = now - link.round_started
+        if link.retries < config.ping_retries:
+            if elapsed >= (link.retries + 1) * config.ping_retry:
                 link.retries += 1
                 self.ping(link.peer_id, link.address)
-            if now >= link.next_ping:
-                if not link.heard_this_period:
-                    link.missed += 1
-                    self.metrics.inc("liveness_missed")
-                link.heard_this_period = False
-                link.retries = 0
-                link.next_ping = now + config.keepalive
-                if link.missed >= config.suspect_after_missed:
-                    if self._path_failed(link):
-                        link.missed = 0
-                        link.unanswered = 0
-                        link.first_unanswered = None
-                        continue
-                    self._suspect(link, now)
-                elif now - link.last_heard >= config.keepalive / 2:
-                    self.ping(link.peer_id, link.address)
-        self._refill(now)
+            return
+        if elapsed < (config.ping_retries + 1) * config.ping_retry:
+            return
+        link.missed += 1
+        link.round_started = None
+        self.metrics.inc("liveness_missed")
+        if link.missed < config.suspect_after_missed:
+            link.round_started, link.retries = now, 0
+            self.ping(link.peer_id, link.address)
+        elif self._path_failed(link):
+            link.missed = 0
+            link.unanswered = 0
+            link.first_unanswered = None
+        else:
+            self._suspect(link, now)
 
     def _refill(self, now: float) -> None:
         missing = self.config.degree - len(self.links)

@@ -45,6 +45,8 @@ class MeshConfig:
     max_outstanding_pings: int = 1024
     ping_retries: int = 2
     ping_retry: float = 0.5
+    # how often keepalive rounds and link suspicions are looked at
+    liveness_tick: float = 0.25
     # an address a peer sends from, not proven yet, is challenged again at
     # most this often while frames keep coming from it
     challenge_retry: float = 1.0

@@ -280,6 +280,7 @@ class Overlay:
         for function, interval in (
             (self.gossip.round, config.gossip_interval),
             (self.membership.round, config.gossip_interval),
+            (self.liveness.tick, config.liveness_tick),
             (self.tick, 1.0),
             (self.gossip.reannounce, config.reannounce),
             (self.antientropy.sync, config.sync_interval),
@@ -295,7 +296,6 @@ class Overlay:
 
     def tick(self) -> None:
         now = self.clock.seconds()
-        self.liveness.tick()
         self.relays.tick()
         self.paths.tick()
         self.registry.expire(now)
