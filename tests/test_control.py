@@ -474,7 +474,8 @@ class ResourceTests(unittest.TestCase):
         self.assertIn("vm_state", message)
         events = self.stream()
         self.assertIn(b"peer_discovered,peer_connected,peer_suspected,peer_disconnected,"
-                      b"path_changed,nat_changed,vm_state", events.responses()[0].body)
+                      b"member_suspected,peer_gone,path_changed,nat_changed,vm_state",
+                      events.responses()[0].body)
 
     def test_slow_reader_disconnected(self):
         """A client whose socket stays full is disconnected past the backlog, unsubscribed."""

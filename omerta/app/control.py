@@ -84,7 +84,8 @@ EVENT_KINDS = tuple(KINDS)
 """What C{/v1/events?kinds=} may name: every kind the node emits."""
 
 DEFAULT_EVENT_KINDS = ("peer_discovered", "peer_connected", "peer_suspected",
-                       "peer_disconnected", "path_changed", "nat_changed", VM_STATE)
+                       "peer_disconnected", "member_suspected", "peer_gone", "path_changed",
+                       "nat_changed", VM_STATE)
 """The kinds streamed when C{kinds} is not given (C{peer_changed} is chatty)."""
 
 _UNIX_PATH_MAX = 107
