@@ -51,9 +51,12 @@ class MeshConfig:
     # most this often while frames keep coming from it
     challenge_retry: float = 1.0
     proven_memory: int = 4096
-    # gossip
-    announce_ttl: int = 3600
-    reannounce: float = 300.0
+    # gossip: an announcement is re-signed at once when what it says changes
+    # (looked at every sync_interval) and refreshed every `reannounce` only to
+    # outlive its TTL, so refreshes cost each node n / reannounce records a
+    # second: liveness is the membership's business, not the TTL's
+    announce_ttl: int = 86400
+    reannounce: float = 43200.0
     gossip_interval: float = 0.2
     fanout: int = 3
     retransmit_mult: int = 4
