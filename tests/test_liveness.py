@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from twisted.trial import unittest
 
 from omerta.crypto import proof
-from omerta.mesh.liveness import (CHALLENGE_SIZE, PONG_SIZE, PROVEN_PONG_SIZE,
+from omerta.mesh.liveness import (BUSY_SILENCE, CHALLENGE_SIZE, PONG_SIZE, PROVEN_PONG_SIZE,
                                   UNKNOWN_ENDPOINT, Liveness, nonce_bytes)
 from omerta.mesh.peer import Connections, RelayRoute, State
 from omerta.testing.fakes import BOOT, fake_basics, fake_prover, fixed_identity
@@ -279,6 +279,24 @@ class LivenessTests(unittest.TestCase):
         self.assertEqual(self.pings_to(AT), [])
         self.tick_for(self.config.keepalive)
         self.assertEqual(len(self.pings_to(AT)), 1)
+
+    def test_a_busy_link_that_falls_silent_is_pinged_at_once(self):
+        """
+        Frames every 0.2 s, then silence: the ping goes out after about
+        BUSY_SILENCE gaps, not a whole keepalive.
+        """
+        self.connect_and_prove(PEER, AT)
+        for _ in range(20):
+            self.clock.advance(0.2)
+            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
+            self.liveness.tick()
+        self.sent.clear()
+        silent_at = self.clock.seconds()
+        while not self.pings_to(AT) and self.clock.seconds() - silent_at < 5:
+            self.tick_for(0.05, step=0.05)
+        took = self.clock.seconds() - silent_at
+        self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 0.1)
+        self.assertLess(took, self.config.keepalive)
 
     def test_a_round_is_retried_then_missed(self):
         """

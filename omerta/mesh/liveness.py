@@ -12,7 +12,10 @@ offline.
   C{ping_retries} times; any frame from it ends the round.  Of two peers
   the one with the lower id pings first, the other only after
   C{ping_retries * ping_retry} more seconds of quiet: so an idle link costs
-  one ping and one pong per C{keepalive}, a busy one none.  A round
+  one ping and one pong per C{keepalive}, a busy one none.  A busy link
+  that falls silent for L{BUSY_SILENCE} times its usual gap between frames
+  (at least C{ping_retry}) is pinged at once, so a path that died under
+  traffic is noticed in about a second.  A round
   with no answer is missed; after C{suspect_after_missed} in a row the path
   manager may take another path, else the peer is *suspected*, and one or two
   other active peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
@@ -60,6 +63,8 @@ from omerta.wire.messages import PING_PROVE, MessageType, build_body
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 MAX_HEALTH = 8
 DEAD_PATH_PINGS = 3
+BUSY_SILENCE = 4
+"""A link silent for this many times its usual gap between frames is pinged."""
 """Unanswered pings over C{path_dead_after} seconds that make a path dead."""
 
 _BARE_PING = len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[],
@@ -98,6 +103,7 @@ class Link:
     since: float
     last_heard: float
     round_started: float | None = None  # a keepalive round waiting for an answer
+    gap: float = float("inf")  # smoothed time between frames from the peer
     missed: int = 0
     indirect_nonce: int | None = None
     established: bool = False
@@ -261,6 +267,8 @@ class Liveness:
             return None
         elif not link.verified:
             self._challenge(link, address, now, size)
+        gap = now - link.last_heard
+        link.gap = gap if link.gap == float("inf") else 0.8 * link.gap + 0.2 * gap
         link.last_heard = now
         link.round_started = None
         link.retries = 0
@@ -652,6 +660,10 @@ class Liveness:
                 # The peer with the lower id pings first; its ping is our
                 # news.  We ping only when it has been quiet a little longer.
                 wait += config.ping_retries * config.ping_retry
+            # A link that was busy and fell silent is asked at once: the
+            # path may have died (a NAT that lost its mapping drops what
+            # comes in until we send out).
+            wait = min(wait, max(config.ping_retry, BUSY_SILENCE * link.gap))
             if now - link.last_heard >= wait:
                 link.round_started, link.retries = now, 0
                 self.ping(link.peer_id, link.address)
