@@ -1,12 +1,16 @@
 """
 Where a round trip starts and ends: a frame leaves the socket at a time
 L{MeshNode.send_frame} returns and arrives at a time the socket protocol
-stamps on it (L{OpenedFrame.arrived}), before it is opened; the counters of
-both are updated after the frame was sent or handled, off the answer's
-path.  (Time comes from a Clock; how fast it is is measured by
-scripts/bench/mesh_ping.py only.)
+stamps on it (L{OpenedFrame.arrived}: the kernel's receive timestamp, else
+the clock, before it is opened); the counters of both are updated after the
+frame was sent or handled, off the answer's path.  (Time comes from a Clock
+and a fake ioctl; how fast it is is measured by scripts/bench/mesh_ping.py
+only.)
 """
 
+import errno
+import fcntl
+import struct
 from types import SimpleNamespace
 
 from twisted.internet.task import Clock
@@ -17,7 +21,7 @@ from omerta.crypto.network import NetworkKey
 from omerta.crypto.sealing import FrameOpener, FrameSealer
 from omerta.mesh.node import MeshNode
 from omerta.mesh.peer import RelayRoute
-from omerta.mesh.protocol import NodeProtocol
+from omerta.mesh.protocol import SIOCGSTAMPNS, NodeProtocol, arrival_clock
 from omerta.metrics import Metrics
 from omerta.wire.messages import MessageType
 from omerta.wire.relay import session_header
@@ -107,6 +111,67 @@ class ArrivalTests(unittest.TestCase):
         opener = FrameOpener({KEY.network_id: KEY})
         self.assertEqual(opener.open(frame(), 7.0).arrived, 7.0)
         self.assertIsNone(opener.open(frame()).arrived)
+
+
+class KernelStamps:
+    """
+    A fake C{fcntl.ioctl} for SIOCGSTAMPNS: the first call on a socket fails
+    (nothing stamped yet), later ones answer C{stamp} (None: fail too).
+    """
+
+    def __init__(self, stamp):
+        self.stamp = stamp
+        self.calls = []
+
+    def __call__(self, fd, request, argument):
+        assert request == SIOCGSTAMPNS and len(argument) == 16
+        self.calls.append(fd)
+        if len(self.calls) == 1 or self.stamp is None:
+            raise OSError(errno.ENOENT, "No such file or directory")
+        seconds = int(self.stamp)
+        return struct.pack("@qq", seconds, round((self.stamp - seconds) * 1e9))
+
+
+def with_socket(fd: int = 7):
+    return SimpleNamespace(socket=SimpleNamespace(fileno=lambda: fd),
+                           write=lambda datagram, address: None)
+
+
+class KernelStampTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000.0)
+
+    def test_the_kernels_stamp(self):
+        """With a socket, the arrival is the kernel's receive time of the datagram."""
+        ioctl = KernelStamps(999.75)
+        arrived = arrival_clock(with_socket(7), self.clock.seconds, ioctl)
+        self.assertEqual((arrived(), ioctl.calls), (999.75, [7, 7]))
+
+    def test_the_clock_when_the_stamp_disagrees(self):
+        """A stamp ahead of the clock or more than a second behind it is not the clock's time."""
+        for stamp in (1000.5, 998.5, 5.0):
+            arrived = arrival_clock(with_socket(), self.clock.seconds, KernelStamps(stamp))
+            self.assertEqual(arrived(), 1000.0, stamp)
+
+    def test_the_clock_without_a_stamp(self):
+        """A socket that has no stamp, or no socket at all, leaves the clock's time."""
+        self.assertEqual(arrival_clock(with_socket(), self.clock.seconds, KernelStamps(None))(),
+                         1000.0)
+        now = self.clock.seconds
+        self.assertIs(arrival_clock(SimpleNamespace(), now), now)
+
+    def test_the_protocol_reads_the_kernel_while_listening(self):
+        """Started on a socket, the protocol stamps frames with the kernel's time; stopped, the clock's."""
+        self.patch(fcntl, "ioctl", KernelStamps(999.5))
+        metrics = Metrics()
+        handler = Handler(metrics, clock=self.clock)
+        protocol = NodeProtocol(FrameOpener({KEY.network_id: KEY}), handler, metrics)
+        protocol.makeConnection(with_socket())
+        protocol.datagramReceived(frame(), ADDR)
+        protocol.doStop()
+        protocol.datagramReceived(frame(), ADDR)
+        self.assertEqual([f.arrived for f, _ in handler.frames], [999.5, 1000.0])
 
 
 class CountedAfterTests(unittest.TestCase):
