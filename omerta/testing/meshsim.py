@@ -110,6 +110,15 @@ class MeshSim:
         sim_node.port.stopListening()  # first: the node's goodbyes go nowhere
         sim_node.built.stop()
 
+    def leave(self, sim_node: SimNode) -> None:
+        """
+        Stop a node cleanly: it stops (its goodbyes go out on the socket),
+        then its socket closes.
+        """
+        self.dead.add(id(sim_node))
+        sim_node.built.stop()
+        sim_node.port.stopListening()
+
     def live(self) -> list[SimNode]:
         return [n for n in self.nodes if id(n) not in self.dead]
 

@@ -38,6 +38,7 @@ import errno
 import heapq
 import itertools
 import random
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -696,6 +697,11 @@ class SimNetwork:
     @ivar duplicated: extra copies scheduled.
     @ivar reordered: datagrams held back.
     @ivar errors: datagrams whose C{datagramReceived} raised (each is logged).
+    @ivar classify: when set, C{classify(data)} names the kind of each
+        datagram sent (a message type, say), and L{sent_by_kind} and
+        L{bytes_by_kind} count them.
+    @ivar sent_by_kind: datagrams sent, by C{classify}'s answer.
+    @ivar bytes_by_kind: bytes sent, by C{classify}'s answer.
     """
 
     log = Logger()
@@ -710,6 +716,7 @@ class SimNetwork:
         duplicate: float = 0.0,
         reorder: float = 0.0,
         record: bool = False,
+        classify: Callable[[bytes], Hashable] | None = None,
     ) -> None:
         """
         @param clock: the clock to drive; a new L{SimClock} by default.
@@ -732,6 +739,9 @@ class SimNetwork:
         self.duplicated = 0
         self.reordered = 0
         self.errors = 0
+        self.classify = classify
+        self.sent_by_kind: Counter = Counter()
+        self.bytes_by_kind: Counter = Counter()
         self._bindings: dict[Address, tuple[FakeDatagramPort, SimHost]] = {}
         self._links: dict[tuple[str, str], LinkSettings] = {}
         self._partitions: list[tuple[frozenset[str], frozenset[str]]] = []
@@ -914,6 +924,10 @@ class SimNetwork:
         Send one datagram from the bound address C{src} to C{addr}.
         """
         self.sent += 1
+        if self.classify is not None:
+            kind = self.classify(data)
+            self.sent_by_kind[kind] += 1
+            self.bytes_by_kind[kind] += len(data)
         dst = (addr[0], addr[1])
         dst_ip = dst[0]
         src_ip = src[0]

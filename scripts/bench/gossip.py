@@ -1,45 +1,67 @@
 #!/usr/bin/env python3
 """
-Gossip and liveness benchmark: many real mesh nodes (L{MeshSim}: the
-product's MeshNode, NodeProtocol, signing and verification) on the in-memory
-simulated network, for each mesh size N:
+Membership benchmark: how fast a mesh of N nodes learns who joined, who
+died and who left, and what that costs, at each mesh size N.
 
- 1. cold start: node 0 is the only seed (with --seeds K, nodes 0..K-1 are
-    seeds and seed k > 0 bootstraps from seed 0); nodes 1..N-1 are started
-    evenly over --start-window simulated seconds, each bootstrapping from
-    the seeds.  Simulated seconds until every node knows every other
-    (C{MeshSim.converged}), and the wall-clock and CPU time that took;
- 2. steady state: frames and bytes each node sends per simulated second
-    over --steady seconds, by message type;
- 3. join: one node joins the converged mesh through node 0; simulated
-    seconds until every node knows it, and until it knows every node;
- 4. dead node: a random non-seed node is killed without a goodbye;
-    simulated seconds until every node that had it in its active set has it
-    "offline" in its registry, and how many nodes learned it died;
- 5. false offline: --loss random loss on every link for --loss-window
-    simulated seconds; "peer_disconnected" events about nodes that are alive.
+Two implementations run the same phases, measured the same way:
 
-    .venv/bin/python scripts/bench/gossip.py [--sizes 100,1000] [--seed 1]
-        [--loss 0.10] [--latency 0.02] [--max-seconds 1800] [--json]
+  real   the product's MeshNode (its liveness, gossip, membership and
+         anti-entropy, sealing, codecs) on the in-memory simulated network
+         (L{omerta.testing.meshsim});
+  model  L{omerta.testing.membership_model}: a discrete-event MODEL of the
+         same protocol with compact per-node state, for sizes whose real
+         registries do not fit in memory.  At sizes where both run, both
+         are printed side by side: that is the model's validation.
 
-Times are simulated seconds unless marked "wall" or "cpu".  Progress goes to
-stderr; the table (or JSON with --json) to stdout.  Nothing in the protocol
-is skipped or stubbed: every node verifies the Ed25519 signature of every
-announcement new to it (~90 us each), so a cold start costs ~N^2
-verifications of CPU.  A size that runs out of its --max-seconds wall budget
-or of --max-rss-gb memory is reported as "did not finish within budget" with
-the knowledge fraction it reached.
+A real run is made where its projected memory (measured bytes per registry
+record and per node, times N^2 and N) fits --max-rss-gb; the model runs at
+every size (--no-model / --no-real to skip one).
+
+Phases, each after the previous one:
+ 1. cold start: node 0 is the seed; nodes 1..N-1 start evenly over
+    --start-window seconds, bootstrapping from it.  Simulated seconds until
+    every node knows every other, and the wall seconds that took;
+ 2. steady state: after --settle s, frames and bytes each node sends per
+    second over --steady s, by message type, and the signatures made and
+    checked;
+ 3. join: a node joins through node 0; seconds until every node knows it;
+ 4. dead node: a random node is killed without a goodbye; seconds until
+    the first of its neighbours (the nodes with it in their active set)
+    declares it gone ("peer_gone"), until all its neighbours have, and
+    until every live node knows it gone;
+ 5. clean leave: a random node stops cleanly (its signed LEFT notice);
+    seconds until every live node knows it left;
+ 6. loss: --loss random loss on every datagram for --loss-window s; live
+    nodes declared gone ("peer_gone" about a node that is running: false
+    offline), suspicions of live nodes raised, and refutations.
+
+    .venv/bin/python scripts/bench/gossip.py [--sizes 100,1000,10000]
+        [--fast-signatures] [--seed 1] [--loss 0.10] [--latency 0.02]
+        [--max-seconds 3600] [--max-rss-gb 20] [--json]
+
+Times are simulated seconds unless marked wall.  Progress goes to stderr,
+the tables (or JSON) to stdout.  --fast-signatures replaces Ed25519 with a
+keyed hash in this process only (L{omerta.testing.fastsig}); the real
+Ed25519 cost is then measured in the same run and reported per node per
+second from the signatures the run counted.  A run that uses up its wall
+or memory budget is reported as "did not finish within budget", with how
+far it got.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import gc
 import json
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -47,20 +69,29 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from omerta.mesh.node import MeshConfig  # noqa: E402
+from omerta.testing import fastsig  # noqa: E402
+from omerta.testing.membership_model import MembershipModel  # noqa: E402
 from omerta.testing.meshsim import MeshSim  # noqa: E402
+from omerta.wire.envelope import MAGIC  # noqa: E402
+from omerta.wire.messages import MessageType  # noqa: E402
 
 CONFIG_FIELDS = (
-    "gossip_interval", "fanout", "retransmit_mult", "gossip_hop_limit", "degree",
-    "max_active", "keepalive", "suspect_after_missed", "indirect_timeout",
-    "indirect_helpers", "reannounce", "announce_ttl",
+    "keepalive", "ping_retry", "ping_retries", "suspect_after_missed", "indirect_timeout",
+    "indirect_helpers", "degree", "max_active", "gossip_interval", "fanout",
+    "retransmit_mult", "gossip_hop_limit", "sync_interval", "suspicion_mult",
+    "suspicion_max_mult", "suspicion_confirmations", "reconnect_interval", "reannounce",
 )
 PAGE = os.sysconf("SC_PAGE_SIZE")
+GIB = 1024 ** 3
+TARGETS = {
+    "join_s": 3.0, "dead_neighbours_s": 10.0, "dead_all_s": 15.0, "false_offline": 0,
+}
 
 
 def code_version() -> str:
     """
     The commit the protocol code comes from, and whether omerta/ differs
-    from it (other work in progress), so a figure can be tied to the code.
+    from it (work in progress), so a figure can be tied to the code.
     """
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -72,133 +103,275 @@ def code_version() -> str:
     return commit + (" with uncommitted changes under omerta/" if dirty else "")
 
 
-def rss_gb() -> float:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 1e9
+        return int(f.read().split()[1]) * PAGE
 
 
 def address(i: int) -> str:
     return f"10.{i // 62500 % 250 + 1}.{i // 250 % 250}.{i % 250 + 1}"
 
 
+def frame_type(data: bytes) -> str:
+    """The message type in a frame's clear header (what the simulator counts by)."""
+    if data[:2] != MAGIC or len(data) < 4:
+        return "other"
+    try:
+        return MessageType(data[3] & 0x3F).name.lower()
+    except ValueError:
+        return "other"
+
+
 class OutOfBudget(Exception):
+    """The wall-clock or memory budget of this run ran out."""
+
+
+# -- memory ------------------------------------------------------------------
+
+
+def measure_memory(records: int = 600, registries: int = 8, nodes: int = 30) -> dict:
     """
-    The wall-clock or memory budget of this size ran out.
+    Bytes per registry record (the product's PeerRegistry holding verified
+    announcements) and per simulated node without peers (MeshNode, its
+    overlay, socket and timers), measured with tracemalloc.
     """
+    from omerta.crypto.announce import sign_announcement
+    from omerta.crypto.identity import Identity
+    from omerta.mesh.registry import PeerRegistry
+    from omerta.wire.messages import parse_record
+
+    network_id = bytes(8)
+    sim = MeshSim(seed=0)
+    one = sim.add_node("10.9.0.1", name="n5000")
+    sim.run(0.1)
+    record = parse_record(one.overlay.gossip.own_announcement()["record"])
+    template = {key: record[key] for key in (
+        "sequence", "timestamp_ms", "ttl_s", "nat_type", "capabilities", "paths", "resources")}
+    signed = [sign_announcement(Identity.generate(), network_id,
+                                dict(template, name=f"n{5000 + k}"))
+              for k in range(records)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    held = []
+    for _ in range(registries):
+        registry = PeerRegistry(network_id, bytes(16), max_peers=records + 10)
+        for announcement in signed:
+            registry.accept(announcement, 1.0)
+        held.append(registry)
+    gc.collect()
+    per_record = (tracemalloc.get_traced_memory()[0] - before) / (records * registries)
+    del held
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    for k in range(nodes):
+        sim.add_node(f"10.9.1.{k + 1}", name=f"n{5000 + k}")
+    sim.run(0.5)
+    gc.collect()
+    per_node = (tracemalloc.get_traced_memory()[0] - before) / nodes
+    tracemalloc.stop()
+    sim.stop()
+    return {"bytes_per_record": per_record, "bytes_per_node": per_node}
+
+
+def projected_bytes(memory: dict, n: int) -> float:
+    """Memory a real run of N nodes needs for its registries and nodes."""
+    return n * (n - 1) * memory["bytes_per_record"] + n * memory["bytes_per_node"]
+
+
+# -- the two implementations behind one interface ------------------------------
+
+
+class RealMesh:
+    """N real MeshNodes on the simulated network."""
+
+    kind = "real"
+
+    def __init__(self, n: int, args, hooks):
+        self.sim = MeshSim(seed=args.seed, latency=args.latency, classify=frame_type)
+        self.hooks = hooks
+        self.nodes: list = []
+        self.index: dict[bytes, int] = {}
+
+    @property
+    def now(self) -> float:
+        return self.sim.clock.seconds()
+
+    def run(self, seconds: float) -> None:
+        self.sim.net.run(seconds)
+
+    def call_later(self, delay: float, function, *args) -> None:
+        self.sim.clock.callLater(delay, function, *args)
+
+    def add(self, i: int, bootstrap: list[int]) -> None:
+        ip = f"198.51.100.{i + 1}" if i == 0 else address(i)
+        node = self.sim.add_node(ip, bootstrap=[self.nodes[b] for b in bootstrap],
+                                 name=f"n{i}")
+        self.nodes.append(node)
+        self.index[node.peer_id] = i
+        events, hooks, index = node.node.events, self.hooks, self.index
+        events.subscribe("peer_discovered", lambda peer_id, network, i=i:
+                         hooks.discovered(i, index.get(peer_id)))
+        events.subscribe("peer_gone", lambda peer_id, network, reason, i=i:
+                         hooks.gone(i, index.get(peer_id), reason))
+        events.subscribe("member_suspected", lambda peer_id, network, i=i:
+                         hooks.suspected(i, index.get(peer_id)))
+        events.subscribe("peer_disconnected", lambda peer_id, network, i=i:
+                         hooks.disconnected(i, index.get(peer_id)))
+
+    def kill(self, i: int) -> None:
+        self.sim.kill(self.nodes[i])
+
+    def leave(self, i: int) -> None:
+        self.sim.leave(self.nodes[i])
+
+    def set_loss(self, loss: float) -> None:
+        self.sim.net.loss = loss
+
+    def links_of(self, i: int) -> list[int]:
+        return [self.index[p] for p in self.nodes[i].overlay.liveness.links if p in self.index]
+
+    def gone_known(self, i: int, j: int) -> bool:
+        record = self.nodes[i].overlay.registry.get(self.nodes[j].peer_id)
+        return record is not None and record.state == "offline"
+
+    def traffic(self) -> tuple[Counter, Counter]:
+        net = self.sim.net
+        return Counter(net.sent_by_kind), Counter(net.bytes_by_kind)
+
+    def signatures(self) -> tuple[Counter, Counter] | None:
+        counts = fastsig.active()
+        return None if counts is None else counts.snapshot()
+
+    def refutations(self) -> int:
+        return sum(node.node.metrics.get("membership_refuted") for node in self.nodes)
+
+    def rumour_backlog(self, live: list[int]) -> float:
+        return sum(len(self.nodes[i].overlay.gossip.rumours) for i in live) / max(1, len(live))
+
+    def stop(self) -> None:
+        self.sim.stop()
+
+
+class ModelMesh:
+    """The discrete-event model of the same protocol."""
+
+    kind = "model"
+
+    def __init__(self, n: int, args, hooks):
+        self.model = MembershipModel(capacity=n + args.joins, seed=args.seed,
+                                     latency=args.latency)
+        self.hooks = hooks
+        model = self.model
+        model.on("discovered", lambda i, j, now: hooks.discovered(i, j))
+        model.on("gone", lambda i, j, now, reason: hooks.gone(i, j, reason))
+        model.on("suspected", lambda i, j, now: hooks.suspected(i, j))
+        model.on("disconnected", lambda i, j, now: hooks.disconnected(i, j))
+
+    @property
+    def now(self) -> float:
+        return self.model.now
+
+    def run(self, seconds: float) -> None:
+        self.model.run(seconds)
+
+    def call_later(self, delay: float, function, *args) -> None:
+        self.model.call_later(delay, function, *args)
+
+    def add(self, i: int, bootstrap: list[int]) -> None:
+        added = self.model.add_node(bootstrap)
+        assert added == i, (added, i)
+
+    def kill(self, i: int) -> None:
+        self.model.kill(i)
+
+    def leave(self, i: int) -> None:
+        self.model.leave(i)
+
+    def set_loss(self, loss: float) -> None:
+        self.model.loss = loss
+
+    def links_of(self, i: int) -> list[int]:
+        return self.model.links_of(i)
+
+    def gone_known(self, i: int, j: int) -> bool:
+        return self.model.state_of(i, j) == "offline"
+
+    def traffic(self) -> tuple[Counter, Counter]:
+        return Counter(self.model.frames), Counter(self.model.bytes)
+
+    def signatures(self) -> tuple[Counter, Counter]:
+        return Counter(self.model.signed), Counter(self.model.verified)
+
+    def refutations(self) -> int:
+        return self.model.counters["refuted"]
+
+    def rumour_backlog(self, live: list[int]) -> float:
+        return sum(self.model.nodes[i].rumours for i in live) / max(1, len(live))
+
+    def stop(self) -> None:
+        pass
+
+
+# -- the phases ------------------------------------------------------------------
 
 
 class Bench:
     """
-    One mesh of N nodes and the measurements on it.  Everything is observed
-    through the nodes' events and metrics and the network's counters, so the
-    checks between simulation steps cost O(1) or O(N), never O(N^2).
+    One mesh of N nodes (real or model) and the measurements on it.  What
+    nodes learn is observed through their events, so the checks between
+    simulation steps cost O(1), never O(N^2).
     """
 
-    def __init__(self, n: int, args):
+    def __init__(self, n: int, args, implementation, timing):
         self.n = n
         self.args = args
-        self.sim = MeshSim(seed=args.seed, latency=args.latency)
-        self.config = self.sim.config
+        self.timing = timing
         self.wall_start = time.monotonic()
         self.deadline = self.wall_start + args.max_seconds
         self.last_progress = self.wall_start
-        self.known = 0                # (node, peer) pairs learnt, from peer_discovered
-        self.index: dict[bytes, int] = {}
-        self.watch_join: bytes | None = None
+        self.mesh = implementation(n, args, self)
+        self.alive: set[int] = set()
+        self.known = 0
+        self.watch_join: int | None = None
         self.join_known: dict[int, float] = {}
-        self.watch_dead: bytes | None = None
-        self.offline: dict[int, float] = {}
-        self.false_offline: list[tuple[float, int, int]] = []
+        self.watch_gone: int | None = None
+        self.gone_at: dict[int, float] = {}
+        self.gone_reasons: Counter = Counter()
+        self.counting = False
+        self.false_gone: list[tuple[float, int, int]] = []
+        self.false_gone_outside: list[tuple[float, int, int, str]] = []
         self.suspected_live = 0
-        self.counting_false = False
-        self.timeline: list[tuple[float, float]] = []
-        self.result: dict = {"n": n}
-        self.traffic: list[tuple[float, int, int, int]] = []
-        self.backlog: list[tuple[float, float, float]] = []
-        self.sim.clock.callLater(0, self._sample_traffic)
+        self.dropped_live = 0
+        self.phase = "cold start"
+        self.result: dict = {"n": n, "impl": self.mesh.kind}
 
-    # nodes and events
+    # events from either implementation
 
-    def add(self, i: int, bootstrap) -> object:
-        ip = f"198.51.100.{i + 1}" if i < self.args.seeds else address(i)
-        node = self.sim.add_node(ip, bootstrap=bootstrap, name=f"n{i}")
-        self.index[node.peer_id] = i
-        events = node.node.events
-        events.subscribe("peer_discovered", lambda peer_id, network, i=i: self._discovered(i, peer_id))
-        events.subscribe("peer_disconnected", lambda peer_id, network, i=i: self._offline(i, peer_id))
-        events.subscribe("peer_suspected", lambda peer_id, network, i=i: self._suspected(i, peer_id))
-        return node
-
-    def _discovered(self, i: int, peer_id: bytes) -> None:
+    def discovered(self, i: int, j: int | None) -> None:
         self.known += 1
-        if peer_id == self.watch_join:
-            self.join_known.setdefault(i, self.sim.clock.seconds())
+        if j is not None and j == self.watch_join:
+            self.join_known.setdefault(i, self.mesh.now)
 
-    def _offline(self, i: int, peer_id: bytes) -> None:
-        now = self.sim.clock.seconds()
-        if peer_id == self.watch_dead:
-            self.offline.setdefault(i, now)
-        elif self.counting_false and self.index.get(peer_id) is not None:
-            j = self.index[peer_id]
-            if id(self.sim.nodes[j]) not in self.sim.dead:
-                self.false_offline.append((now, i, j))
+    def gone(self, i: int, j: int | None, reason: str) -> None:
+        if j is None:
+            return
+        if j == self.watch_gone:
+            self.gone_at.setdefault(i, self.mesh.now)
+            self.gone_reasons[reason] += 1
+        elif j in self.alive:
+            if self.counting:
+                self.false_gone.append((self.mesh.now, i, j))
+            else:
+                self.false_gone_outside.append((self.mesh.now, i, j, self.phase))
 
-    def _suspected(self, i: int, peer_id: bytes) -> None:
-        if self.counting_false and peer_id != self.watch_dead:
+    def suspected(self, i: int, j: int | None) -> None:
+        if self.counting and j in self.alive:
             self.suspected_live += 1
 
-    def _sample_traffic(self) -> None:
-        """
-        Every 10 simulated seconds: datagrams and bytes sent so far, and how
-        many nodes were live, for the traffic-over-time figures.
-        """
-        net = self.sim.net
-        sent_bytes = sum(host.bytes_sent for host in net.hosts.values())
-        live = self.sim.live()
-        self.traffic.append((self.sim.clock.seconds(), net.sent, sent_bytes, len(live)))
-        # Rumours still queued, and transmissions they still have to make,
-        # per live node: the backlog the gossip rounds are working through.
-        queued = sends = 0
-        for node in live:
-            rumours = node.overlay.gossip.rumours
-            queued += len(rumours)
-            sends += sum(r.left for r in rumours.values())
-        if live:
-            self.backlog.append((self.sim.clock.seconds(), queued / len(live), sends / len(live)))
-        self.sim.clock.callLater(10.0, self._sample_traffic)
-
-    def traffic_summary(self) -> dict:
-        """
-        Per-node rates in each 10 s bucket: the median and the busiest
-        bucket, when it happened (reannounce bursts show up here).
-        """
-        buckets = []
-        for (t0, s0, b0, _), (t1, s1, b1, live) in zip(self.traffic, self.traffic[1:]):
-            if live:
-                buckets.append((t0, (s1 - s0) / live / (t1 - t0), (b1 - b0) / live / (t1 - t0)))
-        if not buckets:
-            return {}
-        by_msgs = sorted(buckets, key=lambda b: b[1])
-        peak = by_msgs[-1]
-        median = by_msgs[len(by_msgs) // 2]
-        return {"buckets": [(t, round(m, 2), round(b)) for t, m, b in buckets],
-                "backlog": [(t, round(q, 1), round(left, 1)) for t, q, left in self.backlog],
-                "median_msgs": median[1], "median_bytes": median[2],
-                "peak_at": peak[0], "peak_msgs": peak[1], "peak_bytes": peak[2]}
-
-    def knowledge(self) -> float:
-        """
-        Fraction of (live node, live peer) pairs known, from the registries.
-        """
-        live = self.sim.live()
-        alive = {n.peer_id for n in live}
-        total = len(live) * (len(live) - 1)
-        dead = [n.peer_id for n in self.sim.nodes if n.peer_id not in alive]
-        known = 0
-        for node in live:
-            registry = node.overlay.registry
-            known += len(registry) - sum(1 for d in dead if d in registry)
-        return known / total if total else 1.0
+    def disconnected(self, i: int, j: int | None) -> None:
+        if self.counting and j in self.alive:
+            self.dropped_live += 1
 
     # running with a budget
 
@@ -208,331 +381,262 @@ class Bench:
             raise OutOfBudget(f"wall-clock budget of {self.args.max_seconds:.0f} s used up")
         if now - self.last_progress > 15:
             self.last_progress = now
-            rss = rss_gb()
-            self.progress(f"t={self.sim.clock.seconds():.1f}s sim, knowledge "
-                          f"{self.known / max(1, self.n * (self.n - 1)):.4f}, "
-                          f"rss {rss:.1f} GB")
+            rss = rss_bytes() / GIB
+            pairs = max(1, self.n * (self.n - 1))
+            self.progress(f"{self.phase}: t={self.mesh.now:.1f}s sim, knowledge "
+                          f"{self.known / pairs:.4f}, rss {rss:.1f} GiB")
             if rss > self.args.max_rss_gb:
-                raise OutOfBudget(f"memory budget of {self.args.max_rss_gb} GB used up "
-                                  f"(rss {rss:.1f} GB)")
+                raise OutOfBudget(f"memory budget of {self.args.max_rss_gb} GiB used up "
+                                  f"(rss {rss:.1f} GiB)")
 
     def progress(self, message: str) -> None:
         wall = time.monotonic() - self.wall_start
-        print(f"[N={self.n} wall {wall:7.1f}s] {message}", file=sys.stderr, flush=True)
+        print(f"[N={self.n} {self.mesh.kind} wall {wall:7.1f}s] {message}", file=sys.stderr,
+              flush=True)
 
     def run(self, seconds: float, step: float = 0.5) -> None:
-        end = self.sim.clock.seconds() + seconds
-        while self.sim.clock.seconds() < end - 1e-9:
-            self.sim.net.run(min(step, end - self.sim.clock.seconds()))
+        end = self.mesh.now + seconds
+        while self.mesh.now < end - 1e-9:
+            self.mesh.run(min(step, end - self.mesh.now))
             self.check_budget()
 
     def run_until(self, predicate, timeout: float, step: float = 0.1) -> bool:
         """
-        Advance in C{step}s until C{predicate()}; the exact time something
-        happened is taken from event timestamps, not from the step.
+        Advance in C{step}s until C{predicate()}; when something happened is
+        taken from the events' timestamps, not from the step.
         """
-        end = self.sim.clock.seconds() + timeout
+        end = self.mesh.now + timeout
         while not predicate():
-            if self.sim.clock.seconds() >= end - 1e-9:
+            if self.mesh.now >= end - 1e-9:
                 return False
-            self.sim.net.run(min(step, end - self.sim.clock.seconds()))
+            self.mesh.run(min(step, end - self.mesh.now))
             self.check_budget()
         return True
 
+    def live(self) -> list[int]:
+        return sorted(self.alive)
+
+    def add(self, i: int, bootstrap: list[int]) -> None:
+        self.mesh.add(i, bootstrap)
+        self.alive.add(i)
+
     # phases
 
-    def cold_start(self) -> bool:
-        args, sim, n = self.args, self.sim, self.n
-        seeds = [self.add(0, [])]
-        for k in range(1, min(args.seeds, n)):
-            seeds.append(self.add(k, [seeds[0]]))
-        rest = range(len(seeds), n)
-        spacing = args.start_window / max(1, len(rest))
-        for k, i in enumerate(rest):
-            sim.clock.callLater(k * spacing, self.add, i, seeds)
+    def cold_start(self) -> None:
+        args, mesh, n = self.args, self.mesh, self.n
+        self.add(0, [])
+        spacing = args.start_window / max(1, n - 2)
+        for k in range(1, n):
+            mesh.call_later((k - 1) * spacing, self.add, k, [0])
         pairs = n * (n - 1)
         marks = {0.5: None, 0.9: None, 0.99: None, 1.0: None}
-        cpu0 = time.process_time()
         wall0 = time.monotonic()
+        step = min(0.1, 100.0 / n) if mesh.kind == "real" else 0.5
+        result = self.result["cold_start"] = {"finished": False, "marks": marks}
+        signatures0 = mesh.signatures()
         converged = False
-        # Small steps at large N, where 0.1 simulated seconds can take minutes,
-        # so the wall-clock budget is checked often enough.
-        step = min(0.1, 100.0 / n)
-        try:
-            while sim.clock.seconds() < args.cold_cap:
-                sim.net.run(step)
-                now = sim.clock.seconds()
-                fraction = self.known / pairs
-                for mark in marks:
-                    if marks[mark] is None and fraction >= mark:
-                        marks[mark] = now
-                if not self.timeline or now - self.timeline[-1][0] >= 1.0 - 1e-9:
-                    self.timeline.append((round(now, 1), fraction))
-                if len(sim.nodes) == n and self.known >= pairs:
-                    converged = True
-                    break
-                self.check_budget()
-        except OutOfBudget as e:
-            self.result["cold_start"] = {
-                "finished": False, "reason": str(e),
-                "sim_seconds": sim.clock.seconds(), "nodes_started": len(sim.nodes),
-                "knowledge": self.known / pairs, "timeline": self._sparse_timeline(),
-                "wall_seconds": time.monotonic() - wall0,
-                "cpu_seconds": time.process_time() - cpu0, "rss_gb": rss_gb(),
-            }
-            raise
-        checked = sim.converged() if converged else False
-        self.result["cold_start"] = {
-            "finished": True,
-            "seeds": args.seeds,
-            "start_window": args.start_window,
-            "converged": checked,
-            "sim_seconds": sim.clock.seconds() if converged else None,
-            "after_last_start": (sim.clock.seconds() - spacing * (len(rest) - 1)
-                                 if converged else None),
-            "marks": {str(k): v for k, v in marks.items()},
-            "knowledge": self.knowledge(),
-            "timeline": None if converged else self._sparse_timeline(),
-            "wall_seconds": time.monotonic() - wall0,
-            "cpu_seconds": time.process_time() - cpu0,
-            "rss_gb": rss_gb(),
-            "announcements": self.gossip_outcomes(),
-            "missing": self.missing(),
-            "frames": dict(self.frames_by_type()),
-        }
-        return checked
-
-    def warm_start(self) -> None:
-        """
-        A restart of a mesh whose nodes kept their peer files: all N nodes
-        start at once, each with every other node's signed
-        announcement already in its registry.  They are put there by
-        C{PeerRegistry.accept}, the check C{PeerRegistry.load} applies to a
-        peers file (signature verified), so the N^2 verifications are made;
-        only the gossip that would have carried them is skipped.  Active sets
-        then form from the registries as after any restart.
-        """
-        args, sim, n = self.args, self.sim, self.n
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        seeds = [self.add(0, [])]
-        for k in range(1, min(args.seeds, n)):
-            seeds.append(self.add(k, [seeds[0]]))
-        nodes = seeds + [self.add(i, seeds) for i in range(len(seeds), n)]
-        now = sim.clock.seconds()
-        signed = [node.overlay.gossip.own_announcement() for node in nodes]
-        for k, node in enumerate(nodes):
-            registry = node.overlay.registry
-            for j, announcement in enumerate(signed):
-                if j != k:
-                    registry.accept(announcement, now)
-            self.known += n - 1
+        while mesh.now < args.cold_cap:
+            mesh.run(step)
+            fraction = self.known / pairs
+            for mark in marks:
+                if marks[mark] is None and fraction >= mark:
+                    marks[mark] = mesh.now
+            result.update(sim_seconds=mesh.now, knowledge=fraction,
+                          wall_seconds=time.monotonic() - wall0)
+            if len(self.alive) == n and self.known >= pairs:
+                converged = True
+                break
             self.check_budget()
-        self.result["warm_start"] = {
-            "converged": sim.converged(),
-            "wall_seconds": time.monotonic() - wall0,
-            "cpu_seconds": time.process_time() - cpu0,
-        }
-
-    def _sparse_timeline(self) -> list[tuple[float, float]]:
-        out, last = [], None
-        for t, f in self.timeline:
-            if last is None or t >= last * 1.5 or t - last >= 30:
-                out.append((t, round(f, 4)))
-                last = t
-        if self.timeline and out[-1][0] != self.timeline[-1][0]:
-            out.append((self.timeline[-1][0], round(self.timeline[-1][1], 4)))
-        return out
-
-    def missing(self) -> dict:
-        """
-        The (node, peer) pairs still unknown: how many, and how many nodes
-        lack some peer and how many peers some node lacks.
-        """
-        live = self.sim.live()
-        everyone = {node.peer_id for node in live}
-        pairs, nodes, peers = 0, 0, set()
-        for node in live:
-            registry = node.overlay.registry
-            lacking = [p for p in everyone if p != node.peer_id and p not in registry]
-            if lacking:
-                pairs += len(lacking)
-                nodes += 1
-                peers.update(lacking)
-        return {"pairs": pairs, "nodes": nodes, "peers": len(peers)}
-
-    def gossip_outcomes(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for node in self.sim.nodes:
-            total.update(node.node.metrics.by_label("gossip_announcements", "outcome"))
-        return dict(total)
-
-    def frames_by_type(self) -> Counter:
-        total: Counter = Counter()
-        for node in self.sim.live():
-            total.update(node.node.metrics.by_label("frames_out", "type"))
-        return total
-
-    def graph(self) -> dict:
-        """
-        The active-set digraph: an edge a -> b when b is in a's links (a
-        gossips to b).  A node nobody has in its links receives no rumours.
-        """
-        live = self.sim.live()
-        indegree: Counter = Counter()
-        outdeg = []
-        for node in live:
-            links = node.overlay.liveness.links
-            outdeg.append(len(links))
-            indegree.update(links.keys())
-        ins = [indegree.get(node.peer_id, 0) for node in live]
-        return {
-            "out_min": min(outdeg), "out_mean": sum(outdeg) / len(outdeg), "out_max": max(outdeg),
-            "in_min": min(ins), "in_mean": sum(ins) / len(ins), "in_max": max(ins),
-            "in_zero": sum(1 for x in ins if x == 0),
-        }
+        result.update(finished=True, converged=converged,
+                      sim_seconds=mesh.now if converged else None,
+                      after_last_start=mesh.now - spacing * (n - 2) if converged else None,
+                      wall_seconds=time.monotonic() - wall0, rss_gib=rss_bytes() / GIB,
+                      rumour_backlog=mesh.rumour_backlog(self.live()))
+        signatures1 = mesh.signatures()
+        if signatures0 is not None and signatures1 is not None and self.timing is not None:
+            result["crypto"] = fastsig.real_cost(
+                self.timing, signatures1[0] - signatures0[0], signatures1[1] - signatures0[1],
+                n * mesh.now)
 
     def steady(self) -> None:
-        sim, seconds = self.sim, self.args.steady
+        self.phase = "steady state"
+        mesh, seconds = self.mesh, self.args.steady
         self.run(self.args.settle)
-        live = sim.live()
-        sent0 = sim.net.sent
-        bytes0 = sum(node.host.bytes_sent for node in live)
-        per_host0 = [node.host.packets_sent for node in live]
-        types0 = self.frames_by_type()
+        # The cold start leaves each node rumours to pass on (every record
+        # it learnt); the steady state begins when they are passed on.
+        drain_start = mesh.now
+        drained = self.run_until(lambda: mesh.rumour_backlog(self.live()) < 1.0,
+                                 self.args.drain_cap, step=1.0)
+        drain = {"drained": drained, "seconds": mesh.now - drain_start,
+                 "since_converged": mesh.now - drain_start + self.args.settle}
+        frames0, bytes0 = mesh.traffic()
+        signatures0 = mesh.signatures()
+        backlog0 = mesh.rumour_backlog(self.live())
         self.run(seconds)
-        count = len(live)
-        sent = sim.net.sent - sent0
-        sent_bytes = sum(node.host.bytes_sent for node in live) - bytes0
-        per_host = [node.host.packets_sent - p for node, p in zip(live, per_host0)]
-        types = self.frames_by_type() - types0
-        self.result["steady"] = {
+        frames1, bytes1 = mesh.traffic()
+        count = len(self.alive)
+        frames, sent = frames1 - frames0, bytes1 - bytes0
+        node_seconds = count * seconds
+        result = self.result["steady"] = {
             "seconds": seconds,
-            "msgs_per_node_s": sent / count / seconds,
-            "bytes_per_node_s": sent_bytes / count / seconds,
-            "max_node_msgs_s": max(per_host) / seconds,
-            "by_type_per_node_s": {k: round(v / count / seconds, 3)
-                                   for k, v in sorted(types.items())},
-            "graph": self.graph(),
+            "frames_per_node_s": sum(frames.values()) / node_seconds,
+            "bytes_per_node_s": sum(sent.values()) / node_seconds,
+            "by_type": {k: (round(frames[k] / node_seconds, 3), round(sent[k] / node_seconds))
+                        for k in sorted(frames1) if frames[k] or sent[k]},
+            "rumour_backlog": (backlog0, mesh.rumour_backlog(self.live())),
+            "drain": drain,
         }
+        signatures1 = mesh.signatures()
+        if signatures0 is not None and signatures1 is not None and self.timing is not None:
+            result["crypto"] = fastsig.real_cost(
+                self.timing, signatures1[0] - signatures0[0], signatures1[1] - signatures0[1],
+                node_seconds)
 
     def join(self) -> None:
-        sim = self.sim
-        others = sim.live()
-        before = self.frames_by_type()
+        """
+        --joins nodes join one after the other through node 0 (each once
+        the mesh knows the previous one, or its cap ran out).
+        """
+        self.phase = "join"
+        mesh = self.mesh
+        joins = []
+        for k in range(self.args.joins):
+            others = self.live()
+            newcomer = self.n + k
+            start = mesh.now
+            self.watch_join, self.join_known = newcomer, {}
+            self.add(newcomer, [0])
+            target = set(others)
+
+            def everyone_knows():
+                return len(self.join_known) >= len(target)
+
+            done = self.run_until(everyone_knows, self.args.join_cap)
+            times = sorted(t - start for i, t in self.join_known.items() if i in target)
+            joins.append({"everyone_knows": done, "all_s": times[-1] if done else None,
+                          "p50": quantile(times, 0.5), "p90": quantile(times, 0.9),
+                          "fraction_knowing": len(times) / len(target)})
         self.watch_join = None
-        start = sim.clock.seconds()
-        newcomer = self.add(self.n, [sim.nodes[0]])
-        self.watch_join = newcomer.peer_id
-        target = {self.index[node.peer_id] for node in others}
-
-        def everyone_knows():
-            return len(self.join_known) >= len(target)
-
-        done = self.run_until(everyone_knows, self.args.join_cap)
-        registry = newcomer.overlay.registry
-        knows_all = all(node.peer_id in registry for node in others)
-        times = sorted(t - start for i, t in self.join_known.items() if i in target)
-        def quantile(q):
-            return times[min(len(times) - 1, int(q * len(times)))] if times else None
+        everyone = all(j["everyone_knows"] for j in joins)
         self.result["join"] = {
-            "everyone_knows": done,
-            "sim_seconds": times[-1] if done else None,
-            "p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99),
-            "fraction_knowing": len(times) / len(target),
-            "newcomer_knows_all": knows_all,
-            "newcomer_knows": len(registry) / len(others),
-            "frames_during": dict(self.frames_by_type() - before),
+            "joins": joins, "everyone_knows": everyone,
+            "all_s": max(j["all_s"] for j in joins) if everyone else None,
+            "fraction_knowing": min(j["fraction_knowing"] for j in joins),
         }
+
+    def _victim(self, rng: random.Random) -> int:
+        return rng.choice([i for i in self.live() if i != 0])
 
     def dead(self) -> None:
-        sim = self.sim
-        rng = random.Random(self.args.seed)
-        candidates = [node for node in sim.live()[self.args.seeds:]]
-        victim = rng.choice(candidates)
-        watchers = [self.index[node.peer_id] for node in sim.live()
-                    if victim.peer_id in node.overlay.liveness.links]
-        self.watch_dead = victim.peer_id
-        start = sim.clock.seconds()
-        sim.kill(victim)
+        self.phase = "dead node"
+        mesh = self.mesh
+        victim = self._victim(random.Random(self.args.seed))
+        neighbours = [i for i in self.live() if victim in mesh.links_of(i)]
+        self.watch_gone, self.gone_at = victim, {}
+        self.gone_reasons.clear()
+        start = mesh.now
+        mesh.kill(victim)
+        self.alive.discard(victim)
+        live = self.live()
 
-        def all_offline():
-            return all(i in self.offline for i in watchers)
+        def all_know():
+            return len(self.gone_at) >= len(live)
 
-        done = self.run_until(all_offline, self.args.dead_cap, step=0.5)
-        detected = [self.offline[i] - start for i in watchers if i in self.offline]
-        states: Counter = Counter()
-        for node in sim.live():
-            record = node.overlay.registry.get(victim.peer_id)
-            states[str(record.state) if record else "forgotten"] += 1
-        config = self.config
+        done = self.run_until(all_know, self.args.dead_cap)
+        by_neighbours = [self.gone_at[i] - start for i in neighbours if i in self.gone_at]
+        everyone = [self.gone_at[i] - start for i in live if i in self.gone_at]
         self.result["dead"] = {
-            "watchers": len(watchers),
-            "all_detected": done,
-            "first": min(detected) if detected else None,
-            "last": max(detected) if done else None,
-            "declared_offline_by": len(self.offline),
-            "live_others": len(sim.live()),
-            "states_elsewhere": dict(states),
-            "bound": config.keepalive * (config.suspect_after_missed + 1) + config.indirect_timeout,
+            "neighbours": len(neighbours),
+            "first_neighbour_s": min(by_neighbours) if by_neighbours else None,
+            "all_neighbours_s": (max(by_neighbours) if len(by_neighbours) == len(neighbours)
+                                 else None),
+            "first_s": min(everyone) if everyone else None,
+            "all_live_s": max(everyone) if done else None,
+            "knowing": len(everyone), "live": len(live),
+            "registry_offline": sum(1 for i in live if mesh.gone_known(i, victim)),
+            "reasons": dict(self.gone_reasons),
         }
+        self.watch_gone = None
+
+    def leave(self) -> None:
+        self.phase = "clean leave"
+        mesh = self.mesh
+        victim = self._victim(random.Random(self.args.seed + 1))
+        self.watch_gone, self.gone_at = victim, {}
+        self.gone_reasons.clear()
+        start = mesh.now
+        mesh.leave(victim)
+        self.alive.discard(victim)
+        live = self.live()
+
+        def all_know():
+            return len(self.gone_at) >= len(live)
+
+        done = self.run_until(all_know, self.args.leave_cap)
+        everyone = sorted(self.gone_at[i] - start for i in live if i in self.gone_at)
+        self.result["leave"] = {
+            "all_s": everyone[-1] if done else None,
+            "p50": quantile(everyone, 0.5), "knowing": len(everyone), "live": len(live),
+            "reasons": dict(self.gone_reasons),
+        }
+        self.watch_gone = None
 
     def lossy(self) -> None:
-        sim, args = self.sim, self.args
-        live_before = sum(node.node.metrics.get("liveness_offline") for node in sim.live())
-        self.false_offline.clear()
-        self.suspected_live = 0
-        self.counting_false = True
-        sim.net.loss = args.loss
-        dropped0 = sim.net.dropped["loss"]
-        sent0 = sim.net.sent
-        self.run(args.loss_window)
-        sim.net.loss = 0.0
-        self.counting_false = False
-        wrongly = {(i, j) for _, i, j in self.false_offline}
+        self.phase = "loss"
+        mesh, args = self.mesh, self.args
+        self.false_gone.clear()
+        self.suspected_live = self.dropped_live = 0
+        refuted0 = mesh.refutations()
+        frames0, _ = mesh.traffic()
+        self.counting = True
+        mesh.set_loss(args.loss)
+        try:
+            self.run(args.loss_window)
+        finally:
+            mesh.set_loss(0.0)
+            self.counting = False
+        frames1, _ = mesh.traffic()
         self.result["loss"] = {
-            "loss": args.loss,
-            "seconds": args.loss_window,
-            "false_offline": len(self.false_offline),
-            "false_offline_pairs": len(wrongly),
+            "loss": args.loss, "seconds": args.loss_window,
+            "false_offline": len(self.false_gone),
+            "false_offline_pairs": len({(i, j) for _, i, j in self.false_gone}),
             "suspicions_of_live": self.suspected_live,
-            "dropped": sim.net.dropped["loss"] - dropped0,
-            "sent": sim.net.sent - sent0,
-            "liveness_offline_metric": sum(node.node.metrics.get("liveness_offline")
-                                          for node in sim.live()) - live_before,
-            "knowledge_after": self.knowledge(),
+            "refutations": mesh.refutations() - refuted0,
+            "links_dropped_to_live": self.dropped_live,
+            "frames_per_node_s": sum((frames1 - frames0).values())
+            / len(self.alive) / args.loss_window,
         }
 
     def run_all(self) -> dict:
         self.result["budget"] = {"max_seconds": self.args.max_seconds,
                                  "max_rss_gb": self.args.max_rss_gb}
         try:
-            if self.args.warm:
-                self.progress("warm start: every registry filled from the others' announcements")
-                self.warm_start()
-                self.progress("warm start done")
-            else:
-                self.progress("cold start")
-                converged = self.cold_start()
-                self.progress(f"cold start done, converged={converged}")
-            self.steady()
-            self.progress("steady state done")
-            self.join()
-            self.progress("join done")
-            self.dead()
-            self.progress("dead node done")
-            self.lossy()
-            self.progress("loss done")
+            self.progress("cold start")
+            self.cold_start()
+            self.progress(f"cold start done at {self.mesh.now:.1f} s")
+            for phase in (self.steady, self.join, self.dead, self.leave, self.lossy):
+                phase()
+                self.progress(f"{self.phase} done")
             self.result["finished"] = True
         except OutOfBudget as e:
             self.result["finished"] = False
             self.result["reason"] = str(e)
+            self.result["stopped_in"] = self.phase
+            self.result["sim_seconds_reached"] = self.mesh.now
             self.result["knowledge_reached"] = self.known / max(1, self.n * (self.n - 1))
             self.progress(f"stopped: {e}")
-        self.result["traffic"] = self.traffic_summary()
+        self.result["false_offline_outside_loss"] = len(self.false_gone_outside)
         self.result["wall_seconds"] = time.monotonic() - self.wall_start
-        self.result["cpu_seconds"] = time.process_time()
-        self.result["rss_gb"] = rss_gb()
+        self.result["rss_gib"] = rss_bytes() / GIB
+        self.mesh.stop()
         return self.result
+
+
+def quantile(values: list[float], q: float):
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+# -- the report ------------------------------------------------------------------
 
 
 def fmt(value, spec=".1f", unit="") -> str:
@@ -541,128 +645,202 @@ def fmt(value, spec=".1f", unit="") -> str:
     return f"{value:{spec}}{unit}"
 
 
-def report(config: MeshConfig, args, results: list[dict], version: str) -> None:
-    print("# gossip benchmark (simulated network, real protocol code)")
-    print(f"code: {version}")
-    print("command: " + " ".join([".venv/bin/python", "scripts/bench/gossip.py"] + sys.argv[1:]))
-    print("config: " + ", ".join(f"{k}={getattr(config, k)}" for k in CONFIG_FIELDS))
-    print(f"network: latency {args.latency * 1000:.0f} ms one way, no loss except phase 5; "
-          f"seed {args.seed}; {args.seeds} seed node(s), others started evenly over "
-          f"{args.start_window:.0f} s and bootstrap from the seed(s)")
-    print()
-    rows = []
-    for r in results:
-        c = r.get("cold_start", {})
-        s = r.get("steady", {})
-        j = r.get("join", {})
-        d = r.get("dead", {})
-        l_ = r.get("loss", {})
-        if "warm_start" in r:
-            cold = "warm start"
-        elif c.get("finished") and c.get("converged"):
-            cold = fmt(c["sim_seconds"], ".1f", " s")
-        elif c.get("finished"):
-            cold = f"no ({c['knowledge']:.4f} at {args.cold_cap:.0f} s)"
-        else:
-            cold = "budget"
-        rows.append([
-            ("N", str(r["n"])),
-            ("cold start", cold),
-            ("after last start", fmt(c.get("after_last_start"), ".1f", " s")),
-            ("cold wall / cpu", f"{fmt(c.get('wall_seconds'), '.0f')}/{fmt(c.get('cpu_seconds'), '.0f')} s"),
-            ("msgs/node/s", fmt(s.get("msgs_per_node_s"), ".2f")),
-            ("bytes/node/s", fmt(s.get("bytes_per_node_s"), ".0f")),
-            ("join: all know", fmt(j.get("sim_seconds"), ".2f", " s") if j.get("everyone_knows")
-             else (f"no ({j['fraction_knowing']:.3f})" if j else "-")),
-            ("join p50/p90", f"{fmt(j.get('p50'), '.2f')}/{fmt(j.get('p90'), '.2f')} s"),
-            ("dead: detected", fmt(d.get("last"), ".1f", " s") if d.get("all_detected")
-             else ("no" if d else "-")),
-            ("knew it died", f"{d['declared_offline_by']}/{d['live_others']}" if d else "-"),
-            (f"false offline @{args.loss:.0%}", str(l_["false_offline"]) if l_ else "-"),
-        ])
-    headers = [name for name, _ in rows[0]] if rows else []
-    widths = [max(len(h), *(len(row[k][1]) for row in rows)) for k, h in enumerate(headers)]
+def row(r: dict, args) -> list[tuple[str, str]]:
+    c, s, j = r.get("cold_start", {}), r.get("steady", {}), r.get("join", {})
+    d, le, lo = r.get("dead", {}), r.get("leave", {}), r.get("loss", {})
+    if r.get("skipped"):
+        return [("N", str(r["n"])), ("run", r["impl"]), ("cold start 100%", r["skipped"])]
+    if c.get("converged"):
+        cold = f"{c['sim_seconds']:.1f} s / {c['wall_seconds']:.0f} s"
+    elif c.get("finished"):
+        cold = f"no: {c['knowledge']:.4f} at {args.cold_cap:.0f} s"
+    elif c:
+        cold = f"budget: {c.get('knowledge', 0):.4f} at {c.get('sim_seconds', 0):.1f} s"
+    else:
+        cold = "-"
+    if d:
+        dead = (f"{fmt(d['first_neighbour_s'], '.1f')} / {fmt(d['all_neighbours_s'], '.1f')}"
+                f" / {fmt(d['all_live_s'], '.1f')}"
+                + ("" if d["all_live_s"] is not None else f" ({d['knowing']}/{d['live']})"))
+    else:
+        dead = "-"
+    if le:
+        leave = fmt(le["all_s"], ".2f", " s") if le["all_s"] is not None \
+            else f"no ({le['knowing']}/{le['live']})"
+    else:
+        leave = "-"
+    if j:
+        join = fmt(j["all_s"], ".2f", " s") if j["everyone_knows"] \
+            else f"no ({j['fraction_knowing']:.3f})"
+    else:
+        join = "-"
+    loss = (f"{lo['false_offline']} ({lo['suspicions_of_live']}/{lo['refutations']})"
+            if lo else "-")
+    return [
+        ("N", str(r["n"])),
+        ("run", r["impl"] + ("" if r.get("finished") else "*")),
+        ("cold start 100% sim/wall", cold),
+        ("join: all know (worst)", join),
+        ("dead: 1st nbr / all nbrs / all live", dead),
+        ("leave: all know", leave),
+        (f"false offline @{args.loss:.0%} (susp/refuted)", loss),
+        ("frames/node/s", fmt(s.get("frames_per_node_s"), ".2f")),
+        ("bytes/node/s", fmt(s.get("bytes_per_node_s"), ".0f")),
+    ]
+
+
+def table(rows: list[list[tuple[str, str]]]) -> None:
+    width = max(len(r) for r in rows)
+    full = [r for r in rows if len(r) == width]
+    headers = [name for name, _ in full[0]]
+    widths = [max(len(h), *(len(r[k][1]) for r in rows if k < len(r)))
+              for k, h in enumerate(headers)]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
     print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(v.ljust(w) for (_, v), w in zip(row, widths)))
+    for r in rows:
+        print(" | ".join(v.ljust(w) for (_, v), w in zip(r, widths)))
+
+
+def report(args, results: list[dict], version: str, memory: dict, timing) -> None:
+    config = MeshConfig()
+    print("# membership benchmark: real nodes on the simulated network, and the model")
+    print(f"code: {version}")
+    print("command: " + " ".join([".venv/bin/python", "scripts/bench/gossip.py"] + sys.argv[1:]))
+    print("config: " + ", ".join(f"{k}={getattr(config, k, '?')}" for k in CONFIG_FIELDS))
+    print(f"network: {args.latency * 1000:.0f} ms one way, loss only in the loss phase; seed "
+          f"{args.seed}; node 0 is the seed, the others start evenly over "
+          f"{args.start_window:.0f} s")
+    print("signatures: " + ("SIMULATED (keyed hash, omerta.testing.fastsig) in the real runs; "
+                            "the Ed25519 cost is computed below" if args.fast_signatures
+                            else "real Ed25519 in the real runs"))
+    if args.memo_records:
+        print("record parsing: MEMOIZED in the real runs (omerta.testing.fastsig; same "
+              "behaviour, but wall times omit the product's repeated construct parsing)")
+    print("real  = the product's MeshNode on the in-memory simulated network")
+    print("model = omerta/testing/membership_model.py, a discrete-event MODEL of the protocol "
+          "(not the product)")
+    print("*     = did not finish within budget (see below)")
+    print()
+    table([row(r, args) for r in results])
+    print()
+    print(f"targets: join all know <= {TARGETS['join_s']:.0f} s (1,000 and 10,000); dead: all "
+          f"neighbours <= {TARGETS['dead_neighbours_s']:.0f} s, all live <= "
+          f"{TARGETS['dead_all_s']:.0f} s; false offline at {args.loss:.0%} loss = 0; frames and "
+          f"bytes per node per s growing no faster than log N")
+    for r in results:
+        if r.get("skipped"):
+            continue
+        misses = missed_targets(r)
+        print(f"  N={r['n']} {r['impl']}: " + ("all met" if not misses else "; ".join(misses)))
+    print()
+    print(f"memory (real): {memory['bytes_per_record']:.0f} B per registry record, "
+          f"{memory['bytes_per_node'] / 1024:.0f} KiB per node without peers (tracemalloc); a "
+          f"full-fidelity run needs N(N-1) records: "
+          + ", ".join(f"N={n}: {projected_bytes(memory, n) / GIB:.1f} GiB"
+                      for n in sorted(set(args.sizes))))
+    if timing is not None:
+        print(f"Ed25519 in this process: sign {timing.sign_us:.1f} us, verify "
+              f"{timing.verify_us:.1f} us (best of 3 x {timing.rounds})")
     print()
     for r in results:
-        print(f"## N = {r['n']}: wall {r['wall_seconds']:.0f} s, cpu {r['cpu_seconds']:.0f} s "
-              f"(process total), rss {r['rss_gb']:.1f} GB")
-        if not r.get("finished"):
-            print(f"  did not finish within budget: {r['reason']}; knowledge fraction "
-                  f"reached {r['knowledge_reached']:.4f}")
-        w = r.get("warm_start")
-        if w:
-            print(f"  warm start (no cold start measured): {r['n']} registries filled with "
-                  f"{r['n'] - 1} verified announcements each in {w['wall_seconds']:.0f} s wall; "
-                  f"converged() = {w['converged']}")
-        c = r.get("cold_start")
-        if c:
-            if not c.get("finished"):
-                print(f"  cold start: {c['nodes_started']}/{r['n']} nodes started, "
-                      f"{c['sim_seconds']:.1f} s simulated in {c['wall_seconds']:.0f} s wall")
-            else:
-                marks = ", ".join(f"{float(k):.0%} at {fmt(v, '.1f', ' s')}"
-                                  for k, v in c["marks"].items())
-                print(f"  cold start: knowledge {marks}; converged() = {c['converged']}")
-                m = c["missing"]
-                print(f"  unknown (node, peer) pairs at the end: {m['pairs']} "
-                      f"({m['nodes']} nodes lack {m['peers']} distinct peers)")
-                received = sum(c["announcements"].values())
-                lists = c["frames"].get("peer_list", 0)
-                dup = c["announcements"].get("duplicate", 0)
-                print(f"  announcements received (all nodes): {c['announcements']}; "
-                      f"{dup / max(1, received):.1%} duplicates; {lists} PEER_LIST frames, "
-                      f"{received / max(1, lists + c['frames'].get('announce', 0)):.1f} "
-                      f"announcements per PEER_LIST/ANNOUNCE frame; frames sent {c['frames']}")
-            if c.get("timeline"):
-                print("  knowledge over time: " + ", ".join(
-                    f"{t:g} s {f:.4f}" for t, f in c["timeline"]))
-        s = r.get("steady")
-        if s:
-            print(f"  steady state over {s['seconds']:.0f} s: {s['msgs_per_node_s']:.2f} frames "
-                  f"and {s['bytes_per_node_s']:.0f} B per node per s (busiest node "
-                  f"{s['max_node_msgs_s']:.2f} frames/s); by type "
-                  + ", ".join(f"{k} {v}" for k, v in s["by_type_per_node_s"].items()))
-            g = s["graph"]
-            print(f"  active sets: out-degree {g['out_min']}/{g['out_mean']:.1f}/{g['out_max']}, "
-                  f"in-degree {g['in_min']}/{g['in_mean']:.1f}/{g['in_max']} (min/mean/max), "
-                  f"{g['in_zero']} nodes in nobody's active set")
-        tr = r.get("traffic")
-        if tr:
-            print(f"  traffic in 10 s buckets over the whole run: median {tr['median_msgs']:.2f} "
-                  f"frames/{tr['median_bytes']:.0f} B per node per s; busiest bucket at "
-                  f"{tr['peak_at']:.0f} s: {tr['peak_msgs']:.2f} frames/{tr['peak_bytes']:.0f} B "
-                  f"per node per s")
-            print("  per-node frames/s by bucket start: " + ", ".join(
-                f"{t:g}:{m}" for t, m, _ in tr["buckets"]))
-            print("  rumour backlog per node (queued rumours/transmissions left) every 10 s: "
-                  + ", ".join(f"{t:g}:{q:g}/{left:g}" for t, q, left in tr["backlog"]
-                              if q or left))
-        j = r.get("join")
-        if j:
-            print(f"  join: {j['fraction_knowing']:.4f} of nodes know the newcomer; p50 "
-                  f"{fmt(j['p50'], '.2f')} s, p90 {fmt(j['p90'], '.2f')} s, p99 "
-                  f"{fmt(j['p99'], '.2f')} s, all {fmt(j['sim_seconds'], '.2f')} s; newcomer "
-                  f"knows {j['newcomer_knows']:.4f} of the mesh; frames sent meanwhile "
-                  f"{j['frames_during']}")
-        d = r.get("dead")
-        if d:
-            print(f"  dead node: {d['watchers']} nodes had it in their active set; first "
-                  f"detection {fmt(d['first'], '.1f')} s, all {fmt(d['last'], '.1f')} s "
-                  f"(nominal keepalive*(suspect_after_missed+1)+indirect_timeout = "
-                  f"{d['bound']:.0f} s); {d['declared_offline_by']} nodes declared it "
-                  f"offline; its state in the live registries: {d['states_elsewhere']}")
-        l_ = r.get("loss")
-        if l_:
-            print(f"  {l_['loss']:.0%} loss for {l_['seconds']:.0f} s: {l_['false_offline']} false "
-                  f"offline declarations ({l_['false_offline_pairs']} distinct pairs), "
-                  f"{l_['suspicions_of_live']} suspicions of live nodes, "
-                  f"{l_['dropped']}/{l_['sent']} datagrams dropped; knowledge after "
-                  f"{l_['knowledge_after']:.4f}")
+        detail(r, args)
+
+
+def missed_targets(r: dict) -> list[str]:
+    out = []
+    j, d, lo = r.get("join", {}), r.get("dead", {}), r.get("loss", {})
+    if r["n"] >= 1000 and j:
+        if not j["everyone_knows"] or j["all_s"] > TARGETS["join_s"]:
+            out.append(f"join {fmt(j.get('all_s'), '.2f')} s > {TARGETS['join_s']:.0f} s")
+    if d:
+        if d["all_neighbours_s"] is None or d["all_neighbours_s"] > TARGETS["dead_neighbours_s"]:
+            out.append(f"dead by neighbours {fmt(d['all_neighbours_s'], '.1f')} s > "
+                       f"{TARGETS['dead_neighbours_s']:.0f} s")
+        if d["all_live_s"] is None or d["all_live_s"] > TARGETS["dead_all_s"]:
+            out.append(f"dead known by all {fmt(d['all_live_s'], '.1f')} s > "
+                       f"{TARGETS['dead_all_s']:.0f} s")
+    if lo and lo["false_offline"] > TARGETS["false_offline"]:
+        out.append(f"{lo['false_offline']} false offline")
+    if not r.get("finished"):
+        out.append(f"did not finish ({r.get('stopped_in')})")
+    return out
+
+
+def detail(r: dict, args) -> None:
+    if r.get("skipped"):
+        print(f"## N = {r['n']} {r['impl']}: not run: {r['skipped']}")
         print()
+        return
+    print(f"## N = {r['n']} {r['impl']}: wall {r['wall_seconds']:.0f} s, rss after "
+          f"{r['rss_gib']:.2f} GiB (process)")
+    if not r.get("finished"):
+        print(f"  did not finish within budget: {r['reason']}, in the {r['stopped_in']} phase "
+              f"at {r['sim_seconds_reached']:.1f} s simulated; knowledge fraction reached "
+              f"{r['knowledge_reached']:.4f}")
+    c = r.get("cold_start")
+    if c:
+        marks = ", ".join(f"{float(k):.0%} at {fmt(v, '.1f', ' s')}"
+                          for k, v in c["marks"].items())
+        print(f"  cold start: knowledge {marks}; wall {c.get('wall_seconds', 0):.0f} s; rumours "
+              f"still queued per node at convergence {fmt(c.get('rumour_backlog'), '.0f')}")
+        cr = c.get("crypto")
+        if cr:
+            print(f"  cold start signatures per node per s (averaged over the {c['sim_seconds'] or 0:.0f}"
+                  f" s): {cr['signs_per_node_s']:.2f} made, {cr['verifies_per_node_s']:.2f} "
+                  f"checked -> real Ed25519 cost {cr['cpu_us_per_node_s']:.0f} us CPU per node "
+                  f"per s ({cr['cpu_fraction']:.2%} of a core)")
+        if r["impl"] == "real" and c.get("rss_gib"):
+            print(f"  memory after cold start: {c['rss_gib']:.2f} GiB process, "
+                  f"{c['rss_gib'] * GIB / r['n'] / 1024:.0f} KiB per node")
+    s = r.get("steady")
+    if s:
+        print(f"  steady state over {s['seconds']:.0f} s: {s['frames_per_node_s']:.2f} frames, "
+              f"{s['bytes_per_node_s']:.0f} B per node per s; by type (frames, bytes): "
+              + ", ".join(f"{k} {f}/{b}" for k, (f, b) in s["by_type"].items()))
+        b0, b1 = s["rumour_backlog"]
+        dr = s["drain"]
+        print(f"  the cold start's rumours were " + (
+            f"passed on {dr['since_converged']:.0f} s after convergence" if dr["drained"] else
+            f"still queued {dr['since_converged']:.0f} s after convergence (--drain-cap)")
+            + f"; rumours queued per node: {b0:.1f} at the start of the window, {b1:.1f} at "
+              f"its end")
+        cr = s.get("crypto")
+        if cr:
+            print(f"  signatures per node per s: {cr['signs_per_node_s']:.2f} made, "
+                  f"{cr['verifies_per_node_s']:.2f} checked -> real Ed25519 cost "
+                  f"{cr['cpu_us_per_node_s']:.0f} us CPU per node per s "
+                  f"({cr['cpu_fraction']:.3%} of a core); by label "
+                  + ", ".join(f"{k}: {v['signed']}/{v['verified']}"
+                              for k, v in cr["by_label_per_node_s"].items()))
+    j = r.get("join")
+    if j:
+        print(f"  join ({len(j['joins'])} newcomers one after the other): " + "; ".join(
+            f"p50 {fmt(k['p50'], '.2f')} s, p90 {fmt(k['p90'], '.2f')} s, all "
+            f"{fmt(k['all_s'], '.2f')} s ({k['fraction_knowing']:.4f} know)"
+            for k in j["joins"]))
+    d = r.get("dead")
+    if d:
+        print(f"  dead node: {d['neighbours']} neighbours; first neighbour "
+              f"{fmt(d['first_neighbour_s'], '.2f')} s, all neighbours "
+              f"{fmt(d['all_neighbours_s'], '.2f')} s; first anyone {fmt(d['first_s'], '.2f')} s, "
+              f"all live {fmt(d['all_live_s'], '.2f')} s ({d['knowing']}/{d['live']} peer_gone, "
+              f"{d['registry_offline']} registries say offline; reasons {d['reasons']})")
+    le = r.get("leave")
+    if le:
+        print(f"  clean leave: {le['knowing']}/{le['live']} know, p50 {fmt(le['p50'], '.2f')} s, "
+              f"all {fmt(le['all_s'], '.2f')} s; reasons {le['reasons']}")
+    lo = r.get("loss")
+    if lo:
+        print(f"  {lo['loss']:.0%} loss for {lo['seconds']:.0f} s: {lo['false_offline']} false "
+              f"offline ({lo['false_offline_pairs']} pairs), {lo['suspicions_of_live']} "
+              f"suspicions of live nodes, {lo['refutations']} refutations, "
+              f"{lo['links_dropped_to_live']} links to live nodes dropped; "
+              f"{lo['frames_per_node_s']:.2f} frames/node/s")
+    print(f"  false offline outside the loss phase: {r.get('false_offline_outside_loss', 0)}")
+    print()
+
+
+# -- main ------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -671,65 +849,119 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="100,1000",
                         help="comma-separated mesh sizes (default 100,1000)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="bootstrap seed nodes (default 1: node 0)")
     parser.add_argument("--loss", type=float, default=0.10,
-                        help="random loss on every link in phase 5 (default 0.10)")
+                        help="random loss on every datagram in the loss phase (default 0.10)")
     parser.add_argument("--latency", type=float, default=0.02,
                         help="one-way latency in seconds (default 0.02)")
     parser.add_argument("--start-window", type=float, default=10.0,
                         help="simulated seconds over which the nodes start (default 10)")
-    parser.add_argument("--warm", action="store_true",
-                        help="skip the cold start: every node starts with every other's "
-                             "announcement in its registry (a restart with saved peer "
-                             "files; signatures still verified), to measure the other "
-                             "phases at sizes whose cold start is too slow to simulate")
     parser.add_argument("--cold-cap", type=float, default=120.0,
                         help="simulated seconds allowed for the cold start (default 120)")
     parser.add_argument("--settle", type=float, default=30.0,
-                        help="simulated seconds run after convergence before measuring")
-    parser.add_argument("--steady", type=float, default=60.0,
-                        help="steady-state measurement window, simulated seconds")
-    parser.add_argument("--join-cap", type=float, default=120.0)
-    parser.add_argument("--dead-cap", type=float, default=180.0)
-    parser.add_argument("--loss-window", type=float, default=300.0)
-    parser.add_argument("--max-seconds", type=float, default=1800.0,
-                        help="wall-clock budget per size (default 1800)")
-    parser.add_argument("--max-rss-gb", type=float, default=16.0,
-                        help="memory budget (resident set) per process (default 16)")
+                        help="simulated seconds after convergence before measuring (default 30)")
+    parser.add_argument("--drain-cap", type=float, default=600.0,
+                        help="after --settle, simulated seconds allowed for the cold start's "
+                             "rumours to be passed on before the steady state is measured "
+                             "(default 600)")
+    parser.add_argument("--steady", type=float, default=30.0,
+                        help="steady-state window, simulated seconds (default 30)")
+    parser.add_argument("--joins", type=int, default=3,
+                        help="newcomers that join one after the other (default 3)")
+    parser.add_argument("--join-cap", type=float, default=60.0)
+    parser.add_argument("--dead-cap", type=float, default=60.0)
+    parser.add_argument("--leave-cap", type=float, default=30.0)
+    parser.add_argument("--loss-window", type=float, default=120.0)
+    parser.add_argument("--fast-signatures", action="store_true",
+                        help="SIMULATED signatures (a keyed hash) instead of Ed25519 in the real "
+                             "runs; the real Ed25519 cost is measured and reported separately")
+    parser.add_argument("--memo-records", action="store_true",
+                        help="memoize announcement-record parsing in the real runs (a pure "
+                             "function; nothing the nodes do changes, only the wall time, "
+                             "which then no longer shows that product cost)")
+    parser.add_argument("--no-real", action="store_true", help="run only the model")
+    parser.add_argument("--no-model", action="store_true", help="run only the real nodes")
+    parser.add_argument("--max-seconds", type=float, default=3600.0,
+                        help="wall-clock budget per run (size and implementation; default 3600)")
+    parser.add_argument("--max-rss-gb", type=float, default=20.0,
+                        help="memory budget (resident set, GiB) of the process (default 20)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs (size and implementation) in parallel processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--sizes must be comma-separated integers, not {args.sizes!r}")
-    if any(s < 3 for s in args.sizes):
+    if not args.sizes or any(s < 3 for s in args.sizes):
         parser.error("every size must be at least 3")
     if not 0 <= args.loss < 1:
         parser.error("--loss must be in [0, 1)")
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
+    if args.joins < 1:
+        parser.error("--joins must be at least 1")
+    if args.no_real and args.no_model:
+        parser.error("--no-real and --no-model leave nothing to run")
     return args
+
+
+def run_one(n: int, kind: str, args, timing) -> dict:
+    """
+    One size in one implementation, in this process (simulated signatures
+    switched on for a real run when asked).
+    """
+    implementation = RealMesh if kind == "real" else ModelMesh
+    real = kind == "real"
+    signatures = (fastsig.simulated_signatures() if args.fast_signatures and real
+                  else contextlib.nullcontext())
+    records = (fastsig.memoized_record_parsing() if args.memo_records and real
+               else contextlib.nullcontext())
+    with signatures, records:
+        result = Bench(n, args, implementation, timing).run_all()
+    gc.collect()
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     version = code_version()
-    results = []
+    timing = fastsig.measure_ed25519()
+    print("measuring memory per registry record and per node", file=sys.stderr, flush=True)
+    memory = measure_memory()
+    runs, results = [], {}
     for n in args.sizes:
-        bench = Bench(n, args)
-        results.append(bench.run_all())
-        bench.sim.stop()
-        del bench
-    config = MeshConfig()
+        if not args.no_real:
+            need = projected_bytes(memory, n)
+            if need > args.max_rss_gb * GIB:
+                results[(n, "real")] = {"n": n, "impl": "real", "skipped": (
+                    f"needs ~{need / GIB:.0f} GiB ({n * (n - 1):.2g} registry records x "
+                    f"{memory['bytes_per_record']:.0f} B) > --max-rss-gb "
+                    f"{args.max_rss_gb:g}")}
+            else:
+                runs.append((n, "real"))
+        if not args.no_model:
+            runs.append((n, "model"))
+    if args.jobs > 1 and len(runs) > 1:
+        # One process per run, the most expensive first (each has its own
+        # budget; --max-rss-gb is per process).
+        cost = {"real": 1.0, "model": 0.01}
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_one, n, kind, args, timing): (n, kind)
+                       for n, kind in sorted(runs, key=lambda r: -r[0] ** 2 * cost[r[1]])}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+    else:
+        for n, kind in runs:
+            results[(n, kind)] = run_one(n, kind, args, timing)
+    ordered = [results[key] for key in sorted(results, key=lambda k: (k[0], k[1] != "real"))]
     if args.json:
         json.dump({"code": version,
-                   "config": {k: getattr(config, k) for k in CONFIG_FIELDS},
-                   "args": {k: v for k, v in vars(args).items()},
-                   "results": results}, sys.stdout, indent=2, default=str)
+                   "config": {k: getattr(MeshConfig(), k, None) for k in CONFIG_FIELDS},
+                   "args": vars(args), "memory": memory,
+                   "ed25519_us": {"sign": timing.sign_us, "verify": timing.verify_us},
+                   "results": ordered}, sys.stdout, indent=2, default=str)
         print()
     else:
-        report(config, args, results, version)
+        report(args, ordered, version, memory, timing)
     return 0
 
 
