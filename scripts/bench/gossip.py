@@ -887,6 +887,7 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs (size and implementation) in parallel processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--json-file", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -953,12 +954,16 @@ def main(argv=None) -> int:
         for n, kind in runs:
             results[(n, kind)] = run_one(n, kind, args, timing)
     ordered = [results[key] for key in sorted(results, key=lambda k: (k[0], k[1] != "real"))]
+    document = {"code": version,
+                "config": {k: getattr(MeshConfig(), k, None) for k in CONFIG_FIELDS},
+                "args": vars(args), "memory": memory,
+                "ed25519_us": {"sign": timing.sign_us, "verify": timing.verify_us},
+                "results": ordered}
+    if args.json_file:
+        with open(args.json_file, "w") as f:
+            json.dump(document, f, indent=2, default=str)
     if args.json:
-        json.dump({"code": version,
-                   "config": {k: getattr(MeshConfig(), k, None) for k in CONFIG_FIELDS},
-                   "args": vars(args), "memory": memory,
-                   "ed25519_us": {"sign": timing.sign_us, "verify": timing.verify_us},
-                   "results": ordered}, sys.stdout, indent=2, default=str)
+        json.dump(document, sys.stdout, indent=2, default=str)
         print()
     else:
         report(args, ordered, version, memory, timing)
