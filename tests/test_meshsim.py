@@ -285,18 +285,24 @@ class BenchmarkTests(unittest.TestCase):
         sys.path.insert(0, str(REPO / "scripts" / "bench"))
         self.addCleanup(sys.path.remove, str(REPO / "scripts" / "bench"))
         import gossip
+        saved = self.mktemp()
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             gossip.main(["--sizes", "12", "--fast-signatures", "--memo-records",
                          "--settle", "5", "--steady", "5",
                          "--joins", "1", "--dead-cap", "20", "--leave-cap", "5",
-                         "--loss-window", "10"])
+                         "--loss-window", "10", "--json-file", saved])
         text = out.getvalue()
         self.assertRegex(text, r"\n12 +\| real ")
         self.assertRegex(text, r"\n12 +\| model ")
         self.assertIn("SIMULATED", text)
         self.assertIn("real Ed25519 cost", text)
         self.assertIsNone(fastsig.active())
+        again = io.StringIO()
+        with redirect_stdout(again):
+            gossip.main(["--report-from", saved])
+        self.assertEqual(again.getvalue().split("\n## ")[0].split("\n", 3)[3],
+                         text.split("\n## ")[0].split("\n", 3)[3])
 
     def test_sizes_that_do_not_fit_are_not_run_real(self):
         """A size whose registries would not fit the memory budget runs as the model only."""

@@ -55,6 +55,7 @@ import concurrent.futures
 import contextlib
 import gc
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -701,12 +702,15 @@ def table(rows: list[list[tuple[str, str]]]) -> None:
         print(" | ".join(v.ljust(w) for (_, v), w in zip(r, widths)))
 
 
-def report(args, results: list[dict], version: str, memory: dict, timing) -> None:
-    config = MeshConfig()
+def report(args, results: list[dict], version: str, memory: dict, timing,
+           config: dict | None = None, command: str | None = None) -> None:
+    if config is None:
+        config = {k: getattr(MeshConfig(), k, "?") for k in CONFIG_FIELDS}
     print("# membership benchmark: real nodes on the simulated network, and the model")
     print(f"code: {version}")
-    print("command: " + " ".join([".venv/bin/python", "scripts/bench/gossip.py"] + sys.argv[1:]))
-    print("config: " + ", ".join(f"{k}={getattr(config, k, '?')}" for k in CONFIG_FIELDS))
+    print("command: " + (command or " ".join([".venv/bin/python", "scripts/bench/gossip.py"]
+                                             + sys.argv[1:])))
+    print("config: " + ", ".join(f"{k}={config.get(k, '?')}" for k in CONFIG_FIELDS))
     print(f"network: {args.latency * 1000:.0f} ms one way, loss only in the loss phase; seed "
           f"{args.seed}; node 0 is the seed, the others start evenly over "
           f"{args.start_window:.0f} s")
@@ -732,6 +736,7 @@ def report(args, results: list[dict], version: str, memory: dict, timing) -> Non
             continue
         misses = missed_targets(r)
         print(f"  N={r['n']} {r['impl']}: " + ("all met" if not misses else "; ".join(misses)))
+    scaling(results)
     print()
     print(f"memory (real): {memory['bytes_per_record']:.0f} B per registry record, "
           f"{memory['bytes_per_node'] / 1024:.0f} KiB per node without peers (tracemalloc); a "
@@ -739,11 +744,43 @@ def report(args, results: list[dict], version: str, memory: dict, timing) -> Non
           + ", ".join(f"N={n}: {projected_bytes(memory, n) / GIB:.1f} GiB"
                       for n in sorted(set(args.sizes))))
     if timing is not None:
-        print(f"Ed25519 in this process: sign {timing.sign_us:.1f} us, verify "
-              f"{timing.verify_us:.1f} us (best of 3 x {timing.rounds})")
+        print(f"Ed25519 in the benchmark's process: sign {timing.sign_us:.1f} us, verify "
+              f"{timing.verify_us:.1f} us (best of 3 runs)")
     print()
     for r in results:
         detail(r, args)
+
+
+def command_of(args) -> str:
+    """The command line that gives C{args} (for a report from a saved run)."""
+    defaults = vars(parse_args([]))
+    words = [".venv/bin/python", "scripts/bench/gossip.py",
+             "--sizes", ",".join(str(n) for n in args.sizes)]
+    for key, value in sorted(vars(args).items()):
+        if key in ("sizes", "report_from") or defaults.get(key) == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return " ".join(words)
+
+
+def scaling(results: list[dict]) -> None:
+    """
+    Steady-state frames and bytes per node per second against N, next to
+    how log N grows over the same sizes.
+    """
+    for kind in ("real", "model"):
+        points = [(r["n"], r["steady"]) for r in results
+                  if r["impl"] == kind and r.get("steady")]
+        if len(points) < 2:
+            continue
+        (n0, s0), parts = points[0], []
+        for n, steady in points[1:]:
+            parts.append(
+                f"N {n0}->{n}: frames x{steady['frames_per_node_s'] / s0['frames_per_node_s']:.2f}"
+                f", bytes x{steady['bytes_per_node_s'] / s0['bytes_per_node_s']:.2f}"
+                f" (log N x{math.log(n) / math.log(n0):.2f})")
+        print(f"  steady traffic per node, {kind}: " + "; ".join(parts))
 
 
 def missed_targets(r: dict) -> list[str]:
@@ -888,6 +925,8 @@ def parse_args(argv=None):
                         help="runs (size and implementation) in parallel processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--json-file", help="also write the results as JSON to this file")
+    parser.add_argument("--report-from", metavar="JSON_FILE",
+                        help="print the tables of an earlier run's --json-file and exit")
     args = parser.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -923,6 +962,16 @@ def run_one(n: int, kind: str, args, timing) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        with open(args.report_from) as f:
+            document = json.load(f)
+        saved = argparse.Namespace(**document["args"])
+        timing = fastsig.Ed25519Timing(document["ed25519_us"]["sign"],
+                                       document["ed25519_us"]["verify"], 0)
+        command = document.get("command") or command_of(saved)
+        report(saved, document["results"], document["code"], document["memory"], timing,
+               document["config"], command)
+        return 0
     version = code_version()
     timing = fastsig.measure_ed25519()
     print("measuring memory per registry record and per node", file=sys.stderr, flush=True)
@@ -955,6 +1004,8 @@ def main(argv=None) -> int:
             results[(n, kind)] = run_one(n, kind, args, timing)
     ordered = [results[key] for key in sorted(results, key=lambda k: (k[0], k[1] != "real"))]
     document = {"code": version,
+                "command": " ".join([".venv/bin/python", "scripts/bench/gossip.py"]
+                                    + (sys.argv[1:] if argv is None else list(argv))),
                 "config": {k: getattr(MeshConfig(), k, None) for k in CONFIG_FIELDS},
                 "args": vars(args), "memory": memory,
                 "ed25519_us": {"sign": timing.sign_us, "verify": timing.verify_us},
