@@ -6,6 +6,7 @@ fakes for every collaborator.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -89,7 +90,7 @@ class LivenessTests(unittest.TestCase):
         return [s for s in self.sent.of(MessageType.PING) if s.address == address]
 
     def pong(self, sender, addr, nonce, observed=("192.0.2.1", 5000), boot=BOOT,
-             signer=None, proven=None):
+             signer=None, proven=None, arrived=None):
         """
         C{sender}'s pong from its run C{boot}, with the proof its ping asked
         for (or C{proven}: force one or none), signed by C{signer} (the
@@ -101,8 +102,9 @@ class LivenessTests(unittest.TestCase):
         if asked if proven is None else proven:
             prover = fake_prover(signer or IDENTITIES[sender], boot)
             signed = prover.prove(proof.PONG, self.basics.peer_id, nonce_bytes(nonce))
-        self.liveness.on_pong(SimpleNamespace(sender=sender, boot=boot), addr, SimpleNamespace(
-            nonce=nonce, echo_ms=0, observed=observed, contacts=[], proof=signed))
+        self.liveness.on_pong(SimpleNamespace(sender=sender, boot=boot, arrived=arrived), addr,
+                              SimpleNamespace(nonce=nonce, echo_ms=0, observed=observed,
+                                              contacts=[], proof=signed))
 
     def on_ping(self, sender, addr, nonce, flags=0, size=CHALLENGE_SIZE):
         self.liveness.on_ping(
@@ -129,6 +131,23 @@ class LivenessTests(unittest.TestCase):
         self.assertEqual(self.proven, [(PEER, AT)])
         self.assertEqual(self.observed, [("192.0.2.1", 5000)])
         self.assertTrue(self.liveness.verified(PEER, AT))
+
+    def test_the_round_trip_is_the_wires(self):
+        """
+        A ping's round trip runs from when its datagram left (what send_to
+        returns) to when the pong's arrived (frame.arrived): neither end's
+        building, sealing, opening or decoding counts in it.
+        """
+        send_to = self.basics.send_to
+        self.liveness.basics = dataclasses.replace(
+            self.basics, send_to=lambda *args, **fields: (
+                send_to(*args, **fields), self.clock.seconds() + 0.003)[1])
+        self.liveness.connect(PEER, AT)
+        nonce = self.liveness.ping(PEER, AT)   # left at 0.003
+        self.clock.advance(0.05)               # decoded at 0.05
+        self.pong(PEER, AT, nonce, arrived=0.0042)
+        self.assertAlmostEqual(self.registry.rtts[PEER], 0.0012)
+        self.assertAlmostEqual(self.connections.get(PEER).rtt, 0.0012)
 
     def test_a_member_cannot_prove_another_members_address(self):
         """

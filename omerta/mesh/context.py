@@ -27,7 +27,8 @@ class Basics:
     @ivar metrics: the node's one metrics object.
     @ivar send: C{send(address, msg_type, **fields)} seals a message of this
         network and sends it to an address or relay route (addressed to the
-        peer proven at that address, if any).
+        peer proven at that address, if any); it returns when the datagram
+        was handed to the socket (None if it was not).
     @ivar send_to: C{send_to(peer_id, address, msg_type, **fields)}, the same
         for a message meant for C{peer_id}: addressed to it only if the
         address is proven to be its own, unaddressed otherwise.
@@ -41,7 +42,7 @@ class Basics:
     config: "MeshConfig"
     clock: Any
     metrics: "Metrics"
-    send: Callable[..., None]
-    send_to: Callable[..., None]
+    send: Callable[..., float | None]
+    send_to: Callable[..., float | None]
     emit: Callable[..., None]
     prover: "Prover"

@@ -360,9 +360,12 @@ class Liveness:
         # or not: a keepalive that arrives from an address its receiver has
         # not proven (our NAT moved us) must be able to draw the challenge
         # that proves it.
-        self.basics.send_to(peer_id, address, MessageType.PING, nonce=nonce,
+        sent = self.basics.send_to(peer_id, address, MessageType.PING, nonce=nonce,
                             sent_ms=int(now * 1000), flags=PING_PROVE if prove else 0,
                             contacts=listed, padding=bytes(max(0, CHALLENGE_SIZE - size)))
+        if sent is not None and nonce in self._pings:
+            # the round trip starts when the datagram leaves, not before it is built
+            self._pings[nonce] = (peer_id, sent, address)
         return nonce
 
     def _move(self, link: Link, address: tuple, now: float, proven: bool = False) -> None:
@@ -488,7 +491,9 @@ class Liveness:
             if link is not None:
                 self._challenge(link, addr, self.clock.seconds(), CHALLENGE_SIZE)
             return
-        rtt = self.clock.seconds() - sent[1]
+        # ...and ends when the pong reached the socket, before it was opened
+        arrived = getattr(frame, "arrived", None)
+        rtt = (self.clock.seconds() if arrived is None else arrived) - sent[1]
         self.registry.set_rtt(frame.sender, rtt)
         link = self.links.get(frame.sender)
         if sent[2] == addr and (frame.sender, addr) not in self._proven:

@@ -188,16 +188,17 @@ class Overlay:
 
     # sending
 
-    def send(self, address: tuple, msg_type: MessageType, **fields) -> None:
+    def send(self, address: tuple, msg_type: MessageType, **fields) -> float | None:
+        """Returns when the frame was handed to the socket (L{MeshNode.send_frame})."""
         frame = self.sealer.seal(msg_type, build_body(msg_type, fields),
                                  self.liveness.destination(address))
-        self.node.send_frame(frame, address, msg_type)
+        return self.node.send_frame(frame, address, msg_type)
 
-    def send_to(self, peer_id: bytes, address, msg_type: MessageType, **fields) -> None:
+    def send_to(self, peer_id: bytes, address, msg_type: MessageType, **fields) -> float | None:
         """L{send} for a message meant for C{peer_id} (whoever else an address was proven for)."""
         frame = self.sealer.seal(msg_type, build_body(msg_type, fields),
                                  self.liveness.destination(address, peer_id))
-        self.node.send_frame(frame, address, msg_type)
+        return self.node.send_frame(frame, address, msg_type)
 
     def _transmit(self, frame: bytes, address) -> None:
         self.node.send_frame(frame, address, None)
@@ -217,6 +218,11 @@ class Overlay:
         except ParseError:
             self.metrics.inc("drops", reason="malformed_body")
             return
+        answer_first = frame.type == MessageType.PING
+        if answer_first:
+            # the pong leaves before the bookkeeping (a round trip measures
+            # the path and the answer, not what we note about the sender)
+            handler(frame, addr, message)
         now = self.clock.seconds()
         sender = frame.sender
         size = MIN_FRAME_SIZE + len(frame.body)
@@ -232,7 +238,8 @@ class Overlay:
             if record is not None and record.state == "offline":
                 # declared gone, yet here it is: it should refute
                 self.membership.tell(sender, addr)
-        handler(frame, addr, message)
+        if not answer_first:
+            handler(frame, addr, message)
 
     def run_proven(self, peer_id: bytes, boot: bytes) -> None:
         """
