@@ -109,8 +109,18 @@ class AntiEntropyTests(unittest.TestCase):
         self.assertIn(PEOPLE[299].peer_id, self.a.registry)
 
     def test_an_answer_summarises_a_few_buckets(self):
-        """A digest that differs everywhere is answered with at most SUMMARY_BUCKETS buckets."""
+        """A digest that differs in a few buckets is answered with at most SUMMARY_BUCKETS."""
         self.a.hold(PEOPLE)
+        self.b.hold(PEOPLE)
+        # six records missing over there, each in a bucket of its own
+        gone, buckets = [], set()
+        width = bucket_count(len(PEOPLE) + 2)
+        for person in PEOPLE:
+            if person.peer_id[0] % width not in buckets and len(gone) < 6:
+                buckets.add(person.peer_id[0] % width)
+                gone.append(person)
+        for person in gone:
+            self.b.registry.remove(person.peer_id)
         self.a.sync.sync()
         [digest] = self.a.sent
         self.a.sent.remove(digest)
@@ -121,6 +131,22 @@ class AntiEntropyTests(unittest.TestCase):
         buckets = {i for s in self.b.sent.of(MessageType.SYNC_SUMMARY) for i in s.fields["indices"]}
         self.assertLessEqual(len(buckets), SUMMARY_BUCKETS)
         self.assertTrue(buckets)
+
+    def test_far_apart_gets_the_whole_list_once_in_a_while(self):
+        """
+        A digest that differs in most buckets is answered with every live
+        record (a starting node), at most once per FULL_LIST_INTERVAL.
+        """
+        self.b.hold(PEOPLE)
+        self.a.sync.sync()
+        self.pump(rounds=1)
+        self.assertEqual(self.b.basics.metrics.get("sync_digests", outcome="far_apart"), 1)
+        self.assertEqual(len(self.a.registry), len(PEOPLE) + 1)
+        for person in PEOPLE[:250]:
+            self.a.registry.remove(person.peer_id)
+        self.a.sync.sync()
+        self.pump(rounds=1)
+        self.assertEqual(self.b.basics.metrics.get("sync_digests", outcome="far_apart"), 1)
 
     def test_a_peer_dead_here_is_told_not_sent(self):
         """Held alive over there and dead here under the same sequence: the other side is told."""

@@ -19,11 +19,18 @@ it holds alive that are known dead here (a MEMBERSHIP notice), and asks
 for the records it lacks itself (a SYNC_SUMMARY whose C{want} lists them),
 which come back as a PEER_LIST.  Every answer goes only to an address a
 pong proved to be the sender's, so none can be reflected at a stranger.
+
+When more than half of the buckets differ, or the sender's digest is four
+times narrower than ours (a node that is starting, or one back from a long
+partition), a few buckets per exchange would take minutes: the receiver
+sends its live records instead, as a peer list, at most once per
+L{FULL_LIST_INTERVAL} to the same peer.
 """
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Any, Callable
 
 from omerta.mesh.context import Basics
@@ -38,6 +45,9 @@ SUMMARY_ENTRIES = 44
 
 WANT_MAX = 40
 """Records asked for, or sent, per summary."""
+
+FULL_LIST_INTERVAL = 30.0
+"""A peer whose digest differs in most buckets gets our whole list at most this often."""
 
 
 def bucket_count(records: int) -> int:
@@ -85,6 +95,7 @@ class AntiEntropy:
         self._send_records = send_records
         self._tell_gone = tell_gone
         self.rng = rng or random.Random()
+        self._full_sent: OrderedDict[bytes, float] = OrderedDict()
 
     def _own(self) -> tuple[tuple[bytes, int]]:
         return ((self.me, self._own_sequence()),)
@@ -119,9 +130,25 @@ class AntiEntropy:
         if not differ:
             self.metrics.inc("sync_digests", outcome="in_step")
             return
+        far_apart = (2 * len(differ) > buckets >= 8
+                     or bucket_count(len(self.registry) + 1) >= 4 * buckets)
+        if far_apart and self._full_list_due(frame.sender):
+            self.metrics.inc("sync_digests", outcome="far_apart")
+            self._send_records(addr, self.registry.live())
+            return
         self.metrics.inc("sync_digests", outcome="differ")
         chosen = self.rng.sample(differ, min(SUMMARY_BUCKETS, len(differ)))
         self._summarise(addr, buckets, chosen)
+
+    def _full_list_due(self, peer_id: bytes) -> bool:
+        now = self.basics.clock.seconds()
+        if now - self._full_sent.get(peer_id, float("-inf")) < FULL_LIST_INTERVAL:
+            return False
+        self._full_sent[peer_id] = now
+        self._full_sent.move_to_end(peer_id)
+        while len(self._full_sent) > self.basics.config.proven_memory:
+            self._full_sent.popitem(last=False)
+        return True
 
     def _summarise(self, address, buckets: int, indices: list[int]) -> None:
         """

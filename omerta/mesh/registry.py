@@ -973,6 +973,10 @@ class PeerRegistry:
     def all(self) -> list[PeerRecord]:
         return list(self._peers.values())
 
+    def live(self) -> list[PeerRecord]:
+        """Every record not known to be gone."""
+        return [p for p in self._peers.values() if p.state != PeerState.OFFLINE]
+
     def online(self) -> list[PeerRecord]:
         return [p for p in self._peers.values() if p.state == PeerState.ONLINE]
 
