@@ -28,7 +28,10 @@ What is modelled, per node:
     C{PEER_LIST_BUDGET} bytes per datagram, C{retransmit_mult *
     ceil(log10(n + 1))} transmissions, hop limit; the full list a newcomer
     asks for while it knows fewer than C{degree} peers (at most every
-    C{peer_list_interval} per member); bootstrap retries with backoff;
+    C{peer_list_interval} per member), charged to nobody, while every other
+    new identity is charged to the neighbour it came from (the registry's
+    L{SourceLimits}: token buckets per address and per IP, a cap per IP);
+    the registry's size cap C{max_peers}; bootstrap retries with backoff;
   - membership: SUSPECT / DEAD / LEFT notices as rumours (same limits,
     C{NOTICE_BUDGET}), Lifeguard's suspicion timer between
     C{suspicion_mult * log10(n)} and C{suspicion_max_mult} times that,
@@ -46,8 +49,8 @@ What is modelled, per node:
 What is left out: NAT, relays, hole punching, path changes (every node is
 public at one address, as in the benchmark), the freshness layer (contact
 queries and PATH_FAILED reports, which decide no membership), sessions and
-messaging, record expiry and offline clean-up (beyond an hour), the Sybil
-source limits, restarts (every run of a node is its first), and the
+messaging, record expiry and offline clean-up (beyond an hour), eviction
+from a full registry, restarts (every run of a node is its first), and the
 content of contacts piggybacked on pings (only their size).  A full peer
 list is delivered in one event after the loss of each of its datagrams is
 drawn (the surviving entries, in order).
@@ -71,7 +74,7 @@ from dataclasses import dataclass
 
 from omerta.mesh import antientropy, gossip, liveness, membership
 from omerta.mesh.node import MeshConfig
-from omerta.mesh.registry import DIGEST_LEAVES
+from omerta.mesh.registry import DIGEST_LEAVES, SourceLimits
 from omerta.wire.envelope import MIN_FRAME_SIZE
 from omerta.wire.messages import MessageType, build_body
 
@@ -226,7 +229,8 @@ class _Node:
     __slots__ = ("i", "running", "start", "seq", "known", "state", "order", "leaves",
                  "links", "proven", "pings", "probes", "r_left", "r_hops", "levels",
                  "rumours", "top", "notices", "suspicions", "told", "refuted_for", "health",
-                 "full_sent", "boot_pending", "boot_delay", "round_at", "contacts")
+                 "full_sent", "boot_pending", "boot_delay", "round_at", "contacts", "sources",
+                 "asked")
 
     def __init__(self, i: int, capacity: int, now: float, levels: int):
         self.i = i
@@ -256,6 +260,9 @@ class _Node:
         self.boot_delay = 0.0
         self.round_at: float | None = None
         self.contacts: deque = deque(maxlen=4)  # recent distinct peers heard (ping size)
+        # source -> [address tokens, stamp, IP tokens, stamp, identities introduced]
+        self.sources: dict[int, list] = {}
+        self.asked: dict[int, float] = {}       # peer -> until when its list is uncharged
 
 
 class MembershipModel:
@@ -313,6 +320,11 @@ class MembershipModel:
         self.per_list = max(1, gossip.PEER_LIST_BUDGET // self.sizes.entry_budget)
         self._helpers = c.indirect_helpers
         self._hop_limit = c.gossip_hop_limit
+        self.max_peers = c.max_peers
+        limits = SourceLimits()
+        self._address_bucket = (limits.address_burst, limits.address_per_minute / 60.0)
+        self._ip_bucket = (limits.ip_burst, limits.ip_per_minute / 60.0)
+        self._max_per_ip = limits.max_per_ip
         # the order of peer ids (the lower id pings first on a quiet link)
         self.rank = list(range(capacity))
         random.Random(seed ^ 0x1D).shuffle(self.rank)
@@ -376,6 +388,35 @@ class MembershipModel:
         node.boot_delay = self.config.bootstrap_retry_initial
         self._bootstrap(node)
         return i
+
+    def fill_registries(self) -> None:
+        """
+        Every node holds every other node's current announcement, as after
+        a restart with saved peer files (the model's warm start): nothing
+        to pass on, no link yet.  Records are checked on load, as
+        L{omerta.mesh.registry.PeerRegistry.load} does.
+        """
+        nodes = self.nodes
+        count = len(nodes)
+        template = array("I", bytes(4 * self.capacity))
+        leaves = [0] * DIGEST_LEAVES
+        for node in nodes:
+            template[node.i] = node.seq
+            leaves[self.leaf[node.i]] ^= hash((node.i, node.seq))
+        everyone = array("I", range(count))
+        for node in nodes:
+            i = node.i
+            node.known = array("I", template)
+            node.known[i] = 0
+            node.state = bytearray(b"\x01" * count + bytes(self.capacity - count))
+            node.state[i] = 0
+            node.order = array("I", everyone)
+            node.order.pop(i)
+            node.leaves = list(leaves)
+            node.leaves[self.leaf[i]] ^= hash((i, node.seq))
+            self.verified[ANNOUNCE_LABEL] += count - 1
+            # (its own announcement is its only rumour, as after a restart;
+            # no "discovered" events)
 
     def kill(self, i: int) -> None:
         """Stop node C{i} abruptly: nothing more goes out, nothing is received."""
@@ -531,7 +572,11 @@ class MembershipModel:
             self._reannounce(node)
         now = self.now
         config = self.config
+        quiet = config.ping_retry  # (no keepalive round opens before this much quiet)
         for link in list(node.links.values()):
+            if (link.round_started is None and link.suspected_at is None and link.verified
+                    and now - link.last_heard < quiet):
+                continue
             if not link.verified and not link.initiated:
                 if now - link.since >= config.keepalive:
                     del node.links[link.peer]
@@ -752,6 +797,14 @@ class MembershipModel:
             if source >= 0 and node.state[origin] in GONE:
                 self._tell(node, origin, source)
             return "duplicate"
+        if not held:
+            if len(node.order) >= self.max_peers:
+                # (a full registry; evicting the newest never-contacted
+                # record of the largest source is not modelled)
+                self.outcomes["full"] += 1
+                return "full"
+            if source >= 0 and not self._charge(node, source):
+                return "source_rate"
         self.verified[ANNOUNCE_LABEL] += 1
         state = node.state
         leaf = self.leaf[origin]
@@ -782,6 +835,29 @@ class MembershipModel:
             if node.round_at is None:
                 self._wake(node)
         return "updated" if held else "new"
+
+    def _charge(self, node: _Node, source: int) -> bool:
+        """
+        Whether C{source} may introduce one more identity to C{node} now
+        (the registry's SourceLimits: a token bucket per address and per
+        IP, a cap per IP); if so it is charged.
+        """
+        now = self.now
+        held = node.sources.get(source)
+        (a_burst, a_rate), (i_burst, i_rate) = self._address_bucket, self._ip_bucket
+        if held is None:
+            held = node.sources[source] = [a_burst, now, i_burst, now, 0]
+        if held[4] >= self._max_per_ip:
+            self.outcomes["source_full"] += 1
+            return False
+        a_level = min(a_burst, held[0] + (now - held[1]) * a_rate)
+        i_level = min(i_burst, held[2] + (now - held[3]) * i_rate)
+        if a_level < 1 or i_level < 1:
+            self.outcomes["source_rate"] += 1
+            return False
+        held[0], held[1], held[2], held[3] = a_level - 1, now, i_level - 1, now
+        held[4] += 1
+        return True
 
     def _round(self, node: _Node) -> None:
         """A gossip round of rumours, then one of notices (and suspicion timers)."""
@@ -859,7 +935,8 @@ class MembershipModel:
         arrive in one event.
         """
         if request and len(node.order) < self.config.degree:
-            pass  # (the answer is charged to nobody: no source limits here)
+            # the answer to a newcomer's request is charged to nobody
+            node.asked[dst] = self.now + gossip.NEWCOMER_WINDOW
         known = node.known
         entries = [(node.i, node.seq, 0)] + [(peer, known[peer], 1) for peer in records]
         per = self.per_list
@@ -889,12 +966,14 @@ class MembershipModel:
     def _on_list(self, node: _Node, sender: int, entries: list, request: bool) -> None:
         known, state, i = node.known, node.state, node.i
         duplicates = 0
+        until = node.asked.get(sender)
+        source = sender if until is None or until < self.now else -1
         for origin, seq, hops in entries:
             held = known[origin]
             if held and seq == held and origin != i and state[origin] < FAILED:
                 duplicates += 1  # (the common case, as _accept would settle it)
                 continue
-            self._accept(node, origin, seq, hops, sender)
+            self._accept(node, origin, seq, hops, source)
         self.outcomes["duplicate"] += duplicates
         if sender in node.boot_pending and known[sender]:
             node.boot_pending.discard(sender)
