@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,18 @@ def tail(path: Path, lines: int = 40, title: str | None = None) -> str:
 # -- libvirtd in a lab namespace ---------------------------------------------------
 
 
+def _accepting(path: Path) -> bool:
+    """Whether something accepts connections on the UNIX socket at C{path}."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
 class PrivateLibvirt:
     """
     C{libvirtd} and C{virtlogd} serving C{qemu:///system} inside one lab
@@ -216,9 +229,11 @@ class PrivateLibvirt:
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             log.close()
-        socket = Path(f"/proc/{self.process.pid}/root/run/libvirt/libvirt-sock")
-        wait(lambda: self.pid and socket.exists(), timeout,
-             f"the libvirtd of {self.node.name} to open its socket",
+        path = Path(f"/proc/{self.process.pid}/root/run/libvirt/libvirt-sock")
+        # (the socket file exists a moment before libvirtd listens on it, and
+        # longer on a busy machine: a client that came then was refused)
+        wait(lambda: self.pid and path.exists() and _accepting(path), timeout,
+             f"the libvirtd of {self.node.name} to accept connections on its socket",
              lambda: tail(self.log_path))
 
     def enter(self) -> list[str]:
