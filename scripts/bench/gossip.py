@@ -470,7 +470,11 @@ class Bench:
                 converged = True
                 break
             self.check_budget()
-        result.update(finished=True, converged=converged,
+            if time.monotonic() - wall0 > args.cold_wall:
+                # the phases after it have their own mesh: they still run
+                result["cut_by_wall"] = True
+                break
+        result.update(finished=True, converged=converged, reached_s=mesh.now,
                       sim_seconds=mesh.now if converged else None,
                       after_last_start=mesh.now - spacing * (n - 2) if converged else None,
                       wall_seconds=time.monotonic() - wall0, rss_gib=rss_bytes() / GIB,
@@ -730,7 +734,8 @@ def row(r: dict, args) -> list[tuple[str, str]]:
     if c.get("converged"):
         cold = f"{c['sim_seconds']:.1f} s / {c['wall_seconds']:.0f} s"
     elif c.get("finished"):
-        cold = f"no: {c['knowledge']:.4f} at {c.get('cap', args.cold_cap):.0f} s"
+        cold = (f"no: {c['knowledge']:.4f} at {c.get('reached_s', c.get('cap', 0)):.0f} s"
+                + (" (wall)" if c.get("cut_by_wall") else ""))
     elif c:
         cold = f"budget: {c.get('knowledge', 0):.4f} at {c.get('sim_seconds', 0):.1f} s"
     else:
@@ -899,6 +904,8 @@ def detail(r: dict, args) -> None:
     if c:
         marks = ", ".join(f"{float(k):.0%} at {fmt(v, '.1f', ' s')}"
                           for k, v in c["marks"].items())
+        if c.get("cut_by_wall"):
+            print(f"  cold start cut short by --cold-wall at {c['reached_s']:.1f} s simulated")
         print(f"  cold start: knowledge {marks}; wall {c.get('wall_seconds', 0):.0f} s; rumours "
               f"still queued per node at convergence {fmt(c.get('rumour_backlog'), '.0f')}")
         cr = c.get("crypto")
@@ -978,6 +985,10 @@ def parse_args(argv=None):
     parser.add_argument("--cold-cap", type=float, default=120.0,
                         help="simulated seconds allowed for the real nodes' cold start "
                              "(default 120)")
+    parser.add_argument("--cold-wall", type=float, default=float("inf"),
+                        help="wall seconds after which a cold start that has not converged "
+                             "is cut short; the later phases still run on their warm mesh "
+                             "(default: no limit but --max-seconds)")
     parser.add_argument("--model-cold-cap", type=float, default=600.0,
                         help="simulated seconds allowed for the model's cold start "
                              "(default 600)")
