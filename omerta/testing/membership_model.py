@@ -43,6 +43,8 @@ What is modelled, per node:
     change, folded to C{bucket_count(n)} buckets, SYNC_DIGEST to one random
     link every C{sync_interval}, SYNC_SUMMARY of up to C{SUMMARY_BUCKETS}
     differing buckets, records sent and wanted (C{WANT_MAX}), dead peers told;
+    the whole live list to a peer far apart (most buckets differ, or a
+    digest four times narrower), at most every C{FULL_LIST_INTERVAL};
   - the network: one-way C{latency} and independent C{loss} per datagram;
     frame sizes computed with the product's codec (L{FrameSizes}).
 
@@ -230,7 +232,7 @@ class _Node:
                  "links", "proven", "pings", "probes", "r_left", "r_hops", "levels",
                  "rumours", "top", "notices", "suspicions", "told", "refuted_for", "health",
                  "full_sent", "boot_pending", "boot_delay", "round_at", "contacts", "sources",
-                 "asked")
+                 "asked", "sync_full_sent")
 
     def __init__(self, i: int, capacity: int, now: float, levels: int):
         self.i = i
@@ -263,6 +265,7 @@ class _Node:
         # source -> [address tokens, stamp, IP tokens, stamp, identities introduced]
         self.sources: dict[int, list] = {}
         self.asked: dict[int, float] = {}       # peer -> until when its list is uncharged
+        self.sync_full_sent: dict[int, float] = {}  # peer -> our whole list sent (sync)
 
 
 class MembershipModel:
@@ -1171,6 +1174,15 @@ class MembershipModel:
             self.counters["sync_in_step"] += 1
             return
         differ = [i for i in range(buckets) if ours[i] != hashes[i]]
+        far_apart = (2 * len(differ) > buckets >= 8
+                     or antientropy.bucket_count(len(node.order) + 1) >= 4 * buckets)
+        if far_apart and self.now - node.sync_full_sent.get(sender, -_INF) >= \
+                antientropy.FULL_LIST_INTERVAL:
+            node.sync_full_sent[sender] = self.now
+            self.counters["sync_far_apart"] += 1
+            state = node.state
+            self._send_list(node, sender, False, [p for p in node.order if state[p] not in GONE])
+            return
         self.counters["sync_differ"] += 1
         chosen = self.rng.sample(differ, min(antientropy.SUMMARY_BUCKETS, len(differ)))
         complete, entries = [], []
