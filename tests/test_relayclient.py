@@ -99,6 +99,24 @@ class RelayClientTests(unittest.TestCase):
                     if s.fields["lifetime_s"] == 0]
         self.assertEqual({s.address for s in released}, {R1_AT, R2_AT})
 
+    def test_relay_gone_closes_every_session_through_it(self):
+        """
+        A relay going offline closes the sessions of every peer it carried
+        to us (the path manager is told of each), in one tick.
+        """
+        other = b"\x0c" * 16
+        self.client.tick()
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        for peer, session in ((PEER, SESSION), (other, bytes(range(8, 16)))):
+            self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=peer, session=session))
+        self.assertEqual(len(self.routes), 2)
+        self.registry.records[R1].state = "offline"
+        self.client.tick()
+        self.assertNotIn(R1, self.client.held)
+        self.assertEqual({peer for peer, _ in self.closed}, {PEER, other})
+        self.assertEqual(self.routes, {})
+        self.assertEqual(self.client.sessions, {})
+
     # sessions
 
     def test_session_requested_opened_and_closed(self):

@@ -207,10 +207,10 @@ class RelayClient:
             self.log.info("Lost relay reservation on {relay}: {why}",
                           relay=format_peer_id(held.relay_id), why=printable(why))
             self.metrics.inc("relay_reservations_lost")
-        for sessions in self.sessions.values():
-            session = sessions.get(held.relay_id)
-            if session is not None:
-                self._close(session)
+        through = [sessions[held.relay_id] for sessions in self.sessions.values()
+                   if held.relay_id in sessions]
+        for session in through:  # closing one changes self.sessions
+            self._close(session)
 
     def on_accept(self, frame, addr, message) -> None:
         held = self.held.get(frame.sender)
