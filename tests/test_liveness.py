@@ -83,8 +83,9 @@ class LivenessTests(unittest.TestCase):
             observed_address=self.observed.append,
             address_proven=lambda peer_id, address: self.proven.append((peer_id, address)),
             run_proven=lambda peer_id, boot: self.runs.append((peer_id, boot)),
-            unreachable=lambda peer_id: self.unreachable.append(peer_id))
-        self.runs, self.unreachable = [], []
+            unreachable=lambda peer_id: self.unreachable.append(peer_id),
+            restarted=lambda peer_id: self.restarts.append(peer_id))
+        self.runs, self.unreachable, self.restarts = [], [], []
 
     def pings_to(self, address):
         return [s for s in self.sent.of(MessageType.PING) if s.address == address]
@@ -216,6 +217,7 @@ class LivenessTests(unittest.TestCase):
         (challenge,) = self.pings_to(AT)
         self.pong(PEER, AT, challenge.fields["nonce"], boot=RESTARTED)
         self.assertEqual(self.runs, [(PEER, BOOT), (PEER, RESTARTED)])
+        self.assertEqual(self.restarts, [PEER])  # the first run proven was no restart
         self.assertTrue(link.verified)
         self.assertIs(self.liveness.heard(PEER, AT, self.clock.seconds(), 100, RESTARTED), link)
         self.assertIsNone(self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT))

@@ -117,6 +117,26 @@ class RelayClientTests(unittest.TestCase):
         self.assertEqual(self.routes, {})
         self.assertEqual(self.client.sessions, {})
 
+    def test_relay_restart_renews_at_once_and_closes_its_sessions(self):
+        """
+        A relay that restarted forgot our reservation and the sessions it
+        carried: the reservation is renewed at once, not at the next
+        refresh, and those sessions are closed.
+        """
+        self.client.tick()
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))
+        self.clock.advance(3)
+        self.sent.clear()
+        self.client.peer_restarted(R1)
+        self.assertEqual([s.address for s in self.sent.of(MessageType.RELAY_RESERVE)], [R1_AT])
+        self.assertEqual([peer for peer, _ in self.closed], [PEER])
+        self.assertEqual(self.routes, {})
+        self.assertTrue(self.client.held[R1].live)  # still announced while it is renewed
+        self.sent.clear()
+        self.client.peer_restarted(PEER)  # no relay of ours: nothing to do
+        self.assertEqual(self.sent.of(MessageType.RELAY_RESERVE), [])
+
     # sessions
 
     def test_session_requested_opened_and_closed(self):

@@ -157,7 +157,8 @@ class Liveness:
                  observed_address: Callable[[tuple], None],
                  address_proven: Callable[[bytes, object], None],
                  run_proven: Callable[[bytes, bytes], None] = lambda peer_id, boot: None,
-                 unreachable: Callable[[bytes], None] = lambda peer_id: None):
+                 unreachable: Callable[[bytes], None] = lambda peer_id: None,
+                 restarted: Callable[[bytes], None] = lambda peer_id: None):
         """
         @param freshness: the overlay's L{omerta.mesh.freshness.Freshness}
             (contacts piggybacked on pings and pongs, stale paths reported).
@@ -177,6 +178,9 @@ class Liveness:
             refused from now on).
         @param unreachable: C{unreachable(peer_id)}: neither this node nor
             its helpers reached the peer (its link was dropped).
+        @param restarted: C{restarted(peer_id)}: an identity proof showed a
+            new run of a peer whose earlier run was proven (it restarted and
+            lost whatever state it held for us).
         """
         self.basics = basics
         self.clock = basics.clock
@@ -196,6 +200,7 @@ class Liveness:
         self._address_proven = address_proven
         self._run_proven = run_proven
         self._unreachable = unreachable
+        self._restarted = restarted
         self.local_health = 0
         self.prover = basics.prover
         self.rng = rng or random.Random()
@@ -421,6 +426,8 @@ class Liveness:
                 if link is not None:
                     link.conn.unprove()
             self._run_proven(peer_id, boot)
+            if old is not None:
+                self._restarted(peer_id)
             while len(self.boots) > self.config.proven_memory:
                 gone, _ = self.boots.popitem(last=False)
                 self.forget_proof(gone)

@@ -84,7 +84,8 @@ class Overlay:
             observed_address=node.observed_address,
             address_proven=self.address_proven,
             run_proven=self.run_proven,
-            unreachable=lambda peer_id: self.membership.suspect(peer_id))
+            unreachable=lambda peer_id: self.membership.suspect(peer_id),
+            restarted=lambda peer_id: self.relays.peer_restarted(peer_id))
         self.paths = PathManager(
             self.basics, self.connections, self.registry,
             liveness=self.liveness, relays=self.relays, freshness=self.freshness,

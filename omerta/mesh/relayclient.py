@@ -7,7 +7,9 @@ The member's side of relaying, in one network.
   every C{reserve_refresh} seconds.  A renewal that goes unanswered
   C{reserve_tries} times, a relay that goes offline or denies, is replaced.
   Each live reservation is announced as a RELAYED path ("reach me via R"),
-  re-signed whenever the set changes.
+  re-signed whenever the set changes.  A relay seen to restart (a new run
+  proven) has forgotten us: the reservation is renewed at once and the
+  sessions it carried are closed.
 - Sessions: to reach a peer through one of the relays it announces, send
   RELAY_CONNECT; the relay answers both ends with RELAY_SESSION and the
   session's route (L{omerta.mesh.paths.RelayRoute}) becomes a path to the
@@ -211,6 +213,28 @@ class RelayClient:
                    if held.relay_id in sessions]
         for session in through:  # closing one changes self.sessions
             self._close(session)
+
+    def peer_restarted(self, peer_id: bytes) -> None:
+        """
+        C{peer_id} restarted: if it is one of our relays it forgot our
+        reservation and every session it carried, so renew the reservation
+        now (not at the next refresh) and close those sessions (their
+        peers' paths move elsewhere or are asked for again).
+        """
+        held = self.held.get(peer_id)
+        through = [sessions[peer_id] for sessions in self.sessions.values()
+                   if peer_id in sessions]
+        if held is None and not through:
+            return
+        self.log.info("Relay {relay} restarted: renewing our reservation on it",
+                      relay=format_peer_id(peer_id))
+        self.metrics.inc("relay_restarts_seen")
+        for session in through:
+            self._close(session, tell_relay=False)
+        if held is not None:
+            held.sent = 0.0
+            held.unanswered = 0
+            self._reserve(held, self.clock.seconds())
 
     def on_accept(self, frame, addr, message) -> None:
         held = self.held.get(frame.sender)
