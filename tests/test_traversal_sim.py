@@ -267,6 +267,30 @@ class RelayedPathTests(unittest.TestCase):
         self.assertLess(recovered, 25)
         self.assertGreaterEqual(a.node.metrics.total("path_failovers"), 1)
 
+    def test_relay_failover_soon_after_the_other_relay_restarted(self):
+        """
+        The relay not in use restarts (it forgets every reservation); a few
+        seconds later the relay in use dies: the holder renewed its
+        reservation on the restarted relay at once, so the path moves
+        there within seconds instead of waiting for the next refresh.
+        """
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric", relays=2)
+        echo(b)
+        self.assertEqual(request(sim, a, b, b"1"), b"echo:1")
+        link = a.overlay.liveness.links[b.peer_id]
+        used = next(r for r in relays if r.peer_id == a.overlay.relays.relay_of(link.address))
+        other = next(r for r in relays if r is not used)
+        restarted = sim.restart(other)
+        sim.run(3)
+        self.assertIn((restarted.overlay.network_id, b.peer_id),
+                      restarted.node.relay.reservations)
+        sim.kill(used)
+        killed_at = sim.clock.seconds()
+        self.assertEqual(request(sim, a, b, b"2", timeout=30), b"echo:2")
+        self.assertLess(sim.clock.seconds() - killed_at, 5)
+        link = a.overlay.liveness.links[b.peer_id]
+        self.assertEqual(a.overlay.relays.relay_of(link.address), other.peer_id)
+
     def test_direct_failure_falls_back_to_relay_and_upgrades_again(self):
         sim, relays, a, b = setup_pair(self, "port-restricted", "restricted-cone")
         echo(b)

@@ -4,8 +4,10 @@ The member's side of relaying, in one network.
 - Reservations: a node that is not on a public address keeps reservations on
   up to C{relay_count} relays (members announcing the RELAY capability),
   chosen by round-trip time among those not recently failed or full, renewed
-  every C{reserve_refresh} seconds.  A renewal that goes unanswered
-  C{reserve_tries} times, a relay that goes offline or denies, is replaced.
+  every C{reserve_refresh} seconds.  A request not yet accepted is asked
+  again after 0.5 s, 1 s, then every C{reserve_retry} seconds; one that goes
+  unanswered C{reserve_tries} times, a relay that goes offline or denies,
+  is replaced.
   Each live reservation is announced as a RELAYED path ("reach me via R"),
   re-signed whenever the set changes.  A relay seen to restart (a new run
   proven) has forgotten us: the reservation is renewed at once and the
@@ -52,6 +54,9 @@ class Held:
     sent: float = 0.0
     unanswered: int = 0
     free_sessions: int | None = None
+    # the last request was accepted (else it is asked again after
+    # reserve_retry, not reserve_refresh, even while still live)
+    confirmed: bool = False
 
 
 @dataclass
@@ -185,7 +190,8 @@ class RelayClient:
                 self._lose(held, now, "no answer" if not gone else "offline")
                 changed = changed or held.live
                 continue
-            due = held.sent + (config.reserve_refresh if held.live else config.reserve_retry)
+            due = held.sent + (config.reserve_refresh if held.confirmed else min(
+                config.reserve_retry, 0.5 * 2 ** max(0, held.unanswered - 1)))
             if now >= due:
                 self._reserve(held, now)
         for relay_id, address in self.candidates(now)[:max(0, config.relay_count - len(self.held))]:
@@ -199,6 +205,7 @@ class RelayClient:
             return
         held.sent = now
         held.unanswered += 1
+        held.confirmed = False
         self.send(held.address, MessageType.RELAY_RESERVE,
                           lifetime_s=self.config.reserve_lifetime)
 
@@ -244,6 +251,7 @@ class RelayClient:
         now = self.clock.seconds()
         was_live = held.live
         held.live = True
+        held.confirmed = True
         held.unanswered = 0
         held.expires = now + message.lifetime_s
         held.free_sessions = message.free_sessions

@@ -13,7 +13,7 @@ L{NodeProtocol} and socket on a L{SimHost}; only the network is simulated.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from omerta.addressing import BootstrapSpec, Endpoint
@@ -45,6 +45,8 @@ class SimNode:
     identity: Identity
     address: tuple
     built: BuiltNode
+    # how it was added (L{MeshSim.restart} adds it again with these)
+    options: dict = field(default_factory=dict)
 
     @property
     def overlay(self):
@@ -87,7 +89,9 @@ class MeshSim:
         if nat_type is not None:
             built.node.nat = SimpleNamespace(nat_type=nat_type, mapped=None)
         built.start()
-        sim_node = SimNode(built.node, host, built.port, identity, (ip, port), built)
+        sim_node = SimNode(built.node, host, built.port, identity, (ip, port), built,
+                           dict(ip=ip, bootstrap=list(bootstrap), name=name, identity=identity,
+                                port=port, relay=relay, nat_type=nat_type))
         self.nodes.append(sim_node)
         return sim_node
 
@@ -109,6 +113,15 @@ class MeshSim:
         self.dead.add(id(sim_node))
         sim_node.port.stopListening()  # first: the node's goodbyes go nowhere
         sim_node.built.stop()
+
+    def restart(self, sim_node: SimNode) -> SimNode:
+        """
+        Kill a node (if it runs) and start it again as a new run: the same
+        identity, address and options, none of its state.
+        """
+        if id(sim_node) not in self.dead:
+            self.kill(sim_node)
+        return self.add_node(**sim_node.options)
 
     def leave(self, sim_node: SimNode) -> None:
         """
