@@ -266,18 +266,45 @@ class AcceptTests(GossipTestCase):
 
 class RumourTests(GossipTestCase):
     def test_retransmit_limit(self):
-        """A rumour goes out retransmit_mult * ceil(log10(n + 1)) times, then is dropped."""
+        """
+        A rumour goes out retransmit_mult * ceil(log10(n + 1)) times, each
+        time to a peer not yet told, then is dropped.
+        """
         alice = identity(2)
-        target = (identity(50).peer_id, ("198.51.100.50", 1))
-        self.active = [target]
+        self.active = [(identity(50 + k).peer_id, (f"198.51.100.{50 + k}", 1)) for k in range(10)]
         self.gossip.accept(announce(alice), hops=0)
         for _ in range(10):
             self.gossip.round()
-        carried = [e for s in self.sent.of(MessageType.PEER_LIST)
-                   for e in s.fields["announcements"]
-                   if announcer(e["announcement"]) == alice.peer_id]
+        told = [s.address for s in self.sent.of(MessageType.PEER_LIST)
+                if any(announcer(e["announcement"]) == alice.peer_id
+                       for e in s.fields["announcements"])]
         # registry of 1: n = 2, ceil(log10(3)) = 1
-        self.assertEqual(len(carried), self.config.retransmit_mult)
+        self.assertEqual(len(told), self.config.retransmit_mult)
+        self.assertEqual(len(set(told)), len(told))
+        self.assertNotIn(alice.peer_id, self.gossip.rumours)
+
+    def test_rumour_every_active_peer_holds_is_done(self):
+        """
+        The peer a rumour came from holds it, and so does each peer it was
+        sent to: once every active peer does, the rumour is done, whatever
+        transmissions it had left.
+        """
+        alice, bob, carol = identity(2), identity(3), identity(4)
+        self.active = [(bob.peer_id, ("198.51.100.3", 1)), (carol.peer_id, ("198.51.100.4", 1))]
+        self.gossip.accept(announce(alice), hops=0, sender=bob.peer_id)
+        self.gossip.round()
+        self.assertEqual([s.address for s in self.sent], [("198.51.100.4", 1)])
+        self.assertNotIn(alice.peer_id, self.gossip.rumours)
+
+    def test_a_duplicate_marks_its_sender_told(self):
+        """The same announcement from another peer: that peer is not sent it."""
+        alice, bob, carol = identity(2), identity(3), identity(4)
+        self.active = [(bob.peer_id, ("198.51.100.3", 1)), (carol.peer_id, ("198.51.100.4", 1))]
+        signed = announce(alice)
+        self.gossip.accept(signed, hops=0, sender=bob.peer_id)
+        self.gossip.accept(signed, hops=0, sender=carol.peer_id)
+        self.gossip.round()
+        self.assertEqual(self.sent, [])
         self.assertNotIn(alice.peer_id, self.gossip.rumours)
 
     def test_retransmit_limit_grows_with_mesh(self):
@@ -289,13 +316,16 @@ class RumourTests(GossipTestCase):
         self.assertEqual(self.gossip.rumours[alice.peer_id].left, 2 * self.config.retransmit_mult)
 
     def test_round_to_fanout_targets(self):
-        """A round asks for fanout targets and sends each the pending rumours, not to the origin itself."""
+        """
+        A round looks at every active peer and sends the pending rumours to
+        up to fanout of them, never a rumour to its origin.
+        """
         alice, bob, carol = identity(2), identity(3), identity(4)
         self.active = [(alice.peer_id, ("198.51.100.2", 1)), (bob.peer_id, ("198.51.100.3", 1)),
                        (carol.peer_id, ("198.51.100.4", 1))]
         self.gossip.accept(announce(alice), hops=0)
         self.gossip.round()
-        self.assertEqual(self.target_calls, [self.config.fanout])
+        self.assertEqual(self.target_calls, [self.config.max_active])
         self.assertEqual(self.sent.to(("198.51.100.2", 1)), [])
         for address in (("198.51.100.3", 1), ("198.51.100.4", 1)):
             [sent] = self.sent.to(address)

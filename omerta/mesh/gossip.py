@@ -6,11 +6,17 @@ Signed announcements and their dissemination in one network.
   it directly to peers it meets.
 - Rumour mongering (as memberlist/SWIM do): an announcement this node learns
   that is new or newer becomes a rumour, sent every C{gossip_interval}
-  seconds to C{fanout} random active peers in PEER_LIST batches that fit one
+  seconds to up to C{fanout} active peers in PEER_LIST batches that fit one
   datagram, each rumour at most C{retransmit_mult * ceil(log10(n + 1))}
   times, and never beyond C{gossip_hop_limit} hops from its origin.  So the
   cost per node per second is bounded whatever the mesh size, and an
-  announcement reaches everyone in O(log n) rounds.
+  announcement reaches everyone in O(log n) rounds.  Each rumour remembers
+  the peers known to hold it (those that sent it to us, or that we sent it
+  to): a round passes, in random order, the active peers that hold
+  everything pending, so the transmissions go to peers that lack the
+  rumour, and a rumour every active peer holds is done.  Without that, a
+  peer with few links (one that just joined) is missed by all of them now
+  and then and learns the news only from the next digest round.
 - Peer-list exchange: on first contact with a peer (bootstrap included) the
   node sends everything it knows and asks for the same back.
 - Duplicate suppression: a record whose (peer, sequence) the registry holds
@@ -40,7 +46,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
@@ -60,6 +66,8 @@ _ENTRY_OVERHEAD = 1 + 2 + 64
 # charged to nobody, and how many such requests are remembered
 NEWCOMER_WINDOW = 30.0
 NEWCOMER_REQUESTS = 64
+# peers remembered per rumour as holding it (its senders beyond that are not)
+TOLD_MAX = 64
 
 
 def announcer(signed) -> bytes | None:
@@ -102,6 +110,8 @@ class Rumour:
     signed: dict
     hops: int
     left: int
+    # active peers known to hold it: they sent it to us, or we sent it to them
+    told: set = field(default_factory=set)
 
     @property
     def size(self) -> int:
@@ -234,14 +244,19 @@ class Gossip:
         for a new identity (None charges nobody).
         """
         registry = self.registry
-        outcome = registry.accept(signed, self.clock.seconds(), source=source)
+        outcome, peer_id = registry.accept_identified(signed, self.clock.seconds(), source=source)
         self.basics.metrics.inc("gossip_announcements", outcome=str(outcome.value))
-        if outcome in (Outcome.DUPLICATE, Outcome.STALE) and source is not None:
-            record = registry.get(announcer(signed))
-            if record is not None and record.state == "offline":
+        if outcome in (Outcome.DUPLICATE, Outcome.STALE):
+            record = registry.get(peer_id)
+            if record is not None and record.state == "offline" and source is not None:
                 self._gone_known(record.peer_id, source)
+            rumour = self.rumours.get(peer_id)
+            if (sender is not None and rumour is not None and outcome is Outcome.DUPLICATE
+                    and len(rumour.told) < TOLD_MAX
+                    and rumour.signed["record"] == signed["record"]):
+                rumour.told.add(sender)
         if outcome in (Outcome.NEW, Outcome.UPDATED):
-            record = registry.get(announcer(signed))
+            record = registry.get(peer_id)
             link = self._active_link(record.peer_id)
             if outcome is Outcome.NEW and link is not None and link.established:
                 # We talked to it before its announcement arrived.
@@ -250,12 +265,13 @@ class Gossip:
             if outcome is Outcome.NEW:
                 self.basics.emit("peer_discovered", peer_id=record.peer_id)
             if hops + 1 < self.config.gossip_hop_limit:
-                self.rumours[record.peer_id] = Rumour(signed, hops + 1, self._limit())
+                self.rumours[record.peer_id] = Rumour(
+                    signed, hops + 1, self._limit(), {sender} if sender is not None else set())
         return outcome
 
     def on_announce(self, frame, addr, message) -> None:
         signed = message.announcement
-        outcome = self.accept(signed, message.hops, source=addr)
+        outcome = self.accept(signed, message.hops, sender=frame.sender, source=addr)
         if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
             if announcer(signed) == frame.sender:
                 self._bootstrap_answered(addr, frame.sender)
@@ -263,7 +279,8 @@ class Gossip:
     def on_peer_list(self, frame, addr, message) -> None:
         asked = self._asked_for(addr)
         for entry in message.announcements:
-            outcome = self.accept(entry.announcement, entry.hops, source=None if asked else addr)
+            outcome = self.accept(entry.announcement, entry.hops, sender=frame.sender,
+                                  source=None if asked else addr)
             if outcome in (Outcome.NEW, Outcome.UPDATED, Outcome.DUPLICATE):
                 if announcer(entry.announcement) == frame.sender:
                     self._bootstrap_answered(addr, frame.sender)
@@ -334,14 +351,15 @@ class Gossip:
         """
         if not self.rumours:
             return
-        targets = self._targets(self.config.fanout, self.rng)
+        targets = self._targets(self.config.max_active, self.rng)
         if not targets:
             return
         pending = sorted(self.rumours.items(), key=lambda kv: -kv[1].left)
+        sent = 0
         for peer_id, address in targets:
             batch, size = [], 0
             for origin, rumour in pending:
-                if origin == peer_id:
+                if origin == peer_id or peer_id in rumour.told or rumour.left <= 0:
                     continue
                 if size + rumour.size > PEER_LIST_BUDGET:
                     break
@@ -351,7 +369,13 @@ class Gossip:
                 self._send_batch(address, batch, False)
                 for rumour in batch:
                     rumour.left -= 1
-        self.rumours = {k: r for k, r in self.rumours.items() if r.left > 0}
+                    rumour.told.add(peer_id)
+                sent += 1
+                if sent >= self.config.fanout:
+                    break
+        everyone = {peer_id for peer_id, _ in targets}
+        self.rumours = {k: r for k, r in self.rumours.items()
+                        if r.left > 0 and not everyone <= r.told | {k}}
 
     def _limit(self) -> int:
         n = len(self.registry) + 1

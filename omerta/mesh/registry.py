@@ -500,11 +500,19 @@ class PeerRegistry:
         """
         return self._accept(signed, now, via, source)[0]
 
+    def accept_identified(self, signed, now: float, via: bytes | None = None,
+                          source=None) -> tuple[Outcome, bytes | None]:
+        """
+        L{accept}, also returning the announcer's id: once the signature
+        has been verified, or for a duplicate or stale record the id of the
+        peer held (None when refused before either).
+        """
+        return self._accept(signed, now, via, source)
+
     def _accept(self, signed, now: float, via: bytes | None,
                 source=None) -> tuple[Outcome, bytes | None]:
         """
-        L{accept}, also returning the announcer's id once the signature has
-        been verified.
+        L{accept_identified}.
         """
         raw = _signed_value(signed)
         if raw is None:

@@ -230,7 +230,7 @@ class _Node:
 
     __slots__ = ("i", "running", "start", "seq", "known", "state", "order", "leaves",
                  "links", "proven", "pings", "probes", "r_left", "r_hops", "levels",
-                 "rumours", "top", "notices", "suspicions", "told", "refuted_for", "health",
+                 "rumours", "holders", "top", "notices", "suspicions", "told", "refuted_for", "health",
                  "full_sent", "boot_pending", "boot_delay", "round_at", "contacts", "sources",
                  "asked", "sync_full_sent")
 
@@ -251,6 +251,7 @@ class _Node:
         self.r_hops = bytearray(capacity)
         self.levels = [deque() for _ in range(levels + 1)]
         self.rumours = 0
+        self.holders: dict[int, set] = {}       # origin -> peers known to hold its rumour
         self.top = 0
         self.notices: OrderedDict[tuple, list] = OrderedDict()
         self.suspicions: dict[int, list] = {}   # peer -> [sequence, since, [by...]]
@@ -759,6 +760,7 @@ class MembershipModel:
         left = self._limit(node)
         if not node.r_left[origin]:
             node.rumours += 1
+        node.holders[origin] = set()
         node.r_left[origin] = left
         node.r_hops[origin] = hops
         node.levels[left].append(origin)
@@ -782,12 +784,16 @@ class MembershipModel:
         self._own_rumour(node)
 
     def _on_announce(self, node: _Node, sender: int, origin: int, seq: int, hops: int) -> None:
-        outcome = self._accept(node, origin, seq, hops, sender)
+        outcome = self._accept(node, origin, seq, hops, sender, sender)
         if outcome != "own" and origin == sender and sender in node.boot_pending:
             node.boot_pending.discard(sender)
 
-    def _accept(self, node: _Node, origin: int, seq: int, hops: int, source: int) -> str:
-        """An announcement of C{origin} under C{seq} (as gossip.accept)."""
+    def _accept(self, node: _Node, origin: int, seq: int, hops: int, source: int,
+                sender: int) -> str:
+        """
+        An announcement of C{origin} under C{seq} from C{sender}, charged to
+        C{source} (-1: nobody), as gossip.accept.
+        """
         i = node.i
         if origin == i:
             self.verified[ANNOUNCE_LABEL] += 1
@@ -797,6 +803,8 @@ class MembershipModel:
         held = known[origin]
         if held and seq <= held:
             self.outcomes["duplicate" if seq == held else "stale"] += 1
+            if seq == held and node.r_left[origin]:
+                self._holds(node, origin, sender)
             if source >= 0 and node.state[origin] in GONE:
                 self._tell(node, origin, source)
             return "duplicate"
@@ -830,6 +838,7 @@ class MembershipModel:
             left = self._limits[len(node.order)]
             if not node.r_left[origin]:
                 node.rumours += 1
+            node.holders[origin] = {sender}
             node.r_left[origin] = left
             node.r_hops[origin] = hops + 1
             node.levels[left].append(origin)
@@ -893,31 +902,54 @@ class MembershipModel:
         node.top = level
         return taken
 
+    def _holds(self, node: _Node, origin: int, peer: int) -> None:
+        """C{peer} holds C{origin}'s pending rumour (as gossip's Rumour.told)."""
+        holders = node.holders.get(origin)
+        if holders is not None and len(holders) < gossip.TOLD_MAX:
+            holders.add(peer)
+
     def _gossip_round(self, node: _Node) -> None:
-        targets = self._targets(node, self.config.fanout)
-        if not targets:
+        """
+        As gossip.round: the active peers in random order, each sent the
+        pending rumours it is not known to hold, until C{fanout} were sent
+        something.  (The real node scans every pending rumour per peer; the
+        model looks at the 3 * per_list with the most transmissions left.)
+        """
+        healthy = [link.peer for link in node.links.values()
+                   if link.suspected_at is None and link.verified]
+        if not healthy:
             return
+        self.rng.shuffle(healthy)
         per = self.per_list
-        candidates = self._take(node, per + 1)
+        candidates = self._take(node, 3 * per)
         sent = dict.fromkeys(candidates, 0)
-        known, r_hops = node.known, node.r_hops
-        for target in targets:
-            batch = [origin for origin in candidates if origin != target][:per]
+        known, r_hops, r_left, holders = node.known, node.r_hops, node.r_left, node.holders
+        fanout, sends = self.config.fanout, 0
+        for target in healthy:
+            batch = [origin for origin in candidates
+                     if origin != target and target not in holders[origin]
+                     and r_left[origin] > sent[origin]][:per]
             if batch:
                 entries = [(o, node.seq if o == node.i else known[o], r_hops[o]) for o in batch]
                 self._send_entries(node, target, entries, False)
                 for origin in batch:
                     sent[origin] += 1
-        r_left, levels = node.r_left, node.levels
+                    holders[origin].add(target)
+                sends += 1
+                if sends >= fanout:
+                    break
+        everyone = set(healthy)
+        levels = node.levels
         for origin in reversed(candidates):
             left = r_left[origin] - sent[origin]
-            if sent[origin] == 0:
+            if left <= 0 or everyone <= holders[origin] | {origin}:
+                r_left[origin] = 0
+                node.rumours -= 1
+                del holders[origin]
+            elif sent[origin] == 0:
                 levels[r_left[origin]].appendleft(origin)
                 if r_left[origin] > node.top:
                     node.top = r_left[origin]
-            elif left <= 0:
-                r_left[origin] = 0
-                node.rumours -= 1
             else:
                 r_left[origin] = left
         for origin in candidates:
@@ -975,8 +1007,10 @@ class MembershipModel:
             held = known[origin]
             if held and seq == held and origin != i and state[origin] < FAILED:
                 duplicates += 1  # (the common case, as _accept would settle it)
+                if node.r_left[origin]:
+                    self._holds(node, origin, sender)
                 continue
-            self._accept(node, origin, seq, hops, source)
+            self._accept(node, origin, seq, hops, source, sender)
         self.outcomes["duplicate"] += duplicates
         if sender in node.boot_pending and known[sender]:
             node.boot_pending.discard(sender)
