@@ -6,6 +6,7 @@ refutation are fakes that record what they were asked.
 
 import math
 import random
+from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -57,9 +58,10 @@ class MembershipTestCase(unittest.TestCase):
         return [n for s in self.sent.of(MessageType.MEMBERSHIP)
                 if to is None or s.address == to for n in s.fields["notices"]]
 
-    def hear(self, kind, peer=X, sequence=5, by=None, signature=b"", source=("203.0.113.9", 1)):
+    def hear(self, kind, peer=X, sequence=5, by=None, signature=b"", source=("203.0.113.9", 1),
+             sender=None):
         by = by if by is not None else PEERS[1].peer_id
-        self.membership.on_membership(None, source, wire_notices(
+        self.membership.on_membership(SimpleNamespace(sender=sender), source, wire_notices(
             notice(kind, peer.peer_id, sequence, by, signature)))
 
     def advance(self, seconds, step=0.2):
@@ -172,6 +174,21 @@ class DeathTests(MembershipTestCase):
         self.assertEqual(self.dropped, [X.peer_id])
         self.advance(0.2)
         self.assertTrue(any(n["kind"] == NoticeKind.DEAD for n in self.notices_sent()))
+
+    def test_notices_go_to_peers_not_known_to_hold_them(self):
+        """
+        A DEAD notice is not sent back to the peers it came from, goes once
+        to each other active peer, and is done when every one holds it.
+        """
+        self.hear(NoticeKind.DEAD, sender=PEERS[1].peer_id)
+        self.hear(NoticeKind.DEAD, by=PEERS[3].peer_id, sender=PEERS[2].peer_id)  # a duplicate
+        self.advance(0.2)
+        told = [s.address for s in self.sent.of(MessageType.MEMBERSHIP)]
+        self.assertEqual(sorted(told), sorted([AT[PEERS[3].peer_id], AT[PEERS[4].peer_id]]))
+        self.assertEqual(self.membership.rumours, {})
+        del self.sent[:]
+        self.advance(2)
+        self.assertEqual(self.sent.of(MessageType.MEMBERSHIP), [])
 
     def test_a_frame_does_not_revive_the_dead_but_a_newer_announcement_does(self):
         """heard_from leaves a dead peer offline; its refutation brings it back."""

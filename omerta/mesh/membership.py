@@ -17,9 +17,10 @@ with Lifeguard's refinements, on top of signed announcements.
   its registry record says so, C{find_peers} no longer offers it, and a
   DEAD notice spreads.  A frame from X meanwhile clears this node's own
   suspicion (the registry marks it online).
-- Dissemination: notices travel as rumours, like announcements (each sent
-  to C{fanout} random active peers every C{gossip_interval}, at most
-  C{retransmit_mult * ceil(log10(n + 1))} times), so everyone hears of a
+- Dissemination: notices travel as rumours, like announcements (sent to up
+  to C{fanout} active peers every C{gossip_interval}, each notice at most
+  C{retransmit_mult * ceil(log10(n + 1))} times and only to peers not known
+  to hold it: those it came from and those it went to), so everyone hears of a
   suspicion or a death in O(log n) rounds; a suspicion is also told to the
   suspect itself, when this node has a working link to it.
 - Refutation: a node that hears it is suspected or dead under its current
@@ -47,7 +48,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -67,6 +68,9 @@ MAX_SUSPICIONS = 1024
 
 MAX_RUMOURS = 512
 """Notices waiting to be spread; beyond it the oldest is dropped."""
+
+TOLD_MAX = 64
+"""Peers remembered per notice as holding it (beyond it, its senders are not)."""
 
 TELL_INTERVAL = 5.0
 """A peer declared offline is told so at most this often per address."""
@@ -102,6 +106,8 @@ class Suspicion:
 class _Rumour:
     entry: dict
     left: int
+    # active peers known to hold it: they sent it to us, or we sent it to them
+    told: set = field(default_factory=set)
 
 
 class Membership:
@@ -160,7 +166,8 @@ class Membership:
         if record is not None and record.state != PeerState.OFFLINE:
             self._suspect(record, self.me, self.clock.seconds())
 
-    def _suspect(self, record: PeerRecord, by: bytes, now: float) -> None:
+    def _suspect(self, record: PeerRecord, by: bytes, now: float,
+                 sender: bytes | None = None) -> None:
         held = self.suspicions.get(record.peer_id)
         if held is None or held.sequence != record.sequence:
             if len(self.suspicions) >= MAX_SUSPICIONS:
@@ -171,7 +178,7 @@ class Membership:
             self.metrics.inc("membership_suspected", by="self" if by == self.me else "rumour")
             self.basics.emit("member_suspected", peer_id=record.peer_id)
             entry = notice(NoticeKind.SUSPECT, record.peer_id, record.sequence, by)
-            self._spread(entry)
+            self._spread(entry, sender)
             address = self._link_address(record.peer_id)
             if address is not None:
                 # (Lifeguard's buddy system: the suspect hears it first-hand)
@@ -179,7 +186,9 @@ class Membership:
         elif by not in held.by and len(held.by) <= self.config.suspicion_confirmations:
             held.by[by] = None
             self.metrics.inc("membership_confirmations")
-            self._spread(notice(NoticeKind.SUSPECT, record.peer_id, record.sequence, by))
+            self._spread(notice(NoticeKind.SUSPECT, record.peer_id, record.sequence, by), sender)
+        else:
+            self._holds((record.peer_id, NoticeKind.SUSPECT, by), sender)
 
     def timeout(self, suspicion: Suspicion) -> float:
         """
@@ -227,11 +236,11 @@ class Membership:
     def on_membership(self, frame, addr, message) -> None:
         now = self.clock.seconds()
         for entry in message.notices:
-            self.heard_notice(entry, addr, now)
+            self.heard_notice(entry, addr, now, frame.sender)
 
-    def heard_notice(self, entry, addr, now: float) -> None:
+    def heard_notice(self, entry, addr, now: float, sender: bytes | None = None) -> None:
         """
-        One notice, from C{addr}.
+        One notice, from C{addr} (member C{sender}, when known).
         """
         peer_id = bytes(entry.peer)
         if peer_id == self.me:
@@ -247,12 +256,17 @@ class Membership:
             return
         if record.state == PeerState.OFFLINE:
             self.metrics.inc("membership_notices", outcome="duplicate")
+            # (the sender holds the news, whoever it names as the one who
+            # declared it)
+            for key in [k for k in self.rumours if k[0] == peer_id and k[1] == kind]:
+                self._holds(key, sender)
             return
         if kind == NoticeKind.SUSPECT:
-            self._suspect(record, bytes(entry.by), now)
+            self._suspect(record, bytes(entry.by), now, sender)
         elif kind == NoticeKind.DEAD:
             self._gone(record, "failed", now)
-            self._spread(notice(NoticeKind.DEAD, peer_id, entry.sequence, bytes(entry.by)))
+            self._spread(notice(NoticeKind.DEAD, peer_id, entry.sequence, bytes(entry.by)),
+                         sender)
         elif kind == NoticeKind.LEFT:
             if not verify_signature(record.public_key, bytes(entry.signature), leave_message(
                     self.basics.network_id, peer_id, entry.sequence)):
@@ -260,7 +274,7 @@ class Membership:
                 return
             self._gone(record, "left", now, entry.sequence)
             self._spread(notice(NoticeKind.LEFT, peer_id, entry.sequence, bytes(16),
-                                bytes(entry.signature)))
+                                bytes(entry.signature)), sender)
         else:
             self.metrics.inc("membership_notices", outcome="unknown_kind")
             return
@@ -315,30 +329,43 @@ class Membership:
 
     # dissemination
 
-    def _spread(self, entry: dict) -> None:
+    def _spread(self, entry: dict, sender: bytes | None = None) -> None:
         key = (entry["peer"], entry["kind"], entry["by"])
         n = len(self.registry) + 1
         limit = self.config.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
-        self.rumours[key] = _Rumour(entry, limit)
+        self.rumours[key] = _Rumour(entry, limit, {sender} if sender is not None else set())
         self.rumours.move_to_end(key)
         while len(self.rumours) > MAX_RUMOURS:
             self.rumours.popitem(last=False)
             self.metrics.inc("membership_refused", reason="rumours_full")
 
+    def _holds(self, key: tuple, sender: bytes | None) -> None:
+        """C{sender} holds the pending notice C{key}: it is not sent it."""
+        rumour = self.rumours.get(key)
+        if rumour is not None and sender is not None and len(rumour.told) < TOLD_MAX:
+            rumour.told.add(sender)
+
     def round(self) -> None:
         """
-        One gossip round of notices: the pending ones to C{fanout} random
-        active peers (not to the peer a notice is about).
+        One gossip round of notices: the active peers in random order, each
+        sent the pending notices it is not known to hold (never a LEFT to
+        the peer it is about), until C{fanout} were sent something.  A
+        notice every active peer holds is done.
         """
         self.tick()
         if not self.rumours:
             return
-        targets = self._targets(self.config.fanout, self.rng)
+        targets = self._targets(self.config.max_active, self.rng)
+        if not targets:
+            return
         pending = sorted(self.rumours.values(), key=lambda r: -r.left)
+        sent = 0
         for peer_id, address in targets:
             batch, size = [], 0
             for rumour in pending:
-                if rumour.entry["peer"] == peer_id and rumour.entry["kind"] == NoticeKind.LEFT:
+                if rumour.left <= 0 or peer_id in rumour.told or (
+                        rumour.entry["peer"] == peer_id
+                        and rumour.entry["kind"] == NoticeKind.LEFT):
                     continue
                 if size + _size(rumour.entry) > NOTICE_BUDGET:
                     break
@@ -348,7 +375,13 @@ class Membership:
                 self._send(address, [r.entry for r in batch])
                 for rumour in batch:
                     rumour.left -= 1
-        for key in [k for k, r in self.rumours.items() if r.left <= 0]:
+                    rumour.told.add(peer_id)
+                sent += 1
+                if sent >= self.config.fanout:
+                    break
+        everyone = {peer_id for peer_id, _ in targets}
+        for key in [k for k, r in self.rumours.items()
+                    if r.left <= 0 or everyone <= r.told | {k[0]}]:
             del self.rumours[key]
 
     def _send(self, address, entries: list[dict]) -> None:

@@ -1032,7 +1032,7 @@ class MembershipModel:
         if node.known[peer] and node.state[peer] not in GONE:
             self._suspect(node, peer, by)
 
-    def _suspect(self, node: _Node, peer: int, by: int) -> None:
+    def _suspect(self, node: _Node, peer: int, by: int, sender: int = -1) -> None:
         seq = node.known[peer]
         held = node.suspicions.get(peer)
         if held is None or held[0] != seq:
@@ -1044,13 +1044,17 @@ class MembershipModel:
             self.counters["suspected_self" if by == node.i else "suspected_rumour"] += 1
             self._emit("suspected", node.i, peer)
             entry = (N_SUSPECT, peer, seq, by)
-            self._spread(node, entry)
+            self._spread(node, entry, sender)
             if peer in node.links:
                 self._send_notices(node, peer, [entry])
         elif by not in held[2] and len(held[2]) <= self.config.suspicion_confirmations:
             held[2].append(by)
             self.counters["confirmations"] += 1
-            self._spread(node, (N_SUSPECT, peer, seq, by))
+            self._spread(node, (N_SUSPECT, peer, seq, by), sender)
+        else:
+            rumour = node.notices.get((peer, N_SUSPECT, by))
+            if rumour is not None and sender >= 0 and len(rumour[2]) < membership.TOLD_MAX:
+                rumour[2].add(sender)
 
     def timeout(self, node: _Node, suspicion: list) -> float:
         """Seconds a suspicion lasts (as Membership.timeout)."""
@@ -1106,16 +1110,19 @@ class MembershipModel:
             return
         if node.state[peer] in GONE:
             self.counters["notice_duplicate"] += 1
+            for key, rumour in node.notices.items():
+                if key[0] == peer and key[1] == kind and len(rumour[2]) < membership.TOLD_MAX:
+                    rumour[2].add(sender)
             return
         if kind == N_SUSPECT:
-            self._suspect(node, peer, by)
+            self._suspect(node, peer, by, sender)
         elif kind == N_DEAD:
             self._gone(node, peer, FAILED)
-            self._spread(node, (N_DEAD, peer, seq, by))
+            self._spread(node, (N_DEAD, peer, seq, by), sender)
         else:
             self.verified[LEAVE_LABEL] += 1
             self._gone(node, peer, LEFT, seq)
-            self._spread(node, (N_LEFT, peer, seq, -1))
+            self._spread(node, (N_LEFT, peer, seq, -1), sender)
 
     def _tell(self, node: _Node, peer: int, dst: int) -> None:
         """Tell C{dst} that C{peer} was declared offline (rate-limited)."""
@@ -1139,12 +1146,12 @@ class MembershipModel:
         size = self.sizes.notice_header + sum(self._notice_size(e) for e in entries)
         self._send(node, dst, "membership", size, self._on_notices, entries)
 
-    def _spread(self, node: _Node, entry: tuple) -> None:
+    def _spread(self, node: _Node, entry: tuple, sender: int = -1) -> None:
         kind, peer, seq, by = entry
         key = (peer, kind, by)
         limit = self.config.retransmit_mult * max(
             1, math.ceil(math.log10(len(node.order) + 2)))
-        node.notices[key] = [entry, limit]
+        node.notices[key] = [entry, limit, set() if sender < 0 else {sender}]
         node.notices.move_to_end(key)
         while len(node.notices) > membership.MAX_RUMOURS:
             node.notices.popitem(last=False)
@@ -1152,19 +1159,26 @@ class MembershipModel:
         self._wake(node)
 
     def _membership_round(self, node: _Node) -> None:
+        """As Membership.round (and its tick: the suspicion timers)."""
         if node.suspicions:
             self._suspicion_timers(node)
         if not node.notices:
             return
-        targets = self._targets(node, self.config.fanout)
+        healthy = [link.peer for link in node.links.values()
+                   if link.suspected_at is None and link.verified]
+        if not healthy:
+            return
+        self.rng.shuffle(healthy)
         pending = sorted(node.notices.values(), key=lambda r: -r[1])
         budget = membership.NOTICE_BUDGET
         notice_bytes = self._notice_size
-        for target in targets:
+        fanout, sends = self.config.fanout, 0
+        for target in healthy:
             batch, size = [], 0
             for rumour in pending:
                 entry = rumour[0]
-                if entry[1] == target and entry[0] == N_LEFT:
+                if rumour[1] <= 0 or target in rumour[2] or (
+                        entry[1] == target and entry[0] == N_LEFT):
                     continue
                 entry_size = notice_bytes(entry)
                 if size + entry_size > budget:
@@ -1175,7 +1189,13 @@ class MembershipModel:
                 self._send_notices(node, target, [r[0] for r in batch])
                 for rumour in batch:
                     rumour[1] -= 1
-        for key in [k for k, r in node.notices.items() if r[1] <= 0]:
+                    rumour[2].add(target)
+                sends += 1
+                if sends >= fanout:
+                    break
+        everyone = set(healthy)
+        for key in [k for k, r in node.notices.items()
+                    if r[1] <= 0 or everyone <= r[2] | {k[0]}]:
             del node.notices[key]
 
     # anti-entropy
