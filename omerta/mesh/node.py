@@ -60,7 +60,7 @@ class MeshConfig:
     gossip_interval: float = 0.2
     fanout: int = 3
     retransmit_mult: int = 4
-    gossip_hop_limit: int = 8
+    gossip_hop_limit: int = 16
     sync_interval: float = 5.0
     # membership (SWIM suspicion with Lifeguard's timeouts): a suspicion
     # lasts suspicion_mult * log10(n) seconds with suspicion_confirmations

@@ -410,6 +410,13 @@ class MembershipModel:
         everyone = array("I", range(count))
         for node in nodes:
             i = node.i
+            # (as after a restart: its own announcement is its only rumour,
+            # not what it heard before)
+            node.r_left = bytearray(self.capacity)
+            node.holders = {}
+            node.levels = [deque() for _ in node.levels]
+            node.rumours = node.top = 0
+            self._rumour(node, i, 0)
             node.known = array("I", template)
             node.known[i] = 0
             node.state = bytearray(b"\x01" * count + bytes(self.capacity - count))

@@ -233,6 +233,10 @@ class RealMesh:
             for j, announcement in enumerate(signed):
                 if j != k:
                     registry.accept(announcement, now)
+            # (as after a restart: its own announcement is its only rumour,
+            # not what it heard in the second before)
+            gossip = node.overlay.gossip
+            gossip.rumours = {k: r for k, r in gossip.rumours.items() if k == node.peer_id}
 
     def kill(self, i: int) -> None:
         self.sim.kill(self.nodes[i])
