@@ -430,6 +430,23 @@ class LivenessTests(unittest.TestCase):
             self.liveness.connect(bytes([i]) * 16, ("198.51.100.50", 1000 + i))
         self.assertEqual(len(self.liveness.links), self.config.max_active)
 
+    def test_a_full_active_set_challenges_a_stranger_once_per_retry(self):
+        """
+        With no room for a link, frames from a stranger draw a ping asking
+        for a proof at most once per challenge_retry per address (a node
+        that a whole mesh contacts at once must not ping back every frame).
+        """
+        for i in range(self.config.max_active):
+            self.liveness.connect(bytes([i]) * 16, ("198.51.100.50", 1000 + i))
+        for _ in range(5):
+            self.assertIsNone(self.liveness.heard(PEER, AT, self.clock.seconds(),
+                                                  CHALLENGE_SIZE, BOOT))
+            self.clock.advance(0.1)
+        self.assertEqual(len(self.pings_to(AT)), 1)
+        self.clock.advance(self.config.challenge_retry)
+        self.liveness.heard(PEER, AT, self.clock.seconds(), CHALLENGE_SIZE, BOOT)
+        self.assertEqual(len(self.pings_to(AT)), 2)
+
     def test_ping_through_a_relay_reveals_no_address(self):
         route = RelayRoute("198.51.100.1", 7400, bytes(12))
         self.on_ping(PEER, route, 7)

@@ -245,8 +245,8 @@ class Liveness:
             link = self.links.get(peer_id)
             if link is not None:
                 self._challenge(link, address, now, size)
-            elif size >= CHALLENGE_SIZE:
-                self.ping(peer_id, address, contacts=False)
+            else:
+                self._challenge_stranger(peer_id, address, now, size)
             self.metrics.inc("liveness_unproven_run")
             return None
         link = self.links.get(peer_id)
@@ -254,8 +254,8 @@ class Liveness:
             if len(self.links) >= self.config.max_active:
                 # No room to keep it, but let it prove its address so it can
                 # be served (peer lists) all the same.
-                if (peer_id, address) not in self._proven and size >= CHALLENGE_SIZE:
-                    self.ping(peer_id, address, contacts=False)
+                if (peer_id, address) not in self._proven:
+                    self._challenge_stranger(peer_id, address, now, size)
                 return None
             link = self._link(peer_id, address, now)
             self._challenge(link, address, now, size)
@@ -793,16 +793,28 @@ class Liveness:
         learns this run (at most once per C{challenge_retry} per address,
         and only for a frame at least as large as the ping).
         """
-        now = self.clock.seconds()
+        if self._challenge_stranger(peer_id, address, self.clock.seconds(), size):
+            self.metrics.inc("liveness_misaddressed_hints")
+
+    def _challenge_stranger(self, peer_id: bytes, address, now: float, size: int) -> bool:
+        """
+        A contact-free ping asking C{peer_id} at C{address} (no link of
+        ours, or not its proven run) for a proof: only for a frame at least
+        as large, and at most once per C{challenge_retry} per address.
+        Without the second rule a node that many peers contact at once (a
+        bootstrap node when a whole mesh restarts) pinged back every frame;
+        beyond C{max_outstanding_pings} the answers found no ping waiting,
+        proved nothing, and each drew another ping.
+        """
         if size < CHALLENGE_SIZE or now - self._hinted.get(address, float("-inf")) < \
                 self.config.challenge_retry:
-            return
+            return False
         self._hinted[address] = now
         self._hinted.move_to_end(address)
         while len(self._hinted) > self.config.proven_memory:
             self._hinted.popitem(last=False)
-        self.metrics.inc("liveness_misaddressed_hints")
         self.ping(peer_id, address, contacts=False)
+        return True
 
     def stop(self) -> None:
         for probe in list(self._probes.values()):

@@ -232,7 +232,7 @@ class _Node:
                  "links", "proven", "pings", "probes", "r_left", "r_hops", "levels",
                  "rumours", "holders", "top", "notices", "suspicions", "told", "refuted_for", "health",
                  "full_sent", "boot_pending", "boot_delay", "round_at", "contacts", "sources",
-                 "asked", "sync_full_sent")
+                 "asked", "sync_full_sent", "hinted")
 
     def __init__(self, i: int, capacity: int, now: float, levels: int):
         self.i = i
@@ -267,6 +267,7 @@ class _Node:
         self.sources: dict[int, list] = {}
         self.asked: dict[int, float] = {}       # peer -> until when its list is uncharged
         self.sync_full_sent: dict[int, float] = {}  # peer -> our whole list sent (sync)
+        self.hinted: OrderedDict[int, float] = OrderedDict()  # stranger -> last challenged
 
 
 class MembershipModel:
@@ -478,7 +479,14 @@ class MembershipModel:
         if link is None:
             if len(node.links) >= self.config.max_active:
                 if peer not in node.proven and size >= liveness.CHALLENGE_SIZE:
-                    self._ping(node, peer, contacts=False)
+                    # (as Liveness._challenge_stranger: once per challenge_retry)
+                    hinted = node.hinted
+                    if now - hinted.get(peer, -_INF) >= self.config.challenge_retry:
+                        hinted[peer] = now
+                        hinted.move_to_end(peer)
+                        if len(hinted) > self.config.proven_memory:
+                            hinted.popitem(last=False)
+                        self._ping(node, peer, contacts=False)
                 return None
             link = node.links[peer] = _Link(peer, now, peer in node.proven, False)
             self._challenge(node, link, size)
