@@ -99,6 +99,28 @@ class FixedTimeReactor:
         return getattr(self._reactor, name)
 
 
+class ClockedReactor:
+    """
+    The real reactor (threads, callFromThread) whose timers are a
+    L{Clock}'s, so a test decides when a backoff has passed.
+    """
+
+    def __init__(self, reactor):
+        from twisted.internet.task import Clock
+
+        self._reactor = reactor
+        self.clock = Clock()
+
+    def callLater(self, *args, **kw):
+        return self.clock.callLater(*args, **kw)
+
+    def seconds(self):
+        return self.clock.seconds()
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+
 class LibvirtBackendTests(unittest.TestCase):
     skip = None if libvirt is not None else "libvirt-python is not installed (and not root)"
 
@@ -372,6 +394,70 @@ class LibvirtBackendTests(unittest.TestCase):
         ready = yield b.wait_ready(info.vm_id, 0)
         self.assertEqual((ready.vm_id, ready.state, ready.host_key), (info.vm_id, "running", None))
         yield self.assertFailure(b.wait_ready("0" * 16, 1), UnknownVM)
+
+    @defer.inlineCallbacks
+    def test_libvirt_unreachable_at_start_is_tried_again(self):
+        """
+        libvirtd not answering yet when the provider starts: the backend
+        logs it and connects again after 1 s, then 2 s, and is ready once
+        libvirt answers.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        clocked = ClockedReactor(reactor)
+        attempts = []
+
+        def connect(uri):
+            attempts.append(uri)
+            if len(attempts) <= 2:
+                raise libvirt.libvirtError("Failed to connect socket to libvirt-sock")
+            return libvirt.open(uri)
+
+        b = LibvirtBackend(self.data_dir, reactor=clocked, metrics=self.metrics,
+                           tools=vm.HostTools(connect=connect))
+        self.addCleanup(lambda: b.stopService() if b.running else None)
+        with capturedLogs() as events:
+            b.startService()
+            for wanted, wait in ((1, 1.0), (2, 2.0)):
+                for _ in range(500):  # (the attempt runs on the worker thread)
+                    if len(attempts) == wanted and clocked.clock.getDelayedCalls():
+                        break
+                    yield deferLater(reactor, 0.01, lambda: None)
+                self.assertEqual(len(attempts), wanted)
+                self.assertFalse(b.whenReady.called)
+                clocked.clock.advance(wait - 0.01)
+                self.assertEqual(len(attempts), wanted, "tried again before the backoff")
+                clocked.clock.advance(0.01)
+            yield b.whenReady
+        self.assertEqual(len(attempts), 3)
+        self.assertEqual(self.metrics.get("vm_backend_connect_failures"), 2)
+        warned = [e for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warned), 2)
+        self.assertIn("trying again in 1 s", warned[0]["log_format"].format(**warned[0]))
+
+    @defer.inlineCallbacks
+    def test_stopping_while_libvirt_is_unreachable(self):
+        """A backend stopped while it waits to connect again fails whenReady and leaves no timer."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        clocked = ClockedReactor(reactor)
+
+        def connect(uri):
+            raise libvirt.libvirtError("Failed to connect socket to libvirt-sock")
+
+        b = LibvirtBackend(self.data_dir, reactor=clocked, metrics=self.metrics,
+                           tools=vm.HostTools(connect=connect))
+        with capturedLogs():
+            b.startService()
+            for _ in range(500):
+                if clocked.clock.getDelayedCalls():
+                    break
+                yield deferLater(reactor, 0.01, lambda: None)
+            yield b.stopService()
+            yield self.assertFailure(b.whenReady, vm.VMError)
+        self.assertEqual(clocked.clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
     def test_not_running(self):

@@ -153,7 +153,10 @@ class LibvirtBackend(service.Service):
 
     Start it with C{startService()} and wait for L{whenReady} (the
     connection is open, the ledger loaded and reconciled) before use.  Call
-    it on the reactor thread only.
+    it on the reactor thread only.  A libvirt that cannot be reached at
+    start (libvirtd still starting, or restarting) is tried again after
+    L{CONNECT_RETRY_INITIAL} seconds, doubling to L{CONNECT_RETRY_MAX}, until
+    it answers or the service stops; each failure is logged.
 
     @param reactor: runs the worker's results back and is the clock of the
         ledger's timestamps (default the global reactor).
@@ -175,6 +178,8 @@ class LibvirtBackend(service.Service):
     log = Logger()
 
     POLL_INTERVAL = 0.25
+    CONNECT_RETRY_INITIAL = 1.0
+    CONNECT_RETRY_MAX = 30.0
     """Seconds between two looks at a booting guest's serial log in
     L{wait_ready}: QEMU writes a file, there is no event to wait on."""
 
@@ -220,6 +225,7 @@ class LibvirtBackend(service.Service):
         # VMs whose create is under way; reconcile leaves their entries alone
         self._creating: set[str] = set()
         self.whenReady: defer.Deferred | None = None
+        self._retry: defer.Deferred | None = None  # the wait before connecting again
         self.lastReconcile: ReconcileReport | None = None
 
     # -- paths and kinds ---------------------------------------------------
@@ -257,12 +263,36 @@ class LibvirtBackend(service.Service):
     async def _open(self) -> ReconcileReport:
         document = await self.worker.open_data_dir(self.ledger.path)
         self.ledger.load(document)
-        await self.worker.connect()
+        await self._connect()
         await self._save()
         return await self.reconcile()
 
+    async def _connect(self) -> None:
+        delay = self.CONNECT_RETRY_INITIAL
+        while True:
+            try:
+                await self.worker.connect()
+                return
+            except Exception as e:
+                if not self.running:
+                    raise
+                self._inc("vm_backend_connect_failures")
+                self.log.warn(
+                    "libvirt at {uri} is not reachable ({error}); trying again in {delay:g} s",
+                    uri=self.uri, error=str(e).strip() or type(e).__name__, delay=delay)
+            self._retry = task.deferLater(self.reactor, delay, lambda: None)
+            try:
+                await self._retry
+            except defer.CancelledError:
+                raise VMError("the VM backend stopped before libvirt answered") from None
+            finally:
+                self._retry = None
+            delay = min(delay * 2, self.CONNECT_RETRY_MAX)
+
     def stopService(self):
         super().stopService()
+        if self._retry is not None:
+            self._retry.cancel()
         return self.worker.stop()
 
     def _save(self) -> defer.Deferred:
