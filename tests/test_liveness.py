@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from twisted.trial import unittest
 
 from omerta.crypto import proof
-from omerta.mesh.liveness import (BUSY_SILENCE, CHALLENGE_SIZE, PONG_SIZE, PROVEN_PONG_SIZE,
+from omerta.mesh.liveness import (BUSY_RETRY_MIN, BUSY_SILENCE, CHALLENGE_SIZE, PONG_SIZE, PROVEN_PONG_SIZE,
                                   UNKNOWN_ENDPOINT, Liveness, nonce_bytes)
 from omerta.mesh.peer import Connections, RelayRoute, State
 from omerta.testing.fakes import BOOT, fake_basics, fake_prover, fixed_identity
@@ -318,6 +318,29 @@ class LivenessTests(unittest.TestCase):
         took = self.clock.seconds() - silent_at
         self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 0.1)
         self.assertLess(took, self.config.keepalive)
+
+    def test_a_busy_link_that_falls_silent_is_given_up_quickly(self):
+        """
+        Frames every 0.2 s over a 10 ms path, then silence: the ping is
+        repeated after BUSY_RETRY_MIN (4 round trips are less), so the path
+        manager hears the path failed about 1.5 s after the last frame, not
+        the 2.3 s that ping_retry spacing takes.
+        """
+        link = self.connect_and_prove(PEER, AT)
+        link.conn.rtt = 0.010
+        for _ in range(20):
+            self.clock.advance(0.2)
+            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
+            self.liveness.tick()
+        self.sent.clear()
+        silent_at = self.clock.seconds()
+        while not self.failed_links and self.clock.seconds() - silent_at < 5:
+            self.tick_for(0.05, step=0.05)
+        took = self.clock.seconds() - silent_at
+        pings = self.pings_to(AT)
+        self.assertEqual(len(pings), 1 + self.config.ping_retries)
+        self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 3 * BUSY_RETRY_MIN + 0.1)
+        self.assertEqual(self.failed_links, [link])
 
     def test_a_round_is_retried_then_missed(self):
         """

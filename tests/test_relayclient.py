@@ -89,6 +89,26 @@ class RelayClientTests(unittest.TestCase):
         self.assertEqual(self.client.held, {})
         self.assertIn(R1, self.client.avoid)
 
+    def test_a_failed_relay_that_announces_anew_is_taken_back(self):
+        """
+        A relay that went offline is avoided for relay_avoid seconds, unless
+        it comes back with a newer announcement (it restarted): then it is
+        reserved on again at once.
+        """
+        self.client.tick()
+        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.registry.records[R1].state = "offline"
+        self.clock.advance(1)
+        self.client.tick()
+        self.assertNotIn(R1, self.client.held)
+        self.registry.records[R1].state = "online"  # (its old announcement, refuted later)
+        self.clock.advance(1)
+        self.client.tick()
+        self.assertNotIn(R1, self.client.held)
+        self.registry.records[R1].sequence += 1
+        self.client.tick()
+        self.assertIn(R1, self.client.held)
+
     def test_public_node_releases(self):
         self.client.tick()
         self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))

@@ -14,8 +14,9 @@ offline.
   C{ping_retries * ping_retry} more seconds of quiet: so an idle link costs
   one ping and one pong per C{keepalive}, a busy one none.  A busy link
   that falls silent for L{BUSY_SILENCE} times its usual gap between frames
-  (at least C{ping_retry}) is pinged at once, so a path that died under
-  traffic is noticed in about a second.  A round
+  (at least C{ping_retry}) is pinged at once, and again after
+  L{BUSY_RETRY_RTTS} round trips (0.2 s to C{ping_retry}), so a path that
+  died under traffic is given up in about 1.5 s.  A round
   with no answer is missed; after C{suspect_after_missed} in a row the path
   manager may take another path, else the peer is *suspected*, and one or two
   other active peers are asked to ping it (INDIRECT_PING).  Any positive INDIRECT_ACK, or
@@ -63,9 +64,13 @@ from omerta.wire.messages import PING_PROVE, MessageType, build_body
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 MAX_HEALTH = 8
 DEAD_PATH_PINGS = 3
+"""Unanswered pings over C{path_dead_after} seconds that make a path dead."""
 BUSY_SILENCE = 4
 """A link silent for this many times its usual gap between frames is pinged."""
-"""Unanswered pings over C{path_dead_after} seconds that make a path dead."""
+BUSY_RETRY_RTTS = 4
+"""The ping of a busy link that fell silent is repeated after this many round trips..."""
+BUSY_RETRY_MIN = 0.2
+"""...but not sooner than this (seconds), nor later than C{ping_retry}."""
 
 _BARE_PING = len(build_body(MessageType.PING, nonce=0, sent_ms=0, flags=0, contacts=[],
                             padding=b""))
@@ -103,6 +108,8 @@ class Link:
     since: float
     last_heard: float
     round_started: float | None = None  # a keepalive round waiting for an answer
+    retry_step: float | None = None  # that round's ping spacing (None: ping_retry)
+    measure_asked: float = float("-inf")  # last ping sent only to measure the RTT
     gap: float = float("inf")  # smoothed time between frames from the peer
     missed: int = 0
     indirect_nonce: int | None = None
@@ -667,6 +674,13 @@ class Liveness:
         """
         config = self.config
         if link.round_started is None:
+            if (link.rtt is None and link.verified and link.gap < config.keepalive
+                    and now - link.measure_asked >= config.keepalive):
+                # A busy path we never pinged (we answer the peer's pings,
+                # or it moved): one ping to know its round trip, so that
+                # its silence can be judged quickly (L{_busy_step}).
+                link.measure_asked = now
+                self.ping(link.peer_id, link.address)
             wait = config.keepalive
             if link.peer_id < self.basics.peer_id:
                 # The peer with the lower id pings first; its ping is our
@@ -675,18 +689,20 @@ class Liveness:
             # A link that was busy and fell silent is asked at once: the
             # path may have died (a NAT that lost its mapping drops what
             # comes in until we send out).
-            wait = min(wait, max(config.ping_retry, BUSY_SILENCE * link.gap))
-            if now - link.last_heard >= wait:
+            busy = max(config.ping_retry, BUSY_SILENCE * link.gap)
+            if now - link.last_heard >= min(wait, busy):
                 link.round_started, link.retries = now, 0
+                link.retry_step = self._busy_step(link) if busy < wait else None
                 self.ping(link.peer_id, link.address)
             return
         elapsed = now - link.round_started
+        step = link.retry_step or config.ping_retry
         if link.retries < config.ping_retries:
-            if elapsed >= (link.retries + 1) * config.ping_retry:
+            if elapsed >= (link.retries + 1) * step:
                 link.retries += 1
                 self.ping(link.peer_id, link.address)
             return
-        if elapsed < (config.ping_retries + 1) * config.ping_retry:
+        if elapsed < (config.ping_retries + 1) * step:
             return
         link.missed += 1
         link.round_started = None
@@ -700,6 +716,13 @@ class Liveness:
             link.first_unanswered = None
         else:
             self._suspect(link, now)
+
+    def _busy_step(self, link: Link) -> float:
+        """The ping spacing of a round opened because a busy link fell silent."""
+        rtt = link.rtt
+        if rtt is None:
+            return self.config.ping_retry
+        return min(self.config.ping_retry, max(BUSY_RETRY_MIN, BUSY_RETRY_RTTS * rtt))
 
     def _refill(self, now: float) -> None:
         missing = self.config.degree - len(self.links)

@@ -7,7 +7,9 @@ The member's side of relaying, in one network.
   every C{reserve_refresh} seconds.  A request not yet accepted is asked
   again after 0.5 s, 1 s, then every C{reserve_retry} seconds; one that goes
   unanswered C{reserve_tries} times, a relay that goes offline or denies,
-  is replaced.
+  is replaced, and not picked again for C{relay_avoid} seconds unless it
+  announces anew (a relay declared dead that restarted is taken back at
+  once).
   Each live reservation is announced as a RELAYED path ("reach me via R"),
   re-signed whenever the set changes.  A relay seen to restart (a new run
   proven) has forgotten us: the reservation is renewed at once and the
@@ -127,7 +129,10 @@ class RelayClient:
         self._session_opened = session_opened
         self._session_closed = session_closed
         self.held: dict[bytes, Held] = {}
-        self.avoid: dict[bytes, float] = {}      # relay id -> until
+        # relay id -> (until, the sequence of its announcement then): a relay
+        # that failed us is not picked again before `until`, unless it has
+        # announced anew since (it restarted, or came back)
+        self.avoid: dict[bytes, tuple[float, int | None]] = {}
         self.sessions: dict[bytes, dict[bytes, ClientSession]] = {}  # peer -> relay -> session
         self.pending: dict[bytes, _Pending] = {}  # peer -> connect in flight
         self._refused: dict[bytes, dict[bytes, _Refusal]] = {}  # peer -> relay -> refusal
@@ -142,7 +147,7 @@ class RelayClient:
         for record in self.registry.all():
             if not record.capabilities & Capability.RELAY or record.state == "offline":
                 continue
-            if self.avoid.get(record.peer_id, 0) > now or record.peer_id in self.held:
+            if self._avoided(record.peer_id, now) or record.peer_id in self.held:
                 continue
             address = self._direct_address(record.peer_id)
             if address is None:
@@ -200,6 +205,17 @@ class RelayClient:
         if changed:
             self._reannounce()
 
+    def _avoided(self, relay_id: bytes, now: float) -> bool:
+        avoided = self.avoid.get(relay_id)
+        if avoided is None:
+            return False
+        until, sequence = avoided
+        if until <= now:
+            del self.avoid[relay_id]
+            return False
+        record = self.registry.get(relay_id)
+        return record is None or record.sequence == sequence
+
     def _reserve(self, held: Held, now: float) -> None:
         if held.sent and now - held.sent < 0.5:
             return
@@ -211,7 +227,9 @@ class RelayClient:
 
     def _lose(self, held: Held, now: float, why: str) -> None:
         self.held.pop(held.relay_id, None)
-        self.avoid[held.relay_id] = now + self.config.relay_avoid
+        record = self.registry.get(held.relay_id)
+        self.avoid[held.relay_id] = (now + self.config.relay_avoid,
+                                     None if record is None else record.sequence)
         if held.live:
             self.log.info("Lost relay reservation on {relay}: {why}",
                           relay=format_peer_id(held.relay_id), why=printable(why))
@@ -400,7 +418,7 @@ class RelayClient:
             return True
         relays = [(r, a) for r, a in self.announced_relays(peer_id)
                   if r != exclude_relay and not self._backing_off(peer_id, r, now)]
-        fresh = [(r, a) for r, a in relays if self.avoid.get(r, 0) <= now]
+        fresh = [(r, a) for r, a in relays if not self._avoided(r, now)]
         relays = fresh or relays
         if not relays:
             return False
