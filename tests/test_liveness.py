@@ -301,18 +301,22 @@ class LivenessTests(unittest.TestCase):
         self.tick_for(self.config.keepalive)
         self.assertEqual(len(self.pings_to(AT)), 1)
 
+    def busy_then_silent(self, every=0.2, frames=20) -> float:
+        """Frames from PEER every C{every} seconds, then silence; returns when it began."""
+        for _ in range(frames):
+            self.clock.advance(every)
+            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
+            self.liveness.tick()
+        self.sent.clear()
+        return self.clock.seconds()
+
     def test_a_busy_link_that_falls_silent_is_pinged_at_once(self):
         """
         Frames every 0.2 s, then silence: the ping goes out after about
         BUSY_SILENCE gaps, not a whole keepalive.
         """
         self.connect_and_prove(PEER, AT)
-        for _ in range(20):
-            self.clock.advance(0.2)
-            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
-            self.liveness.tick()
-        self.sent.clear()
-        silent_at = self.clock.seconds()
+        silent_at = self.busy_then_silent()
         while not self.pings_to(AT) and self.clock.seconds() - silent_at < 5:
             self.tick_for(0.05, step=0.05)
         took = self.clock.seconds() - silent_at
@@ -328,12 +332,7 @@ class LivenessTests(unittest.TestCase):
         """
         link = self.connect_and_prove(PEER, AT)
         link.conn.rtt = 0.010
-        for _ in range(20):
-            self.clock.advance(0.2)
-            self.liveness.heard(PEER, AT, self.clock.seconds(), 100, BOOT)
-            self.liveness.tick()
-        self.sent.clear()
-        silent_at = self.clock.seconds()
+        silent_at = self.busy_then_silent()
         while not self.failed_links and self.clock.seconds() - silent_at < 5:
             self.tick_for(0.05, step=0.05)
         took = self.clock.seconds() - silent_at
