@@ -714,6 +714,11 @@ class MatrixLab:
             else:
                 result.notes.append(f"no reply within {recovery_deadline:g} s of the kill;"
                                     f" transcript:\n{live.transcript()}")
+                # what the target and the surviving relays saw
+                result.notes.append("\n".join(
+                    [target_daemon.log_tail(40)]
+                    + [relay.log_tail(25) for name, relay in self.relays.items()
+                       if name != killed]))
         finally:
             stderr = live.stop()
             if stderr.strip() and not result.ok:
