@@ -53,6 +53,7 @@ from twisted.logger import Logger
 
 from omerta.crypto.announce import sign_announcement
 from omerta.crypto.identity import Identity, peer_id_for
+from omerta.mesh import rumours
 from omerta.mesh.context import Basics
 from omerta.mesh.registry import Outcome, PeerRegistry
 from omerta.wire import ParseError
@@ -66,8 +67,6 @@ _ENTRY_OVERHEAD = 1 + 2 + 64
 # charged to nobody, and how many such requests are remembered
 NEWCOMER_WINDOW = 30.0
 NEWCOMER_REQUESTS = 64
-# peers remembered per rumour as holding it (its senders beyond that are not)
-TOLD_MAX = 64
 
 
 def announcer(signed) -> bytes | None:
@@ -251,10 +250,9 @@ class Gossip:
             if record is not None and record.state == "offline" and source is not None:
                 self._gone_known(record.peer_id, source)
             rumour = self.rumours.get(peer_id)
-            if (sender is not None and rumour is not None and outcome is Outcome.DUPLICATE
-                    and len(rumour.told) < TOLD_MAX
+            if (outcome is Outcome.DUPLICATE and rumour is not None
                     and rumour.signed["record"] == signed["record"]):
-                rumour.told.add(sender)
+                rumours.holds(rumour, sender)
         if outcome in (Outcome.NEW, Outcome.UPDATED):
             record = registry.get(peer_id)
             link = self._active_link(record.peer_id)
@@ -351,31 +349,12 @@ class Gossip:
         """
         if not self.rumours:
             return
-        targets = self._targets(self.config.max_active, self.rng)
-        if not targets:
-            return
-        pending = sorted(self.rumours.items(), key=lambda kv: -kv[1].left)
-        sent = 0
-        for peer_id, address in targets:
-            batch, size = [], 0
-            for origin, rumour in pending:
-                if origin == peer_id or peer_id in rumour.told or rumour.left <= 0:
-                    continue
-                if size + rumour.size > PEER_LIST_BUDGET:
-                    break
-                batch.append(rumour)
-                size += rumour.size
-            if batch:
-                self._send_batch(address, batch, False)
-                for rumour in batch:
-                    rumour.left -= 1
-                    rumour.told.add(peer_id)
-                sent += 1
-                if sent >= self.config.fanout:
-                    break
-        everyone = {peer_id for peer_id, _ in targets}
-        self.rumours = {k: r for k, r in self.rumours.items()
-                        if r.left > 0 and not everyone <= r.told | {k}}
+        rumours.spread(
+            self.rumours, self._targets(self.config.max_active, self.rng),
+            fanout=self.config.fanout, budget=PEER_LIST_BUDGET, size=lambda r: r.size,
+            send=lambda address, batch: self._send_batch(address, batch, False),
+            skip=lambda origin, rumour, peer_id: origin == peer_id,
+            holder=lambda origin: (origin,))
 
     def _limit(self) -> int:
         n = len(self.registry) + 1

@@ -54,6 +54,7 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id, verify_signature
+from omerta.mesh import rumours
 from omerta.mesh.context import Basics
 from omerta.mesh.registry import PeerRecord, PeerRegistry, PeerState
 from omerta.wire.messages import MessageType, NoticeKind
@@ -68,9 +69,6 @@ MAX_SUSPICIONS = 1024
 
 MAX_RUMOURS = 512
 """Notices waiting to be spread; beyond it the oldest is dropped."""
-
-TOLD_MAX = 64
-"""Peers remembered per notice as holding it (beyond it, its senders are not)."""
 
 TELL_INTERVAL = 5.0
 """A peer declared offline is told so at most this often per address."""
@@ -188,7 +186,7 @@ class Membership:
             self.metrics.inc("membership_confirmations")
             self._spread(notice(NoticeKind.SUSPECT, record.peer_id, record.sequence, by), sender)
         else:
-            self._holds((record.peer_id, NoticeKind.SUSPECT, by), sender)
+            rumours.holds(self.rumours.get((record.peer_id, NoticeKind.SUSPECT, by)), sender)
 
     def timeout(self, suspicion: Suspicion) -> float:
         """
@@ -259,7 +257,7 @@ class Membership:
             # (the sender holds the news, whoever it names as the one who
             # declared it)
             for key in [k for k in self.rumours if k[0] == peer_id and k[1] == kind]:
-                self._holds(key, sender)
+                rumours.holds(self.rumours.get(key), sender)
             return
         if kind == NoticeKind.SUSPECT:
             self._suspect(record, bytes(entry.by), now, sender)
@@ -339,12 +337,6 @@ class Membership:
             self.rumours.popitem(last=False)
             self.metrics.inc("membership_refused", reason="rumours_full")
 
-    def _holds(self, key: tuple, sender: bytes | None) -> None:
-        """C{sender} holds the pending notice C{key}: it is not sent it."""
-        rumour = self.rumours.get(key)
-        if rumour is not None and sender is not None and len(rumour.told) < TOLD_MAX:
-            rumour.told.add(sender)
-
     def round(self) -> None:
         """
         One gossip round of notices: the active peers in random order, each
@@ -355,34 +347,13 @@ class Membership:
         self.tick()
         if not self.rumours:
             return
-        targets = self._targets(self.config.max_active, self.rng)
-        if not targets:
-            return
-        pending = sorted(self.rumours.values(), key=lambda r: -r.left)
-        sent = 0
-        for peer_id, address in targets:
-            batch, size = [], 0
-            for rumour in pending:
-                if rumour.left <= 0 or peer_id in rumour.told or (
-                        rumour.entry["peer"] == peer_id
-                        and rumour.entry["kind"] == NoticeKind.LEFT):
-                    continue
-                if size + _size(rumour.entry) > NOTICE_BUDGET:
-                    break
-                batch.append(rumour)
-                size += _size(rumour.entry)
-            if batch:
-                self._send(address, [r.entry for r in batch])
-                for rumour in batch:
-                    rumour.left -= 1
-                    rumour.told.add(peer_id)
-                sent += 1
-                if sent >= self.config.fanout:
-                    break
-        everyone = {peer_id for peer_id, _ in targets}
-        for key in [k for k, r in self.rumours.items()
-                    if r.left <= 0 or everyone <= r.told | {k[0]}]:
-            del self.rumours[key]
+        rumours.spread(
+            self.rumours, self._targets(self.config.max_active, self.rng),
+            fanout=self.config.fanout, budget=NOTICE_BUDGET, size=lambda r: _size(r.entry),
+            send=lambda address, batch: self._send(address, [r.entry for r in batch]),
+            skip=lambda key, rumour, peer_id: (rumour.entry["peer"] == peer_id
+                                               and rumour.entry["kind"] == NoticeKind.LEFT),
+            holder=lambda key: (key[0],))
 
     def _send(self, address, entries: list[dict]) -> None:
         self.basics.send(address, MessageType.MEMBERSHIP, notices=entries)

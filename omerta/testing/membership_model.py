@@ -74,7 +74,7 @@ from array import array
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
-from omerta.mesh import antientropy, gossip, liveness, membership
+from omerta.mesh import antientropy, gossip, liveness, membership, rumours
 from omerta.mesh.node import MeshConfig
 from omerta.mesh.registry import DIGEST_LEAVES, SourceLimits
 from omerta.wire.envelope import MIN_FRAME_SIZE
@@ -920,7 +920,7 @@ class MembershipModel:
     def _holds(self, node: _Node, origin: int, peer: int) -> None:
         """C{peer} holds C{origin}'s pending rumour (as gossip's Rumour.told)."""
         holders = node.holders.get(origin)
-        if holders is not None and len(holders) < gossip.TOLD_MAX:
+        if holders is not None and len(holders) < rumours.TOLD_MAX:
             holders.add(peer)
 
     def _gossip_round(self, node: _Node) -> None:
@@ -1068,7 +1068,7 @@ class MembershipModel:
             self._spread(node, (N_SUSPECT, peer, seq, by), sender)
         else:
             rumour = node.notices.get((peer, N_SUSPECT, by))
-            if rumour is not None and sender >= 0 and len(rumour[2]) < membership.TOLD_MAX:
+            if rumour is not None and sender >= 0 and len(rumour[2]) < rumours.TOLD_MAX:
                 rumour[2].add(sender)
 
     def timeout(self, node: _Node, suspicion: list) -> float:
@@ -1126,7 +1126,7 @@ class MembershipModel:
         if node.state[peer] in GONE:
             self.counters["notice_duplicate"] += 1
             for key, rumour in node.notices.items():
-                if key[0] == peer and key[1] == kind and len(rumour[2]) < membership.TOLD_MAX:
+                if key[0] == peer and key[1] == kind and len(rumour[2]) < rumours.TOLD_MAX:
                     rumour[2].add(sender)
             return
         if kind == N_SUSPECT:
