@@ -200,6 +200,84 @@ class PuncherTests(unittest.TestCase):
         self.clock.advance(0.001)
         self.assertEqual([p.address for p in self.probes()], [PEER_HOST, PEER_MAPPED])
 
+    def probe_times(self, start: float = 0.0) -> list[tuple[float, int | None]]:
+        """(seconds after C{start}, hop limit) of each probe round, from sent_ms."""
+        rounds = []
+        for p in self.probes():
+            at = (round(p.fields["sent_ms"] / 1000 - start, 2), p.hops)
+            if not rounds or rounds[-1] != at:
+                rounds.append(at)
+        return rounds
+
+    def test_lead_hold_keeps_its_mapping_with_probes_that_die_on_the_way(self):
+        """
+        LEAD_HOLD: the opening rounds as usual, then every
+        punch_hold_keepalive a round limited to one hop (it refreshes the
+        own NAT's mapping and dies there), until punch_hold_timeout.
+        """
+        attempt_id, results = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
+        config = self.config
+        self.advance_in_steps(config.punch_hold_timeout + 1)
+        opening = [(t, None) for t in probe_schedule(config.punch_hold_after + 1e-6)]
+        keepalive = config.punch_hold_after + config.punch_hold_keepalive
+        holds = []
+        while keepalive < config.punch_hold_timeout:
+            holds.append((round(keepalive, 2), 1))
+            keepalive += config.punch_hold_keepalive
+        self.assertEqual(self.probe_times(), opening + holds)
+        self.assertEqual(self.metrics.get("punch_hold_keepalives"), len(holds))
+        self.assertEqual(results, [None])  # given up at punch_hold_timeout, not before
+        self.assertEqual(self.metrics.get("punch_failure"), 1)
+
+    def test_follow_retry_goes_quiet_until_routers_forget(self):
+        """
+        FOLLOW_RETRY: the opening rounds after the margin, then nothing until
+        punch_hold_forget after they ended, then probe rounds again.
+        """
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.FOLLOW_RETRY)
+        config = self.config
+        self.advance_in_steps(config.punch_hold_timeout + 1)
+        start = config.punch_margin
+        resume = config.punch_hold_after + config.punch_hold_forget
+        expected = [(t, None) for t in probe_schedule(config.punch_hold_after + 1e-6)]
+        expected += [(round(resume + t, 2), None) for t in probe_schedule(
+            config.punch_hold_timeout - start - resume)]
+        self.assertEqual(self.probe_times(start), expected)
+
+    def test_held_mapping_answered_at_once(self):
+        """
+        A probe of the follower that comes through the held mapping is
+        acked and probed back at once at full TTL (the follower's address
+        was a target already), and later rounds are not limited any more.
+        """
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
+        self.advance_in_steps(self.config.punch_hold_after + self.config.punch_hold_keepalive)
+        self.assertEqual(self.probes()[-1].hops, 1)
+        before = len(self.probes())
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED,
+                     attempt_id=attempt_id, seq=1, sent_ms=0)
+        back = self.probes()[before:]
+        self.assertEqual([(p.address, p.hops) for p in back], [(PEER_MAPPED, None)])
+        self.advance_in_steps(self.config.punch_hold_keepalive)
+        self.assertEqual({p.hops for p in self.probes()[before:]}, {None})
+
+    def test_another_attempt_that_punched_settles_a_holding_one(self):
+        """Both ends asked at once: the attempt that found a path ends the one still holding."""
+        first, first_results = self.request()
+        self.execute(first, strategy=PunchStrategy.LEAD_HOLD)
+        second, second_results = self.request()
+        self.execute(second)
+        self.clock.advance(0.01)
+        seq = self.probes()[-1].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=second, seq=seq,
+                     observed=MAPPED)
+        self.assertEqual(second_results, [PEER_MAPPED])
+        self.assertEqual(first_results, [PEER_MAPPED])
+        self.assertEqual(self.puncher.attempts.keys() - {second}, set())
+
     def test_spray_spreads_ports_over_the_first_four_rounds(self):
         """Asked to spray, the first four rounds add a quarter each of the ports around the peer's mapped port."""
         attempt_id, _ = self.request()

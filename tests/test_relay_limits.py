@@ -254,6 +254,43 @@ class SessionLimitTests(RelayLimitTestCase):
         honest.connect(target.peer_id)
         self.assertIsNotNone(honest.session_with(target))
 
+    def test_sessions_left_behind_make_room(self):
+        """
+        Short-lived nodes behind one IP (each run a fresh peer id) that left
+        their sessions without a RELAY_END are not locked out: a session
+        idle for session_reclaim seconds gives its slot to the next.
+        """
+        target, = self.targets(1)
+        for port in range(40000, 40000 + self.config.sessions_per_ip_to_peer):
+            self.hostile(port).connect(target.peer_id, Member.invent())
+        late = self.hostile(41000)
+        late.connect(target.peer_id, late.peer_id)
+        self.assertIsNone(late.session_with(target))
+        self.node.clock.advance(self.config.session_reclaim)
+        late.connect(target.peer_id, late.peer_id)
+        self.assertIsNotNone(late.session_with(target))
+        self.assertEqual(self.opened_from(HOSTILE_IP), self.config.sessions_per_ip_to_peer)
+        self.assertEqual(self.metrics.get("relay_sessions_reclaimed"), 1)
+        self.assertEqual(self.metrics.get("relay_sessions", event="idle"), 1)
+
+    def test_sessions_in_use_are_not_reclaimed(self):
+        """Sessions both ends keep using keep their slots however long they last."""
+        target, = self.targets(1)
+        sessions = []
+        for port in range(40000, 40000 + self.config.sessions_per_ip_to_peer):
+            requester = self.hostile(port)
+            requester.connect(target.peer_id, Member.invent())
+            sessions.append((requester.address, self.relay.sessions[list(self.relay.sessions)[-1]]))
+        for _ in range(int(self.config.session_reclaim) * 2):
+            self.node.clock.advance(1.0)
+            for address, session in sessions:
+                self.relay.forward(session.header + bytes(40), address)
+                self.relay.forward(session.header + bytes(40), target.address)
+        late = self.hostile(41000)
+        late.connect(target.peer_id, late.peer_id)
+        self.assertIsNone(late.session_with(target))
+        self.assertEqual(self.metrics.get("relay_sessions_reclaimed"), 0)
+
     def test_one_socket_cannot_take_all_sessions(self):
         """One socket opening sessions to many targets holds at most sessions_per_address."""
         targets = self.targets(self.config.max_sessions + 5)

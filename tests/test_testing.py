@@ -621,6 +621,28 @@ class NatTests(unittest.TestCase):
         self.assertEqual(self.inside.received, [])
         self.assertEqual(self.net.dropped["nat"], 3)
 
+    def test_one_hop_datagram_keeps_a_mapping_and_dies_at_the_nat(self):
+        """
+        A datagram sent with IP_TTL 1 dies at the NAT, as on a real router:
+        it refreshes the mapping (and permission) it would use, creates none,
+        and is counted as dropped for its TTL.
+        """
+        import socket
+
+        timeout = self.nat.timeout
+        mapped = self.mapped()
+        self.inside_port.socket.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+        self.net.run(timeout - 2)
+        self.inside_port.write(b"keep", (SERVER, 3478))   # refreshes
+        self.inside_port.write(b"new", (OTHER, 3478))     # no permission made
+        self.net.run(3)
+        self.assertEqual(self.net.dropped["ttl"], 2)
+        self.assertEqual(len(self.server.received), 1)
+        self.server_port.write(b"reply", mapped)          # past the first timeout
+        self.other_port.write(b"unasked", mapped)
+        self.net.run(1)
+        self.assertEqual([data for data, *_ in self.inside.received], [b"reply"])
+
     def test_private_address_unreachable(self):
         """An inside address cannot be reached from outside the NAT."""
         self.mapped()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import random
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from twisted.logger import Logger
@@ -122,6 +124,15 @@ class MeshConfig:
     punch_retry_soon: float = 1.0
     punch_retries_soon: int = 2
     punch_margin: float = 0.05
+    # between restricted cones (LEAD_HOLD / FOLLOW_RETRY): the opening
+    # rounds last this long; then the leader keeps its mapping with
+    # hop-limited probes this often, the follower waits until routers forgot
+    # unanswered UDP (Linux: 30 s) and probes again; the attempt ends after
+    # punch_hold_timeout
+    punch_hold_after: float = 1.5
+    punch_hold_keepalive: float = 5.0
+    punch_hold_forget: float = 31.0
+    punch_hold_timeout: float = 40.0
     punch_linger: float = 3.0
     max_punch_attempts: int = 64
 
@@ -323,6 +334,30 @@ class MeshNode:
         """
         if self.opener is not None:
             self.opener.confirm(network_id, peer_id, boot)
+
+    @contextmanager
+    def hop_limit(self, hops: int):
+        """
+        Datagrams sent inside the block leave with an IP TTL (and IPv6 hop
+        limit) of C{hops}; the socket's own value comes back after.  Without
+        a real socket (a test transport) nothing changes.
+        """
+        sock = getattr(self.transport, "socket", None)
+        options = [(socket.IPPROTO_IP, socket.IP_TTL)]
+        if sock is not None and sock.family == socket.AF_INET6:
+            options.append((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
+        saved = []
+        for level, name in options if sock is not None else ():
+            try:
+                saved.append((level, name, sock.getsockopt(level, name)))
+                sock.setsockopt(level, name, hops)
+            except OSError:
+                pass
+        try:
+            yield
+        finally:
+            for level, name, value in saved:
+                sock.setsockopt(level, name, value)
 
     def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> float | None:
         """

@@ -68,6 +68,8 @@ MAX_HOST_CANDIDATES = 2
 _OPEN = (N.PUBLIC, N.FULL_CONE)
 # Same mapping for every destination.
 _CONE = (N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
+# Reachable only from where the host sent to.
+_RESTRICTED = (N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
 
 
 def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
@@ -81,7 +83,9 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
     - symmetric with a cone: the symmetric side first (its new mapping is
       learnt from its probes); towards a port-restricted cone, the cone side
       also sprays ports of the symmetric side's address (port prediction);
-    - otherwise (cones, or unknown types): simultaneous open.
+    - two restricted cones: C{a} leads and holds, C{b} follows and retries
+      (see the module docstring);
+    - otherwise (unknown types): simultaneous open.
     """
     a, b = _nat(a), _nat(b)
     if N.BLOCKED in (a, b) or (a == N.SYMMETRIC and b == N.SYMMETRIC):
@@ -96,7 +100,17 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
         return S.YOU_FIRST, S.THEY_FIRST, 0, spray if b == N.PORT_RESTRICTED_CONE else 0
     if b == N.SYMMETRIC and a in _CONE:
         return S.THEY_FIRST, S.YOU_FIRST, spray if a == N.PORT_RESTRICTED_CONE else 0, 0
+    if a in _RESTRICTED and b in _RESTRICTED:
+        return S.LEAD_HOLD, S.FOLLOW_RETRY, 0, 0
     return S.SIMULTANEOUS, S.SIMULTANEOUS, 0, 0
+
+
+_HOLDING = (S.LEAD_HOLD, S.FOLLOW_RETRY)
+
+
+def attempt_timeout(config, strategy: int) -> float:
+    """How long an attempt with C{strategy} lasts before it is given up."""
+    return config.punch_hold_timeout if strategy in _HOLDING else config.punch_timeout
 
 
 def _nat(value: int) -> NatType:
@@ -147,6 +161,8 @@ class _Coordinated:
     results: dict = field(default_factory=dict)
     executes: list = field(default_factory=list)  # (address, fields) sent to each side
     repeats: int = 0
+    timeout: float = 0.0  # how long its sides try (L{attempt_timeout})
+    seen: dict = field(default_factory=dict)  # peer id -> address it was reached at
 
 
 class Coordinator:
@@ -179,7 +195,7 @@ class Coordinator:
         now = overlay.clock.seconds()
         a, b = frame.sender, message.target
         for attempt_id, attempt in list(self.attempts.items()):
-            if now - attempt.started > config.punch_timeout + 5:
+            if now - attempt.started > attempt.timeout + 5:
                 self._finish(attempt_id)
         known = self.attempts.get(message.attempt_id)
         if known is not None:
@@ -201,6 +217,13 @@ class Coordinator:
         b_address = self._peer_address(overlay, b)
         record_b = overlay.registry.get(b)
         pair = frozenset((a, b))
+        for attempt_id, running in list(self.attempts.items()):
+            if running.pair == pair and (running.seen.get(a) != addr
+                                         or running.seen.get(b) != b_address):
+                # One side is somewhere else now (its NAT lost its mapping):
+                # what that attempt probes is stale, start afresh.
+                self._finish(attempt_id)
+                self.metrics.inc("punch_coordinated", outcome="superseded")
         busy = any(x.pair == pair for x in self.attempts.values())
         if b_address is None or record_b is None or busy or len(self.attempts) >= self.max_attempts:
             self.metrics.inc("punch_coordinated",
@@ -227,7 +250,8 @@ class Coordinator:
         start_a = int(1000 * (lead - rtt_a / 2))
         start_b = int(1000 * (lead - rtt_b / 2))
         coordinated = self.attempts[message.attempt_id] = _Coordinated(
-            message.attempt_id, pair, now)
+            message.attempt_id, pair, now, timeout=attempt_timeout(config, strategy_a),
+            seen={a: addr, b: b_address})
         coordinated.executes = [
             (addr, dict(attempt_id=message.attempt_id, peer=b, strategy=int(strategy_a),
                         start_in_ms=start_a, spray=spray_a, candidates=candidates_b)),
@@ -315,6 +339,9 @@ class Attempt:
     executed: bool = False
     probes: int = 0
     probes_answered: bool = False  # a probe of the peer's reached us
+    holding: bool = False  # LEAD_HOLD: keepalives that die before the peer's router
+    rounds: int = 0
+    give_up: Any = None    # the delayed call that ends the attempt
 
 
 class Puncher:
@@ -397,8 +424,7 @@ class Puncher:
                        candidates=self.own_candidates(address))
         self.basics.send(address, MessageType.PUNCH_REQUEST, **request)
         self.metrics.inc("punch_attempts", role="initiator")
-        attempt.calls.append(self.clock.callLater(
-            self.config.punch_timeout, self._give_up, attempt_id))
+        self._end_after(attempt, self.config.punch_timeout)
         # A lost request, or a lost execute to either side, would cost the
         # whole attempt: ask again while nothing has answered (the
         # coordinator repeats the same executes).
@@ -406,6 +432,14 @@ class Puncher:
             attempt.calls.append(self.clock.callLater(
                 n * self.config.punch_request_retry, self._ask_again, attempt_id, request))
         return d
+
+    def _end_after(self, attempt: Attempt, timeout: float) -> None:
+        """Give the attempt up C{timeout} seconds after it started."""
+        if attempt.give_up is not None and attempt.give_up.active():
+            attempt.give_up.cancel()
+        delay = max(0.0, attempt.started + timeout - self.clock.seconds())
+        attempt.give_up = self.clock.callLater(delay, self._give_up, attempt.attempt_id)
+        attempt.calls.append(attempt.give_up)
 
     def _ask_again(self, attempt_id: int, request: dict) -> None:
         attempt = self.attempts.get(attempt_id)
@@ -438,14 +472,14 @@ class Puncher:
             attempt = Attempt(message.attempt_id, message.peer, addr,
                               self.clock.seconds(), Deferred())
             self._add(attempt)
-            attempt.calls.append(self.clock.callLater(
-                self.config.punch_timeout, self._give_up, message.attempt_id))
             attempt.deferred.addCallback(self._answered_punch, message.peer)
             self.metrics.inc("punch_attempts", role="responder")
         attempt.executed = True
         if message.strategy == S.IMPOSSIBLE:
             self._give_up(message.attempt_id)
             return
+        timeout = attempt_timeout(self.config, message.strategy)
+        self._end_after(attempt, timeout)
         attempt.targets = [tuple(c.endpoint) for c in message.candidates][:8]
         if message.spray:
             # around the ports the peer's NAT was seen using (server-reflexive)
@@ -458,27 +492,58 @@ class Puncher:
                 attempt.spray += [(host, p) for p in spray_ports(ports, share)]
             attempt.spray = attempt.spray[:message.spray]
         delay = message.start_in_ms / 1000
-        if message.strategy == S.THEY_FIRST:
+        if message.strategy in (S.THEY_FIRST, S.FOLLOW_RETRY):
             delay += self.config.punch_margin
-        schedule = probe_schedule(self.config.punch_timeout - delay)
-        for round_number, offset in enumerate(schedule):
+        # (from now: the attempt started when it was asked for or executed)
+        remaining = attempt.started + timeout - self.clock.seconds()
+        for offset, hops in self._rounds(message.strategy, remaining - delay):
             attempt.calls.append(self.clock.callLater(delay + offset, self._probe_round,
-                                                      message.attempt_id, round_number))
+                                                      message.attempt_id, offset, hops))
+
+    def _rounds(self, strategy: int, length: float) -> list[tuple[float, int | None]]:
+        """
+        The probe rounds of one side, as (offset, hop limit or None), for an
+        attempt C{length} seconds long from this side's start.
+        """
+        config = self.config
+        if strategy not in _HOLDING:
+            return [(offset, None) for offset in probe_schedule(length)]
+        opening = [(offset, None) for offset in probe_schedule(config.punch_hold_after + 1e-6)]
+        if strategy == S.LEAD_HOLD:
+            keepalives, t = [], config.punch_hold_after + config.punch_hold_keepalive
+            while t < length:
+                keepalives.append((t, 1))
+                t += config.punch_hold_keepalive
+            return opening + keepalives
+        resume = config.punch_hold_after + config.punch_hold_forget
+        return opening + [(resume + offset, None)
+                          for offset in probe_schedule(max(0.0, length - resume))]
 
     def _answered_punch(self, address, peer_id: bytes):
         if address is not None:
             self.on_punched(peer_id, address)
         return address
 
-    def _probe_round(self, attempt_id: int, round_number: int) -> None:
+    def _probe_round(self, attempt_id: int, offset: float, hops: int | None = None) -> None:
         attempt = self.attempts.get(attempt_id)
         if attempt is None or attempt.result is not None:
             return
         targets = list(attempt.targets)
+        round_number = attempt.rounds
+        attempt.rounds += 1
         if attempt.spray and round_number < 4:
             # spread the spray over the first rounds
             share = -(-len(attempt.spray) // 4)
             targets += attempt.spray[round_number * share:(round_number + 1) * share]
+        if hops is not None and not attempt.probes_answered:
+            # Holding: through our NAT (its mapping stays), not to the peer's
+            # router (what arrives there unasked is what we wait out).
+            attempt.holding = True
+            with self.basics.hop_limit(hops):
+                for target in targets:
+                    self._probe(attempt, target)
+            self.metrics.inc("punch_hold_keepalives")
+            return
         for target in targets:
             self._probe(attempt, target)
 
@@ -506,9 +571,15 @@ class Puncher:
         self.basics.send_to(frame.sender, addr, MessageType.PUNCH_ACK,
                             attempt_id=message.attempt_id, seq=message.seq, observed=addr,
                             proof=answer)
-        if addr not in attempt.targets and len(attempt.targets) < 16 and attempt.result is None:
+        if attempt.result is not None:
+            return
+        if addr not in attempt.targets and len(attempt.targets) < 16:
             # Peer-reflexive: the mapping its NAT made towards us.
             attempt.targets.append(addr)
+            self._probe(attempt, addr)
+        elif attempt.holding:
+            # The follower came through the mapping we held: probe it back now.
+            attempt.holding = False
             self._probe(attempt, addr)
 
     def on_ack(self, frame, addr, message) -> None:
@@ -541,6 +612,23 @@ class Puncher:
         # Keep answering the peer's probes for a moment, then forget.
         attempt.calls.append(self.clock.callLater(self.config.punch_linger,
                                                   self._forget, attempt.attempt_id))
+        if not attempt.deferred.called:
+            attempt.deferred.callback(addr)
+        for other in [a for a in self.attempts.values()
+                      if a.peer_id == frame.sender and a.result is None]:
+            # another attempt with the peer (both asked at once; one still
+            # holding) has its answer too
+            self._settle(other, addr)
+
+    def _settle(self, attempt: Attempt, addr: tuple) -> None:
+        """End an attempt with the path another attempt with its peer found."""
+        attempt.result = addr
+        if attempt.coordinator is not None and attempt.executed:
+            self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                             attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
+                             endpoint=addr,
+                             elapsed_ms=int(1000 * (self.clock.seconds() - attempt.started)))
+        self._forget(attempt.attempt_id)
         if not attempt.deferred.called:
             attempt.deferred.callback(addr)
 

@@ -24,8 +24,12 @@ Limits hold per source address and per source IP, not only per peer id: a
 member holding the network key can invent peer ids (and answer pings for
 them) from one socket, so reservations and the sessions a requester holds
 are counted by address and IP too (see L{RelayConfig}), and the packet rate
-is one budget per source address shared by all its legs.  Denials are
-counted and at most C{denials_per_second} go to one address.
+is one budget per source address shared by all its legs.  A limit that is
+reached first ends a session counted against it that has carried nothing
+for C{session_reclaim} seconds (its ends are gone or moved on; a live
+session is pinged every few seconds), so a node that restarts is not locked
+out by its own old sessions.  Denials are counted and at most
+C{denials_per_second} go to one address.
 
 Data is L{omerta.wire.relay}: the relay looks the 12-byte header up in a
 dict, checks the datagram came from one of the session's two addresses and
@@ -76,6 +80,7 @@ class RelayConfig:
     session_bytes: int = 1 << 30
     session_duration: float = 3600.0
     session_idle: float = 90.0
+    session_reclaim: float = 10.0       # idle this long: ended to make room
     packets_per_second: int = 4000      # per source address, all its legs
     denials_per_second: int = 4         # RELAY_DENY frames to one address
 
@@ -378,9 +383,32 @@ class RelayServer:
     def _session_limit(self, requester: bytes, target: bytes, addr: tuple):
         """
         Which limit a new session from C{requester} at C{addr} to C{target}
-        would break, as (reason, detail), or None.  The limits per source
-        (its address, its IP, its IP towards this target) hold whatever peer
-        ids the source claims; the one per peer id keeps a member's slots.
+        would break, as (reason, detail), or None.  A session that counts
+        against the broken limit and has been idle for C{session_reclaim}
+        seconds (its ends stopped using it without a RELAY_END: a node that
+        exited, a lost goodbye) is ended to make room first, so a node that
+        comes back is not locked out until C{session_idle} frees the slot.
+        """
+        now = self.clock.seconds()
+        while True:
+            broken = self._broken_limit(requester, target, addr)
+            if broken is None:
+                return None
+            reason, detail, counted = broken
+            stale = [s for s in self.sessions.values()
+                     if counted(s) and now - s.last_active() >= self.config.session_reclaim]
+            if not stale:
+                return reason, detail
+            self.metrics.inc("relay_sessions_reclaimed")
+            self._end(min(stale, key=RelaySession.last_active), RelayEndReason.IDLE)
+
+    def _broken_limit(self, requester: bytes, target: bytes, addr: tuple):
+        """
+        The first limit a new session would break, as (reason, detail,
+        predicate of the sessions counted against it), or None.  The limits
+        per source (its address, its IP, its IP towards this target) hold
+        whatever peer ids the source claims; the one per peer id keeps a
+        member's slots.
         """
         config = self.config
         ip = source_ip(addr[0])
@@ -397,18 +425,23 @@ class RelayServer:
             per_peer[session.b.peer_id] += 1
         if from_address >= config.sessions_per_address:
             return (RelayDenyReason.TOO_MANY_SESSIONS,
-                    f"{from_address} sessions opened from this address")
+                    f"{from_address} sessions opened from this address",
+                    lambda s: s.a.address == addr)
         if from_ip >= config.sessions_per_ip:
-            return RelayDenyReason.TOO_MANY_SESSIONS, f"{from_ip} sessions opened from {ip}"
+            return (RelayDenyReason.TOO_MANY_SESSIONS, f"{from_ip} sessions opened from {ip}",
+                    lambda s: source_ip(s.a.address[0]) == ip)
         if from_ip_to_target >= config.sessions_per_ip_to_peer:
             return (RelayDenyReason.TOO_MANY_SESSIONS,
-                    f"{from_ip_to_target} sessions from {ip} to {format_peer_id(target)}")
+                    f"{from_ip_to_target} sessions from {ip} to {format_peer_id(target)}",
+                    lambda s: source_ip(s.a.address[0]) == ip and s.b.peer_id == target)
         for peer in (requester, target):
             if per_peer[peer] >= config.sessions_per_peer:
                 return (RelayDenyReason.TOO_MANY_SESSIONS,
-                        f"{format_peer_id(peer)} has {per_peer[peer]} sessions here")
+                        f"{format_peer_id(peer)} has {per_peer[peer]} sessions here",
+                        lambda s, peer=peer: s.involves(peer))
         if len(self.sessions) >= config.max_sessions:
-            return RelayDenyReason.FULL, f"{config.max_sessions} sessions open"
+            return (RelayDenyReason.FULL, f"{config.max_sessions} sessions open",
+                    lambda s: True)
         return None
 
     def on_end(self, overlay, frame, addr, message) -> None:

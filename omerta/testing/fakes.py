@@ -10,6 +10,7 @@ C{Clock} whose C{send} records what would have gone out.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from twisted.internet.task import Clock
@@ -43,10 +44,21 @@ class Sent:
     address: object
     type: object
     fields: dict
+    hops: int | None = None  # the IP TTL / hop limit it was sent with, when limited
 
 
 class Outbox(list):
     """What a component sent, in order (L{Sent} entries)."""
+
+    hops: int | None = None  # the hop limit in force (L{Basics.hop_limit})
+
+    @contextmanager
+    def hop_limit(self, hops: int):
+        self.hops = hops
+        try:
+            yield
+        finally:
+            self.hops = None
 
     def of(self, msg_type) -> list[Sent]:
         return [s for s in self if s.type == msg_type]
@@ -89,10 +101,12 @@ def fake_basics(config: MeshConfig | None = None, clock: Clock | None = None,
         config=config or MeshConfig(),
         clock=clock or Clock(),
         metrics=Metrics(),
-        send=lambda address, msg_type, **fields: outbox.append(Sent(address, msg_type, fields)),
+        send=lambda address, msg_type, **fields: outbox.append(
+            Sent(address, msg_type, fields, outbox.hops)),
         send_to=lambda peer_id, address, msg_type, **fields: outbox.append(
-            Sent(address, msg_type, fields)),
+            Sent(address, msg_type, fields, outbox.hops)),
         emit=lambda kind, **data: events.append((kind, data)),
         prover=fake_prover(identity),
+        hop_limit=outbox.hop_limit,
     )
     return basics, outbox, events

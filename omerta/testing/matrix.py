@@ -14,6 +14,12 @@ A L{MatrixLab} builds one L{omerta.testing.natlab.Lab}:
  - for every NAT type X an I{initiator} host behind a router of its own
    (initiators and targets never share a router: no NAT of the lab hairpins).
 
+The routers are home routers unless a I{variant} says otherwise
+(L{omerta.testing.matrix_results.VARIANTS}): without an input filter, with
+30 s mappings, behind a carrier-grade NAT of their own, or (C{same-lan})
+one router per type with both the target and the initiator on its LAN, the
+pairs then being each type with itself.
+
 A trial (L{MatrixLab.run_trial}) runs a fresh short-lived CLI node in the
 initiator's namespace (fresh data directory, so a fresh identity)::
 
@@ -57,8 +63,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omerta.testing import natlab
-from omerta.testing.matrix_results import (DIRECT_KINDS, FailoverResult, PairResult, PingEvent,
-                                           Trial, parse_ping_line)
+from omerta.testing.matrix_results import (DIRECT_KINDS, VARIANTS, FailoverResult, PairResult,
+                                           PingEvent, Trial, parse_ping_line)
 from omerta.testing.natlab import NAT_TYPES, Lab
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -279,10 +285,13 @@ class MatrixLab:
 
     def __init__(self, nat_types: Sequence[str] = NAT_TYPES, base_dir: str | Path | None = None,
                  prefix: str = "ommx", relays: int = 2, keep: bool = False,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, variant: str = "home"):
         for t in nat_types:
             if t not in NAT_TYPES:
                 raise ValueError(f"unknown NAT type {t!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        self.variant = variant
         if not 1 <= relays <= len(RELAYS):
             raise ValueError(f"relays must be 1..{len(RELAYS)}")
         self.nat_types = tuple(nat_types)
@@ -341,12 +350,11 @@ class MatrixLab:
             relay_nodes[name] = self.lab.add_server(name, addresses)
         for nat_type in self.nat_types:
             short = SHORT[nat_type]
+            router = None
             for role in ("t", "i"):
-                if nat_type == "none":
-                    host = self.lab.add_host(f"{role}_{short}")
-                else:
-                    router = self.lab.add_nat(f"{role}_{short}_nat", nat_type)
-                    host = self.lab.add_host(f"{role}_{short}", behind=router)
+                if nat_type != "none" and (router is None or self.variant != "same-lan"):
+                    router = self._add_router(f"{role}_{short}", nat_type)
+                host = self.lab.add_host(f"{role}_{short}", behind=router)
                 (self.target_hosts if role == "t" else self.initiator_hosts)[nat_type] = host
         self.lab.up()
         self.log(f"lab {self.lab.tag} up ({len(self.lab.nodes)} namespaces),"
@@ -372,6 +380,43 @@ class MatrixLab:
         self.log(f"relays and {len(self.targets)} targets ready after"
                  f" {time.monotonic() - started:.1f} s")
         return self
+
+    def _add_router(self, name: str, nat_type: str) -> natlab.Router:
+        """
+        The router of type C{nat_type} of one host, as the variant has it
+        (see L{omerta.testing.matrix_results.VARIANTS}).
+        """
+        options = {}
+        upstream = None
+        if self.variant == "open-input":
+            options["input_filter"] = False
+        elif self.variant == "short-timeout":
+            options["mapping_timeout"] = 30
+        elif self.variant == "double-nat":
+            upstream = self.lab.add_nat(f"{name}_cgn", "port-restricted", input_filter=False,
+                                        mapping_timeout=30)
+        return self.lab.add_nat(f"{name}_nat", nat_type, behind=upstream, **options)
+
+    def pairs(self, initiators: Sequence[str] | None = None,
+              targets: Sequence[str] | None = None) -> list[tuple[str, str]]:
+        """
+        The (initiator, target) pairs of a matrix run: every pair of the
+        given types, or on one LAN (variant "same-lan") each type with
+        itself.
+        """
+        initiators = list(initiators or self.nat_types)
+        targets = list(targets or self.nat_types)
+        return [(x, y) for x in initiators for y in targets
+                if self.variant != "same-lan" or x == y]
+
+    @staticmethod
+    def _routers_of(host: natlab.Host) -> list[natlab.Router]:
+        """A host's router, its upstream router and so on."""
+        chain, router = [], host.router
+        while router is not None:
+            chain.append(router)
+            router = router.upstream
+        return chain
 
     def _target_daemon(self, nat_type: str) -> Daemon:
         args = ["--port", str(TARGET_PORT), "--invite", self.invite]
@@ -489,12 +534,22 @@ class MatrixLab:
         trials of other pairs running at the same time are not disturbed.
         """
         host = self.initiator_hosts[initiator]
-        if host.router is not None:
-            self.lab.flush_conntrack(host.router)
-        router = self.target_hosts[target].router
-        if router is None:
+        target_routers = self._routers_of(self.target_hosts[target])
+        if self.variant == "same-lan":
+            # the router is the target's too: forget only the initiator host
+            for router in target_routers:
+                self._forget_remote(router, host.address)
             return
-        remote = host.public_address
+        for router in self._routers_of(host):
+            self.lab.flush_conntrack(router)
+        for router in target_routers:
+            self._forget_remote(router, host.public_address)
+
+    def _forget_remote(self, router: natlab.Router, remote: str) -> None:
+        """
+        Delete C{router}'s conntrack entries to and from C{remote} and, for
+        a restricted cone, its (address, port) permissions for it.
+        """
         for flag in ("--orig-src", "--orig-dst"):
             # exit status 1 when nothing matched
             self.lab.run(router, ["conntrack", "-D", flag, remote])
@@ -561,22 +616,21 @@ class MatrixLab:
                    wait_direct: float = 10.0, timeout: float = 20.0,
                    progress: Callable[[Trial], None] | None = None) -> list[PairResult]:
         """
-        Every (initiator, target) pair C{trials} times, with C{loss} percent
+        Every pair of L{pairs} C{trials} times, with C{loss} percent
         random loss on every router (reset to 0 afterwards).  One thread per
         initiator host runs the rounds: in each round, each target once.
 
         @return: one L{PairResult} per pair, in L{NAT_TYPES} order.
         """
-        initiators = list(initiators or self.nat_types)
-        targets = list(targets or self.nat_types)
-        results = {(x, y): PairResult(x, y, loss) for x in initiators for y in targets}
+        pairs = self.pairs(initiators, targets)
+        results = {(x, y): PairResult(x, y, loss, variant=self.variant) for x, y in pairs}
         lock = threading.Lock()
         errors: list[BaseException] = []
 
         def worker(x: str) -> None:
             try:
                 for _ in range(trials):
-                    for y in targets:
+                    for y in [y for i, y in pairs if i == x]:
                         trial = self.run_trial(x, y, wait_direct=wait_direct, timeout=timeout)
                         with lock:
                             results[(x, y)].trials.append(trial)
@@ -588,7 +642,7 @@ class MatrixLab:
         self.set_loss(loss)
         try:
             threads = [threading.Thread(target=worker, args=(x,), name=f"matrix-{x}")
-                       for x in initiators]
+                       for x in dict.fromkeys(x for x, _ in pairs)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -597,7 +651,7 @@ class MatrixLab:
             self.set_loss(0)
         if errors:
             raise errors[0]
-        return [results[(x, y)] for x in initiators for y in targets]
+        return [results[pair] for pair in pairs]
 
     # -- failover ------------------------------------------------------------------
 

@@ -30,6 +30,41 @@ def _expected(initiator: str, target: str) -> str:
     return "direct"
 
 
+#: The router variants of the matrix lab (docs/natlab.md, "Router
+#: variants"): name -> what differs from a home router of each NAT type.
+VARIANTS: dict[str, str] = {
+    "home": "routers drop unsolicited UDP to themselves (a home router's firewall);"
+            " mappings live 120 s",
+    "open-input": "routers without that input filter: unsolicited UDP to the router itself"
+                  " leaves a conntrack entry that can move a host's mapping",
+    "short-timeout": "mappings forgotten after 30 s without traffic",
+    "double-nat": "every router of a NAT type sits behind a carrier-grade NAT of its own"
+                  " (port-restricted, no input filter, 30 s mappings)",
+    "same-lan": "initiator and target on one LAN behind one router, which does not hairpin",
+}
+
+
+def effective_type(nat_type: str, variant: str = "home") -> str:
+    """
+    The NAT type a host of C{nat_type} shows the world in C{variant}: behind
+    a port-restricted carrier NAT, a cone becomes port-restricted.
+    """
+    if variant == "double-nat" and nat_type in ("full-cone", "restricted-cone"):
+        return "port-restricted"
+    return nat_type
+
+
+def expected_path(initiator: str, target: str, variant: str = "home") -> str:
+    """
+    What an (initiator, target) pair should end on in C{variant}: on one
+    LAN always direct (the hosts' own addresses), otherwise as
+    L{EXPECTED} says for the types they show the world.
+    """
+    if variant == "same-lan":
+        return "direct"
+    return EXPECTED[(effective_type(initiator, variant), effective_type(target, variant))]
+
+
 #: What each (initiator NAT type, target NAT type) pair should end on:
 #: "direct" (a direct or punched path), "relayed", or "either" (symmetric
 #: with port-restricted: tried with port prediction, may end either way).
@@ -85,10 +120,11 @@ class PairResult:
     target: str
     loss: int
     trials: list[Trial] = field(default_factory=list)
+    variant: str = "home"
 
     @property
     def expected(self) -> str:
-        return EXPECTED[(self.initiator, self.target)]
+        return expected_path(self.initiator, self.target, self.variant)
 
     @property
     def successes(self) -> int:

@@ -64,9 +64,10 @@ ROUTER_OUTSIDE = "nout"
 ROUTER_INSIDE = "nin"
 HOST_IF = "eth0"
 NFT_TABLE = "natlab"
-# How long a full-cone mapping / restricted-cone permission lives without
-# outgoing traffic (the kernel's UDP conntrack "stream" timeout is 120 s).
-NAT_ENTRY_TIMEOUT = "120s"
+#: How long a mapping lives without traffic, by default: the cone map and
+#: set entries, and the kernel's UDP conntrack "stream" timeout, which the
+#: router sets to the same value.
+MAPPING_TIMEOUT = 120
 
 _NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,15}$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
@@ -348,6 +349,20 @@ class Router(Node):
     lan: ipaddress.IPv4Network | None = None
     lan_address: str = ""
     hosts: list[Host] = field(default_factory=list)
+    #: Drop unsolicited UDP to the router's own address (a home router's
+    #: firewall); without it such a datagram leaves a conntrack entry on the
+    #: router (see docs/natlab.md, "Router variants").
+    input_filter: bool = True
+    #: Seconds a mapping lives without traffic once both sides have sent.
+    mapping_timeout: int = 120
+    #: The router whose LAN this router's outside interface is on (double
+    #: NAT), or None when it is on the public segment.
+    upstream: Router | None = None
+
+    @property
+    def outside_address(self) -> str:
+        """The address of the outside interface (public, or on the upstream LAN)."""
+        return self.addresses[0]
 
 
 @dataclass(eq=False)
@@ -364,11 +379,15 @@ class Host(Node):
         return "none" if self.router is None else self.router.nat_type
 
 
-def nft_ruleset(nat_type: str, public_address: str, loss: int = 0) -> str:
+def nft_ruleset(nat_type: str, public_address: str, loss: int = 0, input_filter: bool = True,
+                mapping_timeout: int = 120) -> str:
     """
     The nftables rule set (for C{nft -f}) that makes a router namespace
     behave as a NAT of C{nat_type}, with C{loss} percent random drop of
-    forwarded packets.  Outside interface C{nout}; see docs/natlab.md.
+    forwarded packets, dropping unsolicited UDP to the router itself when
+    C{input_filter}, its cone mappings living C{mapping_timeout} seconds.
+    Outside interface C{nout} with address C{public_address}; see
+    docs/natlab.md.
     """
     if nat_type not in NAT_TYPES or nat_type == "none":
         raise ValueError(f"no router rule set for NAT type {nat_type!r}")
@@ -382,7 +401,7 @@ def nft_ruleset(nat_type: str, public_address: str, loss: int = 0) -> str:
             "    # outside port -> inside address and port, learnt from outgoing UDP",
             "    map fc {",
             "        type inet_service : ipv4_addr . inet_service",
-            f"        flags dynamic,timeout; timeout {NAT_ENTRY_TIMEOUT};",
+            f"        flags dynamic,timeout; timeout {mapping_timeout}s;",
             "    }",
         ]
     if nat_type == "restricted-cone":
@@ -390,18 +409,21 @@ def nft_ruleset(nat_type: str, public_address: str, loss: int = 0) -> str:
             "    # (remote address, outside port) pairs a host has sent to",
             "    set contacted {",
             "        type ipv4_addr . inet_service",
-            f"        flags dynamic,timeout; timeout {NAT_ENTRY_TIMEOUT};",
+            f"        flags dynamic,timeout; timeout {mapping_timeout}s;",
+            "    }",
+        ]
+    if input_filter:
+        lines += [
+            "    # Like a home router's firewall: nothing unsolicited reaches the",
+            "    # router itself.  (Otherwise a punch probe that arrives before the",
+            "    # host behind has sent leaves a conntrack entry for the router's own",
+            "    # port, and masquerade moves the host's mapping off that tuple.)",
+            "    chain input {",
+            "        type filter hook input priority filter; policy accept;",
+            f'        iifname "{ROUTER_OUTSIDE}" meta l4proto udp ct state new drop',
             "    }",
         ]
     lines += [
-        "    # Like a home router's firewall: nothing unsolicited reaches the",
-        "    # router itself.  (Otherwise a punch probe that arrives before the",
-        "    # host behind has sent leaves a conntrack entry for the router's own",
-        "    # port, and masquerade moves the host's mapping off that tuple.)",
-        "    chain input {",
-        "        type filter hook input priority filter; policy accept;",
-        f'        iifname "{ROUTER_OUTSIDE}" meta l4proto udp ct state new drop',
-        "    }",
         "    chain loss {",
         "    }",
         "    chain forward {",
@@ -552,13 +574,18 @@ class Lab:
         return self._added(node)
 
     def add_nat(
-        self, name: str, nat_type: str, loss: int = 0, public_address: str | None = None
+        self, name: str, nat_type: str, loss: int = 0, public_address: str | None = None,
+        behind: Router | None = None, input_filter: bool = True,
+        mapping_timeout: int = MAPPING_TIMEOUT,
     ) -> Router:
         """
         A NAT router of C{nat_type} (one of L{NAT_TYPES} except "none": a
         host without NAT is C{add_host(name)}), dropping C{loss} percent of
         the packets it forwards.  Its LAN is 10.99.N.0/24 for the N-th
-        router, router at .1.
+        router, router at .1.  Its outside interface is on the public
+        segment, or on the LAN of router C{behind} (double NAT, as behind a
+        carrier-grade NAT).  C{input_filter} and C{mapping_timeout}: see
+        L{Router}.
         """
         if nat_type == "none":
             raise ValueError('NAT type "none" has no router: use add_host(name) (behind=None)')
@@ -568,13 +595,38 @@ class Lab:
         index = len(self.routers) + 1
         if index > 254:
             raise LabError("at most 254 routers per lab")
-        address = self._public(public_address, 1)
+        if not isinstance(mapping_timeout, int) or not 5 <= mapping_timeout <= 3600:
+            raise ValueError(f"mapping_timeout must be 5..3600 s, not {mapping_timeout!r}")
         lan = ipaddress.IPv4Network(f"10.99.{index}.0/24")
+        if behind is None:
+            address = self._public(public_address, 1)
+            public = address
+        else:
+            if public_address is not None:
+                raise ValueError("a router behind another takes its public address from it")
+            address = self._lan_address(behind)
+            public = behind.public_address
         router = Router(
-            name, ns, "router", [address], address,
+            name, ns, "router", [address], public,
             nat_type=nat_type, loss=_check_loss(loss), lan=lan, lan_address=str(lan[1]),
+            input_filter=bool(input_filter), mapping_timeout=mapping_timeout, upstream=behind,
         )
         return self._added(router)
+
+    def _lan_address(self, router: Router, address: str | None = None) -> str:
+        """The next free address on C{router}'s LAN, or C{address} if free there."""
+        if not isinstance(router, Router) or self.nodes.get(router.name) is not router:
+            raise ValueError(f"{router!r} is not a router of this lab")
+        taken = self._taken()
+        if address is None:
+            free = [str(a) for a in router.lan.hosts()
+                    if str(a) not in taken and str(a) != router.lan_address]
+            if not free:
+                raise LabError(f"no free address left in {router.lan}")
+            return free[0]
+        if ipaddress.IPv4Address(address) not in router.lan or address in taken:
+            raise ValueError(f"{address} is not a free address in {router.lan}")
+        return address
 
     def add_host(self, name: str, behind: Router | None = None, address: str | None = None) -> Host:
         """
@@ -586,17 +638,7 @@ class Lab:
             addr = self._public(address, 100)
             host = Host(name, ns, "host", [addr], addr)
         else:
-            if not isinstance(behind, Router) or self.nodes.get(behind.name) is not behind:
-                raise ValueError(f"{behind!r} is not a router of this lab")
-            taken = self._taken()
-            if address is None:
-                free = [str(a) for a in behind.lan.hosts() if str(a) not in taken]
-                free = [a for a in free if a != behind.lan_address]
-                if not free:
-                    raise LabError(f"no free address left in {behind.lan}")
-                address = free[0]
-            elif ipaddress.IPv4Address(address) not in behind.lan or address in taken:
-                raise ValueError(f"{address} is not a free address in {behind.lan}")
+            address = self._lan_address(behind, address)
             host = Host(name, ns, "host", [address], behind.public_address, router=behind)
             behind.hosts.append(host)
         return self._added(host)
@@ -697,7 +739,8 @@ class Lab:
         """
         @return: a JSON-able description: prefix, tag, switch namespace and
             per node its namespace, kind, addresses, public address, NAT type
-            and (routers) LAN and loss.
+            and (routers) LAN, loss, input filter, mapping timeout and
+            upstream router.
         """
         nodes = {}
         for n in self.nodes.values():
@@ -709,7 +752,9 @@ class Lab:
             }
             if isinstance(n, Router):
                 d.update(nat_type=n.nat_type, loss=n.loss, lan=str(n.lan),
-                         lan_address=n.lan_address)
+                         lan_address=n.lan_address, input_filter=n.input_filter,
+                         mapping_timeout=n.mapping_timeout,
+                         upstream=n.upstream.name if n.upstream else None)
             elif isinstance(n, Host):
                 d.update(nat_type=n.nat_type, router=n.router.name if n.router else None)
             nodes[n.name] = d
@@ -783,13 +828,27 @@ class Lab:
         self._create_ns(node.ns)
         plen = self.public_net.prefixlen
         if isinstance(node, Router):
-            self._plug(node.ns, self.switch_ns, SWITCH_BRIDGE, inner=ROUTER_OUTSIDE)
-            self._configure(node.ns, ROUTER_OUTSIDE, node.addresses, plen)
+            upstream = node.upstream
+            if upstream is None:
+                self._plug(node.ns, self.switch_ns, SWITCH_BRIDGE, inner=ROUTER_OUTSIDE)
+                self._configure(node.ns, ROUTER_OUTSIDE, node.addresses, plen)
+            else:
+                if not upstream.built:
+                    self._build(upstream)
+                self._plug(node.ns, upstream.ns, ROUTER_INSIDE, inner=ROUTER_OUTSIDE)
+                self._configure(node.ns, ROUTER_OUTSIDE, node.addresses, upstream.lan.prefixlen,
+                                gateway=upstream.lan_address)
             with self._ipr(node.ns) as ipr:
                 ipr.link("add", ifname=ROUTER_INSIDE, kind="bridge")
             self._configure(node.ns, ROUTER_INSIDE, [node.lan_address], node.lan.prefixlen)
             self._sysctl(node.ns, {"net/ipv4/ip_forward": "1"})
-            self._nft(node, nft_ruleset(node.nat_type, node.public_address, node.loss))
+            self._nft(node, nft_ruleset(node.nat_type, node.outside_address, node.loss,
+                                        node.input_filter, node.mapping_timeout))
+            # conntrack exists in the namespace once the NAT rules are loaded
+            self._sysctl(node.ns, {
+                "net/netfilter/nf_conntrack_udp_timeout_stream": str(node.mapping_timeout),
+                "net/netfilter/nf_conntrack_udp_timeout": str(min(30, node.mapping_timeout)),
+            })
         elif isinstance(node, Host) and node.router is not None:
             if not node.router.built:
                 self._build(node.router)

@@ -53,7 +53,7 @@ from zope.interface import Attribute, Interface, implementer
 from omerta.testing.udp import Address, FakeDatagramPort, is_wildcard
 
 FIRST_EPHEMERAL_PORT = 40000
-DROP_REASONS = ("loss", "partition", "unbound", "nat")
+DROP_REASONS = ("loss", "partition", "unbound", "nat", "ttl")
 
 
 class SimClock(Clock):
@@ -339,6 +339,21 @@ class MappingNat:
         mapping.last_used = now
         mapping.permits[self.filter_key(dst)] = now
         return (self.public_ip, mapping.external_port)
+
+    def refresh(self, src: Address, dst: Address) -> None:
+        """
+        An outbound packet that dies here (its TTL ran out): the mapping it
+        would use, if it has one, and its permission for C{dst} live on
+        from now; nothing is created.
+        """
+        now = self.clock.seconds()
+        mapping = self._by_key.get(self.mapping_key(src, dst))
+        if mapping is None or now - mapping.last_used >= self.timeout:
+            return
+        mapping.last_used = now
+        key = self.filter_key(dst)
+        if key in mapping.permits:
+            mapping.permits[key] = now
 
     def inbound(self, src: Address, dst: Address) -> Address | None:
         """
@@ -660,7 +675,7 @@ class SimHost:
     def _send(self, data: bytes, addr: Address, port: FakeDatagramPort) -> None:
         self.packets_sent += 1
         self.bytes_sent += len(data)
-        self.network._route(port.address, data, addr)
+        self.network._route(port.address, data, addr, port.ttl)
 
     def _unbind(self, port: FakeDatagramPort) -> None:
         address = port.address
@@ -919,9 +934,13 @@ class SimNetwork:
                 return True
         return False
 
-    def _route(self, src: Address, data: bytes, addr: Address) -> None:
+    def _route(self, src: Address, data: bytes, addr: Address, ttl: int = 64) -> None:
         """
-        Send one datagram from the bound address C{src} to C{addr}.
+        Send one datagram from the bound address C{src} to C{addr}.  With a
+        C{ttl} of 1 it dies at the first router: the sender's NAT, which
+        refreshes the mapping it already has for it (as conntrack does
+        before the forwarding path drops it) and creates none, or the
+        internet's first router for a host without NAT.
         """
         self.sent += 1
         if self.classify is not None:
@@ -934,6 +953,13 @@ class SimNetwork:
 
         wire_src = src
         router = self._nat_by_inside.get(src_ip)
+        if ttl <= 1 and (router is None or dst_ip not in router.inside):
+            if router is not None:
+                refresh = getattr(router.model, "refresh", None)
+                if refresh is not None:
+                    refresh(wire_src, dst)
+            self.dropped["ttl"] += 1
+            return
         while router is not None and dst_ip not in router.inside:
             translated = router.model.outbound(wire_src, dst)
             if translated is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import socket
 from collections.abc import Callable, Iterable
 
 from twisted.internet import abstract, defer, error
@@ -65,8 +66,22 @@ class _FakeSocket:
 
     __slots__ = ("_port",)
 
+    family = socket.AF_INET
+
     def __init__(self, port: FakeDatagramPort) -> None:
         self._port = port
+
+    def getsockopt(self, level: int, name: int) -> int:
+        """Only C{IP_TTL}: the port's hop limit (64 unless set)."""
+        if (level, name) != (socket.IPPROTO_IP, socket.IP_TTL):
+            raise OSError(f"fake socket: no option {level}/{name}")
+        return self._port.ttl
+
+    def setsockopt(self, level: int, name: int, value: int) -> None:
+        """Only C{IP_TTL}: what later datagrams leave with (L{FakeDatagramPort.ttl})."""
+        if (level, name) != (socket.IPPROTO_IP, socket.IP_TTL):
+            raise OSError(f"fake socket: no option {level}/{name}")
+        self._port.ttl = value
 
     def sendto(self, data: bytes, addr: Address) -> int:
         """
@@ -104,7 +119,11 @@ class FakeDatagramPort:
         the address checks of L{write}.
     @ivar connected: true between C{startListening} and C{stopListening}.
     @ivar closed: true once C{stopListening} was called.
+    @ivar ttl: the IP TTL written datagrams leave with (C{IP_TTL} on
+        L{socket}); a simulated network drops those it runs out on.
     """
+
+    ttl = 64
 
     def __init__(
         self,
