@@ -115,6 +115,24 @@ class DiscoveryTests(unittest.TestCase):
         """Symmetric: address-and-port-dependent mapping."""
         self.check("symmetric")
 
+    def test_filtering_tests_leave_from_a_fresh_socket(self):
+        """
+        The filtering tests ask for answers from addresses the main socket
+        never sent to: they go out from a probe socket (after its own
+        binding to the server), so nothing arrives unasked at the main
+        socket's mapping; the main socket sends no CHANGE-REQUEST.
+        """
+        from omerta.wire.stun import Attr, parse
+
+        net = SimNetwork(seed=3, latency=0.005)
+        stun_server(net)
+        probe = Probe(net, "port-restricted")
+        self.successResultOf(probe.discover([P], hairpin=False))
+        main = [parse(data) for data, _ in probe.port.written]
+        self.assertEqual([m.get(Attr.CHANGE_REQUEST) for m in main
+                          if m.get(Attr.CHANGE_REQUEST) not in (None, (False, False))], [])
+        self.assertEqual(probe.extra, 6001)
+
     def test_blocked(self):
         """No answer from any server: blocked, after the full RFC 8489 schedule."""
         net = SimNetwork(seed=3)

@@ -26,13 +26,19 @@ class StrategyTests(unittest.TestCase):
             (N.PUBLIC, N.PUBLIC): (S.SIMULTANEOUS, S.SIMULTANEOUS),
             (N.PUBLIC, N.SYMMETRIC): (S.THEY_FIRST, S.YOU_FIRST),
             (N.SYMMETRIC, N.FULL_CONE): (S.YOU_FIRST, S.THEY_FIRST),
-            (N.SYMMETRIC, N.RESTRICTED_CONE): (S.YOU_FIRST, S.THEY_FIRST),
-            (N.RESTRICTED_CONE, N.SYMMETRIC): (S.THEY_FIRST, S.YOU_FIRST),
-            (N.PORT_RESTRICTED_CONE, N.RESTRICTED_CONE): (S.LEAD_HOLD, S.FOLLOW_RETRY),
-            (N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE): (S.LEAD_HOLD, S.FOLLOW_RETRY),
+            # a restricted cone first, against anything not open
+            (N.SYMMETRIC, N.RESTRICTED_CONE): (S.THEY_FIRST, S.YOU_FIRST),
+            (N.RESTRICTED_CONE, N.SYMMETRIC): (S.YOU_FIRST, S.THEY_FIRST),
+            (N.PORT_RESTRICTED_CONE, N.RESTRICTED_CONE): (S.THEY_FIRST, S.YOU_FIRST),
+            (N.RESTRICTED_CONE, N.RESTRICTED_CONE): (S.YOU_FIRST, S.THEY_FIRST),
+            (N.UNKNOWN, N.RESTRICTED_CONE): (S.THEY_FIRST, S.YOU_FIRST),
+            (N.SYMMETRIC, N.PORT_RESTRICTED_CONE): (S.YOU_FIRST, S.THEY_FIRST),
+            (N.PORT_RESTRICTED_CONE, N.PORT_RESTRICTED_CONE): (S.LEAD_HOLD, S.FOLLOW_RETRY),
+            (N.UNKNOWN, N.PORT_RESTRICTED_CONE): (S.LEAD_HOLD, S.FOLLOW_RETRY),
             (N.SYMMETRIC, N.SYMMETRIC): (S.IMPOSSIBLE, S.IMPOSSIBLE),
             (N.BLOCKED, N.PUBLIC): (S.IMPOSSIBLE, S.IMPOSSIBLE),
-            (N.UNKNOWN, N.PORT_RESTRICTED_CONE): (S.SIMULTANEOUS, S.SIMULTANEOUS),
+            (N.UNKNOWN, N.SYMMETRIC): (S.SIMULTANEOUS, S.SIMULTANEOUS),
+            (N.UNKNOWN, N.UNKNOWN): (S.SIMULTANEOUS, S.SIMULTANEOUS),
         }
         for (a, b), expected in cases.items():
             self.assertEqual(choose_strategy(a, b)[:2], expected, (a.name, b.name))
@@ -43,14 +49,19 @@ class StrategyTests(unittest.TestCase):
         self.assertEqual(choose_strategy(N.SYMMETRIC, N.RESTRICTED_CONE, 64)[2:], (0, 0))
 
     def test_mirror(self):
-        """Each side's part does not depend on who asked, except who leads between two restricted cones."""
-        restricted = (N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
+        """
+        Each side's part does not depend on who asked, except who goes first
+        between two restricted cones of one kind, and who leads a hold.
+        """
+        hold = {N.PORT_RESTRICTED_CONE, N.UNKNOWN}
         for a, b in itertools.product(N, N):
             sa, sb, pa, pb = choose_strategy(a, b)
-            if a in restricted and b in restricted:
+            if a == b == N.RESTRICTED_CONE:
+                self.assertEqual((sa, sb), (S.YOU_FIRST, S.THEY_FIRST))
+            elif N.PORT_RESTRICTED_CONE in (a, b) and {a, b} <= hold:
                 self.assertEqual((sa, sb), (S.LEAD_HOLD, S.FOLLOW_RETRY))
-                continue
-            self.assertEqual(choose_strategy(b, a), (sb, sa, pb, pa))
+            else:
+                self.assertEqual(choose_strategy(b, a), (sb, sa, pb, pa), (a.name, b.name))
 
     def test_probe_schedule(self):
         self.assertEqual(probe_schedule(10.0)[:7], [0.0, 0.1, 0.3, 0.7, 1.5, 3.1, 4.7])

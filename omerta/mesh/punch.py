@@ -33,6 +33,18 @@ For symmetric towards port-restricted NATs the coordinator asks the
 port-restricted side to "spray": probe C{spray} ports of the symmetric
 side's address around the ports it was seen on, within the same schedule
 (port prediction, which only helps NATs that allocate ports sequentially).
+
+Who goes first is chosen for routers without an input filter too
+(L{choose_strategy}).  Between two port-restricted cones no order works
+there: the first probe to arrive leaves a conntrack entry on the other
+router that moves its host's mapping.  So the leader (LEAD_HOLD) probes
+for C{punch_hold_after} seconds, then only keeps its own mapping alive with
+probes sent with an IP TTL of 1 (they refresh it at its NAT and die there),
+while the follower (FOLLOW_RETRY), having probed just after the leader,
+goes quiet for C{punch_hold_forget} seconds (the router forgets unanswered
+UDP in 30 s) and probes again: from its own mapping this time, through the
+one the leader held.  On routers that drop what nobody asked for, the
+opening rounds already succeed.
 """
 
 from __future__ import annotations
@@ -66,25 +78,33 @@ MAX_HOST_CANDIDATES = 2
 
 # Reachable at the mapped address by anyone once it has sent anything.
 _OPEN = (N.PUBLIC, N.FULL_CONE)
-# Same mapping for every destination.
-_CONE = (N.FULL_CONE, N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
-# Reachable only from where the host sent to.
-_RESTRICTED = (N.RESTRICTED_CONE, N.PORT_RESTRICTED_CONE)
 
 
 def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
     """
-    The strategy for each side of a punch between NAT types C{a} and C{b}:
-    C{(strategy_a, strategy_b, spray_a, spray_b)}.
+    The strategy for each side of a punch between NAT types C{a} (the
+    requester) and C{b}: C{(strategy_a, strategy_b, spray_a, spray_b)}.
+
+    The order is chosen so that the first probe to reach each router finds
+    the mapping it needs open: a router without an input filter keeps a
+    conntrack entry for a probe that arrived before its host sent to the
+    prober, which moves the host's mapping towards the prober (or catches
+    the prober's later probes), for as long as probes keep coming and 30 s
+    after.
 
     - either side blocked, or both symmetric: impossible;
     - a side reachable by anyone (public, full cone): the other side goes
       first, the open side answers where the probes come from;
-    - symmetric with a cone: the symmetric side first (its new mapping is
-      learnt from its probes); towards a port-restricted cone, the cone side
-      also sprays ports of the symmetric side's address (port prediction);
-    - two restricted cones: C{a} leads and holds, C{b} follows and retries
-      (see the module docstring);
+    - a restricted cone (filtering by address only) goes first: its probes
+      open it for the other's address whatever port the other's probes
+      then come from (a symmetric NAT's new mapping, or a mapping a probe
+      that came first moved), which it learns from them;
+    - symmetric with a port-restricted cone: the symmetric side first (its
+      new mapping is learnt from its probes), the cone side also sprays
+      ports of the symmetric side's address (port prediction);
+    - two port-restricted cones (or one and an unknown type): C{a} leads and
+      holds its mapping, C{b} follows and retries after the other router
+      forgot (see the module docstring);
     - otherwise (unknown types): simultaneous open.
     """
     a, b = _nat(a), _nat(b)
@@ -96,11 +116,15 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
         return S.THEY_FIRST, S.YOU_FIRST, 0, 0
     if b in _OPEN:
         return S.YOU_FIRST, S.THEY_FIRST, 0, 0
-    if a == N.SYMMETRIC and b in _CONE:
-        return S.YOU_FIRST, S.THEY_FIRST, 0, spray if b == N.PORT_RESTRICTED_CONE else 0
-    if b == N.SYMMETRIC and a in _CONE:
-        return S.THEY_FIRST, S.YOU_FIRST, spray if a == N.PORT_RESTRICTED_CONE else 0, 0
-    if a in _RESTRICTED and b in _RESTRICTED:
+    if a == N.RESTRICTED_CONE:
+        return S.YOU_FIRST, S.THEY_FIRST, 0, 0
+    if b == N.RESTRICTED_CONE:
+        return S.THEY_FIRST, S.YOU_FIRST, 0, 0
+    if a == N.SYMMETRIC and b == N.PORT_RESTRICTED_CONE:
+        return S.YOU_FIRST, S.THEY_FIRST, 0, spray
+    if b == N.SYMMETRIC and a == N.PORT_RESTRICTED_CONE:
+        return S.THEY_FIRST, S.YOU_FIRST, spray, 0
+    if N.PORT_RESTRICTED_CONE in (a, b) and {a, b} <= {N.PORT_RESTRICTED_CONE, N.UNKNOWN}:
         return S.LEAD_HOLD, S.FOLLOW_RETRY, 0, 0
     return S.SIMULTANEOUS, S.SIMULTANEOUS, 0, 0
 

@@ -7,7 +7,9 @@ With a server that has an alternate address (OTHER-ADDRESS in its answer):
    alternate address A.  No answer from any server: UDP is blocked.  M1 equal
    to the local address: there is no NAT.
 2. Filtering first, before anything is sent to A, so no earlier packet has
-   opened the NAT's filter for A:
+   opened the NAT's filter for A, and from a fresh probe socket when the
+   caller can open one (it binds to P first), so the answers that arrive
+   unasked leave nothing on the main socket's mapping:
    - ask P to answer from A's IP and port (CHANGE-REQUEST ip+port): an answer
      means endpoint-independent filtering;
    - else ask P to answer from P's IP but A's port (CHANGE-REQUEST port): an
@@ -158,9 +160,10 @@ class Discovery:
     @param local: the socket's own address, to recognise "no NAT"; None if
         bound to a wildcard (then a mapped address equal to one of the host's
         addresses cannot be recognised and "no NAT" is not reported).
-    @param open_probe_socket: for lifetime measurement: called with the main
-        client, opens a fresh socket and returns a L{StunClient.sibling} of
-        the main client bound to it, and a function that closes it.
+    @param open_probe_socket: for the filtering tests and lifetime
+        measurement: called with the main client, opens a fresh socket and
+        returns a L{StunClient.sibling} of the main client bound to it, and
+        a function that closes it.
     """
 
     log = Logger()
@@ -185,9 +188,10 @@ class Discovery:
     async def _binding(self, server: Address, policy: Retransmission | None = None, **kw):
         return await self.client.binding(server, policy=policy or self.policy, **kw)
 
-    async def _answers(self, server: Address, **kw) -> BindingResult | None:
+    async def _answers(self, server: Address, client: StunClient | None = None,
+                       **kw) -> BindingResult | None:
         try:
-            return await self._binding(server, self.negative, **kw)
+            return await (client or self.client).binding(server, policy=self.negative, **kw)
         except StunTimeout:
             return None
 
@@ -246,11 +250,30 @@ class Discovery:
         return report
 
     async def _filtering(self, server: Address, other: Address) -> Behaviour:
-        if await self._answers(server, change_ip=True, change_port=True, accept_from=other):
-            return Behaviour.ENDPOINT_INDEPENDENT
-        if await self._answers(server, change_port=True, accept_from=(server[0], other[1])):
-            return Behaviour.ADDRESS_DEPENDENT
-        return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        client, close = self.client, None
+        if self.open_probe_socket is not None:
+            # A fresh socket that has sent to the server only: the answers
+            # this test asks for come unasked to its mapping, not to the
+            # main socket's (a router without an input filter keeps a
+            # conntrack entry for each, which would move the main
+            # socket's mapping towards those addresses later).
+            client, close = self.open_probe_socket(self.client)
+            try:
+                await client.binding(server, policy=self.policy)
+            except (StunTimeout, StunErrorResponse):
+                close()
+                client, close = self.client, None
+        try:
+            if await self._answers(server, client, change_ip=True, change_port=True,
+                                   accept_from=other):
+                return Behaviour.ENDPOINT_INDEPENDENT
+            if await self._answers(server, client, change_port=True,
+                                   accept_from=(server[0], other[1])):
+                return Behaviour.ADDRESS_DEPENDENT
+            return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        finally:
+            if close is not None:
+                close()
 
     async def _mapping(self, server: Address, other: Address, first: BindingResult) -> Behaviour:
         second = await self._binding((other[0], server[1]))

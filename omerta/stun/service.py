@@ -98,7 +98,8 @@ class StunService:
         if self._running is not None or not servers or self.client is None:
             return None
         local = self.endpoint.local if self.endpoint.local[0] not in ("0.0.0.0", "::", "") else None
-        discovery = Discovery(self.client, self.reactor, local=local)
+        discovery = Discovery(self.client, self.reactor, local=local,
+                              open_probe_socket=self._open_probe_socket)
         self._running = ensureDeferred(discovery.run(servers, hairpin=True))
 
         def done(report: NatReport) -> None:
@@ -116,6 +117,18 @@ class StunService:
 
         self._running.addCallbacks(done, failed).addBoth(finished)
         return self._running
+
+    def _open_probe_socket(self, main: StunClient):
+        """
+        A fresh UDP socket on the node's interface for discovery's filtering
+        tests: a sibling client of the main one and a function closing it.
+        """
+        interface = self.endpoint.local[0]
+        probe = StunSocketProtocol(StunEndpoint((interface, 0), self.metrics))
+        port = self.reactor.listenUDP(0, probe, interface=interface)
+        sibling = main.sibling(port.write)
+        probe.endpoint = StunEndpoint((interface, port.getHost().port), self.metrics, sibling)
+        return sibling, port.stopListening
 
     def stop(self):
         if self._loop is not None and self._loop.running:

@@ -107,7 +107,7 @@ class PunchStrategy(enum.IntEnum):
     What the coordinator tells one side of a hole punch (the other side gets
     the mirror image): both probe at once, this side first, the other side
     first (this one answers what arrives), or no punch at all.  Between two
-    restricted cones: LEAD_HOLD (probe first, then hold the own mapping open
+    port-restricted cones: LEAD_HOLD (probe first, then hold the own mapping open
     with probes that die before the peer's router) and FOLLOW_RETRY (probe
     just after, and if nothing came through, go quiet until the peer's
     router forgot what the leader's probes left there, then probe again);
