@@ -115,23 +115,33 @@ class DiscoveryTests(unittest.TestCase):
         """Symmetric: address-and-port-dependent mapping."""
         self.check("symmetric")
 
-    def test_filtering_tests_leave_from_a_fresh_socket(self):
+    def test_filtering_and_mapping_tests_leave_from_fresh_sockets(self):
         """
         The filtering tests ask for answers from addresses the main socket
-        never sent to: they go out from a probe socket (after its own
-        binding to the server), so nothing arrives unasked at the main
-        socket's mapping; the main socket sends no CHANGE-REQUEST.
+        never sent to, and the mapping tests must not see what reached the
+        NAT for the main socket's port: each runs on a probe socket of its
+        own (after its own binding to the server); the main socket only
+        asks the server for its mapped address.
         """
         from omerta.wire.stun import Attr, parse
 
         net = SimNetwork(seed=3, latency=0.005)
         stun_server(net)
         probe = Probe(net, "port-restricted")
-        self.successResultOf(probe.discover([P], hairpin=False))
-        main = [parse(data) for data, _ in probe.port.written]
-        self.assertEqual([m.get(Attr.CHANGE_REQUEST) for m in main
+        written, send = [], probe.client._send
+
+        def main_socket(data, address):
+            written.append((parse(data), address))
+            send(data, address)
+
+        probe.client._send = main_socket
+        report = self.successResultOf(probe.discover([P], hairpin=False))
+        self.assertEqual((report.mapping, report.filtering),
+                         EXPECTED["port-restricted"][:2])
+        self.assertEqual({address for _, address in written}, {P})
+        self.assertEqual([m.get(Attr.CHANGE_REQUEST) for m, _ in written
                           if m.get(Attr.CHANGE_REQUEST) not in (None, (False, False))], [])
-        self.assertEqual(probe.extra, 6001)
+        self.assertEqual(probe.extra, 6002)  # one for filtering, one for mapping
 
     def test_blocked(self):
         """No answer from any server: blocked, after the full RFC 8489 schedule."""

@@ -17,7 +17,9 @@ With a server that has an alternate address (OTHER-ADDRESS in its answer):
      dependent.
 3. Mapping: Binding to (A.ip, P.port) -> M2; M2 == M1 is endpoint-
    independent; else Binding to (A.ip, A.port) -> M3; M3 == M2 is address-
-   dependent, otherwise address-and-port-dependent.
+   dependent, otherwise address-and-port-dependent.  From another fresh
+   probe socket when there is one (with its own M1): what reached the NAT
+   for the main socket's port before (peers' probes) cannot change it.
 4. Hairpin: a Binding request sent to our own mapped address; it counts if it
    comes back to our socket (RFC 5780 §4.5).
 5. Mapping lifetime (optional, needs extra sockets and time): a fresh socket X
@@ -276,13 +278,29 @@ class Discovery:
                 close()
 
     async def _mapping(self, server: Address, other: Address, first: BindingResult) -> Behaviour:
-        second = await self._binding((other[0], server[1]))
-        if second.mapped == first.mapped:
-            return Behaviour.ENDPOINT_INDEPENDENT
-        third = await self._binding(other)
-        if third.mapped == second.mapped:
-            return Behaviour.ADDRESS_DEPENDENT
-        return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        client, close = self.client, None
+        if self.open_probe_socket is not None:
+            # A fresh socket, so that nothing that reached the NAT for the
+            # main socket's port before (peers' probes; on a router without
+            # an input filter each leaves a conntrack entry that moves the
+            # mapping towards its sender) changes what this test sees.
+            client, close = self.open_probe_socket(self.client)
+            try:
+                first = await client.binding(server, policy=self.policy)
+            except (StunTimeout, StunErrorResponse):
+                close()
+                client, close = self.client, None
+        try:
+            second = await client.binding((other[0], server[1]), policy=self.policy)
+            if second.mapped == first.mapped:
+                return Behaviour.ENDPOINT_INDEPENDENT
+            third = await client.binding(other, policy=self.policy)
+            if third.mapped == second.mapped:
+                return Behaviour.ADDRESS_DEPENDENT
+            return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        finally:
+            if close is not None:
+                close()
 
     async def _mapping_two_servers(self, server, first, others, notes) -> Behaviour:
         for candidate in others:
