@@ -37,6 +37,11 @@ class FakeRegistry:
     def set_rtt(self, peer_id, rtt):
         self.rtts[peer_id] = rtt
 
+    def get(self, peer_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(rtt=self.rtts[peer_id]) if peer_id in self.rtts else None
+
     def all(self):
         return []
 
@@ -338,6 +343,22 @@ class LivenessTests(unittest.TestCase):
         took = self.clock.seconds() - silent_at
         pings = self.pings_to(AT)
         self.assertEqual(len(pings), 1 + self.config.ping_retries)
+        self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 3 * BUSY_RETRY_MIN + 0.1)
+        self.assertEqual(self.failed_links, [link])
+
+    def test_a_path_without_its_own_round_trip_uses_the_peers_last(self):
+        """
+        A busy path that moved lately has no round trip measured yet: its
+        retries are spaced by the last round trip the peer's pongs showed
+        (on the path before), not by ping_retry.
+        """
+        link = self.connect_and_prove(PEER, AT)
+        link.conn.rtt = None
+        self.registry.rtts[PEER] = 0.010
+        silent_at = self.busy_then_silent()
+        while not self.failed_links and self.clock.seconds() - silent_at < 5:
+            self.tick_for(0.05, step=0.05)
+        took = self.clock.seconds() - silent_at
         self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 3 * BUSY_RETRY_MIN + 0.1)
         self.assertEqual(self.failed_links, [link])
 

@@ -718,8 +718,15 @@ class Liveness:
             self._suspect(link, now)
 
     def _busy_step(self, link: Link) -> float:
-        """The ping spacing of a round opened because a busy link fell silent."""
+        """
+        The ping spacing of a round opened because a busy link fell silent:
+        from the path's round trip, or while the path has none measured yet
+        (it moved lately) the last one the peer's pongs showed on any path.
+        """
         rtt = link.rtt
+        if rtt is None:
+            record = self.registry.get(link.peer_id)
+            rtt = None if record is None else record.rtt
         if rtt is None:
             return self.config.ping_retry
         return min(self.config.ping_retry, max(BUSY_RETRY_MIN, BUSY_RETRY_RTTS * rtt))
