@@ -230,6 +230,15 @@ class PuncherTests(unittest.TestCase):
         self.assertEqual(results, [None])  # given up at punch_hold_timeout, not before
         self.assertEqual(self.metrics.get("punch_failure"), 1)
 
+    def test_hold_keepalives_cross_every_nat_of_our_own(self):
+        """Behind two NATs (a carrier-grade NAT), the keepalives leave with TTL 2: they refresh both."""
+        self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE,
+                                                   nat_hops=2)
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
+        self.advance_in_steps(self.config.punch_hold_timeout)
+        self.assertEqual({p.hops for p in self.probes()}, {None, 2})
+
     def test_follow_retry_goes_quiet_until_routers_forget(self):
         """
         FOLLOW_RETRY: the opening rounds after the margin, then nothing until

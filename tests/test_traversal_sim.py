@@ -400,11 +400,13 @@ class RelayRuleTests(unittest.TestCase):
 
         sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
         relay = relays[0].node.relay
-        relay.config = RelayConfig(packets_per_second=5, session_bytes=3000)
+        # (a budget the path's own liveness fits in: a silent busy path is
+        # pinged every 4 round trips, 0.2 s at least)
+        relay.config = RelayConfig(packets_per_second=12, session_bytes=3000)
         echo(b)
         request(sim, a, b, b"x")
         route = a.overlay.relays.route_to(b.peer_id)
-        for _ in range(20):
+        for _ in range(30):
             a.port.write(route.header + b"\xf0M" + bytes(100), route.relay_address)
         sim.run(0.5)
         session = next(iter(relay.sessions.values()), None)

@@ -560,6 +560,9 @@ class Puncher:
             share = -(-len(attempt.spray) // 4)
             targets += attempt.spray[round_number * share:(round_number + 1) * share]
         if hops is not None and not attempt.probes_answered:
+            # as many hops as this host has NATs, when known
+            nat = self.nat()
+            hops = max(hops, getattr(nat, "nat_hops", None) or 0)
             # Holding: through our NAT (its mapping stays), not to the peer's
             # router (what arrives there unasked is what we wait out).
             attempt.holding = True

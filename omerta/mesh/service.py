@@ -142,6 +142,8 @@ class NodeService(Service):
             servers=self._discovery_servers,
             interval=self.nat_interval,
             on_report=self._nat_report,
+            # (real sockets: only with the real reactor, never a test's)
+            measure_hops=self._reactor is _global_reactor(),
         )
         self.stun.start(self.port)
         protocol.stun_handler = self.stun.datagram_received
@@ -183,11 +185,13 @@ class NodeService(Service):
         )
         if changed:
             self.log.info(
-                "NAT: {classic} (mapping {mapping}, filtering {filtering}), mapped {mapped}",
+                "NAT: {classic} (mapping {mapping}, filtering {filtering}), mapped {mapped},"
+                " {depth} NAT layer(s) deep",
                 classic=report.classic,
                 mapping=report.mapping.value,
                 filtering=report.filtering.value,
                 mapped=report.as_dict()["mapped"],
+                depth="unknown" if report.nat_hops is None else report.nat_hops,
             )
             self.events.emit("nat_changed", report=report, previous=previous)
 
@@ -351,3 +355,9 @@ class NodeService(Service):
         self._write_status(at_stop=True)
         port, self.port = self.port, None
         return port.stopListening()
+
+
+def _global_reactor():
+    from twisted.internet import reactor
+
+    return reactor

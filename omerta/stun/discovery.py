@@ -128,6 +128,8 @@ class NatReport:
     lifetime: Lifetime | None = None
     duration: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: NATs between the host and the internet (L{omerta.stun.hops}), when measured
+    nat_hops: int | None = None
 
     @property
     def classic(self) -> str:

@@ -19,7 +19,9 @@ from omerta.metrics import Metrics
 from omerta.stun.client import StunClient
 from omerta.stun.discovery import Discovery, NatReport
 from omerta.stun.endpoint import StunEndpoint, StunSocketProtocol
+from omerta.stun.hops import nat_depth
 from omerta.stun.server import StunServer
+from omerta.wire.messages import NatType
 
 Address = tuple[str, int]
 
@@ -44,8 +46,10 @@ class StunService:
         servers: Callable[[], list[Address]] = lambda: [],
         interval: float = 300.0,
         on_report: Callable[[NatReport, NatReport | None], None] = lambda new, old: None,
+        measure_hops: bool = False,
     ):
         self.reactor = reactor
+        self.measure_hops = measure_hops
         self.metrics = metrics
         self.serve = serve
         self.alternate = alternate
@@ -101,6 +105,8 @@ class StunService:
         discovery = Discovery(self.client, self.reactor, local=local,
                               open_probe_socket=self._open_probe_socket)
         self._running = ensureDeferred(discovery.run(servers, hairpin=True))
+        if self.measure_hops:
+            self._running.addCallback(self._with_hops)
 
         def done(report: NatReport) -> None:
             old, self.report = self.report, report
@@ -117,6 +123,20 @@ class StunService:
 
         self._running.addCallbacks(done, failed).addBoth(finished)
         return self._running
+
+    def _with_hops(self, report: NatReport):
+        """Add the NAT depth (L{omerta.stun.hops}) to a report of a NAT."""
+        if report.mapped is None or report.nat_type in (NatType.PUBLIC, NatType.BLOCKED):
+            return report
+        server = report.servers[0] if report.servers else None
+        if server is None:
+            return report
+
+        def measured(hops):
+            report.nat_hops = hops
+            return report
+
+        return nat_depth(self.reactor, server, self.endpoint.local[0]).addCallback(measured)
 
     def _open_probe_socket(self, main: StunClient):
         """

@@ -1,0 +1,143 @@
+"""
+How many NATs stand between this host and the internet: the hops whose
+ICMP "time exceeded" answers come from addresses that are not global.
+
+A fresh UDP socket with C{IP_RECVERR} sends one small datagram towards the
+STUN server with each IP TTL from 1 to C{max_hops}.  A datagram whose TTL
+runs out at a router comes back as an ICMP time-exceeded message on the
+socket's error queue, with the router's address (the offender) and the
+datagram itself, which says which TTL it had.  Routers a host's own
+traffic leaves through before the internet answer from their inside
+addresses: private (RFC 1918), shared (RFC 6598, carrier-grade NAT) or
+link-local.  The depth is the number of such hops from the first one on:
+behind a home router 1, behind a home router behind a carrier-grade NAT 2,
+a public host 0.  The hole puncher sends its "hold the mapping open"
+keepalives with that TTL (L{omerta.mesh.punch}): they refresh every NAT of
+the host's own and die before the internet.
+
+Linux only (C{IP_RECVERR}, C{MSG_ERRQUEUE}); elsewhere, or when no router
+answers (ICMP filtered or rate-limited), the depth is unknown (None).  A
+router may also answer from a private address deeper in an ISP's network;
+the depth then counts it too, which only makes the keepalives go one router
+further.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import sys
+
+from twisted.internet.defer import Deferred
+
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+SO_EE_ORIGIN_ICMP = 2
+ICMP_TIME_EXCEEDED = 11
+_EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err
+_MARK = b"omerta-hops:"
+#: Private (RFC 1918), shared (RFC 6598) and link-local networks: where a
+#: router on this side of the internet answers from.  (Not
+#: C{ipaddress}'s C{is_private}, which also holds the documentation ranges.)
+INSIDE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"))
+
+
+def inside(address: str) -> bool:
+    """Whether a router answering from C{address} is on this side of the internet."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.version == 4 and any(ip in network for network in INSIDE_NETWORKS)
+
+
+def parse_error(data: bytes, ancillary: list) -> tuple[int, str] | None:
+    """
+    The (TTL, offender address) of one error-queue message that is an ICMP
+    time exceeded for one of our datagrams, or None.
+    """
+    if not data.startswith(_MARK) or len(data) < len(_MARK) + 1:
+        return None
+    ttl = data[len(_MARK)]
+    for level, kind, payload in ancillary:
+        if level != socket.IPPROTO_IP or kind != IP_RECVERR:
+            continue
+        if len(payload) < _EXTENDED_ERR.size + 8:
+            return None
+        _errno, origin, icmp_type, _code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(payload)
+        if origin != SO_EE_ORIGIN_ICMP or icmp_type != ICMP_TIME_EXCEEDED:
+            return None
+        offender = payload[_EXTENDED_ERR.size:]
+        family = struct.unpack_from("=H", offender)[0]
+        if family != socket.AF_INET:
+            return None
+        return ttl, socket.inet_ntoa(offender[4:8])
+    return None
+
+
+def depth(answers: dict[int, str]) -> int | None:
+    """
+    The NAT depth from the offenders by TTL: the run of inside addresses
+    from TTL 1 on; None when the first router did not answer.
+    """
+    if 1 not in answers:
+        return None
+    count = 0
+    while count + 1 in answers and inside(answers[count + 1]):
+        count += 1
+    return count
+
+
+def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
+              wait: float = 0.5) -> Deferred:
+    """
+    Measure the NAT depth towards C{server} (an IPv4 address and port):
+    fires with an int, or None when unknown.  One fresh socket per TTL: a
+    socket with C{IP_RECVERR} reports a queued error on its next send
+    instead of sending.
+    """
+    d = Deferred()
+    if not sys.platform.startswith("linux") or ":" in server[0]:
+        d.callback(None)
+        return d
+    sockets = []
+    try:
+        for ttl in range(1, max_hops + 1):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            sock.bind((interface if interface not in ("", "::") else "0.0.0.0", 0))
+            sock.sendto(_MARK + bytes([ttl]), server)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        d.callback(None)
+        return d
+
+    def collect() -> None:
+        answers: dict[int, str] = {}
+        for sock in sockets:
+            try:
+                while True:
+                    try:
+                        data, ancillary, _flags, _addr = sock.recvmsg(64, 512, MSG_ERRQUEUE)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                            break
+                        continue  # the error the read reports; the next one is queued
+                    found = parse_error(data, ancillary)
+                    if found is not None:
+                        answers.setdefault(*found)
+            finally:
+                sock.close()
+        d.callback(depth(answers))
+
+    clock.callLater(wait, collect)
+    return d
