@@ -355,8 +355,16 @@ class ResourceTests(unittest.TestCase):
         report = NatReport(("203.0.113.9", 40001), ("10.0.0.9", PORT),
                            Behaviour.ENDPOINT_INDEPENDENT, Behaviour.ADDRESS_DEPENDENT,
                            NatType.RESTRICTED_CONE, True, [("198.51.100.1", PORT)])
+        from omerta.wire.messages import parse_record
+
+        gossip = next(iter(self.daemon.node.overlays.values())).gossip
+        gossip.own_announcement()
+        gossip.rumours.clear()  # (spread everywhere)
         self.daemon._nat_report(report, None)
         self.assertEqual(self.ok("GET", "/v1/nat"), report.as_dict())
+        # announced at once, with the new type, as a rumour to spread
+        record = parse_record(gossip.rumours[self.daemon.node.peer_id].signed["record"])
+        self.assertEqual(record.nat_type, int(NatType.RESTRICTED_CONE))
         [(kind, data)] = self.streamed(events)
         self.assertEqual(kind, "nat_changed")
         self.assertEqual((data["report"]["mapped"], data["previous"]),

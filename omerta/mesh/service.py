@@ -184,6 +184,10 @@ class NodeService(Service):
             previous.nat_type, previous.mapped
         )
         if changed:
+            # peers pick punch strategies from the type in our announcement:
+            # re-signed now and spread, not at the next periodic refresh
+            for overlay in self.node.overlays.values():
+                overlay.gossip.own_announcement()
             self.log.info(
                 "NAT: {classic} (mapping {mapping}, filtering {filtering}), mapped {mapped},"
                 " {depth} NAT layer(s) deep",
