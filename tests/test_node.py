@@ -319,3 +319,34 @@ class SeveralNetworksTests(unittest.TestCase):
         )
         mesh.net.run(2)
         self.assertGreater(relay.metrics.get("drops", reason="unknown_network"), 0)
+
+
+class HeldAddressTests(unittest.TestCase):
+    """
+    MeshNode.hold_address: while a hole punch waits out the peer's router,
+    what the node sends there is not sent (0) or leaves with a small TTL.
+    """
+
+    def test_hold_quiet_hop_limited_and_release(self):
+        mesh = MeshFixture(self)
+        service = mesh.start_relay()
+        mesh.net.run(1)
+        node = service.node
+        target = ("198.51.100.77", PORT)
+        from twisted.internet.protocol import DatagramProtocol
+
+        mesh.net.host("198.51.100.77").reactor.listenUDP(PORT, DatagramProtocol())
+        frame = b"\xf0M" + bytes(40)
+        delivered = mesh.net.delivered
+
+        node.hold_address(target, 0)
+        self.assertIsNone(node.send_frame(frame, target, None))
+        self.assertEqual(node.metrics.get("drops", reason="punch_quiet"), 1)
+        node.hold_address(target, 1)
+        self.assertIsNotNone(node.send_frame(frame, target, None))
+        mesh.net.run(1)
+        self.assertEqual((mesh.net.delivered, mesh.net.dropped["ttl"]), (delivered, 1))
+        node.release_address(target)
+        node.send_frame(frame, target, None)
+        mesh.net.run(1)
+        self.assertEqual(mesh.net.delivered, delivered + 1)

@@ -255,6 +255,37 @@ class PuncherTests(unittest.TestCase):
             config.punch_hold_timeout - start - resume)]
         self.assertEqual(self.probe_times(start), expected)
 
+    def test_the_node_holds_back_what_else_it_sends_the_peer(self):
+        """
+        While the leader holds its mapping, everything the node sends to the
+        follower's addresses is held to the same TTL, and while the follower
+        waits, nothing of its node goes to the leader's; both end when the
+        path opens or the attempt ends.
+        """
+        held = {}
+        self.puncher.hold = lambda address, hops: held.__setitem__(address, hops)
+        self.puncher.release = lambda address: held.pop(address, None)
+        config = self.config
+        leading, _ = self.request()
+        self.execute(leading, strategy=PunchStrategy.LEAD_HOLD)
+        self.advance_in_steps(config.punch_hold_after + 0.1)
+        self.assertEqual(held, {})
+        self.advance_in_steps(config.punch_hold_keepalive)
+        self.assertEqual(held, {PEER_HOST: 1, PEER_MAPPED: 1})
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=leading, seq=1,
+                     sent_ms=0)
+        self.assertEqual(held, {})
+
+        self.held = {RELAY}
+        following = 0x5555
+        self.execute(following, strategy=PunchStrategy.FOLLOW_RETRY, peer=OTHER)
+        self.advance_in_steps(config.punch_margin + config.punch_hold_after + 0.1)
+        self.assertEqual(held, {PEER_HOST: 0, PEER_MAPPED: 0})
+        self.advance_in_steps(config.punch_hold_forget)
+        self.assertEqual(held, {})
+        self.advance_in_steps(config.punch_hold_timeout)
+        self.assertEqual(held, {})
+
     def test_held_mapping_answered_at_once(self):
         """
         A probe of the follower that comes through the held mapping is

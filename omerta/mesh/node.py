@@ -205,6 +205,7 @@ class MeshNode:
         self.transport = None
         self.opener = None         # the socket's FrameOpener, once built
         self.local_port = 0
+        self._held: dict[Address, int] = {}  # hold_address
         self._bound: Address | None = None
         self._observed: Address | None = None
         self.overlays: dict[bytes, Overlay] = {
@@ -359,6 +360,17 @@ class MeshNode:
             for level, name, value in saved:
                 sock.setsockopt(level, name, value)
 
+    def hold_address(self, address: Address, hops: int) -> None:
+        """
+        Until L{release_address}, frames to C{address} leave with an IP TTL
+        of C{hops}, or (0) are not sent (a hole punch waiting out the
+        peer's router; L{omerta.mesh.punch}).
+        """
+        self._held[address] = hops
+
+    def release_address(self, address: Address) -> None:
+        self._held.pop(address, None)
+
     def send_frame(self, frame: bytes, address, msg_type: MessageType | None) -> float | None:
         """
         Put a sealed frame on the socket (through the relay of a relay
@@ -372,6 +384,16 @@ class MeshNode:
         if relayed:
             frame = address.header + frame
             address = (address.host, address.port)
+        elif self._held and address in self._held:
+            hops = self._held[address]
+            if not hops:
+                self.metrics.inc("drops", reason="punch_quiet")
+                return None
+            with self.hop_limit(hops):
+                return self._send_now(frame, address, msg_type, relayed)
+        return self._send_now(frame, address, msg_type, relayed)
+
+    def _send_now(self, frame: bytes, address, msg_type, relayed: bool) -> float | None:
         sent = self.clock.seconds()
         try:
             self._sendto(frame, address)

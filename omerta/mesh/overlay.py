@@ -99,7 +99,8 @@ class Overlay:
             public_endpoints=lambda: self.node.public_endpoints(),
             proven=lambda peer, address, boot: self.liveness.proven(peer, address, boot),
             holds_reservation=lambda relay_id: relay_id in self.relays.held,
-            on_punched=lambda peer, address: self.paths.use_punched(peer, address))
+            on_punched=lambda peer, address: self.paths.use_punched(peer, address),
+            hold=node.hold_address, release=node.release_address)
         self.gossip = Gossip(
             self.basics, self.registry, node, rng=rng,
             targets=lambda n, r: self.liveness.gossip_targets(n, r),

@@ -364,6 +364,7 @@ class Attempt:
     probes: int = 0
     probes_answered: bool = False  # a probe of the peer's reached us
     holding: bool = False  # LEAD_HOLD: keepalives that die before the peer's router
+    held: set = field(default_factory=set)  # addresses the node's sends are held back to
     rounds: int = 0
     give_up: Any = None    # the delayed call that ends the attempt
 
@@ -392,6 +393,12 @@ class Puncher:
         the result of L{request}'s Deferred instead.
     @param local_address: C{local_address(towards)}, the local address
         traffic to C{towards} leaves from, or None.
+    @param hold: C{hold(address, hops)}: until released, everything the
+        node sends to C{address} leaves with an IP TTL of C{hops}, or (0)
+        is not sent at all: while a punch holds its mapping open or waits
+        for the peer's router to forget, nothing else of the node (a
+        liveness ping to the peer's address) may reach the peer's router.
+    @param release: C{release(address)} ends a C{hold}.
     """
 
     log = Logger()
@@ -401,7 +408,9 @@ class Puncher:
                  proven: Callable[[bytes, tuple, bytes], None],
                  holds_reservation: Callable[[bytes], bool],
                  on_punched: Callable[[bytes, tuple], None],
-                 local_address: Callable[[tuple], str | None] | None = None):
+                 local_address: Callable[[tuple], str | None] | None = None,
+                 hold: Callable[[tuple, int], None] = lambda address, hops: None,
+                 release: Callable[[tuple], None] = lambda address: None):
         self.basics = basics
         self.config = basics.config
         self.clock = basics.clock
@@ -414,6 +423,8 @@ class Puncher:
         self.holds_reservation = holds_reservation
         self.on_punched = on_punched
         self.local_address = local_address or _local_address
+        self.hold = hold
+        self.release = release
         self.attempts: dict[int, Attempt] = {}
 
     def own_candidates(self, towards: tuple) -> list[dict]:
@@ -540,8 +551,9 @@ class Puncher:
                 t += config.punch_hold_keepalive
             return opening + keepalives
         resume = config.punch_hold_after + config.punch_hold_forget
-        return opening + [(resume + offset, None)
-                          for offset in probe_schedule(max(0.0, length - resume))]
+        quiet = (config.punch_hold_after + 0.05, 0)  # (hop limit 0: go quiet)
+        return opening + [quiet] + [(resume + offset, None)
+                                    for offset in probe_schedule(max(0.0, length - resume))]
 
     def _answered_punch(self, address, peer_id: bytes):
         if address is not None:
@@ -551,6 +563,10 @@ class Puncher:
     def _probe_round(self, attempt_id: int, offset: float, hops: int | None = None) -> None:
         attempt = self.attempts.get(attempt_id)
         if attempt is None or attempt.result is not None:
+            return
+        if hops == 0:
+            # FOLLOW_RETRY: quiet towards the leader until its router forgot
+            self._hold(attempt, 0)
             return
         targets = list(attempt.targets)
         round_number = attempt.rounds
@@ -566,13 +582,25 @@ class Puncher:
             # Holding: through our NAT (its mapping stays), not to the peer's
             # router (what arrives there unasked is what we wait out).
             attempt.holding = True
+            self._hold(attempt, hops)
             with self.basics.hop_limit(hops):
                 for target in targets:
                     self._probe(attempt, target)
             self.metrics.inc("punch_hold_keepalives")
             return
+        self._release(attempt)
         for target in targets:
             self._probe(attempt, target)
+
+    def _hold(self, attempt: Attempt, hops: int) -> None:
+        for target in attempt.targets:
+            self.hold(target, hops)
+            attempt.held.add(target)
+
+    def _release(self, attempt: Attempt) -> None:
+        for target in attempt.held:
+            self.release(target)
+        attempt.held.clear()
 
     def _probe(self, attempt: Attempt, target: tuple) -> None:
         now = self.clock.seconds()
@@ -593,6 +621,8 @@ class Puncher:
             self.metrics.inc("drops", reason="punch_probe_smaller_than_ack")
             return
         attempt.probes_answered = True
+        # the path is open: what we send the peer may go all the way now
+        self._release(attempt)
         answer = self.basics.prover.prove(proof.PUNCH_ACK, frame.sender,
                                           _ack_challenge(message.attempt_id, message.seq))
         self.basics.send_to(frame.sender, addr, MessageType.PUNCH_ACK,
@@ -625,6 +655,7 @@ class Puncher:
         now = self.clock.seconds()
         rtt = now - attempt.sent[message.seq]
         attempt.result = addr
+        self._release(attempt)
         self.proven(frame.sender, addr, frame.boot)
         self.registry.set_rtt(frame.sender, rtt)
         self.metrics.inc("punch_success")
@@ -678,6 +709,7 @@ class Puncher:
         attempt = self.attempts.pop(attempt_id, None)
         if attempt is None:
             return
+        self._release(attempt)
         for call in attempt.calls:
             if call.active():
                 call.cancel()
