@@ -286,6 +286,23 @@ class PuncherTests(unittest.TestCase):
         self.advance_in_steps(config.punch_hold_timeout)
         self.assertEqual(held, {})
 
+    def test_one_punch_with_a_peer_at_a_time(self):
+        """
+        Asking for a punch while one with the peer runs (the peer asked,
+        through another coordinator) asks nobody and gets that one's result.
+        """
+        self.execute(ATTEMPT, strategy=PunchStrategy.FOLLOW_RETRY)
+        before = len(self.sent.of(MessageType.PUNCH_REQUEST))
+        results = []
+        self.puncher.request(PEER, (RELAY, COORDINATOR)).addCallback(results.append)
+        self.assertEqual(len(self.sent.of(MessageType.PUNCH_REQUEST)), before)
+        self.assertEqual(self.metrics.get("punch_requests_joined"), 1)
+        self.clock.advance(0.1)
+        seq = self.probes()[-1].fields["seq"]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=ATTEMPT, seq=seq,
+                     observed=MAPPED)
+        self.assertEqual(results, [PEER_MAPPED])
+
     def test_held_mapping_answered_at_once(self):
         """
         A probe of the follower that comes through the held mapping is
@@ -305,17 +322,21 @@ class PuncherTests(unittest.TestCase):
         self.assertEqual({p.hops for p in self.probes()[before:]}, {None})
 
     def test_another_attempt_that_punched_settles_a_holding_one(self):
-        """Both ends asked at once: the attempt that found a path ends the one still holding."""
+        """
+        The peer asked too (its execute reached us first from another
+        coordinator): the attempt that found a path ends the one still
+        holding, with that path.
+        """
         first, first_results = self.request()
         self.execute(first, strategy=PunchStrategy.LEAD_HOLD)
-        second, second_results = self.request()
-        self.execute(second)
+        second = 0x7777
+        self.execute(second)  # the peer's, through a relay we hold a reservation on
         self.clock.advance(0.01)
-        seq = self.probes()[-1].fields["seq"]
+        seq = [p for p in self.probes() if p.fields["attempt_id"] == second][-1].fields["seq"]
         self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=second, seq=seq,
                      observed=MAPPED)
-        self.assertEqual(second_results, [PEER_MAPPED])
         self.assertEqual(first_results, [PEER_MAPPED])
+        self.assertEqual(self.punched, [(PEER, PEER_MAPPED)])
         self.assertEqual(self.puncher.attempts.keys() - {second}, set())
 
     def test_spray_spreads_ports_over_the_first_four_rounds(self):

@@ -445,11 +445,26 @@ class Puncher:
     def request(self, peer_id: bytes, coordinator: tuple) -> Deferred:
         """
         Ask C{coordinator} (relay id, address) for a punch to C{peer_id}.
-        Fires with the punched address, or None.
+        Fires with the punched address, or None.  While an attempt with the
+        peer runs (asked for by either side), fires with its result instead.
         """
         relay_id, address = coordinator
-        attempt_id = int.from_bytes(os.urandom(8), "big")
         d = Deferred()
+        running = next((a for a in self.attempts.values()
+                        if a.peer_id == peer_id and a.result is None), None)
+        if running is not None:
+            # One punch with a peer at a time, whichever side (or
+            # coordinator) started it: a second one would probe through
+            # the quiet a hold needs.  This one's answer is its answer.
+            self.metrics.inc("punch_requests_joined")
+
+            def answer(result):
+                d.callback(result)
+                return result
+
+            running.deferred.addCallback(answer)
+            return d
+        attempt_id = int.from_bytes(os.urandom(8), "big")
         now = self.clock.seconds()
         attempt = Attempt(attempt_id, peer_id, address, now, d)
         self._add(attempt)
