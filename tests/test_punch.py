@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from omerta.crypto import proof
 from omerta.crypto.sealing import OpenedFrame
-from omerta.mesh.punch import PROBE_PADDING, Puncher, probe_schedule, spray_ports
+from omerta.mesh.punch import HOLD_GAP, PROBE_PADDING, Puncher, probe_schedule, spray_ports
 from omerta.testing.fakes import BOOT, NETWORK, fake_basics, fake_prover, fixed_identity
 from omerta.wire.messages import (Capability, CandidateKind, MessageType, NatType,
                                   PunchStrategy, build_body, parse_body)
@@ -220,7 +220,7 @@ class PuncherTests(unittest.TestCase):
         config = self.config
         self.advance_in_steps(config.punch_hold_timeout + 1)
         opening = [(t, None) for t in probe_schedule(config.punch_hold_after + 1e-6)]
-        keepalive = config.punch_hold_after + config.punch_hold_keepalive
+        keepalive = config.punch_hold_after + HOLD_GAP
         holds = []
         while keepalive < config.punch_hold_timeout:
             holds.append((round(keepalive, 2), 1))
@@ -268,9 +268,9 @@ class PuncherTests(unittest.TestCase):
         config = self.config
         leading, _ = self.request()
         self.execute(leading, strategy=PunchStrategy.LEAD_HOLD)
-        self.advance_in_steps(config.punch_hold_after + 0.1)
+        self.advance_in_steps(config.punch_hold_after)
         self.assertEqual(held, {})
-        self.advance_in_steps(config.punch_hold_keepalive)
+        self.advance_in_steps(HOLD_GAP)
         self.assertEqual(held, {PEER_HOST: 1, PEER_MAPPED: 1})
         self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=leading, seq=1,
                      sent_ms=0)

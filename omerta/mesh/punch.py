@@ -130,6 +130,8 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
 
 
 _HOLDING = (S.LEAD_HOLD, S.FOLLOW_RETRY)
+HOLD_GAP = 0.05
+"""Seconds between the last opening round and the start of a hold."""
 
 
 def attempt_timeout(config, strategy: int) -> float:
@@ -559,14 +561,17 @@ class Puncher:
         if strategy not in _HOLDING:
             return [(offset, None) for offset in probe_schedule(length)]
         opening = [(offset, None) for offset in probe_schedule(config.punch_hold_after + 1e-6)]
+        # the hold (and the follower's quiet) starts right after the opening
+        # rounds: from then on nothing of ours may reach the other router
+        start = config.punch_hold_after + HOLD_GAP
         if strategy == S.LEAD_HOLD:
-            keepalives, t = [], config.punch_hold_after + config.punch_hold_keepalive
+            keepalives, t = [], start
             while t < length:
                 keepalives.append((t, 1))
                 t += config.punch_hold_keepalive
             return opening + keepalives
         resume = config.punch_hold_after + config.punch_hold_forget
-        quiet = (config.punch_hold_after + 0.05, 0)  # (hop limit 0: go quiet)
+        quiet = (start, 0)  # (hop limit 0: go quiet)
         return opening + [quiet] + [(resume + offset, None)
                                     for offset in probe_schedule(max(0.0, length - resume))]
 
