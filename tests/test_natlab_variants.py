@@ -8,7 +8,7 @@ physics allows.
 
 Between two port-restricted cones on routers without an input filter the
 first probe to cross leaves a conntrack entry that moves the other host's
-mapping; the punch waits that entry out (31 s), so those trials are given
+mapping; the punch waits that entry out (33 s), so those trials are given
 C{HOLD_WAIT_S} to end direct.  Needs root (skipped with the reason
 otherwise).
 """

@@ -131,8 +131,8 @@ class MeshConfig:
     # punch_hold_timeout
     punch_hold_after: float = 1.5
     punch_hold_keepalive: float = 5.0
-    punch_hold_forget: float = 31.0
-    punch_hold_timeout: float = 40.0
+    punch_hold_forget: float = 33.0
+    punch_hold_timeout: float = 42.0
     punch_linger: float = 3.0
     max_punch_attempts: int = 64
 
