@@ -248,7 +248,7 @@ class PuncherTests(unittest.TestCase):
         self.execute(attempt_id, strategy=PunchStrategy.FOLLOW_RETRY)
         config = self.config
         self.advance_in_steps(config.punch_hold_timeout + 1)
-        start = config.punch_margin
+        start = config.punch_hold_margin
         resume = config.punch_hold_after + config.punch_hold_forget
         expected = [(t, None) for t in probe_schedule(config.punch_hold_after + 1e-6)]
         expected += [(round(resume + t, 2), None) for t in probe_schedule(
@@ -279,7 +279,7 @@ class PuncherTests(unittest.TestCase):
         self.held = {RELAY}
         following = 0x5555
         self.execute(following, strategy=PunchStrategy.FOLLOW_RETRY, peer=OTHER)
-        self.advance_in_steps(config.punch_margin + config.punch_hold_after + 0.1)
+        self.advance_in_steps(config.punch_hold_margin + config.punch_hold_after + 0.1)
         self.assertEqual(held, {PEER_HOST: 0, PEER_MAPPED: 0})
         self.advance_in_steps(config.punch_hold_forget)
         self.assertEqual(held, {})
@@ -297,7 +297,7 @@ class PuncherTests(unittest.TestCase):
         self.puncher.request(PEER, (RELAY, COORDINATOR)).addCallback(results.append)
         self.assertEqual(len(self.sent.of(MessageType.PUNCH_REQUEST)), before)
         self.assertEqual(self.metrics.get("punch_requests_joined"), 1)
-        self.clock.advance(0.1)
+        self.clock.advance(self.config.punch_hold_margin)
         seq = self.probes()[-1].fields["seq"]
         self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=ATTEMPT, seq=seq,
                      observed=MAPPED)

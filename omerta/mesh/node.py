@@ -124,11 +124,13 @@ class MeshConfig:
     punch_retry_soon: float = 1.0
     punch_retries_soon: int = 2
     punch_margin: float = 0.05
-    # between restricted cones (LEAD_HOLD / FOLLOW_RETRY): the opening
-    # rounds last this long; then the leader keeps its mapping with
+    # between restricted cones (LEAD_HOLD / FOLLOW_RETRY): the follower
+    # starts punch_hold_margin after the leader, the opening rounds last
+    # punch_hold_after; then the leader keeps its mapping with
     # hop-limited probes this often, the follower waits until routers forgot
     # unanswered UDP (Linux: 30 s) and probes again; the attempt ends after
     # punch_hold_timeout
+    punch_hold_margin: float = 0.25
     punch_hold_after: float = 1.5
     punch_hold_keepalive: float = 5.0
     punch_hold_forget: float = 33.0

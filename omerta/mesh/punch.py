@@ -134,6 +134,13 @@ HOLD_GAP = 0.05
 """Seconds between the last opening round and the start of a hold."""
 
 
+def _strategy_name(value: int) -> str:
+    try:
+        return S(value).name
+    except ValueError:
+        return str(value)
+
+
 def attempt_timeout(config, strategy: int) -> float:
     """How long an attempt with C{strategy} lasts before it is given up."""
     return config.punch_hold_timeout if strategy in _HOLDING else config.punch_timeout
@@ -532,6 +539,11 @@ class Puncher:
             return
         timeout = attempt_timeout(self.config, message.strategy)
         self._end_after(attempt, timeout)
+        self.log.debug("Punch {attempt:x} with {peer}: {strategy}, start in {start} ms,"
+                       " candidates {targets}", attempt=message.attempt_id,
+                       peer=format_peer_id(message.peer), start=message.start_in_ms,
+                       strategy=_strategy_name(message.strategy),
+                       targets=[tuple(c.endpoint) for c in message.candidates])
         attempt.targets = [tuple(c.endpoint) for c in message.candidates][:8]
         if message.spray:
             # around the ports the peer's NAT was seen using (server-reflexive)
@@ -544,8 +556,12 @@ class Puncher:
                 attempt.spray += [(host, p) for p in spray_ports(ports, share)]
             attempt.spray = attempt.spray[:message.spray]
         delay = message.start_in_ms / 1000
-        if message.strategy in (S.THEY_FIRST, S.FOLLOW_RETRY):
+        if message.strategy == S.THEY_FIRST:
             delay += self.config.punch_margin
+        elif message.strategy == S.FOLLOW_RETRY:
+            # well after the leader: a probe of ours that reached its router
+            # before its first one left would move its mapping
+            delay += self.config.punch_hold_margin
         # (from now: the attempt started when it was asked for or executed)
         remaining = attempt.started + timeout - self.clock.seconds()
         for offset, hops in self._rounds(message.strategy, remaining - delay):
@@ -716,6 +732,11 @@ class Puncher:
             return
         if attempt.result is None:
             self.metrics.inc("punch_failure")
+            self.log.debug("Punch {attempt:x} with {peer} gave up after {elapsed:.1f} s:"
+                           " {probes} probes sent, the peer's {heard}",
+                           attempt=attempt_id, peer=format_peer_id(attempt.peer_id),
+                           elapsed=self.clock.seconds() - attempt.started, probes=attempt.probes,
+                           heard="heard" if attempt.probes_answered else "never heard")
             if attempt.coordinator is not None and attempt.executed:
                 self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
                                  attempt_id=attempt_id, peer=attempt.peer_id, success=False,
