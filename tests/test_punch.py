@@ -69,7 +69,8 @@ class PuncherTests(unittest.TestCase):
             proven=lambda peer, address, boot: self.proven.append((peer, address)),
             holds_reservation=lambda relay_id: relay_id in self.held,
             on_punched=lambda peer, address: self.punched.append((peer, address)),
-            local_address=lambda towards: "10.0.0.2")
+            local_address=lambda towards: "10.0.0.2",
+            hold=self.sent.hold, release=self.sent.release)
 
     # helpers
 

@@ -8,9 +8,8 @@ built alone, on a C{Clock} with fakes (L{omerta.testing.fakes}).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # node.py builds the overlays that use this
     from omerta.crypto.proof import Prover
@@ -36,10 +35,6 @@ class Basics:
     @ivar emit: C{emit(kind, **data)} emits a node event for this network.
     @ivar prover: makes this node's identity proofs and checks its peers'
         (L{omerta.crypto.proof}).
-    @ivar hop_limit: C{with hop_limit(n):} datagrams sent inside leave with
-        an IP TTL (IPv6 hop limit) of C{n}: they cross C{n - 1} routers and
-        die at the next (L{omerta.mesh.punch}'s keepalives that hold the
-        own NAT's mapping open without reaching the peer's).
     """
 
     network_id: bytes
@@ -51,4 +46,3 @@ class Basics:
     send_to: Callable[..., float | None]
     emit: Callable[..., None]
     prover: "Prover"
-    hop_limit: Callable[[int], ContextManager] = nullcontext

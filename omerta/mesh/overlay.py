@@ -51,8 +51,7 @@ class Overlay:
         self.sealer = FrameSealer(key, node.peer_id)
         self.basics = Basics(self.network_id, node.peer_id, self.config, self.clock,
                              self.metrics, self.send, self.send_to, self._emit,
-                             Prover(node.identity, self.network_id, self.sealer.boot),
-                             node.hop_limit)
+                             Prover(node.identity, self.network_id, self.sealer.boot))
         self.registry = PeerRegistry(self.network_id, node.peer_id,
                                      max_peers=self.config.max_peers, events=node.events,
                                      max_ttl_s=max(7200, 2 * self.config.announce_ttl))

@@ -618,10 +618,9 @@ class Puncher:
             # Holding: through our NAT (its mapping stays), not to the peer's
             # router (what arrives there unasked is what we wait out).
             attempt.holding = True
-            self._hold(attempt, hops)
-            with self.basics.hop_limit(hops):
-                for target in targets:
-                    self._probe(attempt, target)
+            self._hold(attempt, hops)  # (the node sends them with that TTL)
+            for target in targets:
+                self._probe(attempt, target)
             self.metrics.inc("punch_hold_keepalives")
             return
         self._release(attempt)

@@ -10,7 +10,6 @@ C{Clock} whose C{send} records what would have gone out.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from twisted.internet.task import Clock
@@ -44,21 +43,30 @@ class Sent:
     address: object
     type: object
     fields: dict
-    hops: int | None = None  # the IP TTL / hop limit it was sent with, when limited
+    hops: int | None = None  # the IP TTL it was sent with, when held (L{Outbox.hold})
 
 
 class Outbox(list):
-    """What a component sent, in order (L{Sent} entries)."""
+    """
+    What a component sent, in order (L{Sent} entries).  Like a node's
+    C{hold_address}, L{hold} makes what is sent to an address carry a hop
+    limit (0: not sent) until L{release}.
+    """
 
-    hops: int | None = None  # the hop limit in force (L{Basics.hop_limit})
+    def __init__(self):
+        super().__init__()
+        self.held: dict = {}
 
-    @contextmanager
-    def hop_limit(self, hops: int):
-        self.hops = hops
-        try:
-            yield
-        finally:
-            self.hops = None
+    def hold(self, address, hops: int) -> None:
+        self.held[address] = hops
+
+    def release(self, address) -> None:
+        self.held.pop(address, None)
+
+    def record(self, address, msg_type, fields: dict) -> None:
+        hops = self.held.get(address)
+        if hops != 0:
+            self.append(Sent(address, msg_type, fields, hops))
 
     def of(self, msg_type) -> list[Sent]:
         return [s for s in self if s.type == msg_type]
@@ -101,12 +109,10 @@ def fake_basics(config: MeshConfig | None = None, clock: Clock | None = None,
         config=config or MeshConfig(),
         clock=clock or Clock(),
         metrics=Metrics(),
-        send=lambda address, msg_type, **fields: outbox.append(
-            Sent(address, msg_type, fields, outbox.hops)),
-        send_to=lambda peer_id, address, msg_type, **fields: outbox.append(
-            Sent(address, msg_type, fields, outbox.hops)),
+        send=lambda address, msg_type, **fields: outbox.record(address, msg_type, fields),
+        send_to=lambda peer_id, address, msg_type, **fields: outbox.record(
+            address, msg_type, fields),
         emit=lambda kind, **data: events.append((kind, data)),
         prover=fake_prover(identity),
-        hop_limit=outbox.hop_limit,
     )
     return basics, outbox, events
