@@ -362,6 +362,34 @@ class LivenessTests(unittest.TestCase):
         self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 3 * BUSY_RETRY_MIN + 0.1)
         self.assertEqual(self.failed_links, [link])
 
+    def test_a_relayed_peer_never_pinged_uses_the_relays_round_trip(self):
+        """
+        A peer we only answer, through a relay, has no round trip of ours:
+        when its busy relayed path falls silent, the retries are spaced by
+        twice the relay's round trip.
+        """
+        from omerta.mesh.peer import RelayRoute
+
+        relay = self.connect_and_prove(HELPER, HELPER_AT)
+        relay.conn.rtt = 0.005
+        route = RelayRoute(HELPER_AT[0], HELPER_AT[1], bytes(12))
+        link = self.connect_and_prove(PEER, route)
+        link.conn.rtt = None
+        self.registry.rtts.pop(PEER)  # (never a pong of ours from it)
+        for _ in range(20):
+            self.clock.advance(0.2)
+            self.liveness.heard(PEER, route, self.clock.seconds(), 100, BOOT)
+            self.liveness.heard(HELPER, HELPER_AT, self.clock.seconds(), 100, BOOT)
+            self.liveness.tick()
+        silent_at = self.clock.seconds()
+        while not self.failed_links and self.clock.seconds() - silent_at < 5:
+            self.clock.advance(0.05)
+            self.liveness.heard(HELPER, HELPER_AT, self.clock.seconds(), 100, BOOT)
+            self.liveness.tick()
+        took = self.clock.seconds() - silent_at
+        self.assertLessEqual(took, BUSY_SILENCE * 0.2 + 3 * BUSY_RETRY_MIN + 0.1)
+        self.assertEqual(self.failed_links, [link])
+
     def test_a_round_is_retried_then_missed(self):
         """
         An unanswered keepalive is retried every ping_retry up to

@@ -721,15 +721,28 @@ class Liveness:
         """
         The ping spacing of a round opened because a busy link fell silent:
         from the path's round trip, or while the path has none measured yet
-        (it moved lately) the last one the peer's pongs showed on any path.
+        (it moved lately) the last one the peer's pongs showed on any path,
+        or for a peer only ever answered through a relay, twice the relay's.
         """
         rtt = link.rtt
         if rtt is None:
             record = self.registry.get(link.peer_id)
             rtt = None if record is None else record.rtt
+        if rtt is None and is_relayed(link.address):
+            # a peer we only answer through a relay: the relay's legs
+            relay = self._link_at((link.address.host, link.address.port))
+            if relay is not None and relay.rtt is not None:
+                rtt = 2 * relay.rtt
         if rtt is None:
             return self.config.ping_retry
         return min(self.config.ping_retry, max(BUSY_RETRY_MIN, BUSY_RETRY_RTTS * rtt))
+
+    def _link_at(self, address) -> Link | None:
+        """The link whose path is C{address}, if any."""
+        for link in self.links.values():
+            if link.address == address:
+                return link
+        return None
 
     def _refill(self, now: float) -> None:
         missing = self.config.degree - len(self.links)
