@@ -39,7 +39,9 @@ Who goes first is chosen for routers without an input filter too
 there: the first probe to arrive leaves a conntrack entry on the other
 router that moves its host's mapping.  So the leader (LEAD_HOLD) probes
 for C{punch_hold_after} seconds, then only keeps its own mapping alive with
-probes sent with an IP TTL of 1 (they refresh it at its NAT and die there),
+probes sent with an IP TTL of its NAT depth (L{omerta.stun.hops}; they
+refresh its NATs and die at the last), and its node sends the follower
+nothing that could go further,
 while the follower (FOLLOW_RETRY), having probed just after the leader,
 goes quiet for C{punch_hold_forget} seconds (the router forgets unanswered
 UDP in 30 s) and probes again: from its own mapping this time, through the
@@ -566,7 +568,7 @@ class Puncher:
         remaining = attempt.started + timeout - self.clock.seconds()
         for offset, hops in self._rounds(message.strategy, remaining - delay):
             attempt.calls.append(self.clock.callLater(delay + offset, self._probe_round,
-                                                      message.attempt_id, offset, hops))
+                                                      message.attempt_id, hops))
 
     def _rounds(self, strategy: int, length: float) -> list[tuple[float, int | None]]:
         """
@@ -596,7 +598,7 @@ class Puncher:
             self.on_punched(peer_id, address)
         return address
 
-    def _probe_round(self, attempt_id: int, offset: float, hops: int | None = None) -> None:
+    def _probe_round(self, attempt_id: int, hops: int | None = None) -> None:
         attempt = self.attempts.get(attempt_id)
         if attempt is None or attempt.result is not None:
             return
@@ -698,10 +700,7 @@ class Puncher:
         self.log.info("Punched a path to {peer} at {address} in {elapsed:.2f} s",
                       peer=format_peer_id(frame.sender), address=f"{addr[0]}:{addr[1]}",
                       elapsed=elapsed)
-        if attempt.coordinator is not None:
-            self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
-                             attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
-                             endpoint=addr, elapsed_ms=int(elapsed * 1000))
+        self._report(attempt, addr)
         # Keep answering the peer's probes for a moment, then forget.
         attempt.calls.append(self.clock.callLater(self.config.punch_linger,
                                                   self._forget, attempt.attempt_id))
@@ -713,14 +712,20 @@ class Puncher:
             # holding) has its answer too
             self._settle(other, addr)
 
+    def _report(self, attempt: Attempt, addr: tuple | None) -> None:
+        """PUNCH_RESULT to the attempt's coordinator: the path, or (None) none."""
+        if attempt.coordinator is None:
+            return
+        self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
+                         attempt_id=attempt.attempt_id, peer=attempt.peer_id,
+                         success=addr is not None, endpoint=addr or ("0.0.0.0", 0),
+                         elapsed_ms=int(1000 * (self.clock.seconds() - attempt.started)))
+
     def _settle(self, attempt: Attempt, addr: tuple) -> None:
         """End an attempt with the path another attempt with its peer found."""
         attempt.result = addr
-        if attempt.coordinator is not None and attempt.executed:
-            self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
-                             attempt_id=attempt.attempt_id, peer=attempt.peer_id, success=True,
-                             endpoint=addr,
-                             elapsed_ms=int(1000 * (self.clock.seconds() - attempt.started)))
+        if attempt.executed:
+            self._report(attempt, addr)
         self._forget(attempt.attempt_id)
         if not attempt.deferred.called:
             attempt.deferred.callback(addr)
@@ -736,11 +741,8 @@ class Puncher:
                            attempt=attempt_id, peer=format_peer_id(attempt.peer_id),
                            elapsed=self.clock.seconds() - attempt.started, probes=attempt.probes,
                            heard="heard" if attempt.probes_answered else "never heard")
-            if attempt.coordinator is not None and attempt.executed:
-                self.basics.send(attempt.coordinator, MessageType.PUNCH_RESULT,
-                                 attempt_id=attempt_id, peer=attempt.peer_id, success=False,
-                                 endpoint=("0.0.0.0", 0),
-                                 elapsed_ms=int(1000 * (self.clock.seconds() - attempt.started)))
+            if attempt.executed:
+                self._report(attempt, None)
         self._forget(attempt_id)
         if not attempt.deferred.called:
             attempt.deferred.callback(None)
