@@ -89,8 +89,9 @@ class LivenessTests(unittest.TestCase):
             address_proven=lambda peer_id, address: self.proven.append((peer_id, address)),
             run_proven=lambda peer_id, boot: self.runs.append((peer_id, boot)),
             unreachable=lambda peer_id: self.unreachable.append(peer_id),
-            restarted=lambda peer_id: self.restarts.append(peer_id))
-        self.runs, self.unreachable, self.restarts = [], [], []
+            restarted=lambda peer_id: self.restarts.append(peer_id),
+            challenged=lambda peer_id: self.challenges.append(peer_id))
+        self.runs, self.unreachable, self.restarts, self.challenges = [], [], [], []
 
     def pings_to(self, address):
         return [s for s in self.sent.of(MessageType.PING) if s.address == address]
@@ -262,6 +263,18 @@ class LivenessTests(unittest.TestCase):
         other = fake_prover(IDENTITIES[HELPER])
         self.assertFalse(other.check(proof.PONG, pong.fields["proof"], self.basics.peer_id,
                                      BOOT, nonce_bytes(7)))
+
+    def test_answering_a_challenge_is_told(self):
+        """
+        The node hears when it proved itself to a peer (the relay client
+        then asks again what that relay ignored from an unproven address).
+        """
+        self.on_ping(PEER, AT, 7)
+        self.assertEqual(self.challenges, [])
+        self.on_ping(PEER, AT, 8, flags=PING_PROVE)
+        self.assertEqual(self.challenges, [PEER])
+        self.on_ping(PEER, AT, 9, flags=PING_PROVE, size=PROVEN_PONG_SIZE - 1)
+        self.assertEqual(self.challenges, [PEER], "no pong sent, nothing proven")
 
     def test_no_pong_larger_than_the_ping_to_an_unproven_address(self):
         """A ping smaller than its answer from an address not proven gets nothing."""

@@ -223,6 +223,31 @@ class LifecycleTests(LabCase):
         lab.flush_conntrack(router)
         self.assertEqual(state(), (0, 0))
 
+    def test_remap(self):
+        """
+        remap gives the host a new outside port, from the next range, for
+        every destination.
+        """
+        lab, server, router, host = self.nat_lab("port-restricted")
+        self.start_probe_server(lab, server)
+
+        def ports():
+            result = self.probe(lab, host, "mapping", "--server", CONTACTED,
+                                "--server", OTHER_IP)
+            return {int(seen.split(":")[1]) for seen in result["seen"].values()}
+
+        before = ports()
+        self.assertEqual(len(before), 1, "a port-restricted cone maps independently")
+        self.assertEqual(lab.remap(router), natlab.REMAP_PORTS[0])
+        after = ports()
+        self.assertEqual(len(after), 1)
+        low, high = map(int, natlab.REMAP_PORTS[0].split("-"))
+        self.assertTrue(low <= after.pop() <= high, "not from the new range")
+        self.assertEqual(lab.remap(router), natlab.REMAP_PORTS[1])
+        self.assertIn(natlab.REMAP_PORTS[1], lab.ruleset(router))
+        lab.restore_ports(router)
+        self.assertNotIn(natlab.REMAP_PORTS[1], lab.ruleset(router))
+
 
 class NatBehaviourTests(LabCase):
     """

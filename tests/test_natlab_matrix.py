@@ -2,7 +2,9 @@
 The NAT traversal matrix in the NAT lab: real relay and provider daemons and
 short-lived CLI nodes behind nftables NATs of every type, every
 (initiator, target) pair connected several times, with and without loss,
-plus two failover cases (a relay killed, a router's conntrack flushed).
+plus two failover cases (a relay killed, a router's conntrack flushed),
+all on a busy machine: a busy-loop process per core runs through every
+measurement.
 
 Needs root (skipped with the reason otherwise).  The lab and its daemons
 are built once for the class (trial has no setUpClass: the first test
@@ -20,6 +22,7 @@ import time
 
 from twisted.trial import unittest
 
+from omerta.testing.load import CpuLoad
 from omerta.testing.matrix import MatrixLab
 from omerta.testing.matrix_results import EXPECTED, render_failover, render_markdown
 from tests.integration import require_lab
@@ -86,6 +89,9 @@ class NatMatrixTests(unittest.TestCase):
         names = sorted(n for n in dir(type(self)) if n.startswith("test"))
         if self._testMethodName == names[-1]:
             self.addCleanup(_Shared.down)
+        # the product must cope with a busy machine, not only with an idle one
+        self.load = CpuLoad().start()
+        self.addCleanup(self.load.stop)
 
     def _progress(self, trial):
         if not trial.ok:

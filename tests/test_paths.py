@@ -52,7 +52,10 @@ class FakeRelays:
     def __init__(self):
         self.route = None
         self.openable = True
-        self.opened, self.failed = [], []
+        self.opened, self.failed, self.pinged = [], [], []
+
+    def ping_relay_of(self, route):
+        self.pinged.append(route)
 
     def route_to(self, peer_id):
         return self.route
@@ -149,6 +152,9 @@ class PathManagerTests(unittest.TestCase):
         self.assertEqual([(d["old"], d["new"]) for d in self.events.of("path_changed")],
                          [(AT, ROUTE)])
         self.assertEqual(self.freshness.failed, [(PEER, AT)])
+        # the relay too, at its own address: it has to prove ours if our
+        # NAT moved us
+        self.assertEqual(self.relays.pinged, [ROUTE])
 
     def test_failover_asks_for_a_session_then_gives_up(self):
         self.liveness.connect(PEER, AT)

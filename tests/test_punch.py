@@ -407,6 +407,33 @@ class PuncherTests(unittest.TestCase):
         self.advance_in_steps(1)
         self.assertEqual(self.sent, [])
 
+    def test_coordinator_we_asked_may_answer_with_the_peers_attempt(self):
+        """
+        The peer started a punch with us whose execute we did not take (no
+        reservation on its coordinator); our own request to that
+        coordinator is answered with that attempt: ours becomes it.
+        """
+        self.held.clear()
+        _, results = self.request()
+        self.execute(ATTEMPT)
+        self.assertEqual(list(self.puncher.attempts), [ATTEMPT])
+        self.assertEqual(self.metrics.get("punch_attempts_joined"), 1)
+        self.assertEqual(self.drops(), {})
+        self.clock.advance(0)
+        self.assertEqual([p.address for p in self.probes()], [PEER_HOST, PEER_MAPPED])
+        self.assertEqual({p.fields["attempt_id"] for p in self.probes()}, {ATTEMPT})
+        probe = self.probes()[-1]
+        self.deliver(MessageType.PUNCH_ACK, PEER, PEER_MAPPED, attempt_id=ATTEMPT,
+                     seq=probe.fields["seq"], observed=MAPPED)
+        self.assertEqual(results, [PEER_MAPPED])
+
+    def test_only_the_coordinator_we_asked_answers_for_our_request(self):
+        self.held.clear()
+        self.registry.add(OTHER, Capability.RELAY)
+        self.request()
+        self.execute(ATTEMPT, sender=OTHER, addr=("198.51.100.99", 7400))
+        self.assertEqual(self.drops(), {"punch_unsolicited": 1})
+
     def test_unsolicited_impossible_is_ignored(self):
         """An unsolicited IMPOSSIBLE starts nothing and reports nothing."""
         self.execute(ATTEMPT, strategy=PunchStrategy.IMPOSSIBLE, candidates=[])

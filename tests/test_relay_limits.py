@@ -12,6 +12,7 @@ import itertools
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from omerta.mesh.events import Events
 from omerta.mesh.relay import RelayConfig, RelayServer, source_ip
 from omerta.metrics import Metrics
 from omerta.wire.envelope import MIN_FRAME_SIZE
@@ -69,6 +70,7 @@ class FakeNode:
     def __init__(self):
         self.clock = Clock()
         self.metrics = Metrics()
+        self.events = Events()
         self.overlays = {NETWORK: FakeOverlay()}
 
 
@@ -324,6 +326,84 @@ class SessionLimitTests(RelayLimitTestCase):
             requester.connect(target.peer_id)
         self.assertEqual(len(self.relay.sessions), 1)
         self.assertEqual(self.metrics.total("relay_denied"), 0)
+
+
+class FollowTests(RelayLimitTestCase):
+    """
+    A member whose NAT gives it a new mapping: once the relay's liveness has
+    proven it at the new address (a path_changed event), its reservation and
+    its sessions' legs follow; nothing moves on an unproven claim.
+    """
+
+    def moved(self, member: Member, new: tuple, proven: bool = True, old=None) -> None:
+        if proven:
+            self.overlay.liveness.proven.add((member.peer_id, new))
+        self.node.events.emit("path_changed", network=NETWORK, peer_id=member.peer_id,
+                              old=member.address if old is None else old, new=new,
+                              path_kind="direct")
+        self.node.clock.advance(0)
+
+    def test_reservation_and_legs_follow_a_proven_move(self):
+        target, requester = self.member(), self.member()
+        target.reserve()
+        requester.connect(target.peer_id)
+        session = requester.session_with(target)
+        self.overlay.sent.clear()
+        new = (target.address[0], 20001)
+        self.moved(target, new)
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address, new)
+        self.assertEqual(session.b.address, new)
+        self.assertEqual(session.a.address, requester.address)
+        self.assertEqual(self.metrics.get("relay_reservations", event="moved"), 1)
+        # both ends hear of the session again: the moved one may have
+        # missed its RELAY_SESSION
+        self.assertEqual(len(self.overlay.sent_to(new, MessageType.RELAY_SESSION)), 1)
+        self.assertEqual(len(self.overlay.sent_to(requester.address,
+                                                  MessageType.RELAY_SESSION)), 1)
+        # data from the new address is forwarded, from the old one not
+        data = session.header + b"x" * 20
+        self.assertTrue(self.relay.forward(data, new))
+        self.assertEqual(self.transport.written[-1], (data, requester.address))
+        self.relay.forward(data, target.address)
+        self.assertEqual(self.metrics.get("relay_drops", reason="not_bound"), 1)
+
+    def test_unproven_move_changes_nothing(self):
+        target = self.member()
+        target.reserve()
+        self.moved(target, (target.address[0], 20001), proven=False)
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address,
+                         target.address)
+
+    def test_move_from_a_relayed_path_follows_the_reservation(self):
+        """Our own path to the holder had failed over to another relay: the old address is a route."""
+        target = self.member()
+        target.reserve()
+        new = (target.address[0], 20001)
+        self.moved(target, new, old=RelayRoute("198.51.100.250", 7400, b"h" * 12))
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address, new)
+
+    def test_legs_of_a_member_without_reservation_follow(self):
+        target, requester = self.member(), self.member()
+        target.reserve()
+        requester.connect(target.peer_id)
+        session = requester.session_with(target)
+        new = (requester.address[0], 20002)
+        self.moved(requester, new)
+        self.assertEqual(session.a.address, new)
+        self.assertEqual(self.metrics.get("relay_legs_moved"), 1)
+
+    def test_move_into_a_crowded_address_is_refused(self):
+        """The per-address reservation limit holds for a move too."""
+        crowd = (HOSTILE_IP, 40000)
+        attacker = self.member(crowd)
+        for _ in range(self.config.reservations_per_address):
+            attacker.reserve(Member.invent())
+        target = self.member()
+        target.reserve()
+        self.moved(target, crowd)
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address,
+                         target.address)
+        self.assertEqual(self.metrics.get("relay_reservations", event="move_refused"), 1)
 
 
 class PacketRateTests(RelayLimitTestCase):

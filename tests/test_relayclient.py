@@ -49,7 +49,7 @@ class RelayClientTests(unittest.TestCase):
         self.registry.add(PEER, paths=[(PathKind.RELAYED, R1_AT, R1)])
         self.addresses = {R1: R1_AT, R2: R2_AT}
         self.routes = {}
-        self.opened, self.closed, self.reannounced = [], [], []
+        self.opened, self.closed, self.reannounced, self.pinged = [], [], [], []
         self.needs = True
         self.client = RelayClient(
             self.basics, self.registry, self.routes,
@@ -57,7 +57,8 @@ class RelayClientTests(unittest.TestCase):
             direct_address=self.addresses.get,
             reannounce=lambda: self.reannounced.append(self.clock.seconds()),
             session_opened=lambda *a: self.opened.append(a),
-            session_closed=lambda *a: self.closed.append(a))
+            session_closed=lambda *a: self.closed.append(a),
+            ping_relay=lambda relay_id, address: self.pinged.append((relay_id, address)))
 
     def connects(self):
         return [(s.address, s.fields["target"]) for s in self.sent.of(MessageType.RELAY_CONNECT)]
@@ -82,32 +83,50 @@ class RelayClientTests(unittest.TestCase):
         self.assertEqual(self.basics.metrics.get("drops", reason="unexpected_relay_accept"), 1)
 
     def test_unanswered_reservation_replaced(self):
+        """
+        A relay that never answers is dropped and avoided; with no other
+        relay left, it is asked again afresh rather than holding none.
+        """
         self.client.tick()
         for _ in range(int(self.client.config.reserve_retry * self.client.config.reserve_tries) + 2):
             self.clock.advance(1)
             self.client.tick()
-        self.assertEqual(self.client.held, {})
         self.assertIn(R1, self.client.avoid)
+        self.assertIn(R2, self.client.avoid)
+        self.assertEqual(set(self.client.held), {R1, R2})
+        # at the reservation's retry pace, not faster
+        sent = [s for s in self.sent.of(MessageType.RELAY_RESERVE) if s.address == R1_AT]
+        self.assertLessEqual(len(sent), self.clock.seconds() + 1)
 
-    def test_a_failed_relay_that_announces_anew_is_taken_back(self):
+    def test_a_failed_relay_comes_after_the_others(self):
         """
-        A relay that went offline is avoided for relay_avoid seconds, unless
-        it comes back with a newer announcement (it restarted): then it is
-        reserved on again at once.
+        A relay that went offline is avoided for relay_avoid seconds: every
+        other relay is taken before it, nearer or not; alone, it is taken
+        again once online; announcing anew (it restarted) ends the
+        avoidance at once.
         """
+        r3, r3_at = b"\x03" * 16, ("198.51.100.3", 7400)
+        self.registry.add(r3, Capability.RELAY, rtt=0.03)
+        self.addresses[r3] = r3_at
+        self.client.config.relay_count = 1
         self.client.tick()
-        self.client.on_accept(frame(R1), R1_AT, SimpleNamespace(lifetime_s=120, free_sessions=5))
+        self.assertEqual(list(self.client.held), [R2])  # the nearest
+        self.registry.records[R2].state = "offline"
+        self.clock.advance(1)
+        self.client.tick()
+        self.assertEqual(list(self.client.held), [R1])
+        self.registry.records[R2].state = "online"  # (its old announcement)
         self.registry.records[R1].state = "offline"
         self.clock.advance(1)
         self.client.tick()
-        self.assertNotIn(R1, self.client.held)
-        self.registry.records[R1].state = "online"  # (its old announcement, refuted later)
+        self.assertEqual(list(self.client.held), [r3], "the avoided R2 came before R3")
+        self.registry.records[r3].state = "offline"
         self.clock.advance(1)
         self.client.tick()
-        self.assertNotIn(R1, self.client.held)
-        self.registry.records[R1].sequence += 1
-        self.client.tick()
-        self.assertIn(R1, self.client.held)
+        self.assertEqual(list(self.client.held), [R2], "none left but the avoided R2")
+        self.assertTrue(self.client._avoided(R2, self.clock.seconds()))
+        self.registry.records[R2].sequence += 1
+        self.assertFalse(self.client._avoided(R2, self.clock.seconds()))
 
     def test_public_node_releases(self):
         self.client.tick()
@@ -173,6 +192,35 @@ class RelayClientTests(unittest.TestCase):
         self.assertEqual(self.closed, [(PEER, route)])
         self.assertEqual(self.routes, {})
         self.assertIsNone(self.client.route_to(PEER))
+
+    def test_session_request_pings_the_relay(self):
+        """
+        With the request goes a ping to the relay, which draws its challenge
+        if our NAT moved us since the relay proved our address (a request
+        from an unproven address is ignored).
+        """
+        self.client.open_session(PEER)
+        self.assertEqual(self.pinged, [(R1, R1_AT)])
+        self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))
+        route = self.client.route_to(PEER)
+        self.client.ping_relay_of(route)
+        self.assertEqual(self.pinged[-1], (R1, R1_AT))
+
+    def test_challenge_from_a_relay_sends_its_requests_again(self):
+        """
+        The relay challenged us (it saw us at an address it had not
+        proven): the session request and the unconfirmed reservation it
+        ignored go again right behind our proof, not at the next retry.
+        """
+        self.client.tick()  # reservations requested on both relays
+        self.client.open_session(PEER)
+        self.sent.clear()
+        self.client.challenged(R1)
+        self.assertEqual(self.connects(), [(R1_AT, PEER)])
+        self.assertEqual([s.address for s in self.sent.of(MessageType.RELAY_RESERVE)], [R1_AT])
+        self.client.challenged(PEER)  # not a relay we ask anything of
+        self.assertEqual(len(self.sent), 2)
+        self.assertEqual(self.basics.metrics.get("relay_requests_after_challenge"), 2)
 
     def test_unsolicited_session_dropped(self):
         self.client.on_session(frame(R1), R1_AT, SimpleNamespace(peer=PEER, session=SESSION))

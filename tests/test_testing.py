@@ -3,6 +3,7 @@ The test infrastructure itself: the fake UDP port, the memory reactor, the
 heap clock and the simulated network with its NAT model.
 """
 
+import os
 import random
 
 from twisted.internet import error
@@ -18,6 +19,7 @@ from twisted.internet.task import Clock, LoopingCall
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from omerta.testing.load import CpuLoad
 from omerta.testing.simnet import (
     INatModel,
     NoNat,
@@ -763,3 +765,27 @@ class NatTests(unittest.TestCase):
         net.run(1)
         self.assertEqual(server.received[0][1][0], PUBLIC)
         self.assertEqual(inside.received, [(b"pong", (SERVER, 3478), 0.020)])
+
+
+class CpuLoadTests(unittest.TestCase):
+    """
+    The busy machine of the lab tests: real busy-loop processes.
+    """
+
+    def test_runs_and_stops(self):
+        """
+        Entered, the requested number of hogs run; left, none is left.
+        """
+        load = CpuLoad(2)
+        with load:
+            self.assertEqual(load.running, 2)
+            pids = [p.pid for p in load._procs]
+        self.assertEqual(load.running, 0)
+        for pid in pids:
+            self.assertFalse(os.path.exists(f"/proc/{pid}"), f"hog {pid} left behind")
+
+    def test_one_per_core_by_default(self):
+        self.assertEqual(CpuLoad().processes, os.cpu_count() or 1)
+
+    def test_refuses_none(self):
+        self.assertRaises(ValueError, CpuLoad, 0)

@@ -233,6 +233,41 @@ class EventuallyDirectTests(unittest.TestCase):
         self.assertEqual(metrics.get("punch_coordinated", outcome="repeated"), retries)
 
 
+    def test_other_side_asking_joins_the_running_attempt(self):
+        """
+        b asks for a punch with a while a's attempt with b runs (b never
+        took its execute): b is sent its side of a's attempt, not
+        IMPOSSIBLE, and no second attempt starts.
+        """
+        from omerta.wire.envelope import is_frame, parse_header
+        from omerta.wire.messages import MessageType
+
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        relay = relays[0]
+        route = sim.net._route
+        executes = []
+
+        def tap(source, data, addr, *ttl):
+            if (source == relay.address and is_frame(data)
+                    and parse_header(data).message_type == MessageType.PUNCH_EXECUTE):
+                executes.append(addr)
+            route(source, data, addr, *ttl)
+
+        self.patch(sim.net, "_route", tap)
+        a.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=42,
+                       target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
+        sim.run(0.01)
+        b.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=43,
+                       target=a.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
+        sim.run(0.01)
+        metrics = relay.node.metrics
+        self.assertEqual(metrics.get("punch_coordinated", outcome="executed"), 1)
+        self.assertEqual(metrics.get("punch_coordinated", outcome="joined"), 1)
+        self.assertEqual(metrics.get("punch_coordinated", outcome="busy"), 0)
+        self.assertEqual(len(executes), 3)
+        self.assertEqual(list(relay.node.coordinator.attempts), [42])
+
+
 class RelayedPathTests(unittest.TestCase):
     def test_reservations_announced(self):
         sim, relays, a, b = setup_pair(self, "symmetric", "symmetric", relays=3)
@@ -348,6 +383,35 @@ class RelayedPathTests(unittest.TestCase):
                     and connection_kind(a, b) == PUNCHED and connection.endpoint != before)
 
         self.assertTrue(sim.run_until(moved, 60), "b's new address was never proven and punched")
+
+    def test_traffic_flows_within_two_seconds_of_new_nat_ports(self):
+        """
+        b's NAT gives it new ports while a is talking to b over a punched
+        path: b's relays follow its reservation to the new address as soon
+        as a pong proves it there, so a's traffic, failed over to a relay,
+        reaches b within 2 s.
+        """
+        sim, relays, a, b = setup_pair(self, "port-restricted", "restricted-cone", relays=2)
+        echo(b)
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(sim.run_until(lambda: connection_kind(a, b) == PUNCHED, 20))
+        self.assertEqual(request(sim, a, b, b"before"), b"echo:before")
+        sim.net.nat_of("10.2.0.2").flush()
+        broke = sim.clock.seconds()
+        answered = []
+
+        def ask():
+            # as 'omerta mesh ping' does: one request every 0.2 s, each
+            # waiting at most 1 s
+            d = a.overlay.messaging.request(b.peer_id, "echo", b"x", timeout=1.0)
+            d.addCallbacks(lambda _: answered.append(sim.clock.seconds()), lambda _: None)
+
+        for i in range(50):
+            sim.clock.callLater(0.2 * i, ask)
+        self.assertTrue(sim.run_until(lambda: bool(answered), 10), "no answer after the break")
+        self.assertLess(answered[0] - broke, 2.0)
+        moved = sum(r.node.metrics.get("relay_reservations", event="moved") for r in relays)
+        self.assertGreater(moved, 0, "no relay followed b's reservation")
 
 
 class RelayRuleTests(unittest.TestCase):

@@ -214,7 +214,7 @@ def register(subparsers: Any) -> None:
     ping.add_argument("--count", "-c", type=_count_arg, default=4, metavar="N",
                       help="how many pings (default 4)")
     ping.add_argument("--interval", "-i", type=_seconds_arg, default=1.0, metavar="SECONDS",
-                      help="time between pings (default 1)")
+                      help="time between pings, answered or not, as ping(8) (default 1)")
     ping.add_argument("--reply-timeout", type=_seconds_arg, default=2.0, metavar="SECONDS",
                       help="how long to wait for each reply (default 2)")
     ping.set_defaults(func=ping_command)

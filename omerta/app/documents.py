@@ -32,6 +32,7 @@ import shlex
 import statistics as stats
 from typing import Any, Callable, Iterator
 
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 
 from omerta.addressing import Endpoint
@@ -285,13 +286,16 @@ async def ping_document(
 ) -> dict:
     """
     What C{omerta mesh ping --output json} prints: C{count} pings to the
-    peer C{ref} names, C{interval} seconds apart, each waiting up to
-    C{reply_timeout} seconds; the replies (round trip, path, time sent) and
-    L{summarise}'s summary.  No reply at all is not an error here: the
-    document says so (C{summary.received} is 0).
+    peer C{ref} names, one every C{interval} seconds whether or not the last
+    was answered (as ping(8) does, so a path that breaks and comes back is
+    seen at the interval, not only after a reply timeout), each waiting up
+    to C{reply_timeout} seconds; the replies in order of sequence (round
+    trip, path, time sent) and L{summarise}'s summary.  No reply at all is
+    not an error here: the document says so (C{summary.received} is 0).
 
     C{on_path(record, connection)} once connected, C{on_reply(reply)} and
-    C{on_lost(seq)} for each ping: for printing as it goes.
+    C{on_lost(seq)} for each ping as its answer arrives or its wait ends:
+    for printing as it goes.
     """
     record = await find_peer(view, ref)
     connection = await connect_peer(view, record)
@@ -299,17 +303,14 @@ async def ping_document(
         on_path(record, connection)
     replies = []
     first_sent = view.clock.seconds()
-    for seq in range(1, count + 1):
-        if seq > 1:
-            await deferLater(view.clock, interval, lambda: None)
-        sent = view.clock.seconds() - first_sent
-        rtt, now_connection = await view.mesh.ping(record.peer_id, timeout=reply_timeout)
-        connection = now_connection or connection
+
+    def answered(result, seq: int, sent: float) -> None:
+        rtt, now_connection = result
         if rtt is None:
             if on_lost is not None:
                 on_lost(seq)
-            continue
-        path = connection.as_dict()
+            return
+        path = (now_connection or connection).as_dict()
         reply = {
             "seq": seq,
             "rtt_ms": round(rtt * 1000, 3),
@@ -322,6 +323,18 @@ async def ping_document(
         replies.append(reply)
         if on_reply is not None:
             on_reply(reply)
+
+    waiting = []
+    for seq in range(1, count + 1):
+        if seq > 1:
+            due = first_sent + (seq - 1) * interval
+            await deferLater(view.clock, max(0.0, due - view.clock.seconds()), lambda: None)
+        sent = view.clock.seconds() - first_sent
+        d = view.mesh.ping(record.peer_id, timeout=reply_timeout)
+        d.addCallback(answered, seq, sent)
+        waiting.append(d)
+    await gatherResults(waiting, consumeErrors=True)
+    replies.sort(key=lambda reply: reply["seq"])
     return {
         "peer_id": record.peer_id_text,
         "name": record.name,

@@ -165,7 +165,8 @@ class Liveness:
                  address_proven: Callable[[bytes, object], None],
                  run_proven: Callable[[bytes, bytes], None] = lambda peer_id, boot: None,
                  unreachable: Callable[[bytes], None] = lambda peer_id: None,
-                 restarted: Callable[[bytes], None] = lambda peer_id: None):
+                 restarted: Callable[[bytes], None] = lambda peer_id: None,
+                 challenged: Callable[[bytes], None] = lambda peer_id: None):
         """
         @param freshness: the overlay's L{omerta.mesh.freshness.Freshness}
             (contacts piggybacked on pings and pongs, stale paths reported).
@@ -188,12 +189,16 @@ class Liveness:
         @param restarted: C{restarted(peer_id)}: an identity proof showed a
             new run of a peer whose earlier run was proven (it restarted and
             lost whatever state it held for us).
+        @param challenged: C{challenged(peer_id)}: the peer asked us to
+            prove our address (it saw us somewhere new: our NAT moved us),
+            and the proof is on its way.
         """
         self.basics = basics
         self.clock = basics.clock
         self.metrics = basics.metrics
         self.send = basics.send
         self.emit = basics.emit
+        self._challenged = challenged
         self.connections = connections
         self.registry = registry
         self.freshness = freshness
@@ -477,6 +482,8 @@ class Liveness:
                             echo_ms=ping.sent_ms,
                             observed=UNKNOWN_ENDPOINT if is_relayed(addr) else addr,
                             contacts=contacts, proof=answer)
+        if prove:
+            self._challenged(frame.sender)
 
     def on_pong(self, frame, addr, pong) -> None:
         """

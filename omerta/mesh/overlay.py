@@ -73,7 +73,9 @@ class Overlay:
             reannounce=lambda: self.gossip.reannounce(),
             session_opened=lambda peer, route, requested: self.paths.relay_session_opened(
                 peer, route, requested),
-            session_closed=lambda peer, route: self.paths.relay_session_closed(peer, route))
+            session_closed=lambda peer, route: self.paths.relay_session_closed(peer, route),
+            ping_relay=lambda relay_id, address: self.liveness.ping(relay_id, address,
+                                                                    contacts=False))
         self.liveness = Liveness(
             self.basics, self.connections, self.registry, self.freshness, rng=rng,
             path_failed=lambda link: self.paths.path_failed(link),
@@ -85,7 +87,8 @@ class Overlay:
             address_proven=self.address_proven,
             run_proven=self.run_proven,
             unreachable=lambda peer_id: self.membership.suspect(peer_id),
-            restarted=lambda peer_id: self.relays.peer_restarted(peer_id))
+            restarted=lambda peer_id: self.relays.peer_restarted(peer_id),
+            challenged=lambda peer_id: self.relays.challenged(peer_id))
         self.paths = PathManager(
             self.basics, self.connections, self.registry,
             liveness=self.liveness, relays=self.relays, freshness=self.freshness,

@@ -343,6 +343,10 @@ class PathManager:
                           peer=format_peer_id(peer_id))
             self.liveness.switch(link, route, proven=False)
             self.liveness.ping(peer_id, route)
+            # and the relay itself: if our NAT moved us (which may be why the
+            # path failed), it drops what we send through the session until
+            # it has proven our new address, which this ping starts
+            self.relays.ping_relay_of(route)
             self.metrics.inc("path_failovers", to="relayed")
         else:
             self.relays.open_session(peer_id, exclude_relay=failed_relay)

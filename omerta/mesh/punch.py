@@ -259,7 +259,18 @@ class Coordinator:
                 # what that attempt probes is stale, start afresh.
                 self._finish(attempt_id)
                 self.metrics.inc("punch_coordinated", outcome="superseded")
-        busy = any(x.pair == pair for x in self.attempts.values())
+        running = next((x for x in self.attempts.values() if x.pair == pair), None)
+        if running is not None and b_address is not None:
+            # The other side started a punch with the requester, whose
+            # execute it did not take (lost, or unsolicited from a relay
+            # it holds no reservation on): the requester joins that
+            # attempt, its own request answered with its side's execute.
+            for address, fields in running.executes:
+                if fields["peer"] == b:
+                    overlay.send(addr, MessageType.PUNCH_EXECUTE, **fields)
+                    self.metrics.inc("punch_coordinated", outcome="joined")
+                    return
+        busy = running is not None
         if b_address is None or record_b is None or busy or len(self.attempts) >= self.max_attempts:
             self.metrics.inc("punch_coordinated",
                              outcome="busy" if busy else "unreachable")
@@ -494,6 +505,15 @@ class Puncher:
                 n * self.config.punch_request_retry, self._ask_again, attempt_id, request))
         return d
 
+    def _asked(self, peer_id: bytes, coordinator: tuple) -> Attempt | None:
+        """
+        Our own request to C{coordinator} for a punch with C{peer_id} that
+        no execute has answered yet, if any.
+        """
+        return next((a for a in self.attempts.values()
+                     if a.peer_id == peer_id and a.coordinator == coordinator
+                     and not a.executed and a.result is None), None)
+
     def _end_after(self, attempt: Attempt, timeout: float) -> None:
         """Give the attempt up C{timeout} seconds after it started."""
         if attempt.give_up is not None and attempt.give_up.active():
@@ -516,10 +536,19 @@ class Puncher:
 
     def on_execute(self, frame, addr, message) -> None:
         attempt = self.attempts.get(message.attempt_id)
+        asked = None if attempt is not None else self._asked(message.peer, addr)
         if attempt is not None:
             if attempt.coordinator != addr or attempt.peer_id != message.peer or attempt.executed:
                 self.metrics.inc("drops", reason="punch_unexpected_execute")
                 return
+        elif asked is not None:
+            # The coordinator we asked answers with the attempt the peer
+            # already started with us: ours becomes that one.
+            del self.attempts[asked.attempt_id]
+            asked.attempt_id = message.attempt_id
+            self.attempts[asked.attempt_id] = asked
+            attempt = asked
+            self.metrics.inc("punch_attempts_joined")
         else:
             record = self.registry.get(frame.sender)
             if (record is None or not record.capabilities & (Capability.RELAY | Capability.COORDINATOR)

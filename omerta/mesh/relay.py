@@ -209,6 +209,7 @@ class RelayServer:
         self._denials: dict[tuple, Budget] = {}   # RELAY_DENY sent, by address
         self._sendto = None
         self._loop: LoopingCall | None = None
+        self._unsubscribe = None
         # The hot path only adds to a session's ints; totals reach the
         # metrics once a second (L{flush_counters}).
         self.closed_packets = 0
@@ -218,12 +219,16 @@ class RelayServer:
     # lifecycle
 
     def start(self) -> None:
+        self._unsubscribe = self.node.events.subscribe("path_changed", self._path_changed)
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.clock
         self._loop.start(1.0, now=False).addErrback(
             lambda f: self.log.failure("Relay tick failed", f))
 
     def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         for session in list(self.sessions.values()):
             self._end(session, RelayEndReason.RELAY_STOPPING)
         self.reservations.clear()
@@ -308,13 +313,9 @@ class RelayServer:
             return deny(RelayDenyReason.UNPROVEN, "", proven=False)
         if existing is None or existing.address != addr:
             # A new reservation, or one moving here: it counts at this address.
-            ip = source_ip(addr[0])
-            if self._reserved_at[addr] >= config.reservations_per_address:
-                return deny(RelayDenyReason.TOO_MANY_RESERVATIONS,
-                            f"{config.reservations_per_address} reservations from this address")
-            if self._reserved_from[ip] >= config.reservations_per_ip:
-                return deny(RelayDenyReason.TOO_MANY_RESERVATIONS,
-                            f"{config.reservations_per_ip} reservations from {ip}")
+            crowded = self._reservations_crowded(addr)
+            if crowded is not None:
+                return deny(RelayDenyReason.TOO_MANY_RESERVATIONS, crowded)
         if existing is None and len(self.reservations) >= config.max_reservations:
             return deny(RelayDenyReason.FULL, f"{config.max_reservations} reservations held")
         lifetime = min(message.lifetime_s, config.max_lifetime)
@@ -518,11 +519,80 @@ class RelayServer:
         if self._reserved_from[ip] <= 0:
             del self._reserved_from[ip]
 
-    def _moved(self, reservation: Reservation, addr: tuple) -> None:
+    def _reservations_crowded(self, addr: tuple) -> str | None:
+        """
+        Why one more reservation may not count at C{addr}, or None.
+        """
+        config = self.config
+        ip = source_ip(addr[0])
+        if self._reserved_at[addr] >= config.reservations_per_address:
+            return f"{config.reservations_per_address} reservations from this address"
+        if self._reserved_from[ip] >= config.reservations_per_ip:
+            return f"{config.reservations_per_ip} reservations from {ip}"
+        return None
+
+    def _path_changed(self, network: bytes, peer_id: bytes, old, new, **_) -> None:
+        """
+        A member's path moved.  When a pong proved it at another address of
+        its own (its NAT gave it a new mapping), its reservation and its
+        sessions' legs follow at once, rather than at its next
+        RELAY_RESERVE or RELAY_CONNECT: until then everything relayed to it
+        would go to a mapping that no longer exists, and what it sends from
+        the new one would be dropped as not bound.  Checked on the next
+        turn, once the move is complete.
+        """
+        if is_relayed(new):
+            return
+        self.clock.callLater(0, self._follow, network, peer_id, old, new)
+
+    def _follow(self, network: bytes, peer_id: bytes, old, new: tuple) -> None:
+        """
+        C{peer_id} is proven at C{new}, having been at C{old} (the old path
+        may have been a relayed one, while our own path to it failed over).
+        """
+        overlay = self.node.overlays.get(network)
+        if overlay is None or not overlay.liveness.verified(peer_id, new):
+            return
+        reservation = self.reservations.get((network, peer_id))
+        if reservation is not None and reservation.address != new:
+            crowded = self._reservations_crowded(new)
+            if crowded is None:
+                self.log.info("Relay reservation for {peer} follows it to {address}",
+                              peer=format_peer_id(peer_id), address=f"{new[0]}:{new[1]}")
+                self.metrics.inc("relay_reservations", event="moved")
+                self._moved(reservation, new)
+            else:
+                self.metrics.inc("relay_reservations", event="move_refused")
+        if old is not None and not is_relayed(old) and old != new:
+            self._move_legs(overlay, peer_id, old, new)
+
+    def _move_legs(self, overlay, peer_id: bytes, old: tuple, new: tuple) -> None:
+        """
+        C{peer_id}'s legs at C{old} move to C{new}, and their sessions are
+        announced again: the member may not know of a session opened towards
+        it since its NAT moved it (that RELAY_SESSION went to the old
+        address).
+        """
         for session in self.sessions.values():
+            if session.network_id != overlay.network_id:
+                continue
+            moved = False
             for leg in (session.a, session.b):
-                if leg.peer_id == reservation.peer_id and leg.address == reservation.address:
-                    self._bind(leg, addr)
+                if leg.peer_id == peer_id and leg.address == old:
+                    self._bind(leg, new)
+                    moved = True
+            if moved:
+                self.metrics.inc("relay_legs_moved")
+                self._announce(overlay, session)
+
+    def _moved(self, reservation: Reservation, addr: tuple) -> None:
+        """
+        The holder of C{reservation} is at C{addr} now: the reservation and
+        the holder's legs at the old address move there.
+        """
+        overlay = self.node.overlays.get(reservation.network_id)
+        if overlay is not None:
+            self._move_legs(overlay, reservation.peer_id, reservation.address, addr)
         self._count_reservation(reservation, -1)
         reservation.address = addr
         self._count_reservation(reservation, 1)

@@ -9,7 +9,7 @@ The member's side of relaying, in one network.
   unanswered C{reserve_tries} times, a relay that goes offline or denies,
   is replaced, and not picked again for C{relay_avoid} seconds unless it
   announces anew (a relay declared dead that restarted is taken back at
-  once).
+  once) or no other relay is left to hold.
   Each live reservation is announced as a RELAYED path ("reach me via R"),
   re-signed whenever the set changes.  A relay seen to restart (a new run
   proven) has forgotten us: the reservation is renewed at once and the
@@ -103,7 +103,8 @@ class RelayClient:
                  direct_address: Callable[[bytes], tuple | None],
                  reannounce: Callable[[], None],
                  session_opened: Callable[[bytes, RelayRoute, bool], None],
-                 session_closed: Callable[[bytes, RelayRoute], None]):
+                 session_closed: Callable[[bytes, RelayRoute], None],
+                 ping_relay: Callable[[bytes, tuple], object] = lambda relay_id, address: None):
         """
         @param routes: the node's table of relay sessions by header (shared
             by its networks: relayed data arrives on the one socket).
@@ -115,6 +116,9 @@ class RelayClient:
         @param session_opened: C{(peer_id, route, requested)}: a session to
             a peer opened (the path manager decides whether to use it).
         @param session_closed: C{(peer_id, route)}: a session ended.
+        @param ping_relay: C{(relay_id, address)}: ping a relay (as large as
+            a challenge, so a relay that has not proven our address yet
+            challenges it: see L{challenged}).
         """
         self.basics = basics
         self.config = basics.config
@@ -128,6 +132,7 @@ class RelayClient:
         self._reannounce = reannounce
         self._session_opened = session_opened
         self._session_closed = session_closed
+        self._ping_relay = ping_relay
         self.held: dict[bytes, Held] = {}
         # relay id -> (until, the sequence of its announcement then): a relay
         # that failed us is not picked again before `until`, unless it has
@@ -140,21 +145,26 @@ class RelayClient:
     def candidates(self, now: float) -> list:
         """
         Relays we could reserve on, best first: members with the RELAY
-        capability, not offline, not avoided, with a direct address; by
-        round-trip time (unknown last).
+        capability, not offline, with a direct address; by round-trip time
+        (unknown last), the ones avoided after a failure after all others.
+        Avoiding one is for choosing among relays, not for holding fewer
+        than we could: a relay that came back online without a new
+        announcement (killed and restarted before we declared it offline)
+        is taken again while there is no other.
         """
         out = []
         for record in self.registry.all():
             if not record.capabilities & Capability.RELAY or record.state == "offline":
                 continue
-            if self._avoided(record.peer_id, now) or record.peer_id in self.held:
+            if record.peer_id in self.held:
                 continue
             address = self._direct_address(record.peer_id)
             if address is None:
                 continue
-            out.append((record.rtt is None, record.rtt or 0.0, record.peer_id, address))
+            out.append((self._avoided(record.peer_id, now), record.rtt is None,
+                        record.rtt or 0.0, record.peer_id, address))
         out.sort()
-        return [(peer_id, address) for _, _, peer_id, address in out]
+        return [(peer_id, address) for *_, peer_id, address in out]
 
     # reservations
 
@@ -432,8 +442,33 @@ class RelayClient:
         relay_id, address = relays[0]
         self.pending[peer_id] = _Pending(relay_id, address, now, now)
         self.send(address, MessageType.RELAY_CONNECT, target=peer_id)
+        # A relay ignores a request from an address it has not proven (our
+        # NAT may have moved us since we last spoke): the ping draws its
+        # challenge, and the request goes again once we answered it.
+        self._ping_relay(relay_id, address)
         self.metrics.inc("relay_connects")
         return True
+
+    def challenged(self, peer_id: bytes) -> None:
+        """
+        C{peer_id} asked us to prove our address, and the proof is on its
+        way: if it is a relay we are asking for a session or a reservation,
+        it ignored that request (it came from an address it had not proven:
+        our NAT gave us a new mapping), so ask again now, right behind the
+        proof, rather than at the next retry.
+        """
+        now = self.clock.seconds()
+        for target, pending in self.pending.items():
+            if pending.relay_id == peer_id:
+                pending.last_sent = now
+                self.send(pending.address, MessageType.RELAY_CONNECT, target=target)
+                self.metrics.inc("relay_requests_after_challenge")
+        held = self.held.get(peer_id)
+        if held is not None and not held.confirmed:
+            held.sent = 0.0
+            held.unanswered = 0  # it answers: it is there
+            self._reserve(held, now)
+            self.metrics.inc("relay_requests_after_challenge")
 
     def on_session(self, frame, addr, message) -> None:
         relay_id = frame.sender
@@ -503,6 +538,14 @@ class RelayClient:
         if not sessions:
             return None
         return max(sessions.values(), key=lambda s: s.opened).route
+
+    def ping_relay_of(self, route: RelayRoute) -> None:
+        """
+        Ping the relay of session C{route} at its own address.
+        """
+        relay_id = self.relay_of(route)
+        if relay_id is not None:
+            self._ping_relay(relay_id, route.relay_address)
 
     def relay_of(self, route) -> bytes | None:
         if not is_relayed(route):

@@ -805,20 +805,27 @@ class MatrixLab:
                            target: str = "restricted-cone", flush: str = "target",
                            interval: float = 0.2, reply_timeout: float = 1.0,
                            steady_replies: int = 5, direct_deadline: float = 30.0,
-                           recovery_deadline: float = 30.0) -> FailoverResult:
+                           recovery_deadline: float = 30.0, remap: bool = False
+                           ) -> FailoverResult:
         """
         A long ping over a direct path from C{initiator} to the target behind
         C{target}; after C{steady_replies} direct replies, flush the
         conntrack table (and cone map/set) of the C{flush} side's router
-        ("target" or "initiator") and measure until a reply arrives again
-        and until one arrives over a direct path.
+        ("target" or "initiator"), with C{remap} also moving its hosts'
+        mappings to new outside ports (L{natlab.Lab.remap}), and measure
+        until a reply arrives again and until one arrives over a direct
+        path.
         """
         host = (self.target_hosts if flush == "target" else self.initiator_hosts)[
             target if flush == "target" else initiator]
         if host.router is None:
             raise ValueError(f"the {flush} side ({host.name}) has no router to flush")
-        result = FailoverResult("conntrack", initiator, target,
-                                f"flush conntrack of {host.router.name} ({flush} side)")
+        if remap:
+            result = FailoverResult("remap", initiator, target,
+                                    f"new outside ports on {host.router.name} ({flush} side)")
+        else:
+            result = FailoverResult("conntrack", initiator, target,
+                                    f"flush conntrack of {host.router.name} ({flush} side)")
         live = self._start_ping(initiator, target, interval, reply_timeout)
         events: list[PingEvent] = []
         try:
@@ -833,7 +840,10 @@ class MatrixLab:
                     f" {direct_deadline:g} s, nothing to break:\n{live.transcript()}"
                     f"\n{live.stop()}")
             result.before = [e for e in events if e.replied][-1]
-            self.lab.flush_conntrack(host.router)
+            if remap:
+                self.lab.remap(host.router)
+            else:
+                self.lab.flush_conntrack(host.router)
             broke = time.monotonic()
             count_before = len(events)
 
@@ -860,4 +870,7 @@ class MatrixLab:
             stderr = live.stop()
             if stderr.strip() and not result.ok:
                 result.notes.append("ping stderr: " + stderr.strip()[-300:])
+            if remap:
+                # the next case finds the router keeping ports again
+                self.lab.restore_ports(host.router)
         return result

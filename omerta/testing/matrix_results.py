@@ -234,7 +234,7 @@ class FailoverResult:
     @ivar recovery_s: from the break to the first reply after it (None: no
         reply within the deadline).
     @ivar direct_again_s: from the break to the first reply over a direct
-        path (conntrack case).
+        path (conntrack and remap cases).
     @ivar gap_s: between the last reply before the break and the first
         after it.
     """
@@ -264,7 +264,7 @@ class FailoverResult:
         text = (f"{self.case}: {self.initiator} -> {self.target}, {self.action}; path before"
                 f" {before}, after {after}; recovery {fmt(self.recovery_s)}, gap"
                 f" {fmt(self.gap_s)}, {self.lost} ping(s) lost")
-        if self.direct_again_s is not None or self.case == "conntrack":
+        if self.direct_again_s is not None or self.case in ("conntrack", "remap"):
             text += f", direct again after {fmt(self.direct_again_s)}"
         if self.notes:
             text += " (" + "; ".join(self.notes) + ")"

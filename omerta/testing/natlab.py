@@ -68,6 +68,8 @@ NFT_TABLE = "natlab"
 #: set entries, and the kernel's UDP conntrack "stream" timeout, which the
 #: router sets to the same value.
 MAPPING_TIMEOUT = 120
+#: The outside port ranges L{Lab.remap} moves a router to, in turn.
+REMAP_PORTS = ("20000-29999", "40000-49999")
 
 _NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,15}$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
@@ -358,6 +360,8 @@ class Router(Node):
     #: The router whose LAN this router's outside interface is on (double
     #: NAT), or None when it is on the public segment.
     upstream: Router | None = None
+    #: How many times L{Lab.remap} moved its outside ports.
+    remaps: int = 0
 
     @property
     def outside_address(self) -> str:
@@ -391,7 +395,7 @@ def nft_ruleset(nat_type: str, public_address: str, loss: int = 0, input_filter:
     """
     if nat_type not in NAT_TYPES or nat_type == "none":
         raise ValueError(f"no router rule set for NAT type {nat_type!r}")
-    masquerade = "masquerade random" if nat_type == "symmetric" else "masquerade"
+    masquerade = _masquerade(nat_type)
     cone = nat_type in ("full-cone", "restricted-cone")
     lines = [
         f"table ip {NFT_TABLE} {{",
@@ -468,6 +472,16 @@ def nft_ruleset(nat_type: str, public_address: str, loss: int = 0, input_filter:
     lines.append("}")
     lines += _loss_rules(loss)
     return "\n".join(lines) + "\n"
+
+
+def _masquerade(nat_type: str, ports: str | None = None) -> str:
+    """
+    The masquerade statement of a router of C{nat_type}: keeping the host's
+    port where it can (a random one for a symmetric NAT), or for UDP a port
+    from C{ports} ("LOW-HIGH").
+    """
+    statement = "masquerade" if ports is None else f"meta l4proto udp masquerade to :{ports}"
+    return statement + " random" if nat_type == "symmetric" else statement
 
 
 def _loss_rules(loss: int) -> list[str]:
@@ -955,6 +969,38 @@ class Lab:
             flush.append(f"flush set ip {NFT_TABLE} contacted")
         if flush:
             self._nft(router, "\n".join(flush) + "\n")
+
+    def remap(self, router: Router | str) -> str:
+        """
+        Make C{router} give its hosts new outside ports, as a router does
+        after a reboot (or a carrier-grade NAT reassigning port blocks):
+        from now on it maps from the next range of L{REMAP_PORTS}, and it
+        forgets every mapping (L{flush_conntrack}).
+
+        @return: the port range now in use.
+        """
+        router = self._router(router)
+        router.remaps += 1
+        ports = REMAP_PORTS[(router.remaps - 1) % len(REMAP_PORTS)]
+        self._set_ports(router, ports)
+        self.flush_conntrack(router)
+        return ports
+
+    def restore_ports(self, router: Router | str) -> None:
+        """
+        Undo L{remap} for new mappings: they keep the host's port again
+        where they can.  Mappings made meanwhile stay as they are.
+        """
+        self._set_ports(self._router(router), None)
+
+    def _set_ports(self, router: Router, ports: str | None) -> None:
+        rules = [f"flush chain ip {NFT_TABLE} postrouting"]
+        if ports is not None:
+            rules.append(f'add rule ip {NFT_TABLE} postrouting oifname "{ROUTER_OUTSIDE}"'
+                         f" {_masquerade(router.nat_type, ports)}")
+        rules.append(f'add rule ip {NFT_TABLE} postrouting oifname "{ROUTER_OUTSIDE}"'
+                     f" {_masquerade(router.nat_type)}")
+        self._nft(router, "\n".join(rules) + "\n")
 
     def set_loss(self, router: Router | str, pct: int) -> None:
         """
