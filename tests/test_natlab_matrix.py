@@ -147,6 +147,21 @@ class NatMatrixTests(unittest.TestCase):
         self.assertNotEqual(result.after.endpoint, result.before.endpoint,
                             f"still the killed relay's endpoint: {result.summary()}")
 
+    def test_remap_failover(self):
+        """
+        As the conntrack case, but the target's router also gives its hosts
+        new outside ports (a reboot that does not keep ports): the pings
+        come back (through a relay that followed the target to its new
+        address), then over a direct path again, within 30 s.
+        """
+        result = self.matrix.failover_conntrack("port-restricted", "restricted-cone",
+                                                flush="target", remap=True)
+        _say(render_failover([result]))
+        _say(result.summary())
+        self.assertTrue(result.ok, result.summary())
+        self.assertLess(result.recovery_s, RECOVERY_BOUND_S, result.summary())
+        self.assertLess(result.direct_again_s, RECOVERY_BOUND_S, result.summary())
+
     def test_conntrack_failover(self):
         """
         A direct path between a port-restricted initiator and a
