@@ -13,7 +13,8 @@ from twisted.trial import unittest
 from omerta.mesh.paths import DIRECT, PUNCHED, RELAYED, is_relayed
 from omerta.mesh.punch import choose_strategy, probe_schedule, spray_ports
 from omerta.testing.meshsim import MeshSim
-from omerta.wire.messages import NatType, PathKind, PunchStrategy
+from omerta.wire.envelope import is_frame, parse_header
+from omerta.wire.messages import MessageType, NatType, PathKind, PunchStrategy
 
 S = PunchStrategy
 N = NatType
@@ -199,17 +200,8 @@ class EventuallyDirectTests(unittest.TestCase):
         self.assertEqual(a.node.metrics.get("punch_requests_repeated"), 1)
         self.assertEqual(a.overlay.paths.punch_attempts(b.peer_id), 1)
 
-    def test_coordinator_repeats_executes_for_a_repeated_request(self):
-        """
-        The same request again (its execute to either side may have been
-        lost): the coordinator sends both executes again, a bounded number
-        of times, and never starts a second attempt for the pair.
-        """
-        from omerta.wire.envelope import is_frame, parse_header
-        from omerta.wire.messages import MessageType
-
-        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
-        relay = relays[0]
+    def tap_executes(self, sim, relay) -> list:
+        """The addresses C{relay} sends PUNCH_EXECUTE to, from now on."""
         route = sim.net._route
         executes = []
 
@@ -220,6 +212,17 @@ class EventuallyDirectTests(unittest.TestCase):
             route(source, data, addr, *ttl)
 
         self.patch(sim.net, "_route", tap)
+        return executes
+
+    def test_coordinator_repeats_executes_for_a_repeated_request(self):
+        """
+        The same request again (its execute to either side may have been
+        lost): the coordinator sends both executes again, a bounded number
+        of times, and never starts a second attempt for the pair.
+        """
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        relay = relays[0]
+        executes = self.tap_executes(sim, relay)
         request = dict(attempt_id=42, target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE),
                        candidates=[])
         retries = relay.overlay.config.punch_request_retries
@@ -232,28 +235,15 @@ class EventuallyDirectTests(unittest.TestCase):
         self.assertEqual(metrics.get("punch_coordinated", outcome="executed"), 1)
         self.assertEqual(metrics.get("punch_coordinated", outcome="repeated"), retries)
 
-
     def test_other_side_asking_joins_the_running_attempt(self):
         """
         b asks for a punch with a while a's attempt with b runs (b never
         took its execute): b is sent its side of a's attempt, not
         IMPOSSIBLE, and no second attempt starts.
         """
-        from omerta.wire.envelope import is_frame, parse_header
-        from omerta.wire.messages import MessageType
-
         sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
         relay = relays[0]
-        route = sim.net._route
-        executes = []
-
-        def tap(source, data, addr, *ttl):
-            if (source == relay.address and is_frame(data)
-                    and parse_header(data).message_type == MessageType.PUNCH_EXECUTE):
-                executes.append(addr)
-            route(source, data, addr, *ttl)
-
-        self.patch(sim.net, "_route", tap)
+        executes = self.tap_executes(sim, relay)
         a.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=42,
                        target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
         sim.run(0.01)
