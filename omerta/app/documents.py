@@ -32,7 +32,6 @@ import shlex
 import statistics as stats
 from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 
 from omerta.addressing import Endpoint
@@ -333,7 +332,12 @@ async def ping_document(
         d = view.mesh.ping(record.peer_id, timeout=reply_timeout)
         d.addCallback(answered, seq, sent)
         waiting.append(d)
-    await gatherResults(waiting, consumeErrors=True)
+    try:
+        for d in waiting:
+            await d  # an error (no route, not found) is raised as itself
+    finally:
+        for d in waiting:
+            d.addErrback(lambda _: None)  # the others' errors: the same, once is enough
     replies.sort(key=lambda reply: reply["seq"])
     return {
         "peer_id": record.peer_id_text,
