@@ -382,6 +382,26 @@ class FollowTests(RelayLimitTestCase):
         self.moved(target, new, old=RelayRoute("198.51.100.250", 7400, b"h" * 12))
         self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address, new)
 
+    def test_reservation_follows_a_proof_without_a_move(self):
+        """
+        A proof of a new address moves the reservation even when the
+        relay's own link to the member stays where it is.
+        """
+        target, requester = self.member(), self.member()
+        target.reserve()
+        requester.connect(target.peer_id)
+        session = requester.session_with(target)
+        new = (target.address[0], 20001)
+        self.relay.holder_proven(NETWORK, target.peer_id, new)
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address, target.address,
+                         "not proven to the liveness")
+        self.overlay.liveness.proven.add((target.peer_id, new))
+        self.relay.holder_proven(NETWORK, target.peer_id, new)
+        self.assertEqual(self.relay.reservations[(NETWORK, target.peer_id)].address, new)
+        self.assertEqual(session.b.address, new)
+        self.relay.holder_proven(NETWORK, requester.peer_id, (requester.address[0], 1))
+        self.assertEqual(session.a.address, requester.address, "no reservation: nothing moves")
+
     def test_legs_of_a_member_without_reservation_follow(self):
         target, requester = self.member(), self.member()
         target.reserve()

@@ -267,6 +267,9 @@ class Overlay:
         else:
             self.freshness.heard(peer_id, addr, now)
             self.registry.heard_from(peer_id, addr, now)
+            if self.node.relay is not None:
+                # a member proven somewhere new: its reservation here follows
+                self.node.relay.holder_proven(self.network_id, peer_id, addr)
         self.gossip.announce_to(addr)
         if len(self.registry) < self.config.degree:
             self.gossip.send_peer_list(addr, request=True, peer_id=peer_id)

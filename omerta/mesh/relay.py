@@ -545,6 +545,16 @@ class RelayServer:
             return
         self.clock.callLater(0, self._follow, network, peer_id, old, new)
 
+    def holder_proven(self, network: bytes, peer_id: bytes, addr: tuple) -> None:
+        """
+        A pong proved C{addr} leads to C{peer_id}, for the first time.  Its
+        reservation follows even when our own link to it does not move
+        (the link is on another path, or there is none): a coordinator
+        hands out the reservation's address as the member's candidate.
+        """
+        if (network, peer_id) in self.reservations:
+            self._follow(network, peer_id, None, addr)
+
     def _follow(self, network: bytes, peer_id: bytes, old, new: tuple) -> None:
         """
         C{peer_id} is proven at C{new}, having been at C{old} (the old path
