@@ -265,7 +265,7 @@ class Coordinator:
             # execute it did not take (lost, or unsolicited from a relay
             # it holds no reservation on): the requester joins that
             # attempt, its own request answered with its side's execute.
-            for address, fields in running.executes:
+            for _address, fields in running.executes:
                 if fields["peer"] == b:
                     overlay.send(addr, MessageType.PUNCH_EXECUTE, **fields)
                     self.metrics.inc("punch_coordinated", outcome="joined")

@@ -820,12 +820,10 @@ class MatrixLab:
             target if flush == "target" else initiator]
         if host.router is None:
             raise ValueError(f"the {flush} side ({host.name}) has no router to flush")
-        if remap:
-            result = FailoverResult("remap", initiator, target,
-                                    f"new outside ports on {host.router.name} ({flush} side)")
-        else:
-            result = FailoverResult("conntrack", initiator, target,
-                                    f"flush conntrack of {host.router.name} ({flush} side)")
+        case, action = ("remap", "new outside ports on") if remap else (
+            "conntrack", "flush conntrack of")
+        result = FailoverResult(case, initiator, target,
+                                f"{action} {host.router.name} ({flush} side)")
         live = self._start_ping(initiator, target, interval, reply_timeout)
         events: list[PingEvent] = []
         try:
@@ -840,10 +838,7 @@ class MatrixLab:
                     f" {direct_deadline:g} s, nothing to break:\n{live.transcript()}"
                     f"\n{live.stop()}")
             result.before = [e for e in events if e.replied][-1]
-            if remap:
-                self.lab.remap(host.router)
-            else:
-                self.lab.flush_conntrack(host.router)
+            (self.lab.remap if remap else self.lab.flush_conntrack)(host.router)
             broke = time.monotonic()
             count_before = len(events)
 
