@@ -236,10 +236,17 @@ class PathStatisticsTests(unittest.TestCase):
     """
 
     def paths(self, nat_a, nat_b, expected_kind):
+        """
+        Connect A to B and wait up to 5 s for a direct path (the first path
+        may be a relay session that the punch then replaces).
+        """
         sim, _relays, a, b = setup_pair(self, nat_a, nat_b)
         mesh = MeshNetwork(node=a.node)
         d = mesh.connect(b.peer_id, timeout=10)
         sim.run_until(lambda: d.called, 20)
+        self.successResultOf(d)
+        d = mesh.wait_direct(b.peer_id, 5)
+        sim.run_until(lambda: d.called, 10)
         self.assertEqual(self.successResultOf(d).kind, expected_kind)
         return mesh.statistics()["paths"]
 

@@ -12,7 +12,7 @@ import struct
 from twisted.trial import unittest
 
 from omerta.stun.hops import (ICMP_TIME_EXCEEDED, IP_RECVERR, SO_EE_ORIGIN_ICMP, _MARK, depth,
-                              inside, parse_error)
+                              inside, parse_error, settled)
 
 
 def queued(ttl: int, offender: str, origin=SO_EE_ORIGIN_ICMP, icmp_type=ICMP_TIME_EXCEEDED,
@@ -53,6 +53,15 @@ class HopsTests(unittest.TestCase):
         self.assertIsNone(depth({}))
         self.assertIsNone(depth({2: "10.0.0.1"}))
 
+    def test_settled_once_an_outside_router_answered_after_the_inside_run(self):
+        """The measurement stops early only when later answers cannot change the depth."""
+        self.assertTrue(settled({1: "10.99.2.1", 2: "198.51.100.200"}, 4))
+        self.assertTrue(settled({1: "10.99.2.1", 2: "100.64.0.1", 3: "198.51.100.1"}, 4))
+        self.assertTrue(settled({1: "10.0.0.1", 2: "10.0.1.1"}, 2))
+        self.assertFalse(settled({1: "10.99.2.1"}, 4))       # TTL 2 may still answer
+        self.assertFalse(settled({2: "198.51.100.200"}, 4))  # TTL 1 may still answer
+        self.assertFalse(settled({}, 4))
+
 
 MEASURE = """
 import sys
@@ -79,7 +88,10 @@ class NatDepthInLabTests(unittest.TestCase):
         env = dict(os.environ, PYTHONPATH=repo)
         with Lab("omhop") as lab:
             lab.add_server("server")
-            carrier = lab.add_nat("carrier", "port-restricted", input_filter=False)
+            # (the carrier NAT behind an ISP router, which answers from a
+            # public address: the depth is settled at once; the single NAT
+            # is on the public segment: the server itself is next)
+            carrier = lab.add_nat("carrier", "port-restricted", input_filter=False, isp=True)
             home = lab.add_nat("home", "full-cone", behind=carrier)
             behind_two = lab.add_host("alice", behind=home)
             behind_one = lab.add_host("bob", behind=lab.add_nat("single", "symmetric"))

@@ -131,11 +131,53 @@ class PathManagerTests(unittest.TestCase):
         self.liveness.on_pong(frame, address, pong)
 
     def test_establish_tries_every_way(self):
+        """Behind a full cone: a ping to its address, a relay session and a punch."""
+        self.registry.records[PEER].nat_type = NatType.FULL_CONE
         self.paths.establish(PEER)
         self.assertEqual([s.address for s in self.sent.of(MessageType.PING)], [AT])
         self.assertEqual(self.relays.opened, [(PEER, None)])
         self.assertEqual([(p, c) for p, c, _ in self.punches], [(PEER, (RELAY, ROUTE.relay_address))])
         self.assertEqual(self.paths.punch_attempts(PEER), 1)
+
+    def test_links_leave_a_new_peer_alone_until_it_classified_its_nat(self):
+        """
+        The liveness links do not ping the global address of a peer whose
+        NAT type is unknown yet (unless it reached us from there); once it
+        announces a type, or at a LAN address, they may.
+        """
+        self.registry.records[PEER].nat_type = NatType.UNKNOWN
+        self.assertIsNone(self.paths.link_address(PEER))
+        self.freshness.contacts[PEER] = SimpleNamespace(address=AT, heard=self.clock.seconds())
+        self.assertEqual(self.paths.link_address(PEER), AT)
+        del self.freshness.contacts[PEER]
+        self.registry.records[PEER].nat_type = NatType.PORT_RESTRICTED_CONE
+        self.assertEqual(self.paths.link_address(PEER), AT)
+        self.relays.route = ROUTE
+        self.registry.records[PEER].nat_type = NatType.UNKNOWN
+        self.assertEqual(self.paths.link_address(PEER), ROUTE)
+
+    def test_establish_leaves_a_filtering_nat_to_the_punch(self):
+        """
+        Behind a filtering NAT (here port-restricted) nothing goes to the
+        peer's public address before the punch: it could not get through,
+        and on a router without an input filter it would move the peer's
+        mapping.  Its LAN address, or one it reached us from lately, is
+        pinged.
+        """
+        self.paths.establish(PEER)
+        self.assertEqual(self.sent.of(MessageType.PING), [])
+        self.assertNotIn(PEER, self.liveness.links)
+        self.assertEqual(self.relays.opened, [(PEER, None)])
+        self.assertEqual(len(self.punches), 1)
+
+        self.freshness.contacts[PEER] = SimpleNamespace(address=AT, heard=self.clock.seconds())
+        self.paths.establish(PEER)
+        self.assertEqual([s.address for s in self.sent.of(MessageType.PING)], [AT])
+
+        lan = ("10.1.2.3", 7400)
+        self.freshness.contacts[PEER] = SimpleNamespace(address=lan, heard=self.clock.seconds())
+        self.paths.establish(PEER)
+        self.assertEqual([s.address for s in self.sent.of(MessageType.PING)][1:], [lan])
 
     def test_failover_to_an_open_session_and_upgrade_scheduled(self):
         self.liveness.connect(PEER, AT)

@@ -192,10 +192,10 @@ class PuncherTests(unittest.TestCase):
         self.assertEqual(self.metrics.get("punch_probes"), len(expected))
 
     def test_they_first_waits_the_margin_longer(self):
-        """THEY_FIRST starts probing punch_margin after the coordinator's start delay."""
+        """THEY_FIRST starts probing punch_hold_margin after the coordinator's start delay."""
         attempt_id, _ = self.request()
         self.execute(attempt_id, strategy=PunchStrategy.THEY_FIRST, start_in_ms=100)
-        start = 0.1 + self.config.punch_margin
+        start = 0.1 + self.config.punch_hold_margin
         self.clock.advance(start - 0.001)
         self.assertEqual(self.probes(), [])
         self.clock.advance(0.001)
@@ -212,15 +212,17 @@ class PuncherTests(unittest.TestCase):
 
     def test_lead_hold_keeps_its_mapping_with_probes_that_die_on_the_way(self):
         """
-        LEAD_HOLD: the opening rounds as usual, then every
-        punch_hold_keepalive a round limited to one hop (it refreshes the
-        own NAT's mapping and dies there), until punch_hold_timeout.
+        LEAD_HOLD with the NAT depth unknown: the opening rounds limited to
+        one hop but the last (all the way), then every punch_hold_keepalive
+        a round limited to one hop (it refreshes the own NAT's mapping and
+        dies there), until punch_hold_timeout.
         """
         attempt_id, results = self.request()
         self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
         config = self.config
         self.advance_in_steps(config.punch_hold_timeout + 1)
-        opening = [(t, None) for t in probe_schedule(config.punch_hold_after + 1e-6)]
+        opening = [(t, 1) for t in probe_schedule(config.punch_hold_after + 1e-6)]
+        opening[-1] = (opening[-1][0], None)
         keepalive = config.punch_hold_after + HOLD_GAP
         holds = []
         while keepalive < config.punch_hold_timeout:
@@ -232,13 +234,74 @@ class PuncherTests(unittest.TestCase):
         self.assertEqual(self.metrics.get("punch_failure"), 1)
 
     def test_hold_keepalives_cross_every_nat_of_our_own(self):
-        """Behind two NATs (a carrier-grade NAT), the keepalives leave with TTL 2: they refresh both."""
+        """
+        Behind two NATs (a carrier-grade NAT), the opening rounds but the
+        last leave with TTL 3 (they open both and die at the next router),
+        the last at full TTL, and the keepalives with TTL 2 (they refresh
+        both and die at the outer one).
+        """
         self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE,
                                                    nat_hops=2)
         attempt_id, _ = self.request()
         self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
         self.advance_in_steps(self.config.punch_hold_timeout)
-        self.assertEqual({p.hops for p in self.probes()}, {None, 2})
+        opening = probe_schedule(self.config.punch_hold_after + 1e-6)
+        rounds = self.probe_times()
+        self.assertEqual(rounds[:len(opening)],
+                         [(t, 3) for t in opening[:-1]] + [(opening[-1], None)])
+        self.assertEqual({hops for _, hops in rounds[len(opening):]}, {2})
+
+    def test_first_side_opens_its_own_nats_for_a_second(self):
+        """
+        YOU_FIRST behind one NAT: the rounds of the first punch_hold_after
+        seconds leave with TTL 2 (through our NAT, dead at the next router),
+        the later ones at full TTL; with the depth unknown, TTL 1.
+        """
+        self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.RESTRICTED_CONE, nat_hops=1)
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.YOU_FIRST)
+        self.advance_in_steps(self.config.punch_timeout)
+        rounds = self.probe_times()
+        after = self.config.punch_hold_after
+        self.assertEqual(rounds, [(t, 2 if t < after else None)
+                                  for t in probe_schedule(self.config.punch_timeout)])
+
+        # the depth unknown (or a public host's, 0): TTL 1, through no
+        # router at all (a punch the peer asked for, through a relay we
+        # hold a reservation on)
+        self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.RESTRICTED_CONE)
+        before = len(self.probes())
+        self.execute(0x5555, strategy=PunchStrategy.YOU_FIRST, peer=OTHER)
+        self.advance_in_steps(1.0)
+        self.assertNotEqual(self.probes()[before:], [])
+        self.assertEqual({p.hops for p in self.probes()[before:]}, {1})
+
+    def test_leader_opens_its_nats_without_reaching_the_follower_router(self):
+        """
+        LEAD_HOLD behind one NAT: everything the node sends the follower's
+        addresses leaves with TTL 2 from the first opening round; the
+        follower's probe through the opened mapping is acked and probed back
+        at full TTL, and the hold ends.
+        """
+        held = self.sent.held
+        self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE,
+                                                   nat_hops=1)
+        attempt_id, _ = self.request()
+        self.execute(attempt_id, strategy=PunchStrategy.LEAD_HOLD)
+        self.clock.advance(0)
+        self.assertEqual([(p.address, p.hops) for p in self.probes()],
+                         [(PEER_HOST, 2), (PEER_MAPPED, 2)])
+        self.assertEqual(held, {PEER_HOST: 2, PEER_MAPPED: 2})
+        self.assertEqual(self.metrics.get("punch_hold_keepalives"), 0)
+        self.advance_in_steps(self.config.punch_hold_margin)
+        before = len(self.probes())
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=attempt_id, seq=1,
+                     sent_ms=0)
+        self.assertEqual(held, {})
+        (ack,) = self.sent.of(MessageType.PUNCH_ACK)
+        self.assertEqual(ack.hops, None)
+        self.assertEqual([(p.address, p.hops) for p in self.probes()[before:]],
+                         [(PEER_MAPPED, None)])
 
     def test_follow_retry_goes_quiet_until_routers_forget(self):
         """

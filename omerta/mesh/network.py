@@ -501,7 +501,8 @@ class MeshNetwork:
                         remaining(), kinds=PATH_EVENTS + ("relay_session",))
                     continue
                 answers = await overlay.freshness.query(peer_id, overlay.config.contact_max_age)
-                fresh = [a.address for a in answers if a.address not in tried]
+                fresh = [a.address for a in answers if a.address not in tried
+                         and overlay.paths.may_reach(peer_id, a.address)]
                 if not fresh:
                     if overlay.relays.can_open(peer_id):
                         # relayed: ask again (a denied or lost request); when

@@ -124,8 +124,9 @@ class MeshConfig:
     punch_retry_soon: float = 1.0
     punch_retries_soon: int = 2
     punch_margin: float = 0.05
-    # between restricted cones (LEAD_HOLD / FOLLOW_RETRY): the follower
-    # starts punch_hold_margin after the leader, the opening rounds last
+    # the side that goes second (THEY_FIRST, FOLLOW_RETRY) starts
+    # punch_hold_margin after the first; between restricted cones
+    # (LEAD_HOLD / FOLLOW_RETRY) the opening rounds last
     # punch_hold_after; then the leader keeps its mapping with
     # hop-limited probes this often, the follower waits until routers forgot
     # unanswered UDP (Linux: 30 s) and probes again; the attempt ends after
@@ -200,6 +201,10 @@ class MeshNode:
         self.config = config or MeshConfig()
         self.rng = rng or random.Random()
         self.nat = None
+        #: How many NATs stand between this host and the internet
+        #: (L{omerta.stun.hops}), measured at start and with each NAT
+        #: discovery; None while unknown.
+        self.nat_hops: int | None = None
         self.relay = None          # RelayServer when this node relays
         self.coordinator = None    # punch Coordinator when this node relays
         self.relay_routes: dict[bytes, object] = {}  # session header -> ClientSession

@@ -80,7 +80,7 @@ class Overlay:
             self.basics, self.connections, self.registry, self.freshness, rng=rng,
             path_failed=lambda link: self.paths.path_failed(link),
             known_addresses=lambda peer_id: self.paths.known_addresses(peer_id),
-            address_of=lambda peer_id: self.paths.address_of(peer_id),
+            address_of=lambda peer_id: self.paths.link_address(peer_id),
             relay_of=self.relays.relay_of,
             announce_to=lambda address: self.gossip.announce_to(address),
             observed_address=node.observed_address,
@@ -97,6 +97,7 @@ class Overlay:
             local_port=lambda: node.local_port)
         self.punch = Puncher(
             self.basics, self.registry, nat=lambda: self.node.nat,
+            nat_hops=lambda: self.node.nat_hops,
             local_port=lambda: self.node.local_port,
             public_endpoints=lambda: self.node.public_endpoints(),
             proven=lambda peer, address, boot: self.liveness.proven(peer, address, boot),

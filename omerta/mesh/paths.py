@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from omerta.crypto.identity import format_peer_id
+from omerta.stun.hops import is_global
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
                               Path, State, is_relayed)  # noqa: F401 (re-exported)
@@ -73,6 +74,14 @@ class Connection:
 
 # NAT types a peer can be reached at directly, without any punch.
 OPEN_NATS = (NatType.PUBLIC,)
+# NAT types whose router may drop a datagram from an address its host has
+# not sent to (unknown: a node that has not finished NAT discovery is most
+# often behind one).  A ping to such a peer's public address cannot reach
+# it, and a router without an input filter keeps a conntrack entry for it
+# that moves the peer's mapping towards us, spoiling the punch
+# (omerta.mesh.punch).
+FILTERING_NATS = (NatType.UNKNOWN, NatType.RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE,
+                  NatType.SYMMETRIC)
 
 
 class PathManager:
@@ -165,6 +174,24 @@ class PathManager:
             return link.address
         return self.direct_address(peer_id)
 
+    def link_address(self, peer_id: bytes):
+        """
+        Where the liveness links may ping C{peer_id} (a new link, a
+        reconnect): L{address_of}, but None for the global address of a
+        peer that has not classified its NAT yet (it is new, most often
+        behind a NAT, and about to punch: a ping there would only leave an
+        entry on its router that moves its mapping), unless it reached us
+        from there lately.
+        """
+        address = self.address_of(peer_id)
+        if address is None or type(address) is RelayRoute:
+            return address
+        record = self.registry.get(peer_id)
+        if record is None or record.nat_type != NatType.UNKNOWN or not is_global(address[0]):
+            return address
+        contact = self.freshness.contacts.get(peer_id)
+        return address if contact is not None and contact.address == address else None
+
     def known_addresses(self, peer_id: bytes) -> set[tuple]:
         """
         Every direct address this node itself has for C{peer_id}: its link, a
@@ -222,13 +249,28 @@ class PathManager:
         """
         address = self.direct_address(peer_id)
         link = self.liveness.links.get(peer_id)
-        if address is not None and (link is None or not link.conn.path.relayed):
+        if (address is not None and (link is None or not link.conn.path.relayed)
+                and self.may_reach(peer_id, address)):
             self.liveness.connect(peer_id, address)
             self._announce_to(address)
             self.liveness.ping(peer_id, address)
         if self.needs_traversal(peer_id) or address is None:
             self.relays.open_session(peer_id)
             self.try_punch(peer_id)
+
+    def may_reach(self, peer_id: bytes, address: tuple) -> bool:
+        """
+        Whether a plain datagram to C{address} may reach C{peer_id}: not
+        when its announcement says a filtering NAT stands in front of that
+        (global) address, unless the peer reached us from it lately (its
+        router then expects us).  Its LAN address, or one of a public host
+        or a full cone, is worth the ping.
+        """
+        record = self.registry.get(peer_id)
+        if record is None or record.nat_type not in FILTERING_NATS or not is_global(address[0]):
+            return True
+        contact = self.freshness.contacts.get(peer_id)
+        return contact is not None and contact.address == address
 
     def relay_session_opened(self, peer_id: bytes, route: RelayRoute, requested: bool) -> None:
         """

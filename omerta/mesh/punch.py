@@ -35,18 +35,35 @@ side's address around the ports it was seen on, within the same schedule
 (port prediction, which only helps NATs that allocate ports sequentially).
 
 Who goes first is chosen for routers without an input filter too
-(L{choose_strategy}).  Between two port-restricted cones no order works
+(L{choose_strategy}), and the side that goes first (YOU_FIRST) opens only
+its own NATs for the first C{punch_hold_after} seconds: its probes leave
+with an IP TTL one above its NAT depth (L{omerta.stun.hops}, measured at
+start), cross its NATs and die at the next router, so none reaches the
+other router before the other side has sent (which would move that side's
+mapping there, and on Linux make the moved port the one its later
+destinations get too); the other side's probes, sent at full TTL, come
+through the mapping the first side opened, and are answered at full TTL.
+Later rounds go all the way.  Between two port-restricted cones no order works
 there: the first probe to arrive leaves a conntrack entry on the other
-router that moves its host's mapping.  So the leader (LEAD_HOLD) probes
-for C{punch_hold_after} seconds, then only keeps its own mapping alive with
-probes sent with an IP TTL of its NAT depth (L{omerta.stun.hops}; they
-refresh its NATs and die at the last), and its node sends the follower
-nothing that could go further,
-while the follower (FOLLOW_RETRY), having probed just after the leader,
-goes quiet for C{punch_hold_forget} seconds (the router forgets unanswered
-UDP in 30 s) and probes again: from its own mapping this time, through the
-one the leader held.  On routers that drop what nobody asked for, the
-opening rounds already succeed.
+router that moves its host's mapping.  So the leader (LEAD_HOLD) opens
+its own NATs first without reaching the follower's router: its opening
+probes (all but the last round) leave with an IP TTL one above its NAT
+depth (L{omerta.stun.hops}, measured at start),
+so they cross every NAT of its own and die at the first router beyond, and
+its node sends the follower nothing that could go further.  The follower
+(FOLLOW_RETRY) probes C{punch_hold_margin} later at full TTL, through the
+mapping the leader opened; the leader answers and probes back at full TTL.
+Wherever a router lies between the two NATs (on any real path) that is the
+punch.  Where none does (two NATs on one Ethernet segment), the leader's
+opening probes reach the other router all the same; then, after
+C{punch_hold_after} seconds, the leader only keeps its own mapping alive
+with probes that die at its outermost NAT (TTL of its NAT depth: they
+refresh its NATs), while the follower goes quiet for C{punch_hold_forget}
+seconds (the router forgets unanswered UDP in 30 s) and probes again: from
+its own mapping this time, through the one the leader held.  A leader whose
+NAT depth is unknown sends its opening probes with TTL 1 and only its last
+opening round at full TTL.  On routers that drop what nobody asked for, the
+opening rounds succeed either way.
 """
 
 from __future__ import annotations
@@ -134,6 +151,15 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
 _HOLDING = (S.LEAD_HOLD, S.FOLLOW_RETRY)
 HOLD_GAP = 0.05
 """Seconds between the last opening round and the start of a hold."""
+
+# How far a probe round goes (the second item of a round; None: all the way).
+QUIET = "quiet"
+"""Nothing to the peer's addresses at all (FOLLOW_RETRY waiting)."""
+KEEP = "keep"
+"""IP TTL of our NAT depth (at least 1): refreshes our NATs, dies at the last."""
+OPEN = "open"
+"""IP TTL of our NAT depth + 1: opens our NATs, dies at the first router
+beyond (TTL 1 while the depth is unknown)."""
 
 
 def _strategy_name(value: int) -> str:
@@ -385,7 +411,7 @@ class Attempt:
     executed: bool = False
     probes: int = 0
     probes_answered: bool = False  # a probe of the peer's reached us
-    holding: bool = False  # LEAD_HOLD: keepalives that die before the peer's router
+    holding: bool = False  # LEAD_HOLD: probes that die before the peer's router
     held: set = field(default_factory=set)  # addresses the node's sends are held back to
     rounds: int = 0
     give_up: Any = None    # the delayed call that ends the attempt
@@ -401,6 +427,9 @@ class Puncher:
     @param registry: the network's members (a relay's capabilities; the
         round trip a punch measured is recorded there).
     @param nat: C{nat()} is this node's NAT report (C{nat_type}), or None.
+    @param nat_hops: C{nat_hops()} is how many NATs this host is behind
+        (L{omerta.stun.hops}), or None while unknown; by default the NAT
+        report's C{nat_hops}.
     @param local_port: C{local_port()} is the port of the node's socket
         (0 before it is bound).
     @param public_endpoints: C{public_endpoints()} lists the node's
@@ -432,13 +461,15 @@ class Puncher:
                  on_punched: Callable[[bytes, tuple], None],
                  local_address: Callable[[tuple], str | None] | None = None,
                  hold: Callable[[tuple, int], None] = lambda address, hops: None,
-                 release: Callable[[tuple], None] = lambda address: None):
+                 release: Callable[[tuple], None] = lambda address: None,
+                 nat_hops: Callable[[], int | None] | None = None):
         self.basics = basics
         self.config = basics.config
         self.clock = basics.clock
         self.metrics = basics.metrics
         self.registry = registry
         self.nat = nat
+        self.nat_hops = nat_hops or (lambda: getattr(self.nat(), "nat_hops", None))
         self.local_port = local_port
         self.public_endpoints = public_endpoints
         self.proven = proven
@@ -571,7 +602,8 @@ class Puncher:
         timeout = attempt_timeout(self.config, message.strategy)
         self._end_after(attempt, timeout)
         self.log.debug("Punch {attempt:x} with {peer}: {strategy}, start in {start} ms,"
-                       " candidates {targets}", attempt=message.attempt_id,
+                       " candidates {targets}, {depth} NAT(s) deep", attempt=message.attempt_id,
+                       depth=self.nat_hops(),
                        peer=format_peer_id(message.peer), start=message.start_in_ms,
                        strategy=_strategy_name(message.strategy),
                        targets=[tuple(c.endpoint) for c in message.candidates])
@@ -587,51 +619,69 @@ class Puncher:
                 attempt.spray += [(host, p) for p in spray_ports(ports, share)]
             attempt.spray = attempt.spray[:message.spray]
         delay = message.start_in_ms / 1000
-        if message.strategy == S.THEY_FIRST:
-            delay += self.config.punch_margin
-        elif message.strategy == S.FOLLOW_RETRY:
-            # well after the leader: a probe of ours that reached its router
-            # before its first one left would move its mapping
+        if message.strategy in (S.THEY_FIRST, S.FOLLOW_RETRY):
+            # well after the side that goes first, whatever the two ends'
+            # load: a probe of ours that reached its router before its first
+            # one left would move its mapping
             delay += self.config.punch_hold_margin
         # (from now: the attempt started when it was asked for or executed)
         remaining = attempt.started + timeout - self.clock.seconds()
-        for offset, hops in self._rounds(message.strategy, remaining - delay):
+        for offset, reach in self._rounds(message.strategy, remaining - delay):
             attempt.calls.append(self.clock.callLater(delay + offset, self._probe_round,
-                                                      message.attempt_id, hops))
+                                                      message.attempt_id, reach))
 
-    def _rounds(self, strategy: int, length: float) -> list[tuple[float, int | None]]:
+    def _rounds(self, strategy: int, length: float) -> list[tuple[float, str | None]]:
         """
-        The probe rounds of one side, as (offset, hop limit or None), for an
-        attempt C{length} seconds long from this side's start.
+        The probe rounds of one side, as (offset, how far: None, L{OPEN},
+        L{KEEP} or L{QUIET}), for an attempt C{length} seconds long from
+        this side's start.
         """
         config = self.config
+        if strategy == S.YOU_FIRST:
+            # first for a second: open our own NATs only (the other side
+            # sends at once; a probe of ours on its router before that
+            # would move its mapping), then all the way
+            return [(offset, OPEN if offset < config.punch_hold_after else None)
+                    for offset in probe_schedule(length)]
         if strategy not in _HOLDING:
             return [(offset, None) for offset in probe_schedule(length)]
-        opening = [(offset, None) for offset in probe_schedule(config.punch_hold_after + 1e-6)]
+        opening = probe_schedule(config.punch_hold_after + 1e-6)
         # the hold (and the follower's quiet) starts right after the opening
         # rounds: from then on nothing of ours may reach the other router
         start = config.punch_hold_after + HOLD_GAP
         if strategy == S.LEAD_HOLD:
             keepalives, t = [], start
             while t < length:
-                keepalives.append((t, 1))
+                keepalives.append((t, KEEP))
                 t += config.punch_hold_keepalive
-            return opening + keepalives
+            # The last opening round goes all the way: where the depth is
+            # wrong (a router that did not answer), that round still opens
+            # the path on routers that drop what nobody asked for.
+            return ([(offset, OPEN) for offset in opening[:-1]] + [(opening[-1], None)]
+                    + keepalives)
         resume = config.punch_hold_after + config.punch_hold_forget
-        quiet = (start, 0)  # (hop limit 0: go quiet)
-        return opening + [quiet] + [(resume + offset, None)
-                                    for offset in probe_schedule(max(0.0, length - resume))]
+        return ([(offset, None) for offset in opening] + [(start, QUIET)]
+                + [(resume + offset, None) for offset in probe_schedule(max(0.0, length - resume))])
+
+    def _hop_limit(self, reach: str) -> int | None:
+        """The IP TTL of a round that goes C{reach} (None: no limit)."""
+        depth = self.nat_hops()
+        if reach == KEEP:
+            return max(1, depth or 0)
+        # (depth unknown, or a public host: 1, through no router at all;
+        # the rounds after punch_hold_after go all the way)
+        return (depth or 0) + 1
 
     def _answered_punch(self, address, peer_id: bytes):
         if address is not None:
             self.on_punched(peer_id, address)
         return address
 
-    def _probe_round(self, attempt_id: int, hops: int | None = None) -> None:
+    def _probe_round(self, attempt_id: int, reach: str | None = None) -> None:
         attempt = self.attempts.get(attempt_id)
         if attempt is None or attempt.result is not None:
             return
-        if hops == 0:
+        if reach == QUIET:
             # FOLLOW_RETRY: quiet towards the leader until its router forgot
             self._hold(attempt, 0)
             return
@@ -642,17 +692,16 @@ class Puncher:
             # spread the spray over the first rounds
             share = -(-len(attempt.spray) // 4)
             targets += attempt.spray[round_number * share:(round_number + 1) * share]
-        if hops is not None and not attempt.probes_answered:
-            # as many hops as this host has NATs, when known
-            nat = self.nat()
-            hops = max(hops, getattr(nat, "nat_hops", None) or 0)
-            # Holding: through our NAT (its mapping stays), not to the peer's
-            # router (what arrives there unasked is what we wait out).
+        hops = None if reach is None or attempt.probes_answered else self._hop_limit(reach)
+        if hops is not None:
+            # Through our NATs, not to the peer's router (what arrives there
+            # unasked moves the peer's mapping, or is what we wait out).
             attempt.holding = True
             self._hold(attempt, hops)  # (the node sends them with that TTL)
             for target in targets:
                 self._probe(attempt, target)
-            self.metrics.inc("punch_hold_keepalives")
+            if reach == KEEP:
+                self.metrics.inc("punch_hold_keepalives")
             return
         self._release(attempt)
         for target in targets:

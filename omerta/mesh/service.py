@@ -167,7 +167,13 @@ class NodeService(Service):
         if self.running:
             self.bootstrapper.start()
         if self.nat_interval > 0:
+            self.stun.measure_depth().addCallback(self._nat_depth)
             self.stun.discover()
+
+    def _nat_depth(self, hops: int | None) -> None:
+        if hops is not None and hops != self.node.nat_hops:
+            self.log.debug("{hops} NAT layer(s) between this host and the internet", hops=hops)
+            self.node.nat_hops = hops
 
     def _discovery_servers(self) -> list[tuple[str, int]]:
         """
@@ -180,6 +186,7 @@ class NodeService(Service):
 
     def _nat_report(self, report: NatReport, previous: NatReport | None) -> None:
         self.node.nat = report
+        self._nat_depth(report.nat_hops)
         changed = previous is None or (report.nat_type, report.mapped) != (
             previous.nat_type, previous.mapped
         )

@@ -54,6 +54,18 @@ def inside(address: str) -> bool:
     return ip.version == 4 and any(ip in network for network in INSIDE_NETWORKS)
 
 
+def is_global(address: str) -> bool:
+    """
+    Whether C{address} lies beyond the NATs: not inside (L{inside}), not
+    loopback and not unspecified.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return not (inside(address) or ip.is_loopback or ip.is_unspecified)
+
+
 def parse_error(data: bytes, ancillary: list) -> tuple[int, str] | None:
     """
     The (TTL, offender address) of one error-queue message that is an ICMP
@@ -91,13 +103,28 @@ def depth(answers: dict[int, str]) -> int | None:
     return count
 
 
+def settled(answers: dict[int, str], max_hops: int) -> bool:
+    """
+    Whether more answers cannot change L{depth}: a router answered for every
+    TTL from 1 up to the first one outside (or up to C{max_hops}).
+    """
+    count = 0
+    while count + 1 in answers:
+        count += 1
+        if not inside(answers[count]):
+            return True
+    return count >= max_hops
+
+
 def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
-              wait: float = 0.5) -> Deferred:
+              wait: float = 0.5, poll: float = 0.01) -> Deferred:
     """
     Measure the NAT depth towards C{server} (an IPv4 address and port):
     fires with an int, or None when unknown.  One fresh socket per TTL: a
     socket with C{IP_RECVERR} reports a queued error on its next send
-    instead of sending.
+    instead of sending.  The error queues are read every C{poll} seconds;
+    it fires as soon as the answers settle it (L{settled}: a few
+    milliseconds where routers answer), else after C{wait} seconds.
     """
     d = Deferred()
     if not sys.platform.startswith("linux") or ":" in server[0]:
@@ -118,26 +145,29 @@ def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
             sock.close()
         d.callback(None)
         return d
+    answers: dict[int, str] = {}
+    deadline = clock.seconds() + wait
 
     def collect() -> None:
-        answers: dict[int, str] = {}
         for sock in sockets:
-            try:
-                while True:
-                    try:
-                        data, ancillary, _flags, _addr = sock.recvmsg(64, 512, MSG_ERRQUEUE)
-                    except (BlockingIOError, InterruptedError):
+            while True:
+                try:
+                    data, ancillary, _flags, _addr = sock.recvmsg(64, 512, MSG_ERRQUEUE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                         break
-                    except OSError as e:
-                        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                            break
-                        continue  # the error the read reports; the next one is queued
-                    found = parse_error(data, ancillary)
-                    if found is not None:
-                        answers.setdefault(*found)
-            finally:
+                    continue  # the error the read reports; the next one is queued
+                found = parse_error(data, ancillary)
+                if found is not None:
+                    answers.setdefault(*found)
+        if settled(answers, max_hops) or clock.seconds() >= deadline:
+            for sock in sockets:
                 sock.close()
-        d.callback(depth(answers))
+            d.callback(depth(answers))
+        else:
+            clock.callLater(poll, collect)
 
-    clock.callLater(wait, collect)
+    clock.callLater(poll, collect)
     return d

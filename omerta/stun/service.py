@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -123,6 +123,18 @@ class StunService:
 
         self._running.addCallbacks(done, failed).addBoth(finished)
         return self._running
+
+    def measure_depth(self):
+        """
+        Measure the NAT depth (L{omerta.stun.hops}) towards the first
+        server now, apart from discovery, which takes seconds: a hole punch
+        needs it from the start.  A Deferred firing with the depth (None:
+        unknown, or not measured: no server, or hops not measured here).
+        """
+        servers = self.servers()
+        if not self.measure_hops or not servers or self.endpoint is None:
+            return succeed(None)
+        return nat_depth(self.reactor, servers[0], self.endpoint.local[0])
 
     def _with_hops(self, report: NatReport):
         """Add the NAT depth (L{omerta.stun.hops}) to a report of a NAT."""

@@ -15,8 +15,9 @@ A L{MatrixLab} builds one L{omerta.testing.natlab.Lab}:
    (initiators and targets never share a router: no NAT of the lab hairpins).
 
 The routers are home routers unless a I{variant} says otherwise
-(L{omerta.testing.matrix_results.VARIANTS}): without an input filter, with
-30 s mappings, behind a carrier-grade NAT of their own, or (C{same-lan})
+(L{omerta.testing.matrix_results.VARIANTS}): without an input filter
+(behind an ISP router each, or side by side), with 30 s mappings, behind a
+carrier-grade NAT of their own (behind an ISP router), or (C{same-lan})
 one router per type with both the target and the initiator on its LAN, the
 pairs then being each type with itself.
 
@@ -389,12 +390,14 @@ class MatrixLab:
         options = {}
         upstream = None
         if self.variant == "open-input":
+            options.update(input_filter=False, isp=True)
+        elif self.variant == "open-input-no-hop":
             options["input_filter"] = False
         elif self.variant == "short-timeout":
             options["mapping_timeout"] = 30
         elif self.variant == "double-nat":
             upstream = self.lab.add_nat(f"{name}_cgn", "port-restricted", input_filter=False,
-                                        mapping_timeout=30)
+                                        mapping_timeout=30, isp=True)
         return self.lab.add_nat(f"{name}_nat", nat_type, behind=upstream, **options)
 
     def pairs(self, initiators: Sequence[str] | None = None,

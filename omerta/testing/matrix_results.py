@@ -36,10 +36,13 @@ VARIANTS: dict[str, str] = {
     "home": "routers drop unsolicited UDP to themselves (a home router's firewall);"
             " mappings live 120 s",
     "open-input": "routers without that input filter: unsolicited UDP to the router itself"
-                  " leaves a conntrack entry that can move a host's mapping",
+                  " leaves a conntrack entry that can move a host's mapping; each reaches"
+                  " the public segment through an ISP router of its own",
+    "open-input-no-hop": "open-input routers side by side on the public segment, no router"
+                         " between them (customers on one carrier Ethernet segment)",
     "short-timeout": "mappings forgotten after 30 s without traffic",
     "double-nat": "every router of a NAT type sits behind a carrier-grade NAT of its own"
-                  " (port-restricted, no input filter, 30 s mappings)",
+                  " (port-restricted, no input filter, 30 s mappings, behind an ISP router)",
     "same-lan": "initiator and target on one LAN behind one router, which does not hairpin",
 }
 

@@ -88,6 +88,8 @@ class MeshSim:
                            relay=relay or None, rng=random.Random(self.rng.random()))
         if nat_type is not None:
             built.node.nat = SimpleNamespace(nat_type=nat_type, mapped=None)
+            # and what its NAT depth measurement would have found
+            built.node.nat_hops = 0 if nat_type == NatType.PUBLIC else 1
         built.start()
         sim_node = SimNode(built.node, host, built.port, identity, (ip, port), built,
                            dict(ip=ip, bootstrap=list(bootstrap), name=name, identity=identity,

@@ -63,6 +63,8 @@ SWITCH_BRIDGE = "br0"
 ROUTER_OUTSIDE = "nout"
 ROUTER_INSIDE = "nin"
 HOST_IF = "eth0"
+ISP_UP = "iup"
+ISP_DOWN = "idown"
 NFT_TABLE = "natlab"
 #: How long a mapping lives without traffic, by default: the cone map and
 #: set entries, and the kernel's UDP conntrack "stream" timeout, which the
@@ -360,6 +362,10 @@ class Router(Node):
     #: The router whose LAN this router's outside interface is on (double
     #: NAT), or None when it is on the public segment.
     upstream: Router | None = None
+    #: The ISP router between its outside interface and the public segment
+    #: (a namespace that only routes: one router hop, as on a real path to
+    #: any other customer), or None when the router is on the segment itself.
+    isp: Node | None = None
     #: How many times L{Lab.remap} moved its outside ports.
     remaps: int = 0
 
@@ -561,8 +567,8 @@ class Lab:
     def _taken(self) -> set[str]:
         return {a for n in self.nodes.values() for a in n.addresses}
 
-    def _public(self, address: str | None, start: int) -> str:
-        taken = self._taken()
+    def _public(self, address: str | None, start: int, also_taken: Iterable[str] = ()) -> str:
+        taken = self._taken() | set(also_taken)
         if address is not None:
             if ipaddress.IPv4Address(address) not in self.public_net:
                 raise ValueError(f"{address} is not in the lab's public net {self.public_net}")
@@ -590,7 +596,7 @@ class Lab:
     def add_nat(
         self, name: str, nat_type: str, loss: int = 0, public_address: str | None = None,
         behind: Router | None = None, input_filter: bool = True,
-        mapping_timeout: int = MAPPING_TIMEOUT,
+        mapping_timeout: int = MAPPING_TIMEOUT, isp: bool = False,
     ) -> Router:
         """
         A NAT router of C{nat_type} (one of L{NAT_TYPES} except "none": a
@@ -599,7 +605,11 @@ class Lab:
         router, router at .1.  Its outside interface is on the public
         segment, or on the LAN of router C{behind} (double NAT, as behind a
         carrier-grade NAT).  C{input_filter} and C{mapping_timeout}: see
-        L{Router}.
+        L{Router}.  With C{isp}, a router on the public segment reaches it
+        through an ISP router of its own (node C{NAME_isp}, public address
+        from .200): it keeps its public address, and every packet between it
+        and anyone else crosses one router hop more (see docs/natlab.md,
+        "ISP hop").
         """
         if nat_type == "none":
             raise ValueError('NAT type "none" has no router: use add_host(name) (behind=None)')
@@ -612,9 +622,17 @@ class Lab:
         if not isinstance(mapping_timeout, int) or not 5 <= mapping_timeout <= 3600:
             raise ValueError(f"mapping_timeout must be 5..3600 s, not {mapping_timeout!r}")
         lan = ipaddress.IPv4Network(f"10.99.{index}.0/24")
+        if isp and behind is not None:
+            raise ValueError("a router behind another reaches the public segment through it,"
+                             " not through an ISP router")
+        hop = None
         if behind is None:
             address = self._public(public_address, 1)
             public = address
+            if isp:
+                hop_name = f"{name}_isp"
+                hop_address = self._public(None, 200, also_taken=[address])
+                hop = Node(hop_name, self._new_name(hop_name), "isp", [hop_address], hop_address)
         else:
             if public_address is not None:
                 raise ValueError("a router behind another takes its public address from it")
@@ -624,7 +642,10 @@ class Lab:
             name, ns, "router", [address], public,
             nat_type=nat_type, loss=_check_loss(loss), lan=lan, lan_address=str(lan[1]),
             input_filter=bool(input_filter), mapping_timeout=mapping_timeout, upstream=behind,
+            isp=hop,
         )
+        if hop is not None:
+            self.nodes[hop.name] = hop  # built with its router
         return self._added(router)
 
     def _lan_address(self, router: Router, address: str | None = None) -> str:
@@ -768,7 +789,8 @@ class Lab:
                 d.update(nat_type=n.nat_type, loss=n.loss, lan=str(n.lan),
                          lan_address=n.lan_address, input_filter=n.input_filter,
                          mapping_timeout=n.mapping_timeout,
-                         upstream=n.upstream.name if n.upstream else None)
+                         upstream=n.upstream.name if n.upstream else None,
+                         isp=n.isp.name if n.isp else None)
             elif isinstance(n, Host):
                 d.update(nat_type=n.nat_type, router=n.router.name if n.router else None)
             nodes[n.name] = d
@@ -843,7 +865,11 @@ class Lab:
         plen = self.public_net.prefixlen
         if isinstance(node, Router):
             upstream = node.upstream
-            if upstream is None:
+            if node.isp is not None:
+                if not node.isp.built:
+                    self._build(node.isp)
+                self._connect_isp(node)
+            elif upstream is None:
                 self._plug(node.ns, self.switch_ns, SWITCH_BRIDGE, inner=ROUTER_OUTSIDE)
                 self._configure(node.ns, ROUTER_OUTSIDE, node.addresses, plen)
             else:
@@ -863,6 +889,15 @@ class Lab:
                 "net/netfilter/nf_conntrack_udp_timeout_stream": str(node.mapping_timeout),
                 "net/netfilter/nf_conntrack_udp_timeout": str(min(30, node.mapping_timeout)),
             })
+        elif node.kind == "isp":
+            self._plug(node.ns, self.switch_ns, SWITCH_BRIDGE, inner=ISP_UP)
+            self._configure(node.ns, ISP_UP, node.addresses, plen)
+            self._sysctl(node.ns, {
+                "net/ipv4/ip_forward": "1",
+                "net/ipv4/conf/all/proxy_arp": "1",
+                # answer at once, not after up to 0.8 s
+                f"net/ipv4/neigh/{ISP_UP}/proxy_delay": "0",
+            })
         elif isinstance(node, Host) and node.router is not None:
             if not node.router.built:
                 self._build(node.router)
@@ -873,6 +908,25 @@ class Lab:
             self._plug(node.ns, self.switch_ns, SWITCH_BRIDGE)
             self._configure(node.ns, HOST_IF, node.addresses, plen)
         node.built = True
+
+    def _connect_isp(self, router: Router) -> None:
+        """
+        A veth from C{router}'s outside interface to its ISP router, which
+        routes its address there and answers ARP on each side for the other
+        (proxy ARP): the router keeps its address on the public net and the
+        segment's other nodes need no route, yet every packet crosses the
+        ISP router, which decrements its TTL (and answers ICMP time
+        exceeded from its own public address).
+        """
+        isp = router.isp
+        with self._ipr(isp.ns) as ipr:
+            ipr.link("add", ifname=ISP_DOWN, kind="veth",
+                     peer={"ifname": ROUTER_OUTSIDE, "net_ns_fd": router.ns})
+        self._configure(isp.ns, ISP_DOWN, [], 32)
+        self._configure(router.ns, ROUTER_OUTSIDE, router.addresses, self.public_net.prefixlen)
+        with self._ipr(isp.ns) as ipr:
+            ipr.route("add", dst=f"{router.address}/32", oif=ipr.link_lookup(ifname=ISP_DOWN)[0])
+        self._sysctl(isp.ns, {f"net/ipv4/neigh/{ISP_DOWN}/proxy_delay": "0"})
 
     def _nft(self, router: Router, rules: str) -> None:
         path = Path(tempfile.mkstemp(prefix=f"{router.name}-", suffix=".nft",

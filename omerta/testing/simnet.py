@@ -940,7 +940,10 @@ class SimNetwork:
         C{ttl} of 1 it dies at the first router: the sender's NAT, which
         refreshes the mapping it already has for it (as conntrack does
         before the forwarding path drops it) and creates none, or the
-        internet's first router for a host without NAT.
+        internet's first router for a host without NAT.  Each NAT it
+        crosses takes one more: with a TTL one above the number of NATs in
+        front of the sender it opens their mappings and dies at the
+        internet's first router, before any other NAT.
         """
         self.sent += 1
         if self.classify is not None:
@@ -960,16 +963,27 @@ class SimNetwork:
                     refresh(wire_src, dst)
             self.dropped["ttl"] += 1
             return
+        crossed = 0
         while router is not None and dst_ip not in router.inside:
+            if ttl - crossed <= 1:
+                # dies at this NAT (an outer one): it creates no mapping
+                self.dropped["ttl"] += 1
+                return
             translated = router.model.outbound(wire_src, dst)
             if translated is None:
                 self.dropped["nat"] += 1
                 return
             wire_src = translated
+            crossed += 1
             outer = self._nat_by_inside.get(wire_src[0])
             if outer is router:
                 break
             router = outer
+        if crossed and ttl - crossed <= 1:
+            # through the sender's NATs (their mappings made), dead at the
+            # internet's first router: it never reaches the other side
+            self.dropped["ttl"] += 1
+            return
         dst_router = self._nat_by_inside.get(dst_ip)
         if (
             dst_router is not None
