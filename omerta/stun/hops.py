@@ -3,7 +3,8 @@ How many NATs stand between this host and the internet: the hops whose
 ICMP "time exceeded" answers come from addresses that are not global.
 
 A fresh UDP socket with C{IP_RECVERR} sends one small datagram towards the
-STUN server with each IP TTL from 1 to C{max_hops}.  A datagram whose TTL
+STUN server's host (traceroute's port 33434, which nothing serves) with
+each IP TTL from 1 to C{max_hops}.  A datagram whose TTL
 runs out at a router comes back as an ICMP time-exceeded message on the
 socket's error queue, with the router's address (the offender) and the
 datagram itself, which says which TTL it had.  Routers a host's own
@@ -38,6 +39,9 @@ SO_EE_ORIGIN_ICMP = 2
 ICMP_TIME_EXCEEDED = 11
 _EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err
 _MARK = b"omerta-hops:"
+#: Where the probes go on the server's host: traceroute's first port, which
+#: nothing serves (the STUN server would count them as junk).
+PROBE_PORT = 33434
 #: Private (RFC 1918), shared (RFC 6598) and link-local networks: where a
 #: router on this side of the internet answers from.  (Not
 #: C{ipaddress}'s C{is_private}, which also holds the documentation ranges.)
@@ -139,7 +143,7 @@ def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             sock.bind((interface if interface not in ("", "::") else "0.0.0.0", 0))
-            sock.sendto(_MARK + bytes([ttl]), server)
+            sock.sendto(_MARK + bytes([ttl]), (server[0], PROBE_PORT))
     except OSError:
         for sock in sockets:
             sock.close()
