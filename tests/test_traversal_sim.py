@@ -39,7 +39,7 @@ class StrategyTests(unittest.TestCase):
             (N.SYMMETRIC, N.SYMMETRIC): (S.IMPOSSIBLE, S.IMPOSSIBLE),
             (N.BLOCKED, N.PUBLIC): (S.IMPOSSIBLE, S.IMPOSSIBLE),
             (N.UNKNOWN, N.SYMMETRIC): (S.SIMULTANEOUS, S.SIMULTANEOUS),
-            (N.UNKNOWN, N.UNKNOWN): (S.SIMULTANEOUS, S.SIMULTANEOUS),
+            (N.UNKNOWN, N.UNKNOWN): (S.LEAD_HOLD, S.FOLLOW_RETRY),
         }
         for (a, b), expected in cases.items():
             self.assertEqual(choose_strategy(a, b)[:2], expected, (a.name, b.name))
@@ -59,7 +59,7 @@ class StrategyTests(unittest.TestCase):
             sa, sb, pa, pb = choose_strategy(a, b)
             if a == b == N.RESTRICTED_CONE:
                 self.assertEqual((sa, sb), (S.YOU_FIRST, S.THEY_FIRST))
-            elif N.PORT_RESTRICTED_CONE in (a, b) and {a, b} <= hold:
+            elif {a, b} <= hold:
                 self.assertEqual((sa, sb), (S.LEAD_HOLD, S.FOLLOW_RETRY))
             else:
                 self.assertEqual(choose_strategy(b, a), (sb, sa, pb, pa), (a.name, b.name))

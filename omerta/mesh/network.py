@@ -492,6 +492,9 @@ class MeshNetwork:
             if connection is not None:
                 return connection
             address = overlay.paths.address_of(peer_id)
+            if (address is not None and not is_relayed(address)
+                    and not overlay.paths.may_reach(peer_id, address)):
+                address = None  # behind a filtering NAT: the relay session and the punch
             if address is None or address in tried:
                 if peer_id in overlay.relays.pending:
                     # a relay session is being opened: it becomes the

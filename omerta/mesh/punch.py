@@ -121,10 +121,11 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
     - symmetric with a port-restricted cone: the symmetric side first (its
       new mapping is learnt from its probes), the cone side also sprays
       ports of the symmetric side's address (port prediction);
-    - two port-restricted cones (or one and an unknown type): C{a} leads and
-      holds its mapping, C{b} follows and retries after the other router
-      forgot (see the module docstring);
-    - otherwise (unknown types): simultaneous open.
+    - two port-restricted cones, or unknown types (nodes that have not
+      classified their NAT yet, most often behind one): C{a} leads (opens
+      its own NATs first) and holds its mapping, C{b} follows and retries
+      after the other router forgot (see the module docstring);
+    - otherwise (unknown with symmetric): simultaneous open.
     """
     a, b = _nat(a), _nat(b)
     if N.BLOCKED in (a, b) or (a == N.SYMMETRIC and b == N.SYMMETRIC):
@@ -143,7 +144,7 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
         return S.YOU_FIRST, S.THEY_FIRST, 0, spray
     if b == N.SYMMETRIC and a == N.PORT_RESTRICTED_CONE:
         return S.THEY_FIRST, S.YOU_FIRST, spray, 0
-    if N.PORT_RESTRICTED_CONE in (a, b) and {a, b} <= {N.PORT_RESTRICTED_CONE, N.UNKNOWN}:
+    if {a, b} <= {N.PORT_RESTRICTED_CONE, N.UNKNOWN}:
         return S.LEAD_HOLD, S.FOLLOW_RETRY, 0, 0
     return S.SIMULTANEOUS, S.SIMULTANEOUS, 0, 0
 
