@@ -184,13 +184,10 @@ class PathManager:
         from there lately.
         """
         address = self.address_of(peer_id)
-        if address is None or type(address) is RelayRoute:
+        if (address is None or type(address) is RelayRoute
+                or self.may_reach(peer_id, address, (NatType.UNKNOWN,))):
             return address
-        record = self.registry.get(peer_id)
-        if record is None or record.nat_type != NatType.UNKNOWN or not is_global(address[0]):
-            return address
-        contact = self.freshness.contacts.get(peer_id)
-        return address if contact is not None and contact.address == address else None
+        return None
 
     def known_addresses(self, peer_id: bytes) -> set[tuple]:
         """
@@ -258,16 +255,17 @@ class PathManager:
             self.relays.open_session(peer_id)
             self.try_punch(peer_id)
 
-    def may_reach(self, peer_id: bytes, address: tuple) -> bool:
+    def may_reach(self, peer_id: bytes, address: tuple,
+                  filtering: tuple = FILTERING_NATS) -> bool:
         """
         Whether a plain datagram to C{address} may reach C{peer_id}: not
-        when its announcement says a filtering NAT stands in front of that
-        (global) address, unless the peer reached us from it lately (its
-        router then expects us).  Its LAN address, or one of a public host
-        or a full cone, is worth the ping.
+        when its announcement says a NAT of a C{filtering} type stands in
+        front of that (global) address, unless the peer reached us from it
+        lately (its router then expects us).  Its LAN address, or one of a
+        public host or a full cone, is worth the ping.
         """
         record = self.registry.get(peer_id)
-        if record is None or record.nat_type not in FILTERING_NATS or not is_global(address[0]):
+        if record is None or record.nat_type not in filtering or not is_global(address[0]):
             return True
         contact = self.freshness.contacts.get(peer_id)
         return contact is not None and contact.address == address

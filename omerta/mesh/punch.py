@@ -638,12 +638,16 @@ class Puncher:
         this side's start.
         """
         config = self.config
+        # The side that goes first opens only its own NATs until
+        # punch_hold_after (a probe of ours on the other router before the
+        # other side sent would move its mapping), then goes all the way:
+        # where the depth is wrong (a router that did not answer), those
+        # rounds still open the path on routers that drop what nobody asked for.
+        def first(offsets: list[float]) -> list[tuple[float, str | None]]:
+            return [(t, OPEN if t < config.punch_hold_after else None) for t in offsets]
+
         if strategy == S.YOU_FIRST:
-            # first for a second: open our own NATs only (the other side
-            # sends at once; a probe of ours on its router before that
-            # would move its mapping), then all the way
-            return [(offset, OPEN if offset < config.punch_hold_after else None)
-                    for offset in probe_schedule(length)]
+            return first(probe_schedule(length))
         if strategy not in _HOLDING:
             return [(offset, None) for offset in probe_schedule(length)]
         opening = probe_schedule(config.punch_hold_after + 1e-6)
@@ -655,11 +659,7 @@ class Puncher:
             while t < length:
                 keepalives.append((t, KEEP))
                 t += config.punch_hold_keepalive
-            # The last opening round goes all the way: where the depth is
-            # wrong (a router that did not answer), that round still opens
-            # the path on routers that drop what nobody asked for.
-            return ([(offset, OPEN) for offset in opening[:-1]] + [(opening[-1], None)]
-                    + keepalives)
+            return first(opening) + keepalives
         resume = config.punch_hold_after + config.punch_hold_forget
         return ([(offset, None) for offset in opening] + [(start, QUIET)]
                 + [(resume + offset, None) for offset in probe_schedule(max(0.0, length - resume))])
