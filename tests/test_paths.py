@@ -17,7 +17,7 @@ from omerta.mesh.liveness import Liveness
 from omerta.mesh.paths import PathManager
 from omerta.mesh.peer import DIRECT, PUNCHED, RELAYED, Connections, RelayRoute, State
 from omerta.testing.fakes import fake_basics, fixed_identity, proven_pong
-from omerta.wire.messages import MessageType, NatType, PathKind
+from omerta.wire.messages import Capability, MessageType, NatType, PathKind
 
 IDENTITIES = {i.peer_id: i for i in (fixed_identity(0x0A), fixed_identity(0x0C))}
 PEER, RELAY = IDENTITIES
@@ -32,7 +32,7 @@ class FakeRegistry:
 
     def add(self, peer_id, nat_type=NatType.PORT_RESTRICTED_CONE, paths=()):
         self.records[peer_id] = SimpleNamespace(
-            peer_id=peer_id, nat_type=nat_type, paths=list(paths), endpoint=None,
+            peer_id=peer_id, nat_type=nat_type, paths=list(paths), endpoint=None, capabilities=0,
             last_heard=None, timestamp_ms=0, state="online", rtt=None)
 
     def get(self, peer_id):
@@ -53,6 +53,7 @@ class FakeRelays:
         self.route = None
         self.openable = True
         self.opened, self.failed, self.pinged = [], [], []
+        self.pending = set()
 
     def ping_relay_of(self, route):
         self.pinged.append(route)
@@ -139,22 +140,65 @@ class PathManagerTests(unittest.TestCase):
         self.assertEqual([(p, c) for p, c, _ in self.punches], [(PEER, (RELAY, ROUTE.relay_address))])
         self.assertEqual(self.paths.punch_attempts(PEER), 1)
 
-    def test_links_leave_a_new_peer_alone_until_it_classified_its_nat(self):
+    def test_links_leave_a_filtering_nat_alone(self):
         """
-        The liveness links do not ping the global address of a peer whose
-        NAT type is unknown yet (unless it reached us from there); once it
-        announces a type, or at a LAN address, they may.
+        The liveness links do not ping the global address of a peer behind
+        a filtering NAT, or one whose NAT type is unknown yet, unless it
+        reached us from there; they may at a full cone's address, at a LAN
+        address, or through a relay session.
         """
-        self.registry.records[PEER].nat_type = NatType.UNKNOWN
-        self.assertIsNone(self.paths.link_address(PEER))
+        for nat in (NatType.UNKNOWN, NatType.PORT_RESTRICTED_CONE, NatType.SYMMETRIC):
+            self.registry.records[PEER].nat_type = nat
+            self.assertIsNone(self.paths.link_address(PEER), nat)
         self.freshness.contacts[PEER] = SimpleNamespace(address=AT, heard=self.clock.seconds())
         self.assertEqual(self.paths.link_address(PEER), AT)
         del self.freshness.contacts[PEER]
-        self.registry.records[PEER].nat_type = NatType.PORT_RESTRICTED_CONE
+        self.registry.records[PEER].nat_type = NatType.FULL_CONE
         self.assertEqual(self.paths.link_address(PEER), AT)
-        self.relays.route = ROUTE
+        lan = ("10.1.2.3", 7400)
+        self.registry.records[PEER].nat_type = NatType.SYMMETRIC
+        self.freshness.contacts[PEER] = SimpleNamespace(address=lan, heard=self.clock.seconds())
+        self.assertEqual(self.paths.link_address(PEER), lan)
+        del self.freshness.contacts[PEER]
+        self.registry.records[PEER].capabilities = Capability.RELAY | Capability.STUN
         self.registry.records[PEER].nat_type = NatType.UNKNOWN
+        self.assertEqual(self.paths.link_address(PEER), AT, "a relay answers strangers")
+        self.registry.records[PEER].capabilities = Capability.PROVIDER
+        self.assertIsNone(self.paths.link_address(PEER))
+        self.relays.route = ROUTE
         self.assertEqual(self.paths.link_address(PEER), ROUTE)
+
+    def test_a_message_to_a_filtering_nat_opens_a_path_first(self):
+        """
+        A message for a peer behind a filtering NAT that we have no path to
+        sends nothing to its public address: it starts a relay session and
+        a punch, and waits (C{opening}) until a path is ready, which the
+        path manager reports.
+        """
+        ready = []
+        self.paths._path_ready = ready.append
+        self.assertIsNone(self.paths.message_address(PEER))
+        self.assertEqual(self.sent.of(MessageType.PING), [])
+        self.assertEqual(self.relays.opened, [(PEER, None)])
+        self.assertEqual(len(self.punches), 1)
+        self.relays.pending = {PEER}
+        self.assertTrue(self.paths.opening(PEER))
+        self.relays.pending = set()
+        self.assertTrue(self.paths.opening(PEER), "the punch is still running")
+
+        self.paths.relay_session_opened(PEER, ROUTE, requested=True)
+        self.relays.route = ROUTE
+        self.assertEqual(ready, [PEER])
+        self.assertEqual(self.paths.message_address(PEER), ROUTE)
+        self.punches[0][2].callback(PUNCHED_AT)
+        self.assertEqual(ready, [PEER, PEER])
+        self.assertEqual(self.paths.message_address(PEER), PUNCHED_AT)
+        self.assertFalse(self.paths.opening(PEER))
+
+    def test_a_message_to_an_open_nat_goes_at_once(self):
+        self.registry.records[PEER].nat_type = NatType.FULL_CONE
+        self.assertEqual(self.paths.message_address(PEER), AT)
+        self.assertEqual(self.relays.opened, [])
 
     def test_establish_leaves_a_filtering_nat_to_the_punch(self):
         """

@@ -286,6 +286,25 @@ class RelayedPathTests(unittest.TestCase):
         # the relay's own messaging never saw an application message
         self.assertEqual(relays[0].node.metrics.total("bytes_app_in"), 0)
 
+    def test_a_message_opens_the_path_it_waits_for(self):
+        """
+        A single fire-and-forget message to a peer behind a symmetric NAT,
+        with no link to it yet: nothing goes to the peer's public address;
+        a relay session and a punch are started, and the message leaves
+        (after the handshake) as soon as the session is open.
+        """
+        sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
+        # (a's link to b pings b's LAN address, in vain: take it away)
+        a.overlay.liveness.drop(b.peer_id)
+        self.assertIsNone(a.overlay.relays.route_to(b.peer_id))
+        got = []
+        b.overlay.messaging.on_channel("note", lambda peer, payload: got.append(payload))
+        a.overlay.messaging.send(b.peer_id, "note", b"hi")
+        self.assertTrue(a.overlay.paths.opening(b.peer_id))
+        self.assertTrue(sim.run_until(lambda: got, 3), "the message never arrived")
+        self.assertEqual(got, [b"hi"])
+        self.assertEqual(a.node.metrics.get("drops", reason="no_route"), 0)
+
     def test_relay_failover(self):
         """
         The relay carrying a relayed path dies: the path moves to a session
@@ -308,6 +327,31 @@ class RelayedPathTests(unittest.TestCase):
         self.assertEqual(a.overlay.relays.relay_of(link.address), other.peer_id)
         self.assertLess(recovered, 25)
         self.assertGreaterEqual(a.node.metrics.total("path_failovers"), 1)
+
+    def test_a_relay_that_never_classified_its_nat_is_found_again(self):
+        """
+        The first relay of a network has no STUN server to classify its
+        NAT with (it reports unknown).  Killed and declared gone, then
+        started again, the others still ping it (a relay answers
+        strangers) and see it online within a reconnect interval or two.
+        """
+        sim = MeshSim(seed=3)
+        self.addCleanup(sim.stop)
+        first = sim.add_node("198.51.100.10", [], name="relay0", relay=True,
+                             nat_type=N.UNKNOWN)
+        second = sim.add_node("198.51.100.11", [first], name="relay1", relay=True,
+                              nat_type=N.PUBLIC)
+        def state() -> str | None:
+            record = second.overlay.registry.get(first.peer_id)
+            return None if record is None else record.state
+        self.assertTrue(sim.run_until(lambda: state() == "online", 30))
+        sim.kill(first)
+        self.assertTrue(sim.run_until(lambda: state() == "offline", 60))
+        sim.restart(first)
+        started = sim.clock.seconds()
+        self.assertTrue(sim.run_until(lambda: state() == "online", 60))
+        self.assertLessEqual(sim.clock.seconds() - started,
+                             2 * second.overlay.config.reconnect_interval)
 
     def test_relay_failover_soon_after_the_other_relay_restarted(self):
         """
@@ -454,11 +498,11 @@ class RelayRuleTests(unittest.TestCase):
 
         sim, relays, a, b = setup_pair(self, "symmetric", "symmetric")
         relay = relays[0].node.relay
+        echo(b)
+        request(sim, a, b, b"x")
         # (a budget the path's own liveness fits in: a silent busy path is
         # pinged every 4 round trips, 0.2 s at least)
         relay.config = RelayConfig(packets_per_second=12, session_bytes=3000)
-        echo(b)
-        request(sim, a, b, b"x")
         route = a.overlay.relays.route_to(b.peer_id)
         for _ in range(30):
             a.port.write(route.header + b"\xf0M" + bytes(100), route.relay_address)

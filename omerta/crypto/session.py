@@ -422,18 +422,20 @@ class SessionTable:
 
     # initiator
 
-    def initiate(self, peer_id: bytes, now: float) -> tuple[dict, int] | None:
+    def initiate(self, peer_id: bytes, now: float,
+                 restart: bool = False) -> tuple[dict, int] | None:
         """
         Start a handshake with C{peer_id}: returns the HANDSHAKE_INIT fields
         and the handshake id, or None when one is already in flight (younger
-        than C{retry_after}).  An older one is replaced: its RESP will be
-        C{unknown_handshake}.
+        than C{retry_after}, unless C{restart}: it went out on a path that
+        has since been replaced).  An older one is replaced: its RESP will
+        be C{unknown_handshake}.
         """
         if peer_id == self.peer_id:
             raise ValueError("a node does not open a session with itself")
         pending = self._pending.get(peer_id)
         if pending is not None:
-            if now < pending.started + self.retry_after:
+            if not restart and now < pending.started + self.retry_after:
                 return None
             self._forget_pending(peer_id)
         self._trim_pending(now)

@@ -167,7 +167,7 @@ class Messaging:
         overlay = self.overlay
         now = overlay.clock.seconds()
         session = self.sessions.get(peer_id, now)
-        address = overlay.paths.address_of(peer_id)
+        address = overlay.paths.message_address(peer_id)
         if session is not None and address is not None:
             overlay.send(address, MessageType.SESSION_DATA, **session.seal(inner_type, body))
             return
@@ -178,11 +178,30 @@ class Messaging:
         if inner_type != MessageType.REQUEST or not any(b == body for _, b in queue):
             queue.append((inner_type, body))
         if address is None:
-            overlay.metrics.inc("drops", reason="no_route")
+            if not overlay.paths.opening(peer_id):
+                overlay.metrics.inc("drops", reason="no_route")
             return
-        started = self.sessions.initiate(peer_id, now)
+        self._handshake(peer_id, address, now)
+
+    def _handshake(self, peer_id: bytes, address, now: float, restart: bool = False) -> None:
+        started = self.sessions.initiate(peer_id, now, restart)
         if started is not None:
-            overlay.send(address, MessageType.HANDSHAKE_INIT, **started[0])
+            self.overlay.send(address, MessageType.HANDSHAKE_INIT, **started[0])
+
+    def path_ready(self, peer_id: bytes) -> None:
+        """
+        A path to C{peer_id} opened (a relay session, a punch): if messages
+        wait for it, or the tunnel plane asked for a session, start the
+        handshake now on that path, rather than at the next retransmission
+        (an earlier one went where it may not arrive).
+        """
+        overlay = self.overlay
+        now = overlay.clock.seconds()
+        if peer_id not in self._queued or self.sessions.get(peer_id, now) is not None:
+            return
+        address = overlay.paths.message_address(peer_id)
+        if address is not None:
+            self._handshake(peer_id, address, now, restart=True)
 
     def _flush(self, peer_id: bytes) -> None:
         for inner_type, body in self._queued.pop(peer_id, []):
@@ -200,13 +219,14 @@ class Messaging:
         now = overlay.clock.seconds()
         if self.sessions.get(peer_id, now) is not None:
             return
-        address = overlay.paths.address_of(peer_id)
+        address = overlay.paths.message_address(peer_id)
         if address is None:
-            overlay.metrics.inc("drops", reason="no_route")
+            if overlay.paths.opening(peer_id):
+                self._queued[peer_id]  # (an empty queue: L{path_ready} handshakes)
+            else:
+                overlay.metrics.inc("drops", reason="no_route")
             return
-        started = self.sessions.initiate(peer_id, now)
-        if started is not None:
-            overlay.send(address, MessageType.HANDSHAKE_INIT, **started[0])
+        self._handshake(peer_id, address, now)
 
     def confirmed(self, peer_id: bytes) -> None:
         """

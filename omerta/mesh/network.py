@@ -592,7 +592,7 @@ class MeshNetwork:
     async def _ping(self, peer, timeout, network):
         overlay = self.overlay(network)
         peer_id = self.resolve(peer, network)
-        address = overlay.paths.address_of(peer_id)
+        address = overlay.paths.message_address(peer_id)
         if address is None:
             connection = await self._connect(peer, timeout, network)
             address = connection.endpoint

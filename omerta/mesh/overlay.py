@@ -94,7 +94,8 @@ class Overlay:
             liveness=self.liveness, relays=self.relays, freshness=self.freshness,
             punch=lambda peer_id, coordinator: self.punch.request(peer_id, coordinator),
             announce_to=lambda address: self.gossip.announce_to(address),
-            local_port=lambda: node.local_port)
+            local_port=lambda: node.local_port,
+            path_ready=lambda peer_id: self.messaging.path_ready(peer_id))
         self.punch = Puncher(
             self.basics, self.registry, nat=lambda: self.node.nat,
             nat_hops=lambda: self.node.nat_hops,

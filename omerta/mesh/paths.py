@@ -17,7 +17,7 @@ one at once, else one is asked for), and an upgrade back to a direct path is
 tried on a schedule by hole punching (5 s after a direct path failed, then
 30 s, doubling to 10 min; a failed punch is first tried again 1 s later,
 twice).  Messages are retried by the request/response
-layer, which asks C{address_of} at every transmission, so they follow the
+layer, which asks C{message_address} at every transmission, so they follow the
 move.
 """
 
@@ -35,7 +35,7 @@ from omerta.stun.hops import is_global
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
                               Path, State, is_relayed)  # noqa: F401 (re-exported)
-from omerta.wire.messages import NatType, PathKind
+from omerta.wire.messages import Capability, NatType, PathKind
 
 @dataclass(frozen=True)
 class Connection:
@@ -83,6 +83,11 @@ OPEN_NATS = (NatType.PUBLIC,)
 FILTERING_NATS = (NatType.UNKNOWN, NatType.RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE,
                   NatType.SYMMETRIC)
 
+# A relay or STUN server answers strangers by trade: its announced address
+# is worth a datagram whatever NAT type it reports (the first relay of a
+# network has no STUN server to classify itself with: unknown).
+SERVING = Capability.RELAY | Capability.STUN
+
 
 class PathManager:
     log = Logger()
@@ -92,6 +97,7 @@ class PathManager:
                  punch: Callable[[bytes, tuple], Deferred],
                  announce_to: Callable[[object], None],
                  local_port: Callable[[], int],
+                 path_ready: Callable[[bytes], None] = lambda peer_id: None,
                  max_candidates: int = 4096):
         """
         @param liveness: the overlay's L{omerta.mesh.liveness.Liveness} (its
@@ -103,6 +109,8 @@ class PathManager:
             Deferred fires with the punched address or None.
         @param announce_to: send our announcement to an address or route.
         @param local_port: this node's UDP port.
+        @param path_ready: told a peer's link took a new path (a relay
+            session, a punched address): messages waiting for one can go.
         """
         self.basics = basics
         self.clock = basics.clock
@@ -116,6 +124,7 @@ class PathManager:
         self._punch = punch
         self._announce_to = announce_to
         self._local_port = local_port
+        self._path_ready = path_ready
         self.max_candidates = max_candidates
         self._candidates: dict[bytes, tuple[tuple, float]] = {}
 
@@ -178,16 +187,36 @@ class PathManager:
         """
         Where the liveness links may ping C{peer_id} (a new link, a
         reconnect): L{address_of}, but None for the global address of a
-        peer that has not classified its NAT yet (it is new, most often
-        behind a NAT, and about to punch: a ping there would only leave an
-        entry on its router that moves its mapping), unless it reached us
-        from there lately.
+        peer behind a filtering NAT (L{may_reach}) unless it reached us from
+        there lately.  Such a ping cannot arrive, and on a router that
+        accepts unsolicited datagrams it leaves an entry that moves the
+        peer's mapping, for the punch to come and for every new peer.
         """
         address = self.address_of(peer_id)
         if (address is None or type(address) is RelayRoute
-                or self.may_reach(peer_id, address, (NatType.UNKNOWN,))):
+                or self.may_reach(peer_id, address)):
             return address
         return None
+
+    def message_address(self, peer_id: bytes):
+        """
+        Where a message for C{peer_id} goes: L{address_of}, unless that is
+        only the public address of a filtering NAT (L{may_reach}) and we
+        have no link or relay session to the peer.  Then start the ways
+        that work (L{establish}: a relay session and a punch) and return
+        None; the message waits for L{path_ready}.
+        """
+        address = self.address_of(peer_id)
+        if (address is None or peer_id in self.liveness.links
+                or type(address) is RelayRoute or self.may_reach(peer_id, address)):
+            return address
+        self.establish(peer_id)
+        return None
+
+    def opening(self, peer_id: bytes) -> bool:
+        """Whether a relay session or a punch to C{peer_id} is under way."""
+        state = self.connections.get(peer_id)
+        return peer_id in self.relays.pending or (state is not None and state.punching)
 
     def known_addresses(self, peer_id: bytes) -> set[tuple]:
         """
@@ -262,10 +291,12 @@ class PathManager:
         when its announcement says a NAT of a C{filtering} type stands in
         front of that (global) address, unless the peer reached us from it
         lately (its router then expects us).  Its LAN address, or one of a
-        public host or a full cone, is worth the ping.
+        public host, a full cone or a server (L{SERVING}), is worth the
+        ping.
         """
         record = self.registry.get(peer_id)
-        if record is None or record.nat_type not in filtering or not is_global(address[0]):
+        if (record is None or record.nat_type not in filtering or not is_global(address[0])
+                or record.capabilities & SERVING):
             return True
         contact = self.freshness.contacts.get(peer_id)
         return contact is not None and contact.address == address
@@ -286,6 +317,7 @@ class PathManager:
             self.liveness.switch(link, route, proven=False)
         self._announce_to(route)
         self.liveness.ping(peer_id, route)
+        self._path_ready(peer_id)
 
     def relay_session_closed(self, peer_id: bytes, route: RelayRoute) -> None:
         link = self.liveness.links.get(peer_id)
@@ -347,6 +379,7 @@ class PathManager:
                                           or not link.verified):
             self.liveness.switch(link, address, proven=True)
         self.liveness.ping(peer_id, address)
+        self._path_ready(peer_id)
 
     # failure and upgrade
 

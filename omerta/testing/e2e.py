@@ -617,7 +617,8 @@ class E2ELab:
                                                            self.providers.values()}
         wait(lambda: others - {name} <= self._online(daemon), timeout,
              f"{name} to see the other relay and the providers online again",
-             lambda: self.describe(daemon))
+             lambda: f"{name} sees online {sorted(self._online(daemon))}, waits for"
+                     f" {sorted(others - {name})}\n" + self.describe(daemon))
         self.log(f"{name} started again")
 
     def _online(self, daemon: Daemon) -> set[str]:
