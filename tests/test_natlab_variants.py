@@ -5,12 +5,11 @@ and two hosts on one LAN behind a router that does not hairpin.  Each test build
 (relay and provider daemons, short-lived CLI nodes), runs one trial per
 pair and asserts every pair connects on the path physics allows.
 
+Hosts behind a carrier-grade NAT (double-nat) punch through both layers.
 Routers without an input filter side by side on one segment
 (open-input-no-hop), where two port-restricted cones wait the other
-router out (35 s), and hosts behind a carrier-grade NAT (double-nat),
-whose pairs of NATed hosts punch in the matrix but in a lab just started
-end relayed in some trials, are measured by scripts/natlab/matrix
---variants, not here.  Needs root (skipped with the reason otherwise).
+router out (35 s), are measured by scripts/natlab/matrix --variants, not
+here.  Needs root (skipped with the reason otherwise).
 """
 
 from __future__ import annotations
@@ -65,6 +64,18 @@ class NatVariantTests(unittest.TestCase):
             "open-input", ("restricted-cone", "port-restricted", "symmetric"),
             runs=[(("restricted-cone", "port-restricted", "symmetric"), ("restricted-cone",)),
                   (("restricted-cone", "port-restricted"), ("port-restricted",))],
+            wait_direct=8.0)
+
+    def test_double_nat(self):
+        """
+        Each host behind a home router behind a carrier-grade NAT (port-
+        restricted, no input filter): two such hosts punch through both
+        layers, and a public host reaches them.
+        """
+        self.run_variant(
+            "double-nat", ("none", "restricted-cone", "port-restricted"),
+            runs=[(("restricted-cone", "port-restricted"), ("restricted-cone", "port-restricted")),
+                  (("none",), ("port-restricted",))],
             wait_direct=8.0)
 
     def test_same_lan(self):
