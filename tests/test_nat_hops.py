@@ -12,7 +12,7 @@ import struct
 from twisted.trial import unittest
 
 from omerta.stun.hops import (ICMP_TIME_EXCEEDED, IP_RECVERR, SO_EE_ORIGIN_ICMP, _MARK, depth,
-                              inside, parse_error, settled)
+                              inside, parse_error, settled, unanswered)
 
 
 def queued(ttl: int, offender: str, origin=SO_EE_ORIGIN_ICMP, icmp_type=ICMP_TIME_EXCEEDED,
@@ -62,6 +62,18 @@ class HopsTests(unittest.TestCase):
         self.assertFalse(settled({2: "198.51.100.200"}, 4))  # TTL 1 may still answer
         self.assertFalse(settled({}, 4))
 
+    def test_unanswered_probes_are_those_the_depth_still_waits_for(self):
+        """
+        A lost probe or answer below the first router outside is asked
+        again: missing, it would end the run of inside routers early.
+        """
+        self.assertEqual(unanswered({}, 4), [1, 2, 3, 4])
+        self.assertEqual(unanswered({1: "10.99.2.1", 3: "198.51.100.1"}, 4), [2])
+        self.assertEqual(unanswered({2: "198.51.100.200"}, 4), [1])
+        self.assertEqual(unanswered({1: "10.99.2.1", 2: "100.64.0.1", 4: "10.0.0.9"}, 4), [3])
+        self.assertEqual(unanswered({1: "10.99.2.1", 2: "198.51.100.200"}, 4), [])
+        self.assertEqual(depth({1: "10.99.2.1", 3: "198.51.100.1"}), 1)  # what a loss would read
+
 
 MEASURE = """
 import sys
@@ -99,3 +111,12 @@ class NatDepthInLabTests(unittest.TestCase):
             for host, expected in ((behind_two, "2"), (behind_one, "1")):
                 result = lab.run(host, [sys.executable, "-c", MEASURE], env=env, timeout=30)
                 self.assertEqual(result.stdout.strip(), expected, result.stderr[-500:])
+            # A lost probe or answer is asked again: with 20 % of what the
+            # routers forward dropped, the depth behind two NATs still
+            # reads 2 (one probe each would read 1 in about a third of
+            # the measurements).
+            for router in ("home", "carrier"):
+                lab.set_loss(router, 20)
+            for _ in range(3):
+                result = lab.run(behind_two, [sys.executable, "-c", MEASURE], env=env, timeout=30)
+                self.assertEqual(result.stdout.strip(), "2", result.stderr[-500:])

@@ -59,7 +59,7 @@ from omerta.crypto.identity import format_peer_id
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import Connections, PeerConnection, State, is_relayed
 from omerta.wire.envelope import MIN_FRAME_SIZE
-from omerta.wire.messages import PING_PROVE, MessageType, build_body
+from omerta.wire.messages import PING_PROVE, SERVING, MessageType, build_body
 
 UNKNOWN_ENDPOINT = ("0.0.0.0", 0)
 MAX_HEALTH = 8
@@ -775,14 +775,19 @@ class Liveness:
         Periodic (every C{reconnect_interval}): ping one random peer
         declared dead (not one that left), so a partition that healed, or a
         peer that was only cut off, is found again: its answer makes the
-        membership tell it, and it refutes.
+        membership tell it, and it refutes.  A dead relay or STUN server
+        is pinged too, whatever other peers died: a restarted relay waits
+        for its members to come back (it pings no NATed member), and among
+        many dead peers a random pick would reach it only after minutes.
         """
         def wanted(record) -> bool:
             return (record.state == "offline" and record.gone == "failed"
                     and record.peer_id not in self.links
                     and self._address_of(record.peer_id) is not None)
 
-        for record in self.registry.sample(1, self.rng, wanted):
+        records = self.registry.sample(1, self.rng, lambda r: wanted(r) and r.capabilities & SERVING)
+        records += [r for r in self.registry.sample(1, self.rng, wanted) if r not in records]
+        for record in records:
             self.metrics.inc("liveness_reconnects")
             self.ping(record.peer_id, self._address_of(record.peer_id), contacts=False)
 

@@ -35,7 +35,7 @@ from omerta.stun.hops import is_global
 from omerta.mesh.context import Basics
 from omerta.mesh.peer import (DIRECT, PUNCHED, RELAYED, Connections, PeerConnection, RelayRoute,
                               Path, State, is_relayed)  # noqa: F401 (re-exported)
-from omerta.wire.messages import Capability, NatType, PathKind
+from omerta.wire.messages import SERVING, NatType, PathKind
 
 @dataclass(frozen=True)
 class Connection:
@@ -82,11 +82,6 @@ OPEN_NATS = (NatType.PUBLIC,)
 # (omerta.mesh.punch).
 FILTERING_NATS = (NatType.UNKNOWN, NatType.RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE,
                   NatType.SYMMETRIC)
-
-# A relay or STUN server answers strangers by trade: its announced address
-# is worth a datagram whatever NAT type it reports (the first relay of a
-# network has no STUN server to classify itself with: unknown).
-SERVING = Capability.RELAY | Capability.STUN
 
 
 class PathManager:

@@ -4,7 +4,8 @@ ICMP "time exceeded" answers come from addresses that are not global.
 
 A fresh UDP socket with C{IP_RECVERR} sends one small datagram towards the
 STUN server's host (traceroute's port 33434, which nothing serves) with
-each IP TTL from 1 to C{max_hops}.  A datagram whose TTL
+each IP TTL from 1 to C{max_hops}, again every 50 ms while its answer could
+still change the result.  A datagram whose TTL
 runs out at a router comes back as an ICMP time-exceeded message on the
 socket's error queue, with the router's address (the offender) and the
 datagram itself, which says which TTL it had.  Routers a host's own
@@ -107,28 +108,40 @@ def depth(answers: dict[int, str]) -> int | None:
     return count
 
 
+def unanswered(answers: dict[int, str], max_hops: int) -> list[int]:
+    """
+    The TTLs whose answers could still change L{depth}: those missing below
+    the first router outside (or up to C{max_hops}).
+    """
+    missing = []
+    for ttl in range(1, max_hops + 1):
+        if ttl not in answers:
+            missing.append(ttl)
+        elif not inside(answers[ttl]):
+            break
+    return missing
+
+
 def settled(answers: dict[int, str], max_hops: int) -> bool:
     """
     Whether more answers cannot change L{depth}: a router answered for every
     TTL from 1 up to the first one outside (or up to C{max_hops}).
     """
-    count = 0
-    while count + 1 in answers:
-        count += 1
-        if not inside(answers[count]):
-            return True
-    return count >= max_hops
+    return not unanswered(answers, max_hops)
 
 
 def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
-              wait: float = 0.5, poll: float = 0.01) -> Deferred:
+              wait: float = 0.5, poll: float = 0.01, resend: float = 0.05) -> Deferred:
     """
     Measure the NAT depth towards C{server} (an IPv4 address and port):
     fires with an int, or None when unknown.  One fresh socket per TTL: a
     socket with C{IP_RECVERR} reports a queued error on its next send
     instead of sending.  The error queues are read every C{poll} seconds;
     it fires as soon as the answers settle it (L{settled}: a few
-    milliseconds where routers answer), else after C{wait} seconds.
+    milliseconds where routers answer), else after C{wait} seconds.  Every
+    C{resend} seconds the probes still unanswered (L{unanswered}) go again:
+    one lost probe or answer would otherwise read as a shallower depth (the
+    run of inside routers seems to end where it is missing).
     """
     d = Deferred()
     if not sys.platform.startswith("linux") or ":" in server[0]:
@@ -151,6 +164,7 @@ def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
         return d
     answers: dict[int, str] = {}
     deadline = clock.seconds() + wait
+    next_send = clock.seconds() + resend
 
     def collect() -> None:
         for sock in sockets:
@@ -166,12 +180,22 @@ def nat_depth(clock, server: tuple, interface: str = "", max_hops: int = 4,
                 found = parse_error(data, ancillary)
                 if found is not None:
                     answers.setdefault(*found)
-        if settled(answers, max_hops) or clock.seconds() >= deadline:
+        nonlocal next_send
+        now = clock.seconds()
+        missing = unanswered(answers, max_hops)
+        if not missing or now >= deadline:
             for sock in sockets:
                 sock.close()
             d.callback(depth(answers))
-        else:
-            clock.callLater(poll, collect)
+            return
+        if now >= next_send:
+            next_send = now + resend
+            for ttl in missing:
+                try:
+                    sockets[ttl - 1].sendto(_MARK + bytes([ttl]), (server[0], PROBE_PORT))
+                except OSError:
+                    pass  # a queued error reported instead: read at the next poll
+        clock.callLater(poll, collect)
 
     clock.callLater(poll, collect)
     return d

@@ -96,6 +96,12 @@ class Capability(enum.IntFlag):
     COORDINATOR = 8
 
 
+#: The capabilities of a server: it answers strangers by trade, so its
+#: announced address is worth a datagram whatever NAT type it reports (the
+#: first relay of a network has no STUN server to classify itself with).
+SERVING = Capability.RELAY | Capability.STUN
+
+
 class CandidateKind(enum.IntEnum):
     HOST = 1
     SERVER_REFLEXIVE = 2
