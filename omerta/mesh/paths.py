@@ -279,18 +279,17 @@ class PathManager:
             self.relays.open_session(peer_id)
             self.try_punch(peer_id)
 
-    def may_reach(self, peer_id: bytes, address: tuple,
-                  filtering: tuple = FILTERING_NATS) -> bool:
+    def may_reach(self, peer_id: bytes, address: tuple) -> bool:
         """
         Whether a plain datagram to C{address} may reach C{peer_id}: not
-        when its announcement says a NAT of a C{filtering} type stands in
-        front of that (global) address, unless the peer reached us from it
-        lately (its router then expects us).  Its LAN address, or one of a
-        public host, a full cone or a server (L{SERVING}), is worth the
-        ping.
+        when its announcement says a filtering NAT (L{FILTERING_NATS})
+        stands in front of that (global) address, unless the peer reached
+        us from it lately (its router then expects us).  Its LAN address,
+        or one of a public host, a full cone or a server (L{SERVING}), is
+        worth the ping.
         """
         record = self.registry.get(peer_id)
-        if (record is None or record.nat_type not in filtering or not is_global(address[0])
+        if (record is None or record.nat_type not in FILTERING_NATS or not is_global(address[0])
                 or record.capabilities & SERVING):
             return True
         contact = self.freshness.contacts.get(peer_id)
