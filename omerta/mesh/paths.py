@@ -196,17 +196,17 @@ class PathManager:
     def message_address(self, peer_id: bytes):
         """
         Where a message for C{peer_id} goes: L{address_of}, unless that is
-        only the public address of a filtering NAT (L{may_reach}) and we
-        have no link or relay session to the peer.  Then start the ways
+        only the public address of a filtering NAT and we have no link to
+        the peer (L{link_address} is None).  Then start the ways
         that work (L{establish}: a relay session and a punch) and return
         None; the message waits for L{path_ready}.
         """
-        address = self.address_of(peer_id)
-        if (address is None or peer_id in self.liveness.links
-                or type(address) is RelayRoute or self.may_reach(peer_id, address)):
-            return address
-        self.establish(peer_id)
-        return None
+        if peer_id in self.liveness.links:
+            return self.address_of(peer_id)
+        address = self.link_address(peer_id)
+        if address is None and self.address_of(peer_id) is not None:
+            self.establish(peer_id)
+        return address
 
     def opening(self, peer_id: bytes) -> bool:
         """Whether a relay session or a punch to C{peer_id} is under way."""
