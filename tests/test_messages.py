@@ -157,6 +157,7 @@ CASES = [
         {"attempt_id": 7, "peer": P1, "success": True, "endpoint": ("10.0.0.3", 4), "elapsed_ms": 120},
         struct.pack("!Q", 7) + P1 + b"\x01" + ep4("10.0.0.3", 4) + struct.pack("!I", 120),
     ),
+    (T.PUNCH_READY, {"attempt_id": 7}, struct.pack("!Q", 7)),
     (T.APP_DATA, {"channel": "vm", "payload": b"\x00\xff"}, text("vm") + b"\x00\xff"),
     (
         T.REQUEST,

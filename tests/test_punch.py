@@ -235,10 +235,11 @@ class PuncherTests(unittest.TestCase):
 
     def test_hold_keepalives_cross_every_nat_of_our_own(self):
         """
-        Behind two NATs (a carrier-grade NAT), the opening rounds but the
-        last leave with TTL 3 (they open both and die at the next router),
-        the last at full TTL, and the keepalives with TTL 2 (they refresh
-        both and die at the outer one).
+        Behind two NATs (a carrier-grade NAT), every opening round leaves
+        with TTL 3 (they open both and die at the next router: none reaches
+        the follower's router, however late the follower starts), and the
+        keepalives with TTL 2 (they refresh both and die at the outer one).
+        (With the depth unknown, the last goes at full TTL: the test above.)
         """
         self.puncher.nat = lambda: SimpleNamespace(nat_type=NatType.PORT_RESTRICTED_CONE,
                                                    nat_hops=2)
@@ -247,8 +248,7 @@ class PuncherTests(unittest.TestCase):
         self.advance_in_steps(self.config.punch_hold_timeout)
         opening = probe_schedule(self.config.punch_hold_after + 1e-6)
         rounds = self.probe_times()
-        self.assertEqual(rounds[:len(opening)],
-                         [(t, 3) for t in opening[:-1]] + [(opening[-1], None)])
+        self.assertEqual(rounds[:len(opening)], [(t, 3) for t in opening])
         self.assertEqual({hops for _, hops in rounds[len(opening):]}, {2})
 
     def test_first_side_opens_its_own_nats_for_a_second(self):
@@ -544,6 +544,64 @@ class PuncherTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual([p.address for p in self.probes()[1:]],
                          [PEER_HOST, PEER_MAPPED, PEER_OTHER])
+
+    def test_the_side_that_goes_first_says_when_its_probes_left(self):
+        """
+        YOU_FIRST and LEAD_HOLD send PUNCH_READY to the coordinator right
+        after their first probe round, again every punch_request_retry
+        while nothing of the peer arrived; the sides that go second or at
+        once never do.
+        """
+        for strategy in PunchStrategy:
+            if strategy == PunchStrategy.IMPOSSIBLE:
+                continue
+            self.sent.clear()
+            attempt_id = 0x1000 + int(strategy)
+            self.execute(attempt_id, strategy=strategy, start_in_ms=100)
+            self.clock.advance(0.099)
+            self.assertEqual(self.sent.of(MessageType.PUNCH_READY), [])
+            self.advance_in_steps(0.001 + self.config.punch_request_retry * 5)
+            readies = self.sent.of(MessageType.PUNCH_READY)
+            if strategy in (PunchStrategy.YOU_FIRST, PunchStrategy.LEAD_HOLD):
+                self.assertEqual(len(readies), 1 + self.config.punch_request_retries, strategy)
+                self.assertEqual({(r.address, r.fields["attempt_id"]) for r in readies},
+                                 {(COORDINATOR, attempt_id)})
+                first_probe = self.sent.index(self.probes()[0])
+                self.assertLess(first_probe, self.sent.index(readies[0]))
+            else:
+                self.assertEqual(readies, [], strategy)
+            self.puncher.stop()
+
+    def test_ready_not_repeated_once_the_peer_is_heard(self):
+        self.execute(ATTEMPT, strategy=PunchStrategy.LEAD_HOLD)
+        self.clock.advance(0)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=ATTEMPT, seq=1,
+                     sent_ms=0)
+        self.advance_in_steps(self.config.punch_request_retry * 5)
+        self.assertEqual(len(self.sent.of(MessageType.PUNCH_READY)), 1)
+
+    def test_first_probe_heard_is_probed_back_a_few_times_soon(self):
+        """
+        The first probe that comes through is answered and its source
+        probed back at once and 0.1, 0.3 and 0.7 s after (one lost
+        answer would otherwise wait for the next round, seconds away while
+        holding or quiet), until an ack ends the attempt.
+        """
+        self.execute(ATTEMPT, strategy=PunchStrategy.FOLLOW_RETRY)
+        self.advance_in_steps(self.config.punch_hold_after + 1)  # quiet now
+        before = len(self.probes())
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=ATTEMPT, seq=1,
+                     sent_ms=0)
+        start = self.clock.seconds()
+        self.advance_in_steps(2)
+        back = [(round(p.fields["sent_ms"] / 1000 - start, 2), p.address, p.hops)
+                for p in self.probes()[before:]]
+        self.assertEqual(back, [(t, PEER_MAPPED, None) for t in (0, 0.1, 0.3, 0.7)])
+        # (and the quiet does not hold back our acks any more)
+        self.deliver(MessageType.PUNCH_PROBE, PEER, PEER_MAPPED, attempt_id=ATTEMPT, seq=2,
+                     sent_ms=0)
+        self.assertEqual(self.sent.of(MessageType.PUNCH_ACK)[-1].hops, None)
+        self.assertEqual(self.sent.held, {})
 
     def test_probe_for_unknown_attempt_or_wrong_peer_is_dropped(self):
         """Probes for an attempt we do not know, or from another peer, get no ACK and are counted."""

@@ -217,13 +217,14 @@ class EventuallyDirectTests(unittest.TestCase):
     def test_coordinator_repeats_executes_for_a_repeated_request(self):
         """
         The same request again (its execute to either side may have been
-        lost): the coordinator sends both executes again, a bounded number
-        of times, and never starts a second attempt for the pair.
+        lost): the coordinator sends both executes again (full cones probe
+        at once), a bounded number of times, and never starts a second
+        attempt for the pair.
         """
-        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        sim, relays, a, b = setup_pair(self, "full-cone", "full-cone")
         relay = relays[0]
         executes = self.tap_executes(sim, relay)
-        request = dict(attempt_id=42, target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE),
+        request = dict(attempt_id=42, target=b.peer_id, nat_type=int(N.FULL_CONE),
                        candidates=[])
         retries = relay.overlay.config.punch_request_retries
         for _ in range(retries + 2):  # all before the first execute is answered
@@ -241,14 +242,14 @@ class EventuallyDirectTests(unittest.TestCase):
         took its execute): b is sent its side of a's attempt, not
         IMPOSSIBLE, and no second attempt starts.
         """
-        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        sim, relays, a, b = setup_pair(self, "full-cone", "full-cone")
         relay = relays[0]
         executes = self.tap_executes(sim, relay)
         a.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=42,
-                       target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
+                       target=b.peer_id, nat_type=int(N.FULL_CONE), candidates=[])
         sim.run(0.01)
         b.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=43,
-                       target=a.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
+                       target=a.peer_id, nat_type=int(N.FULL_CONE), candidates=[])
         sim.run(0.01)
         metrics = relay.node.metrics
         self.assertEqual(metrics.get("punch_coordinated", outcome="executed"), 1)
@@ -256,6 +257,95 @@ class EventuallyDirectTests(unittest.TestCase):
         self.assertEqual(metrics.get("punch_coordinated", outcome="busy"), 0)
         self.assertEqual(len(executes), 3)
         self.assertEqual(list(relay.node.coordinator.attempts), [42])
+
+
+    def tap_punch(self, sim) -> list:
+        """(message type name, from, to) of every punch message from now on."""
+        route = sim.net._route
+        seen = []
+        kinds = (MessageType.PUNCH_EXECUTE, MessageType.PUNCH_READY, MessageType.PUNCH_PROBE)
+
+        def tap(source, data, addr, *ttl):
+            if is_frame(data) and parse_header(data).message_type in kinds:
+                seen.append((MessageType(parse_header(data).message_type).name, source[0], addr[0]))
+            route(source, data, addr, *ttl)
+
+        self.patch(sim.net, "_route", tap)
+        return seen
+
+    def check_leader_goes_first(self, seen, relay, a, b) -> None:
+        """
+        In C{seen}: a probed b before b was sent its execute, which went
+        only after a said it was ready; b probed nothing before a did.
+        """
+        def index(kind, source, destination=None):
+            return next(i for i, (k, s, d) in enumerate(seen)
+                        if k == kind and s == source and destination in (None, d))
+
+        relay_ip, a_nat, b_nat = relay.address[0], "203.0.113.1", "203.0.113.2"
+        first_probe_a = index("PUNCH_PROBE", a.address[0])
+        ready = index("PUNCH_READY", a.address[0])
+        execute_b = index("PUNCH_EXECUTE", relay_ip, b_nat)
+        first_probe_b = index("PUNCH_PROBE", b.address[0])
+        self.assertLess(first_probe_a, ready)
+        self.assertLess(ready, execute_b)
+        self.assertLess(execute_b, first_probe_b)
+        self.assertLess(index("PUNCH_EXECUTE", relay_ip, a_nat), first_probe_a)
+
+    def test_the_side_that_goes_second_waits_for_the_first(self):
+        """
+        Between port-restricted cones the follower's execute goes only
+        once the leader's first probes left (PUNCH_READY): the follower's
+        probes, at full TTL, never reach the leader's router before the
+        leader sent (on a router without an input filter they would move
+        its mapping).  The follower asking meanwhile joins only then.
+        """
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        seen = self.tap_punch(sim)
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(self.punched_within(sim, a, b, 5), connection_kind(a, b))
+        self.check_leader_goes_first(seen, relays[0], a, b)
+        metrics = relays[0].node.metrics
+        self.assertEqual(metrics.get("punch_coordinated", outcome="ready"), 1)
+        self.assertEqual(a.node.metrics.get("punch_ready"), 1)
+
+    def test_a_lost_leader_execute_keeps_the_follower_waiting(self):
+        """
+        The leader's execute lost: the follower sends nothing until the
+        leader, asking again, got it and is ready; the punch still succeeds.
+        """
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        lost = self.lose(sim, MessageType.PUNCH_EXECUTE, 1, src=relays[0].address[0])
+        seen = self.tap_punch(sim)
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(self.punched_within(sim, a, b, 5), connection_kind(a, b))
+        self.assertEqual(len(lost), 1)
+        self.check_leader_goes_first(seen, relays[0], a, b)
+        self.assertEqual(a.node.metrics.get("punch_requests_repeated"), 1)
+
+    def test_only_the_side_that_goes_first_releases_the_other(self):
+        """A PUNCH_READY from the follower (or for no attempt) is dropped and counted."""
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        relay = relays[0]
+        executes = self.tap_executes(sim, relay)
+        a.overlay.send(relay.address, MessageType.PUNCH_REQUEST, attempt_id=42,
+                       target=b.peer_id, nat_type=int(N.PORT_RESTRICTED_CONE), candidates=[])
+        sim.run(0.03)
+        b.overlay.send(relay.address, MessageType.PUNCH_READY, attempt_id=42)
+        b.overlay.send(relay.address, MessageType.PUNCH_READY, attempt_id=43)
+        sim.run(0.03)
+        self.assertEqual(a.node.metrics.get("punch_ready"), 0)
+        self.assertEqual([address[0] for address in executes], ["203.0.113.1"])
+        self.assertEqual(relay.node.metrics.get("drops", reason="punch_unexpected_ready"), 2)
+
+    def test_a_lost_ready_is_sent_again(self):
+        sim, relays, a, b = setup_pair(self, "port-restricted", "port-restricted")
+        lost = self.lose(sim, MessageType.PUNCH_READY, 1)
+        a.overlay.paths.establish(b.peer_id)
+        self.assertTrue(self.punched_within(sim, a, b, 5), connection_kind(a, b))
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(a.node.metrics.get("punch_ready"), 2)
+        self.assertEqual(a.overlay.paths.punch_attempts(b.peer_id), 1)
 
 
 class RelayedPathTests(unittest.TestCase):

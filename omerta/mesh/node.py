@@ -118,7 +118,7 @@ class MeshConfig:
     # a punch request is asked again this often, this many times, while
     # nothing of the peer has arrived (a lost request or execute)
     punch_request_retry: float = 1.0
-    punch_request_retries: int = 2
+    punch_request_retries: int = 3
     # a punch that failed is tried again this soon, this many times, before
     # the upgrade backoff (upgrade_initial, doubling) takes over
     punch_retry_soon: float = 1.0

@@ -155,6 +155,7 @@ class Overlay:
             MessageType.RELAY_END: self._relay_end,
             MessageType.PUNCH_REQUEST: self._coordinator("on_request"),
             MessageType.PUNCH_RESULT: self._coordinator("on_result"),
+            MessageType.PUNCH_READY: self._coordinator("on_ready"),
             MessageType.PUNCH_EXECUTE: self.punch.on_execute,
             MessageType.PUNCH_PROBE: self.punch.on_probe,
             MessageType.PUNCH_ACK: self.punch.on_ack,

@@ -150,6 +150,9 @@ def choose_strategy(a: int, b: int, spray: int = 128) -> tuple[S, S, int, int]:
 
 
 _HOLDING = (S.LEAD_HOLD, S.FOLLOW_RETRY)
+_FIRST = (S.YOU_FIRST, S.LEAD_HOLD)
+"""Strategies of a side that goes first: the other side's execute waits for
+its PUNCH_READY."""
 HOLD_GAP = 0.05
 """Seconds between the last opening round and the start of a hold."""
 
@@ -225,6 +228,17 @@ class _Coordinated:
     repeats: int = 0
     timeout: float = 0.0  # how long its sides try (L{attempt_timeout})
     seen: dict = field(default_factory=dict)  # peer id -> address it was reached at
+    first: bytes | None = None  # the side that goes first (YOU_FIRST, LEAD_HOLD), if any
+    ready: int = 0  # PUNCH_READY messages of the first side taken
+
+    def due(self) -> list:
+        """
+        The executes that may go now: both, or while the side that goes
+        first has not said its first probes left, only that side's (the
+        other side's probes would reach its router first).
+        """
+        return [(address, fields) for address, fields in self.executes
+                if self.first is None or self.ready or fields["peer"] != self.first]
 
 
 class Coordinator:
@@ -266,7 +280,7 @@ class Coordinator:
             # at most; a side that has its execute already ignores the copy.
             if known.pair == frozenset((a, b)) and known.repeats < config.punch_request_retries:
                 known.repeats += 1
-                for address, fields in known.executes:
+                for address, fields in known.due():
                     overlay.send(address, MessageType.PUNCH_EXECUTE, **fields)
                 self.metrics.inc("punch_coordinated", outcome="repeated")
             return
@@ -291,11 +305,15 @@ class Coordinator:
             # The other side started a punch with the requester, whose
             # execute it did not take (lost, or unsolicited from a relay
             # it holds no reservation on): the requester joins that
-            # attempt, its own request answered with its side's execute.
+            # attempt, its own request answered with its side's execute
+            # (once the side that goes first is ready, if it is the other).
             for _address, fields in running.executes:
                 if fields["peer"] == b:
-                    overlay.send(addr, MessageType.PUNCH_EXECUTE, **fields)
-                    self.metrics.inc("punch_coordinated", outcome="joined")
+                    if (_address, fields) in running.due():
+                        overlay.send(addr, MessageType.PUNCH_EXECUTE, **fields)
+                        self.metrics.inc("punch_coordinated", outcome="joined")
+                    else:
+                        self.metrics.inc("punch_coordinated", outcome="waiting")
                     return
         busy = running is not None
         if b_address is None or record_b is None or busy or len(self.attempts) >= self.max_attempts:
@@ -325,17 +343,40 @@ class Coordinator:
         coordinated = self.attempts[message.attempt_id] = _Coordinated(
             message.attempt_id, pair, now, timeout=attempt_timeout(config, strategy_a),
             seen={a: addr, b: b_address})
+        if strategy_a in _FIRST:
+            # b's execute waits for a's PUNCH_READY, and b starts on it
+            coordinated.first, start_b = a, 0
+        elif strategy_b in _FIRST:
+            coordinated.first, start_a = b, 0
         coordinated.executes = [
             (addr, dict(attempt_id=message.attempt_id, peer=b, strategy=int(strategy_a),
                         start_in_ms=start_a, spray=spray_a, candidates=candidates_b)),
             (b_address, dict(attempt_id=message.attempt_id, peer=a, strategy=int(strategy_b),
                              start_in_ms=start_b, spray=spray_b, candidates=candidates_a)),
         ]
-        for address, fields in coordinated.executes:
+        for address, fields in coordinated.due():
             overlay.send(address, MessageType.PUNCH_EXECUTE, **fields)
         self.metrics.inc("punch_coordinated", outcome="executed")
         self.log.debug("Punch {a} <-> {b}: {sa}/{sb}", a=format_peer_id(a), b=format_peer_id(b),
                        sa=strategy_a.name, sb=strategy_b.name)
+
+    def on_ready(self, overlay, frame, addr, message) -> None:
+        """
+        The side that goes first says its first probes left: the other
+        side's execute goes now (again for a repeated READY: that execute
+        may have been lost; a bounded number of times).
+        """
+        attempt = self.attempts.get(message.attempt_id)
+        if attempt is None or attempt.first is None or frame.sender != attempt.first:
+            self.metrics.inc("drops", reason="punch_unexpected_ready")
+            return
+        if attempt.ready > overlay.config.punch_request_retries:
+            return
+        attempt.ready += 1
+        for address, fields in attempt.executes:
+            if fields["peer"] == attempt.first:
+                overlay.send(address, MessageType.PUNCH_EXECUTE, **fields)
+        self.metrics.inc("punch_coordinated", outcome="ready")
 
     def on_result(self, overlay, frame, addr, message) -> None:
         attempt = self.attempts.get(message.attempt_id)
@@ -410,6 +451,7 @@ class Attempt:
     calls: list = field(default_factory=list)
     result: tuple | None = None
     executed: bool = False
+    strategy: int = 0
     probes: int = 0
     probes_answered: bool = False  # a probe of the peer's reached us
     holding: bool = False  # LEAD_HOLD: probes that die before the peer's router
@@ -609,6 +651,7 @@ class Puncher:
                        strategy=_strategy_name(message.strategy),
                        targets=[tuple(c.endpoint) for c in message.candidates])
         attempt.targets = [tuple(c.endpoint) for c in message.candidates][:8]
+        attempt.strategy = message.strategy
         if message.spray:
             # around the ports the peer's NAT was seen using (server-reflexive)
             reflexive = [tuple(c.endpoint) for c in message.candidates
@@ -659,6 +702,11 @@ class Puncher:
             while t < length:
                 keepalives.append((t, KEEP))
                 t += config.punch_hold_keepalive
+            if self.nat_hops():
+                # Every opening round stops beyond our NATs: one at full
+                # TTL would reach the follower's router before the
+                # follower's probes left whenever its execute came late.
+                return [(t, OPEN) for t in opening] + keepalives
             return first(opening) + keepalives
         resume = config.punch_hold_after + config.punch_hold_forget
         return ([(offset, None) for offset in opening] + [(start, QUIET)]
@@ -684,7 +732,9 @@ class Puncher:
             return
         if reach == QUIET:
             # FOLLOW_RETRY: quiet towards the leader until its router forgot
-            self._hold(attempt, 0)
+            # (unless the leader came through already: then we answer)
+            if not attempt.probes_answered:
+                self._hold(attempt, 0)
             return
         targets = list(attempt.targets)
         round_number = attempt.rounds
@@ -703,10 +753,27 @@ class Puncher:
                 self._probe(attempt, target)
             if reach == KEEP:
                 self.metrics.inc("punch_hold_keepalives")
+        else:
+            self._release(attempt)
+            for target in targets:
+                self._probe(attempt, target)
+        if round_number == 0 and attempt.strategy in _FIRST:
+            self._ready(attempt.attempt_id)
+            for n in range(1, self.config.punch_request_retries + 1):
+                attempt.calls.append(self.clock.callLater(
+                    n * self.config.punch_request_retry, self._ready, attempt.attempt_id))
+
+    def _ready(self, attempt_id: int) -> None:
+        """
+        PUNCH_READY to the coordinator: our first probes left, the other
+        side may start (again while nothing of it arrived: the READY or
+        the other side's execute may have been lost).
+        """
+        attempt = self.attempts.get(attempt_id)
+        if attempt is None or attempt.result is not None or attempt.probes_answered:
             return
-        self._release(attempt)
-        for target in targets:
-            self._probe(attempt, target)
+        self.basics.send(attempt.coordinator, MessageType.PUNCH_READY, attempt_id=attempt_id)
+        self.metrics.inc("punch_ready")
 
     def _hold(self, attempt: Attempt, hops: int) -> None:
         for target in attempt.targets:
@@ -736,6 +803,7 @@ class Puncher:
         if MIN_FRAME_SIZE + len(frame.body) < MIN_FRAME_SIZE + _ACK_SIZE:
             self.metrics.inc("drops", reason="punch_probe_smaller_than_ack")
             return
+        first_heard = not attempt.probes_answered
         attempt.probes_answered = True
         # the path is open: what we send the peer may go all the way now
         self._release(attempt)
@@ -750,10 +818,23 @@ class Puncher:
             # Peer-reflexive: the mapping its NAT made towards us.
             attempt.targets.append(addr)
             self._probe(attempt, addr)
-        elif attempt.holding:
-            # The follower came through the mapping we held: probe it back now.
+        elif attempt.holding or first_heard:
+            # The follower came through the mapping we held, or the peer
+            # came through at all: probe it back now.
             attempt.holding = False
             self._probe(attempt, addr)
+        if first_heard:
+            # and a few times soon: one lost answer would otherwise wait for
+            # the next round of the schedule, seconds away while holding
+            # or quiet
+            for offset in probe_schedule(self.config.punch_hold_after)[1:]:
+                attempt.calls.append(self.clock.callLater(offset, self._probe_back,
+                                                          attempt.attempt_id, addr))
+
+    def _probe_back(self, attempt_id: int, address: tuple) -> None:
+        attempt = self.attempts.get(attempt_id)
+        if attempt is not None and attempt.result is None:
+            self._probe(attempt, address)
 
     def on_ack(self, frame, addr, message) -> None:
         attempt = self.attempts.get(message.attempt_id)

@@ -55,6 +55,7 @@ class MessageType(enum.IntEnum):
     PUNCH_PROBE = 0x22
     PUNCH_ACK = 0x23
     PUNCH_RESULT = 0x24
+    PUNCH_READY = 0x25
     APP_DATA = 0x30
     REQUEST = 0x31
     RESPONSE = 0x32
@@ -363,6 +364,9 @@ BODIES: dict[MessageType, c.Construct] = {
         "seq" / c.Int16ub,
         "observed" / ENDPOINT,
         "proof" / PROOF,
+    ),
+    MessageType.PUNCH_READY: c.Struct(
+        "attempt_id" / c.Int64ub,
     ),
     MessageType.PUNCH_RESULT: c.Struct(
         "attempt_id" / c.Int64ub,
