@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "omerta.app.cli_nat",
     "omerta.app.cli_mesh",
     "omerta.app.cli_vm",
+    "omerta.app.cli_job",
     "omerta.app.cli_daemon",
 )
 """

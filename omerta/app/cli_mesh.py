@@ -124,7 +124,12 @@ def _interface_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address of this host") from None
 
 
-def mesh_options() -> argparse.ArgumentParser:
+def mesh_options(timeout_flag: str = "--timeout") -> argparse.ArgumentParser:
+    """
+    The options of a command that joins the mesh; C{timeout_flag} names the
+    wait for the mesh (C{args.timeout}) where C{--timeout} means something
+    else to the command.
+    """
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("joining the mesh")
     which = group.add_mutually_exclusive_group()
@@ -148,7 +153,8 @@ def mesh_options() -> argparse.ArgumentParser:
         help="a peer to start from, besides the network's own (repeatable)",
     )
     group.add_argument(
-        "--timeout",
+        timeout_flag,
+        dest="timeout",
         type=_seconds_arg,
         default=10.0,
         metavar="SECONDS",

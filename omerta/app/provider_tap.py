@@ -32,6 +32,8 @@ class Options(NodeOptions):
     optFlags = [
         ["relay", None, "Also run the relay role in this process (serves STUN too)."],
         ["stun-server", None, "Answer STUN requests (implied by --relay)."],
+        ["jobs-network", None, "Give jobs that ask for it the host's network (default: only"
+         " loopback)."],
         ["no-tunnels", None, "Carry no WireGuard tunnels to consumers (they cannot reach"
                              " their VMs); for hosts without root or wireguard-go."],
     ]
@@ -41,6 +43,11 @@ class Options(NodeOptions):
          " guests run) or qemu:///system (real guests, QEMU TCG)."],
         ["max-vms", None, "16", "Most VMs at once."],
         ["vms-per-consumer", None, "4", "Most VMs one consumer may hold."],
+        ["jobs", None, "sandbox", "Compute jobs: 'sandbox' (each in bubblewrap with cgroup"
+         " limits; needs root and bubblewrap) or 'none' (docs/jobs.md)."],
+        ["jobs-per-consumer", None, "8", "Most jobs one consumer may have staging, queued or"
+         " running."],
+        ["job-retention", None, "86400", "Seconds an ended job's output is kept."],
         ["vm-cpus", None, None, "Most cpu cores committed to VMs (default: the host's)."],
         ["vm-memory", None, None,
          f"Most MiB of memory committed to VMs (default: the host's less"
@@ -57,8 +64,11 @@ class Options(NodeOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
+        if self["jobs"] not in ("sandbox", "none"):
+            raise usage.UsageError(f"--jobs takes 'sandbox' or 'none', not {self['jobs']!r}")
         for key, minimum in (("max-vms", 1), ("vms-per-consumer", 1), ("vm-cpus", 1),
-                             ("vm-memory", 16), ("vm-disk", 0)):
+                             ("vm-memory", 16), ("vm-disk", 0), ("jobs-per-consumer", 1),
+                             ("job-retention", 60)):
             if self[key] is None:
                 continue
             try:
@@ -172,4 +182,50 @@ def makeService(options: Options, reactor=None):
                                max_per_consumer=options["vms-per-consumer"], tunnels=tunnels)
     provider.setName("provider")
     provider.setServiceParent(top)
+    jobs = _jobs(options, provider, backend, data_dir, reactor)
+    jobs.setName("jobs")
+    jobs.setServiceParent(top)
     return top
+
+
+def sandbox_dir(data_dir) -> "Path":
+    """
+    Where the sandbox mounts the jobs' work directories: under /run (the
+    job's user must be able to reach them, which a data directory under a
+    0700 home does not let it), one directory per data directory, so a
+    restarted provider finds what its jobs left.
+    """
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return Path("/run/omerta-jobs") / digest
+
+
+def _jobs(options: Options, provider, backend, data_dir, reactor):
+    """The job service of C{--jobs} (its runner, or why there is none)."""
+    from twisted.logger import Logger
+
+    from omerta.jobs.provider import JobService
+
+    if reactor is None:
+        from twisted.internet import reactor
+    runner, problem = None, None
+    if options["jobs"] == "sandbox":
+        from omerta.jobs.sandbox import SandboxRunner, sandbox_problem
+
+        problem = sandbox_problem()
+        if problem is None:
+            runner = SandboxRunner(reactor, sandbox_dir(data_dir),
+                                   allow_network=options["jobs-network"])
+        else:
+            Logger().warn("Compute jobs are refused: {problem}", problem=problem)
+    else:
+        problem = "this provider runs no jobs (--jobs none)"
+    jobs = JobService(provider.mesh, runner, data_dir, reactor, provider.capacity,
+                      committed=backend.committed, on_change=provider.announce_free,
+                      problem=problem, max_per_consumer=options["jobs-per-consumer"],
+                      retention=float(options["job-retention"]),
+                      allow_network=options["jobs-network"])
+    provider.jobs = jobs
+    return jobs

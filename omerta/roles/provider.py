@@ -154,6 +154,9 @@ class ProviderService(Service):
         self.tunnels = None
         self.tunnel_error: str | None = None
         self.guest_ready_timeout = guest_ready_timeout
+        #: the node's L{omerta.jobs.provider.JobService}, if it runs jobs:
+        #: what its running jobs hold is not free for VMs either
+        self.jobs = None
 
     # lifecycle
 
@@ -211,7 +214,12 @@ class ProviderService(Service):
     # what we offer
 
     def free(self) -> dict:
-        return self.capacity.free(self.backend.committed())
+        committed = self.backend.committed()
+        if self.jobs is not None:
+            held = self.jobs.committed()
+            committed = replace(committed, cpu_cores=committed.cpu_cores + held.cpu_cores,
+                                memory_mb=committed.memory_mb + held.memory_mb)
+        return self.capacity.free(committed)
 
     def announce_free(self) -> None:
         """
@@ -438,6 +446,7 @@ class ProviderService(Service):
             "free": self.free(),
             "vms": len(self._tunnels),
             "max_per_consumer": self.max_per_consumer,
+            "jobs": None if self.jobs is None else self.jobs.status(),
             "tunnels": (None if self.tunnels is None else
                         {"error": self.tunnel_error, **self.tunnels.status()}),
         }

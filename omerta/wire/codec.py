@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import ipaddress
 
+import string
+
 import construct as c
 
 from omerta.wire import ParseError
@@ -84,3 +86,14 @@ ENDPOINT = _EndpointAdapter(
         "port" / c.Int16ub,
     )
 )
+
+
+def hex_id(text: str, what: str) -> bytes:
+    """
+    An 8-byte id as printed (16 hex digits) to its wire form.
+
+    @raise ValueError: not 16 hex digits (the message names C{what}).
+    """
+    if len(text) != 16 or any(ch not in string.hexdigits for ch in text):
+        raise ValueError(f"a {what} id is 16 hex digits, not {text!r}")
+    return bytes.fromhex(text)

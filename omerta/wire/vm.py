@@ -27,11 +27,10 @@ sees the consumer.  Errors carry a L{VmStatus} and a detail a person can act on.
 from __future__ import annotations
 
 import enum
-import string
 
 import construct as c
 
-from omerta.wire.codec import SHORT_TEXT, build, parse_exact
+from omerta.wire.codec import SHORT_TEXT, build, hex_id, parse_exact
 
 VERSION = 2
 CHANNEL = "vm"
@@ -151,6 +150,4 @@ def vm_id_bytes(vm_id: str) -> bytes:
 
     @raise ValueError: not 16 hex digits.
     """
-    if len(vm_id) != 16 or any(ch not in string.hexdigits for ch in vm_id):
-        raise ValueError(f"a VM id is 16 hex digits, not {vm_id!r}")
-    return bytes.fromhex(vm_id)
+    return hex_id(vm_id, "VM")
