@@ -163,6 +163,10 @@ class JobCommandTests(unittest.TestCase):
             left = subprocess.run(["pgrep", "-f", "sleep 304"], capture_output=True,
                                   text=True).stdout.split()
             self.assertEqual(left, [], "the killed provider's job was left running")
+            # a job the provider lost counts against it
+            scores = json.loads((Path(self.consumer) / "consumer.json").read_text())
+            (score,) = scores["providers"].values()
+            self.assertEqual(score["failures"], 1, score)
 
         return ensureDeferred(check())
 

@@ -503,7 +503,7 @@ class JobLifeTests(unittest.TestCase):
         req = request(**kwargs)
         job = self.runner.run(req, lambda name, data: self.output.append((name, data)))
         protocol, args, env, fds, transport = self.clock.spawned[-1]
-        for group in self.root.glob(f"*/omerta-jobs/{req.job_id}"):
+        for group in self.root.glob(f"*/omerta-jobs/{self.runner._group(req.job_id)}"):
             (group / "cgroup.procs").write_text("4242\n4243\n")
         return req, job, protocol, args, transport
 
@@ -514,7 +514,7 @@ class JobLifeTests(unittest.TestCase):
         """The job is spawned through the cgroup-joining shell with stdin written and closed."""
         req, job, protocol, args, transport = self.start(stdin=b"data", inputs={"a": b"1"})
         self.assertEqual(args[:2], ["/bin/sh", "-c"])
-        self.assertIn(f"memory/omerta-jobs/{req.job_id}/cgroup.procs", args[2])
+        self.assertIn(f"memory/omerta-jobs/{self.runner._group(req.job_id)}/cgroup.procs", args[2])
         self.assertIn("--unshare-net", args)
         self.assertEqual(transport.written, [(0, b"data")])
         self.assertEqual(transport.closed, [0])
@@ -542,7 +542,7 @@ class JobLifeTests(unittest.TestCase):
         protocol.childDataReceived(1, b"out")
         protocol.childDataReceived(2, b"err")
         self.assertEqual(self.output, [("stdout", b"out"), ("stderr", b"err")])
-        (self.root / "cpu,cpuacct" / "omerta-jobs" / req.job_id / "cpuacct.usage").write_text(
+        (self.root / "cpu,cpuacct" / "omerta-jobs" / self.runner._group(req.job_id) / "cpuacct.usage").write_text(
             "1000000000")
         protocol.processEnded(Failure(ProcessTerminated(exitCode=3)))
         result = self.successResultOf(job.done)
@@ -551,7 +551,7 @@ class JobLifeTests(unittest.TestCase):
         self.assertEqual(result.missing_outputs, ["gone.txt"])
         self.assertIn("gone.txt", result.detail)
         self.assertEqual(result.cpu_s, 1.0)
-        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{req.job_id}")), [])
+        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{self.runner._group(req.job_id)}")), [])
         self.assertEqual(self.runner._workdirs.present, set())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -578,7 +578,7 @@ class JobLifeTests(unittest.TestCase):
         result = self.successResultOf(job.done)
         self.assertEqual((result.reason, result.exit_code), ("timeout", None))
         self.assertIn("5 s", result.detail)
-        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{req.job_id}")), [])
+        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{self.runner._group(req.job_id)}")), [])
 
     def test_cancel(self):
         """cancel() kills the tree and reports cancelled; a later cancel does nothing."""
@@ -608,7 +608,7 @@ class JobLifeTests(unittest.TestCase):
         """An OOM kill counted in the cgroup makes the reason memory."""
         req, job, protocol, args, transport = self.start(limits=Limits(memory_mb=64))
         self.started(protocol)
-        (self.root / "memory" / "omerta-jobs" / req.job_id / "memory.oom_control").write_text(
+        (self.root / "memory" / "omerta-jobs" / self.runner._group(req.job_id) / "memory.oom_control").write_text(
             "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
         protocol.processEnded(Failure(ProcessTerminated(exitCode=137)))
         result = self.successResultOf(job.done)
@@ -642,21 +642,25 @@ class JobLifeTests(unittest.TestCase):
         req = request()
         result = self.successResultOf(self.runner.run(req, lambda *a: None).done)
         self.assertEqual(result.reason, "failed")
-        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{req.job_id}")), [])
+        self.assertEqual(list(self.root.glob(f"*/omerta-jobs/{self.runner._group(req.job_id)}")), [])
         self.assertEqual(self.runner._workdirs.present, set())
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_cleanup_stale(self):
         """cleanup_stale kills what is left in old job cgroups and removes them and work dirs."""
         stale = "00000000000000aa"
+        others = "ffffffff-00000000000000cc"  # another runner's (another base_dir)
         for hierarchy in ("memory", "cpu,cpuacct", "pids"):
-            (self.root / hierarchy / "omerta-jobs" / stale).mkdir(parents=True)
-            (self.root / hierarchy / "omerta-jobs" / stale / "cgroup.procs").write_text("77\n")
+            for group, pid in ((self.runner._group(stale), "77"), (others, "88")):
+                (self.root / hierarchy / "omerta-jobs" / group).mkdir(parents=True)
+                (self.root / hierarchy / "omerta-jobs" / group / "cgroup.procs").write_text(
+                    pid + "\n")
         self.runner._workdirs.present.add("00000000000000bb")
         result = self.successResultOf(self.runner.cleanup_stale())
         self.assertEqual(result, ["00000000000000aa", "00000000000000bb"])
         self.assertEqual(self.runner.killed, [(77, signal.SIGKILL)])
-        self.assertEqual([p for p in self.root.glob("*/omerta-jobs/*") if p.is_dir()], [])
+        self.assertEqual({p.name for p in self.root.glob("*/omerta-jobs/*") if p.is_dir()},
+                         {others})
         self.assertEqual(self.runner._workdirs.present, set())
 
 
@@ -751,8 +755,8 @@ class SandboxIntegrationTests(unittest.TestCase):
 
     def assert_gone(self, req, marker):
         self.assertEqual(marker_processes(marker), [])
-        self.assertEqual(list(Path("/sys/fs/cgroup").glob(f"*/omerta-jobs/{req.job_id}")) +
-                         list(Path("/sys/fs/cgroup").glob(f"omerta-jobs/{req.job_id}")), [])
+        self.assertEqual(list(Path("/sys/fs/cgroup").glob(f"*/omerta-jobs/*-{req.job_id}")) +
+                         list(Path("/sys/fs/cgroup").glob(f"omerta-jobs/*-{req.job_id}")), [])
         self.assertFalse((self.top / "jobs" / req.job_id).exists())
 
     @defer.inlineCallbacks

@@ -415,7 +415,7 @@ def format_job(document: dict) -> str:
         lines.append(f"  provider  {document.get('provider_name') or '-'}"
                      f" ({document['provider'][:16]})")
     if "cpu" in document:
-        lines.append(f"  limits    {document['cpu']:g} cores, {document['memory_mb']} MiB,"
+        lines.append(f"  limits    cpu {document['cpu']:g}, {document['memory_mb']} MiB,"
                      f" {document['timeout_s']} s; runner {document.get('runner', '?')}")
         lines.append(f"  output    stdout {document['stdout_bytes']} bytes,"
                      f" stderr {document['stderr_bytes']} bytes"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -625,7 +626,8 @@ def _no_room(detail: str):
 
 
 def _command(argv: list) -> str:
-    return " ".join(printable(a) for a in argv)
+    """The command as a shell would read it (quoted), printable."""
+    return printable(shlex.join(argv))
 
 
 def _read(path: Path, offset: int, most: int) -> bytes:

@@ -45,6 +45,7 @@ runner allow the network.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ctypes.util
 import enum
 import json
@@ -267,10 +268,16 @@ class WorkDirs:
 
     def create(self, job_id: str, size_mb: int) -> Path:
         """Mount a fresh work directory owned by the job's user."""
-        self.base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # (explicit chmods: a daemon's umask, 077 under twistd, would leave
+        # the directories the job's user must cross closed to it)
+        for directory in [*reversed(self.base_dir.parents), self.base_dir]:
+            if not directory.exists():
+                directory.mkdir(mode=0o711)
+                os.chmod(directory, 0o711)
         os.chmod(self.base_dir, 0o711)
         job_dir = self.base_dir / job_id
         job_dir.mkdir(mode=0o711)
+        os.chmod(job_dir, 0o711)
         work = job_dir / "work"
         try:
             work.mkdir(mode=0o700)
@@ -568,6 +575,15 @@ class SandboxRunner:
         self._cgroups = CgroupHost(Path(cgroup_root), kill=self._kill_pid)
         self._workdirs = workdirs if workdirs is not None else WorkDirs(self.base_dir)
         self._jobs: dict[str, _Job] = {}
+        # Job cgroups are named SCOPE-JOBID, SCOPE from base_dir: a runner
+        # cleans up only its own groups, never another provider's (or
+        # another runner's) on the same host.
+        self._scope = hashlib.sha256(
+            os.fsencode(self.base_dir.resolve())).hexdigest()[:8]
+
+    def _group(self, job_id: str) -> str:
+        """The name of a job's cgroups."""
+        return f"{self._scope}-{job_id}"
 
     # Seams for tests.
     def _kill_pid(self, pid: int, sig: int) -> None:
@@ -631,8 +647,8 @@ class SandboxRunner:
             return self._failed(f"the inputs could not be written (they may not fit in "
                                 f"work_mb = {limits.work_mb}): {e}")
         try:
-            cgroup = self._cgroups.create(job_id, memory_mb=limits.memory_mb, cpu=limits.cpu,
-                                          pids=limits.pids)
+            cgroup = self._cgroups.create(self._group(job_id), memory_mb=limits.memory_mb,
+                                          cpu=limits.cpu, pids=limits.pids)
         except OSError as e:
             self._workdirs.remove(job_id)
             return self._failed(f"the job's cgroup could not be made: {e}")
@@ -662,18 +678,23 @@ class SandboxRunner:
 
     def cleanup_stale(self) -> defer.Deferred:
         """
-        Clean up after a previous provider process: kill every process left
-        in an C{omerta-jobs} cgroup, remove those cgroups, unmount and remove
-        the work directories under C{base_dir}.  Jobs of this runner that
-        are still running are left alone.
+        Clean up after a previous provider process on the same C{base_dir}:
+        kill every process left in its jobs' cgroups (those named for this
+        C{base_dir} under C{omerta-jobs}), remove those cgroups, unmount
+        and remove the work directories under C{base_dir}.  Jobs of this
+        runner that are still running, and other runners' jobs, are left
+        alone.
 
         @return: a Deferred firing with the sorted list of the job ids
             cleaned, once their processes are gone (or after
             C{REAP_DEADLINE} seconds, leaving what would not go).
         """
-        ids = {i for i in self._cgroups.job_ids() | self._workdirs.job_ids()
+        prefix = self._scope + "-"
+        ours = {name[len(prefix):] for name in self._cgroups.job_ids()
+                if name.startswith(prefix)}
+        ids = {i for i in ours | self._workdirs.job_ids()
                if JOB_ID.match(i) and i not in self._jobs}
-        groups = [self._cgroups.open(i) for i in sorted(ids)]
+        groups = [self._cgroups.open(self._group(i)) for i in sorted(ids)]
         done: defer.Deferred = defer.Deferred()
         until = self.reactor.seconds() + REAP_DEADLINE
 
