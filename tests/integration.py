@@ -128,6 +128,26 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
 
+def loopback_relay(testcase, base: str, network_name: str) -> tuple:
+    """
+    A network made on the spot and its relay (C{twistd omerta-relay} on
+    127.0.0.1, data in C{base}/relay, no NAT discovery): (the relay's
+    L{Daemon}, its port, the network).
+    """
+    import time
+
+    from omerta.crypto.identity import load_or_create_identity
+    from omerta.networks import NetworkStore
+
+    relay_dir = f"{base}/relay"
+    port = free_udp_port()
+    network = NetworkStore(relay_dir).create(load_or_create_identity(relay_dir), network_name,
+                                             f"127.0.0.1:{port}", now=time.time())
+    relay = Daemon(testcase, "omerta-relay", relay_dir, "--name", "relay",
+                   "--interface", "127.0.0.1", "--port", str(port), "--nat-interval", "0")
+    return relay, port, network
+
+
 async def wait_for(predicate, timeout: float, what: str, interval: float = 0.1, describe=None):
     """
     Poll C{predicate} on the reactor until it is true or C{timeout} passes.

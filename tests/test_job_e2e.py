@@ -17,10 +17,9 @@ from pathlib import Path
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
-from omerta.crypto.identity import load_or_create_identity
 from omerta.jobs.sandbox import sandbox_problem
-from omerta.networks import NetworkStore
-from tests.integration import REPO, Daemon, environment, free_udp_port, wait_for
+from tests.integration import (REPO, Daemon, environment, free_udp_port, loopback_relay,
+                               wait_for)
 from tests.test_cli_mesh import _MAIN
 
 SCRIPT = """\
@@ -50,14 +49,7 @@ class JobCommandTests(unittest.TestCase):
             raise unittest.SkipTest(f"jobs run in the sandbox, which cannot work here: {problem}")
         base = os.path.abspath(self.mktemp())
         self.base = base
-        relay_dir = f"{base}/relay"
-        self.relay_port = free_udp_port()
-        identity = load_or_create_identity(relay_dir)
-        self.network = NetworkStore(relay_dir).create(
-            identity, "jobs", f"127.0.0.1:{self.relay_port}", now=time.time())
-        self.relay = Daemon(self, "omerta-relay", relay_dir, "--name", "relay",
-                            "--interface", "127.0.0.1", "--port", str(self.relay_port),
-                            "--nat-interval", "0")
+        self.relay, self.relay_port, self.network = loopback_relay(self, base, "jobs")
         self.provider = Daemon(self, "omerta-provider", f"{base}/provider",
                                "--name", "provider-1", "--interface", "127.0.0.1",
                                "--port", str(free_udp_port()), "--nat-interval", "0",

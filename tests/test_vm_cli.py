@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
@@ -20,15 +19,13 @@ from types import SimpleNamespace
 
 from omerta.addressing import Endpoint
 from omerta.app.cli_vm import error_text
-from omerta.crypto.identity import load_or_create_identity
 from omerta.mesh.messaging import RequestTimeout
 from omerta.mesh.network import NotJoined
-from omerta.networks import NetworkStore
 from omerta.roles.consumer_client import (BadReply, NoAnswer, NotAProvider, NothingAnswered,
                                           ProviderNotFound, Refused, Unreachable)
 from omerta.wire import ParseError
 from omerta.wire.vm import VmStatus
-from tests.integration import Daemon, free_udp_port, wait_for
+from tests.integration import Daemon, free_udp_port, loopback_relay, wait_for
 from tests.test_cli_mesh import run_omerta
 
 
@@ -101,14 +98,7 @@ class VmCommandTests(unittest.TestCase):
     def setUp(self):
         base = os.path.abspath(self.mktemp())
         self.base = base
-        relay_dir = f"{base}/relay"
-        self.relay_port = free_udp_port()
-        identity = load_or_create_identity(relay_dir)
-        self.network = NetworkStore(relay_dir).create(
-            identity, "vms", f"127.0.0.1:{self.relay_port}", now=time.time())
-        self.relay = Daemon(self, "omerta-relay", relay_dir, "--name", "relay",
-                            "--interface", "127.0.0.1", "--port", str(self.relay_port),
-                            "--nat-interval", "0")
+        self.relay, self.relay_port, self.network = loopback_relay(self, base, "vms")
         self.provider_port = free_udp_port()
         self.provider = Daemon(self, "omerta-provider", f"{base}/provider",
                                "--name", "provider", "--interface", "127.0.0.1",

@@ -171,7 +171,7 @@ def register(subparsers: Any) -> None:
     listing.set_defaults(func=list_command)
 
     fetch = commands.add_parser("fetch", parents=[common], help="a job's collected output files",
-                                description="Download the files the job's --output named,"
+                                description="Download the files the job's --output-file named,"
                                             " once it ended.")
     fetch.add_argument("job", metavar="JOB_ID", help="a job's id or unique id prefix")
     fetch.add_argument("--dir", default=".", metavar="DIR",
