@@ -162,6 +162,34 @@ class JobCommandTests(unittest.TestCase):
 
         return ensureDeferred(check())
 
+    def test_through_the_running_node(self):
+        """
+        With the consumer's node up, the commands go through its control
+        API: the job is the node's; a job of the short-lived command node
+        is still found through that node.
+        """
+        early = self.json_of(self.job("submit", "--peer", "provider-1", "--output", "json",
+                                      "--", "true"))
+        started = omerta("--data-dir", self.consumer, "up", "--port", "0", "--interface",
+                         "127.0.0.1", "--timeout", "30")
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.addCleanup(omerta, "--data-dir", self.consumer, "down")
+        submit = omerta("--data-dir", self.consumer, "job", "submit", "--peer", "provider-1",
+                        "--wait", "--", "sh", "-c", "echo 42; echo note >&2; exit 4")
+        self.assertEqual((submit.returncode, submit.stdout), (4, "42\n"),
+                         submit.stderr + self.describe())
+        self.assertIn("note", submit.stderr)
+        listed = json.loads(omerta("--data-dir", self.consumer, "--output", "json", "job",
+                                   "list").stdout)["jobs"]
+        node_id = json.loads((Path(self.consumer) / "status.json").read_text())["peer_id"]
+        kept = json.loads((Path(self.consumer) / "consumer-jobs.json").read_text())["jobs"]
+        (mine,) = [j for j in listed if j["job_id"] != early["job_id"]]
+        self.assertEqual((mine["state"], mine["exit_code"]), ("exited", 4))
+        self.assertEqual(kept[mine["job_id"]]["owner"], node_id)
+        status = self.json_of(omerta("--data-dir", self.consumer, "--output", "json", "job",
+                                     "status", early["job_id"]))
+        self.assertEqual(status["state"], "exited")
+
     def test_bad_input_gets_a_clear_refusal(self):
         script = Path(self.base) / "job.rb"
         script.write_text("puts 42\n")

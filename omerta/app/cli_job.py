@@ -11,14 +11,16 @@ C{omerta job ...}: compute jobs on providers, asked for by peer id.
     omerta job list [--peer PEER]
     omerta job fetch JOB_ID [--dir DIR]
 
-Each command joins the mesh as the data directory's short-lived command
-node (the options of C{omerta mesh}: C{--invite}/C{--network},
-C{--bootstrap}, C{--timeout}; for C{submit}, whose C{--timeout} is the
-job's, C{--mesh-timeout}), reaches the provider (directly, hole-punched
-or through a relay) and speaks the C{job} protocol (L{omerta.wire.job})
-with it; the work is L{omerta.jobs.client.JobClient}'s.  Jobs are owned by
-that node's identity, and kept in C{<data-dir>/consumer-jobs.json} so the
-later commands find their provider.
+Each command asks the data directory's running node (C{omerta up}) over
+its control API (C{/v1/jobs}), or else joins the mesh as the data
+directory's short-lived command node (the options of C{omerta mesh}:
+C{--invite}/C{--network}, C{--bootstrap}, C{--timeout}; for C{submit},
+whose C{--timeout} is the job's, C{--mesh-timeout}); either reaches the
+provider (directly, hole-punched or through a relay) and speaks the C{job}
+protocol (L{omerta.wire.job}) with it; the work is
+L{omerta.jobs.client.JobClient}'s.  Jobs are owned by the identity of the
+node that submitted them, and kept in C{<data-dir>/consumer-jobs.json} so
+the later commands find their provider.
 
 C{submit --wait} prints the job's stdout and stderr as they come and exits
 with the job's exit code (or 124 for a timeout, 137 when killed for memory,
@@ -28,18 +30,20 @@ with the job's exit code (or 124 for a timeout, 137 when killed for memory,
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omerta.app.cli import CommandError, Invocation
-from omerta.app.cli_mesh import MeshView, mesh_options, peer_label, run_on_mesh
-from omerta.app.documents import error_text
-from omerta.jobs.client import JobClient, JobSpec, UnknownJob
-from omerta.roles.consumer_client import ConsumerClient, ConsumerError
-from omerta.mesh.network import NotJoined
-from omerta.mesh.registry import AmbiguousPeer
+from omerta.app.cli_mesh import CLI_DIR, MeshView, mesh_options, peer_label, run_on_mesh
+from omerta.app.documents import consumer_errors
+from omerta.app.via_node import ask, network_field, running_node
+from omerta.crypto.identity import load_or_create_identity
+from omerta.jobs.client import JobClient, JobSpec, UnknownJob, follow_logs
+from omerta.roles.consumer_client import ConsumerClient
 from omerta.wire.job import MAX_STDIN
+from twisted.internet.defer import Deferred, succeed
 
 LANGUAGES = {"python": ["python3"], "sh": ["/bin/sh"]}
 SCRIPT_NAMES = {"python": ".omerta-script.py", "sh": ".omerta-script.sh"}
@@ -182,14 +186,18 @@ def register(subparsers: Any) -> None:
 # -- submit -------------------------------------------------------------------------
 
 
-def job_spec(args) -> JobSpec:
-    """The job the arguments describe; bad arguments raise L{CommandError}."""
+def _command_and_files(args) -> tuple[list[str], dict[str, Path], bytes]:
+    """
+    The command, the input files (path in the work directory -> local
+    file) and stdin the arguments describe; bad arguments raise
+    L{CommandError}.
+    """
     command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
-    inputs: dict[str, bytes] = {}
+    files: dict[str, Path] = {}
     for local, inside in args.input:
-        if inside in inputs:
+        if inside in files:
             raise CommandError(f"two --input files go to {inside!r}")
-        inputs[inside] = _read(local, "--input")
+        files[inside] = local
     if args.script is not None:
         if command:
             raise CommandError("give either --script FILE or a command after --, not both")
@@ -197,7 +205,7 @@ def job_spec(args) -> JobSpec:
         if language is None:
             raise CommandError(f"cannot tell the language of {args.script}: give --language"
                                f" ({' or '.join(sorted(LANGUAGES))})")
-        inputs[SCRIPT_NAMES[language]] = _read(Path(args.script).expanduser(), "--script")
+        files[SCRIPT_NAMES[language]] = Path(args.script).expanduser()
         command = [*LANGUAGES[language], SCRIPT_NAMES[language]]
     elif args.language is not None:
         raise CommandError("--language goes with --script")
@@ -211,9 +219,29 @@ def job_spec(args) -> JobSpec:
         if len(stdin) > MAX_STDIN:
             raise CommandError(f"--stdin {args.stdin} is {len(stdin)} bytes; at most {MAX_STDIN}:"
                                f" give a larger file as --input instead")
+    return command, files, stdin
+
+
+def job_spec(args) -> JobSpec:
+    """The job the arguments describe; bad arguments raise L{CommandError}."""
+    command, files, stdin = _command_and_files(args)
+    inputs = {inside: _read(local, "--script" if inside in SCRIPT_NAMES.values() else "--input")
+              for inside, local in files.items()}
     return JobSpec(argv=command, env=dict(args.env), stdin=stdin, inputs=inputs,
                    outputs=list(args.outputs), cpu=args.cpu, memory_mb=args.memory,
                    timeout_s=args.job_timeout, network=args.job_network, name=args.name)
+
+
+def api_job(args) -> dict:
+    """The job the arguments describe as the control API takes it (files by path)."""
+    command, files, stdin = _command_and_files(args)
+    for local in files.values():
+        if not local.is_file():
+            raise CommandError(f"{local}: no such file")
+    return {"argv": command, "env": dict(args.env), "stdin": base64.b64encode(stdin).decode(),
+            "input_files": {inside: str(local.resolve()) for inside, local in files.items()},
+            "outputs": list(args.outputs), "cpu": args.cpu, "memory": args.memory,
+            "timeout": args.job_timeout, "network": args.job_network, "name": args.name}
 
 
 def _read(path: Path, option: str) -> bytes:
@@ -225,8 +253,21 @@ def _read(path: Path, option: str) -> bytes:
 
 def submit_command(invocation: Invocation) -> int:
     args = invocation.args
-    spec = job_spec(args)
     out = _Output(invocation)
+    node = running_node(invocation)
+    if node is not None:
+        which = {"peer": args.peer} if args.peer is not None else {"find": True}
+        submitted = ask(node, "POST", "/v1/jobs", body={
+            **which, "job": api_job(args), "timeout": args.timeout, **network_field(args)})
+        if not args.wait:
+            invocation.emit(format_job(submitted), submitted)
+            return 0
+        if not invocation.wants_json:
+            _note(f"job {submitted['job_id']} submitted")
+        final = _follow_via(node, invocation, submitted["job_id"], out,
+                            lambda d: _queued_note(invocation, d))
+        return _finish(invocation, final, out)
+    spec = job_spec(args)
 
     async def body(view: MeshView) -> tuple[dict, dict | None]:
         client = _client(invocation, view)
@@ -249,10 +290,41 @@ def submit_command(invocation: Invocation) -> int:
     if final is None:
         invocation.emit(format_job(submitted), submitted)
         return 0
+    return _finish(invocation, final, out)
+
+
+def _node_for(invocation: Invocation):
+    """The running node to ask about the job named, or None (see L{_job_id})."""
+    if not getattr(invocation.args, "through_node", True):
+        return None
+    return running_node(invocation)
+
+
+def _finish(invocation: Invocation, final: dict, out: "_Output") -> int:
     if invocation.wants_json:
         final["stdout"], final["stderr"] = out.text("stdout"), out.text("stderr")
         invocation.emit("", final)
     return exit_status(final)
+
+
+def _follow_via(node, invocation: Invocation, job_id: str, out: "_Output",
+                on_state=None) -> dict:
+    """L{follow_logs} through the running node (its control API, blocking)."""
+    timeout = invocation.args.timeout
+
+    def logs(stream: str, offset: int, wait: float):
+        reply = ask(node, "GET", f"/v1/jobs/{job_id}/logs", query={
+            "stream": stream, "offset": offset, "wait": wait, "timeout": timeout,
+            **network_field(invocation.args)})
+        return succeed((base64.b64decode(reply["data"]), reply["eof"], reply["job"]))
+
+    # every logs() answer is there already: the coroutine runs to its end now
+    done = Deferred.fromCoroutine(follow_logs(logs, out.write, on_state))
+    failures: list = []
+    done.addErrback(failures.append)
+    if failures:
+        failures[0].raiseException()
+    return done.result
 
 
 def exit_status(document: dict) -> int:
@@ -307,31 +379,67 @@ def _queued_note(invocation: Invocation, document: dict) -> None:
 
 
 def _job_id(invocation: Invocation) -> str:
+    """
+    The job the arguments name.  A job submitted by the short-lived command
+    node belongs to that node's identity, not the running node's: for it the
+    command joins as that node again (C{invocation.args.through_node} False).
+    """
     try:
-        return JobClient(ConsumerClient(None, invocation.data_dir)).find(
-            invocation.args.job)[0]
+        job_id, kept = JobClient(ConsumerClient(None, invocation.data_dir)).find(
+            invocation.args.job)
     except UnknownJob as e:
         raise CommandError(f"{e}; 'omerta job list' shows the jobs submitted from here")
+    command_node = load_or_create_identity(invocation.data_dir / CLI_DIR).peer_id_text
+    invocation.args.through_node = kept.get("owner") != command_node
+    return job_id
 
 
 def status_command(invocation: Invocation) -> int:
     job_id = _job_id(invocation)
-    document = _on_mesh(invocation, lambda client, view: client.status(job_id, view.timeout))
+    document = _via_node(invocation, "GET", f"/v1/jobs/{job_id}") or _on_mesh(
+        invocation, lambda client, view: client.status(job_id, view.timeout))
     invocation.emit(format_job(document), document)
     return 0
 
 
 def cancel_command(invocation: Invocation) -> int:
     job_id = _job_id(invocation)
-    document = _on_mesh(invocation, lambda client, view: client.cancel(job_id, view.timeout))
+    document = _via_node(invocation, "DELETE", f"/v1/jobs/{job_id}") or _on_mesh(
+        invocation, lambda client, view: client.cancel(job_id, view.timeout))
     invocation.emit(format_job(document), document)
     return 0
+
+
+def _via_node(invocation: Invocation, method: str, path: str, **query) -> dict | None:
+    """The running node's answer, or None when there is none to ask (or not it)."""
+    node = _node_for(invocation)
+    if node is None:
+        return None
+    return ask(node, method, path, query={"timeout": invocation.args.timeout, **query,
+                                          **network_field(invocation.args)})
 
 
 def logs_command(invocation: Invocation) -> int:
     args = invocation.args
     job_id = _job_id(invocation)
     out = _Output(invocation)
+    node = _node_for(invocation)
+    if node is not None:
+        if args.follow:
+            document = _follow_via(node, invocation, job_id, out)
+        else:
+            stream = "stderr" if args.stderr else "stdout"
+            offset = 0
+            while True:
+                reply = _via_node(invocation, "GET", f"/v1/jobs/{job_id}/logs", stream=stream,
+                                  offset=offset)
+                data = base64.b64decode(reply["data"])
+                out.write(stream, data)
+                offset += len(data)
+                document = reply["job"]
+                if reply["eof"] or not data:
+                    break
+        return _logs_done(invocation, document, out)
 
     async def body(view: MeshView) -> dict:
         client = _client(invocation, view)
@@ -347,7 +455,10 @@ def logs_command(invocation: Invocation) -> int:
             if eof or not data:
                 return document
 
-    document = run_on_mesh(invocation, body)
+    return _logs_done(invocation, run_on_mesh(invocation, body), out)
+
+
+def _logs_done(invocation: Invocation, document: dict, out: "_Output") -> int:
     if invocation.wants_json:
         document["stdout"], document["stderr"] = out.text("stdout"), out.text("stderr")
         invocation.emit("", document)
@@ -356,15 +467,22 @@ def logs_command(invocation: Invocation) -> int:
 
 def list_command(invocation: Invocation) -> int:
     peer = invocation.args.peer
-    documents = _on_mesh(invocation, lambda client, view: client.listing(peer, view.timeout))
-    document = {"jobs": documents}
+    document = _via_node(invocation, "GET", "/v1/jobs", **({"peer": peer} if peer else {}))
+    if document is None:
+        document = {"jobs": _on_mesh(invocation,
+                                     lambda client, view: client.listing(peer, view.timeout))}
+    documents = document["jobs"]
     invocation.emit(format_list(documents), document)
     return 0
 
 
 def fetch_command(invocation: Invocation) -> int:
     job_id = _job_id(invocation)
-    files = _on_mesh(invocation, lambda client, view: client.fetch(job_id, view.timeout))
+    answer = _via_node(invocation, "GET", f"/v1/jobs/{job_id}/files")
+    if answer is not None:
+        files = {f["path"]: base64.b64decode(f["data"]) for f in answer["files"]}
+    else:
+        files = _on_mesh(invocation, lambda client, view: client.fetch(job_id, view.timeout))
     where = Path(invocation.args.dir).expanduser() / job_id
     written = []
     for path, data in files.items():
@@ -387,10 +505,8 @@ def _client(invocation: Invocation, view: MeshView) -> JobClient:
 
 async def _guarded(view: MeshView, deferred):
     """The result; a failure of the client becomes a message with what to try."""
-    try:
+    with consumer_errors(view):
         return await deferred
-    except (ConsumerError, NotJoined, AmbiguousPeer) as e:
-        raise CommandError(error_text(view, e)) from None
 
 
 def _on_mesh(invocation: Invocation, ask):

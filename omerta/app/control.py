@@ -14,6 +14,12 @@ short-lived node of its own (docs/api.md, "Control API").
     GET    /v1/vms[?refresh=1]       the VMs held (omerta vm list)
     GET    /v1/vms/ID                one VM (omerta vm show)
     DELETE /v1/vms/ID, /v1/vms       give VMs back (omerta vm release)
+    POST   /v1/jobs                  submit a compute job (omerta job submit)
+    GET    /v1/jobs                  the jobs submitted from here (omerta job list)
+    GET    /v1/jobs/ID               one job (omerta job status)
+    DELETE /v1/jobs/ID               cancel it (omerta job cancel)
+    GET    /v1/jobs/ID/logs          its output from an offset, waiting for more
+    GET    /v1/jobs/ID/files         its collected files (omerta job fetch)
     GET    /v1/events[?kinds=a,b]    the node's events as server-sent events
 
 The documents are L{omerta.app.documents}'s, the ones C{--output json}
@@ -31,6 +37,7 @@ Nothing here binds or listens before L{ControlService.startService}.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -61,6 +68,7 @@ from omerta.mesh.events import KINDS
 from omerta.mesh.network import MeshNetwork
 from omerta.networks import MembershipError, NetworkStore
 from omerta.roles import sshkeys
+from omerta.jobs.client import JobClient, UnknownJob, job_spec_of
 from omerta.roles.consumer import HeldVM
 from omerta.roles.consumer_client import ConsumerClient, VmRequest
 from omerta.roles.guest import DEFAULT_IMAGE
@@ -391,6 +399,10 @@ ROUTES = (
     Route("/v1/nat", {"GET": "nat"}),
     Route("/v1/vms", {"GET": "vm_list", "POST": "vm_request", "DELETE": "vm_release_all"}),
     Route("/v1/vms/{id}", {"GET": "vm_show", "DELETE": "vm_release"}),
+    Route("/v1/jobs", {"GET": "job_list", "POST": "job_submit"}),
+    Route("/v1/jobs/{id}", {"GET": "job_status", "DELETE": "job_cancel"}),
+    Route("/v1/jobs/{id}/logs", {"GET": "job_logs"}),
+    Route("/v1/jobs/{id}/files", {"GET": "job_files"}),
     Route("/v1/events", {"GET": "events"}),
 )
 
@@ -402,6 +414,21 @@ class Scope:
     """The network a question is about (what L{MeshView}'s messages name)."""
 
     network: Any
+
+
+class _JobLogs:
+    """GET /v1/jobs/ID/logs: C{stream}, C{offset}, C{wait} (seconds, at most 10)."""
+
+    def fields(self, query: Fields) -> dict:
+        stream = query.text("stream", "stdout", wanted="stdout or stderr")
+        if stream not in ("stdout", "stderr"):
+            raise ApiError(http.BAD_REQUEST, "parameter 'stream' must be stdout or stderr")
+        return {"stream": stream, "offset": query.whole("offset", 0, 2**62, 0),
+                "wait": query.seconds("wait", 0.0, zero=True, high=10.001)}
+
+    async def __call__(self, client, job_id, timeout, *, stream, offset, wait) -> dict:
+        data, eof, job = await client.logs(job_id, stream, offset, wait, timeout)
+        return {"data": base64.b64encode(data).decode(), "eof": eof, "job": job}
 
 
 class ControlAPI(Resource):
@@ -771,6 +798,90 @@ class ControlAPI(Resource):
                     self.node.events.emit(VM_STATE, network=held.network, vm_id=vm_id,
                                           state=state, previous=previous,
                                           provider=held.provider)
+
+    # compute jobs
+
+    def _jobs(self, mesh: MeshNetwork | None = None) -> JobClient:
+        return JobClient(self._consumer(mesh))
+
+    def _job_id(self, ref: str) -> str:
+        try:
+            return self._jobs().find(ref)[0]
+        except UnknownJob as e:
+            raise ApiError(http.NOT_FOUND, f"{e}; GET /v1/jobs lists them") from None
+        except StateFileError as e:
+            raise ApiError(http.INTERNAL_SERVER_ERROR, str(e)) from None
+
+    def _job_view(self, fields: Fields) -> tuple[MeshView, JobClient]:
+        timeout = fields.seconds("timeout", DEFAULT_TIMEOUT)
+        network = fields.text("network", None, wanted="a network id, id prefix or name")
+        mesh, scope = self._mesh(network)
+        return MeshView(mesh, scope, timeout), self._jobs(mesh)
+
+    def _job_submit(self, request):
+        body = _body(request)
+        peer = body.text("peer", None, wanted="a peer id, id prefix or name")
+        find = body.flag("find")
+        try:
+            spec = job_spec_of(body.values.get("job"))
+        except ValueError as e:
+            raise ApiError(http.BAD_REQUEST, f"field 'job': {e}") from None
+        body.used.append("job")
+        view, client = self._job_view(body)
+        body.done()
+        _query(request).done()
+        if (peer is not None) == find:
+            raise ApiError(http.BAD_REQUEST, "give exactly one of 'peer' (id, prefix or name)"
+                                             " or 'find': true")
+
+        async def submitted() -> dict:
+            with documents.consumer_errors(view):
+                return await client.submit(spec, provider=peer, timeout=view.timeout)
+
+        return _Async(submitted())
+
+    def _job_list(self, request):
+        query = _query(request)
+        peer = query.text("peer", None, wanted="a peer id, id prefix or name")
+        view, client = self._job_view(query)
+        query.done()
+
+        async def listed() -> dict:
+            with documents.consumer_errors(view):
+                return {"jobs": await client.listing(peer, view.timeout)}
+
+        return _Async(listed())
+
+    def _job_call(self, request, id: str, call):
+        query = _query(request)
+        job_id = self._job_id(id)
+        extra = call.fields(query) if hasattr(call, "fields") else {}
+        view, client = self._job_view(query)
+        query.done()
+
+        async def answered():
+            with documents.consumer_errors(view):
+                return await call(client, job_id, view.timeout, **extra)
+
+        return _Async(answered(), cancel_on_disconnect=True)
+
+    def _job_status(self, request, id: str):
+        return self._job_call(request, id, lambda c, job_id, timeout: c.status(job_id, timeout))
+
+    def _job_cancel(self, request, id: str):
+        return self._job_call(request, id, lambda c, job_id, timeout: c.cancel(job_id, timeout))
+
+    def _job_logs(self, request, id: str):
+        return self._job_call(request, id, _JobLogs())
+
+    def _job_files(self, request, id: str):
+        async def files(client, job_id, timeout) -> dict:
+            fetched = await client.fetch(job_id, timeout)
+            return {"job_id": job_id, "files": [
+                {"path": path, "size": len(data), "data": base64.b64encode(data).decode()}
+                for path, data in fetched.items()]}
+
+        return self._job_call(request, id, files)
 
     # events
 

@@ -394,13 +394,15 @@ def error_class(error: Exception) -> type[DocumentError]:
     """
     if isinstance(error, NotJoined):
         return NotJoinedError
-    if isinstance(error, (ProviderNotFound, PeerNotFound)):
+    from omerta.jobs.client import JobRefused, UnknownJob
+
+    if isinstance(error, (ProviderNotFound, PeerNotFound, UnknownJob)):
         return NotFoundError
     if isinstance(error, AmbiguousPeer):
         return AmbiguousError
     if isinstance(error, (NothingAnswered, Unreachable, NoAnswer, ConnectError)):
         return NoPathError
-    if isinstance(error, (NotAProvider, NoRoom, Refused)):
+    if isinstance(error, (NotAProvider, NoRoom, Refused, JobRefused)):
         return RefusedError
     if isinstance(error, BadReply):
         return BadAnswerError

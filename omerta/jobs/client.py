@@ -179,7 +179,8 @@ class JobClient:
             name=spec.name)
         job = reply.jobs[0]
         job_id = job.job_id.hex()
-        self._keep(job_id, provider=record.peer_id_text, provider_name=printable(record.name),
+        self._keep(job_id, owner=consumer.mesh.peer_id, provider=record.peer_id_text,
+                   provider_name=printable(record.name),
                    network=consumer.mesh.network_id(consumer.network),
                    submitted_at=self._now(), command=printable(job.command), state=job.state)
         for index, data in enumerate(spec.inputs.values()):
@@ -274,31 +275,11 @@ class JobClient:
         document.  C{on_state} sees each document whose state changed.
         """
         record = await self._provider_of(job_id, timeout)
-        offsets = dict(offsets or {"stdout": 0, "stderr": 0})
-        done = {"stdout": False, "stderr": False}
-        state = None
-        while True:
-            for stream in ("stdout", "stderr"):
-                if done[stream]:
-                    continue
-                # the wait is on stdout; stderr is read as it stands
-                wait = 5.0 if stream == "stdout" and not any(done.values()) else 0.0
-                while True:
-                    data, eof, document = await self._logs(record, job_id, stream,
-                                                           offsets[stream], wait, timeout)
-                    if document["state"] != state:
-                        state = document["state"]
-                        if on_state is not None:
-                            on_state(document)
-                    if data:
-                        offsets[stream] += len(data)
-                        on_output(stream, data)
-                    done[stream] = eof
-                    if eof or len(data) < CHUNK:
-                        break
-                    wait = 0.0
-            if all(done.values()):
-                return document
+
+        def logs(stream: str, offset: int, wait: float):
+            return self._logs(record, job_id, stream, offset, wait, timeout)
+
+        return await follow_logs(logs, on_output, on_state, offsets)
 
     @_deferred
     async def wait(self, job_id: str, timeout: float = 30.0, poll: float = 5.0) -> dict:
@@ -333,6 +314,99 @@ class JobClient:
                     break
             files[output.path] = bytes(data)
         return files
+
+
+async def follow_logs(logs, on_output: Callable[[str, bytes], None],
+                      on_state: Callable[[dict], None] | None = None,
+                      offsets: dict | None = None) -> dict:
+    """
+    Read a job's two output streams to their end with C{logs(stream,
+    offset, wait)} (awaitable: data, eof, the job's document), handing
+    C{on_output(stream, data)} each piece as it comes; the final document.
+    The wait for more output is on stdout; stderr is read as it stands.
+    """
+    offsets = dict(offsets or {"stdout": 0, "stderr": 0})
+    done = {"stdout": False, "stderr": False}
+    state = document = None
+    while not all(done.values()):
+        for stream in ("stdout", "stderr"):
+            wait = 5.0 if stream == "stdout" and not any(done.values()) else 0.0
+            while not done[stream]:
+                data, eof, document = await logs(stream, offsets[stream], wait)
+                if document["state"] != state:
+                    state = document["state"]
+                    if on_state is not None:
+                        on_state(document)
+                if data:
+                    offsets[stream] += len(data)
+                    on_output(stream, data)
+                done[stream] = eof
+                if len(data) < CHUNK:
+                    break
+                wait = 0.0
+    return document
+
+
+def job_spec_of(document) -> JobSpec:
+    """
+    A L{JobSpec} from its JSON form (the control API's C{job} field):
+    C{argv} (strings), C{env} (object of strings), C{stdin} (base64),
+    C{input_files} (path in the work directory -> a local file, read here),
+    C{outputs} (paths), C{cpu} (cores), C{memory} (MiB), C{timeout} (s),
+    C{network} (bool), C{name}.
+
+    @raise ValueError: a field of the wrong kind, or an input that cannot
+        be read (the message names it).
+    """
+    import base64
+    import binascii
+
+    if not isinstance(document, dict):
+        raise ValueError("must be an object with 'argv' and the job's other fields")
+    known = {"argv", "env", "stdin", "input_files", "outputs", "cpu", "memory", "timeout",
+             "network", "name"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+    def strings(value, what) -> list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"'{what}' must be a list of strings")
+        return value
+
+    def number(name, kind, low, high, default):
+        value = document.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+                or not low <= value <= high:
+            raise ValueError(f"'{name}' must be a number from {low:g} to {high:g}")
+        return kind(value)
+
+    env = document.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise ValueError("'env' must be an object of strings")
+    try:
+        stdin = base64.b64decode(document.get("stdin", ""), validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ValueError("'stdin' must be base64") from None
+    files = document.get("input_files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("'input_files' must be an object of local file paths")
+    inputs = {}
+    for inside, local in files.items():
+        try:
+            inputs[inside] = Path(local).read_bytes()
+        except OSError as e:
+            raise ValueError(f"input {local}: {e.strerror}") from None
+    network, name = document.get("network", False), document.get("name", "")
+    if not isinstance(network, bool) or not isinstance(name, str):
+        raise ValueError("'network' must be true or false and 'name' a string")
+    return JobSpec(argv=strings(document.get("argv"), "argv"), env=env, stdin=stdin,
+                   inputs=inputs, outputs=strings(document.get("outputs", []), "outputs"),
+                   cpu=number("cpu", float, 0.001, 1024, 1.0),
+                   memory_mb=number("memory", int, 16, 2**31, 256),
+                   timeout_s=number("timeout", int, 1, 30 * 86400, 600), network=network,
+                   name=name)
 
 
 def ended(state: str) -> bool:
