@@ -197,6 +197,13 @@ class JobServiceTests(unittest.TestCase):
         reply = parse_reply(self.ask(JobOp.SUBMIT, service=service, **submit_body())[0])
         self.assertEqual(reply.jobs[0].state, "queued")
 
+    def test_jobs_in_guests_are_counted_once(self):
+        """A runner whose jobs are VMs of the backend: the backend counts them."""
+        self.runner.counted_by_backend = True
+        self.submit(cpu_milli=2000)
+        self.assertEqual(self.service.committed().cpu_cores, 0)
+        self.assertEqual(self.submit(cpu_milli=2000).state, "running")
+
     def test_a_consumer_may_hold_only_so_many_jobs(self):
         self.service.max_per_consumer = 2
         self.submit(cpu_milli=2000)

@@ -44,7 +44,8 @@ class Options(NodeOptions):
         ["max-vms", None, "16", "Most VMs at once."],
         ["vms-per-consumer", None, "4", "Most VMs one consumer may hold."],
         ["jobs", None, "sandbox", "Compute jobs: 'sandbox' (each in bubblewrap with cgroup"
-         " limits; needs root and bubblewrap) or 'none' (docs/jobs.md)."],
+         " limits; needs root and bubblewrap), 'vm' (each in a fresh QEMU guest; needs"
+         " --libvirt-uri qemu:///system, docs/jobs-vm.md) or 'none' (docs/jobs.md)."],
         ["jobs-per-consumer", None, "8", "Most jobs one consumer may have staging, queued or"
          " running."],
         ["job-retention", None, "86400", "Seconds an ended job's output is kept."],
@@ -64,8 +65,9 @@ class Options(NodeOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        if self["jobs"] not in ("sandbox", "none"):
-            raise usage.UsageError(f"--jobs takes 'sandbox' or 'none', not {self['jobs']!r}")
+        if self["jobs"] not in ("sandbox", "vm", "none"):
+            raise usage.UsageError(f"--jobs takes 'sandbox', 'vm' or 'none', not"
+                                   f" {self['jobs']!r}")
         for key, minimum in (("max-vms", 1), ("vms-per-consumer", 1), ("vm-cpus", 1),
                              ("vm-memory", 16), ("vm-disk", 0), ("jobs-per-consumer", 1),
                              ("job-retention", 60)):
@@ -218,6 +220,16 @@ def _jobs(options: Options, provider, backend, data_dir, reactor):
         if problem is None:
             runner = SandboxRunner(reactor, sandbox_dir(data_dir),
                                    allow_network=options["jobs-network"])
+        else:
+            Logger().warn("Compute jobs are refused: {problem}", problem=problem)
+    elif options["jobs"] == "vm":
+        from pathlib import Path
+
+        from omerta.jobs.vmrunner import VmRunner, vm_problem
+
+        problem = vm_problem(backend)
+        if problem is None:
+            runner = VmRunner(reactor, backend, Path(data_dir) / "jobs-vm")
         else:
             Logger().warn("Compute jobs are refused: {problem}", problem=problem)
     else:

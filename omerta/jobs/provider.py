@@ -220,15 +220,24 @@ class JobService(Service):
 
     # resources
 
+    def _running(self) -> list[Job]:
+        """
+        The running jobs whose resources this service counts (none when the
+        runner's jobs are VMs of the backend, which counts them already).
+        """
+        if getattr(self.runner, "counted_by_backend", False):
+            return []
+        return [j for j in self.jobs.values() if j.state == JobState.RUNNING.value]
+
     def committed(self) -> Resources:
         """What running jobs hold, in the announcement's terms (whole cores)."""
-        running = [j for j in self.jobs.values() if j.state == JobState.RUNNING.value]
+        running = self._running()
         return Resources(cpu_cores=math.ceil(sum(j.cpu_milli for j in running) / 1000),
                          memory_mb=sum(j.memory_mb for j in running))
 
     def _fits(self, job: Job) -> bool:
         elsewhere = self.committed_elsewhere()
-        running = [j for j in self.jobs.values() if j.state == JobState.RUNNING.value]
+        running = self._running()
         cpu = self.capacity.cpu_cores * 1000 - elsewhere.cpu_cores * 1000 - sum(
             j.cpu_milli for j in running)
         memory = self.capacity.memory_mb - elsewhere.memory_mb - sum(j.memory_mb for j in running)

@@ -23,10 +23,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]
 
-from tests import test_invite, test_messages, test_stun_codec, test_wire_vm  # noqa: E402
+from tests import (test_invite, test_job_wire, test_messages, test_stun_codec,  # noqa: E402
+                   test_wire_vm)
 
 import targets as T  # noqa: E402
-from omerta.wire import envelope, messages, relay, stun, tunnel  # noqa: E402
+from omerta.wire import envelope, job, messages, relay, stun, tunnel  # noqa: E402
 from omerta.wire.invite import build_invite_body  # noqa: E402
 
 
@@ -177,6 +178,23 @@ def protocol_seeds() -> list[bytes]:
     ]
 
 
+def job_request_seeds() -> list[bytes]:
+    ident = b"\x01" * 8
+    return [
+        job.build_request(job.JobOp.SUBMIT, argv=["python3", "-c", "print(6*7)"], env=["A=1"],
+                          stdin=b"in", inputs=[{"path": "data.txt", "size": 3}],
+                          outputs=["out.txt"], cpu_milli=500, memory_mb=128, timeout_s=60,
+                          network=False, name="seed"),
+        job.build_request(job.JobOp.PUT, job_id=ident, index=0, offset=0, data=b"abc"),
+        job.build_request(job.JobOp.STATUS, job_id=ident),
+        job.build_request(job.JobOp.LOGS, job_id=ident, stream=1, offset=0, most=4096,
+                          wait_ms=5000),
+        job.build_request(job.JobOp.CANCEL, job_id=ident),
+        job.build_request(job.JobOp.LIST),
+        job.build_request(job.JobOp.FETCH, job_id=ident, index=0, offset=0, most=4096),
+    ]
+
+
 def corpora() -> dict[str, list[bytes]]:
     m = test_messages
     v = test_wire_vm
@@ -198,6 +216,9 @@ def corpora() -> dict[str, list[bytes]]:
         "invite_link": invite_link_seeds(),
         "vm_request": [v.CREATE_BYTES, v.RELEASE_BYTES, v.LIST_BYTES, v.STATUS_BYTES],
         "vm_reply": [v.REPLY_BYTES, v.REFUSAL_BYTES],
+        "job_request": job_request_seeds(),
+        "job_reply": [job.build_reply(job.JobStatus.OK, "", [test_job_wire.RECORD], b"42\n", True),
+                      job.build_reply(job.JobStatus.NOT_YOURS, "job 01 belongs to another")],
         "session_open": session_seeds(),
         "protocol": protocol_seeds(),
     }

@@ -38,7 +38,7 @@ WORK = HERE / "work"
 NAMES = (
     "demux", "stun", "stun_attributes", "envelope", "frame_opener", "messages", "record",
     "relay", "tunnel", "invite_payload", "invite_link", "vm_request", "vm_reply",
-    "session_open", "protocol",
+    "job_request", "job_reply", "session_open", "protocol",
 )
 """The targets of scripts/fuzz/targets.py (listed here so that this process
 never imports omerta: the workers import it under instrumentation)."""

@@ -35,7 +35,7 @@ from omerta.crypto.identity import Identity
 from omerta.crypto.network import NetworkKey, b64url_encode
 from omerta.mesh import protocol as mesh_protocol
 from omerta.metrics import Metrics
-from omerta.wire import ParseError, demux, envelope, messages, relay, stun, tunnel, vm
+from omerta.wire import ParseError, demux, envelope, job, messages, relay, stun, tunnel, vm
 from omerta.wire import invite as wire_invite
 
 
@@ -242,6 +242,14 @@ def fuzz_vm_request(data: bytes) -> None:
 
 def fuzz_vm_reply(data: bytes) -> None:
     vm.parse_reply(data)
+
+
+def fuzz_job_request(data: bytes) -> None:
+    job.parse_request(data)
+
+
+def fuzz_job_reply(data: bytes) -> None:
+    job.parse_reply(data)
 
 
 # -- stateful decoders ------------------------------------------------------
@@ -542,6 +550,8 @@ TARGETS: dict[str, Target] = {
         ),
         Target("vm_request", fuzz_vm_request, (ParseError,), "omerta.wire.vm.parse_request"),
         Target("vm_reply", fuzz_vm_reply, (ParseError,), "omerta.wire.vm.parse_reply"),
+        Target("job_request", fuzz_job_request, (ParseError,), "omerta.wire.job.parse_request"),
+        Target("job_reply", fuzz_job_reply, (ParseError,), "omerta.wire.job.parse_reply"),
         Target(
             "session_open", fuzz_session_open, (crypto_session.SessionError,),
             "omerta.crypto.session.Session.open",
