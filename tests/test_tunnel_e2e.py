@@ -11,6 +11,8 @@ as scripts/e2e/ (omerta/testing/e2e.py, omerta/testing/e2e_flows.py):
  - vm-relay: both symmetric: relayed path, ssh;
  - failover: both symmetric, 20 MB through the tunnel while the relay in use
    is killed: intact, the interface never goes down, stall vs recovery;
+ - job-relay: both symmetric, a provider running jobs in its sandbox (no
+   guests): 'omerta job submit --wait' prints 42 over a relayed path;
  - isolation: a second consumer reaches only its own VM; a member without a
    VM there has its tunnel frames dropped (tunnel_no_endpoint).
 
@@ -30,6 +32,7 @@ import sys
 
 from twisted.trial import unittest
 
+from omerta.jobs.sandbox import sandbox_problem
 from omerta.testing import e2e, e2e_flows
 from tests.integration import REPO
 
@@ -117,7 +120,16 @@ class TunnelEndToEndTests(unittest.TestCase):
         result = self.run_flow("failover")
         _say(f"failover figures: {result.figures}")
 
-    def test_5_isolation(self):
+    def test_5_job_relay(self):
+        """Both behind symmetric NATs, the provider running jobs in its sandbox: omerta job submit --wait -- python3 -c 'print(6*7)' prints 42, exits 0, over a relayed path."""
+        require_root()
+        problem = sandbox_problem()
+        if problem is not None:
+            raise unittest.SkipTest(f"jobs run in the sandbox, which cannot work here: {problem}")
+        result = self.run_flow("job-relay")
+        self.assertTrue(result.figures["path"].startswith("relayed"))
+
+    def test_6_isolation(self):
         """A second consumer reaches its own VM but not the first's VM nor the provider's bridge or lab address through the tunnel; a non-consumer's tunnel frames are dropped as tunnel_no_endpoint."""
         try:
             self.run_flow("isolation")

@@ -13,7 +13,9 @@ An L{E2ELab} builds one L{omerta.testing.natlab.Lab} and starts, on demand:
    symmetric NAT.  Each runs C{twistd -n omerta-provider --libvirt-uri
    qemu:///system} with a libvirtd of its own (L{PrivateLibvirt}), because
    libvirtd makes a guest's tap in I{its} network namespace and plugs it into
-   the bridge the provider made in the provider's;
+   the bridge the provider made in the provider's.  C{provider-jobs}, behind
+   a symmetric NAT, has no guests (libvirt's test driver, C{--no-tunnels}):
+   it runs compute jobs in its sandbox (docs/jobs.md);
  - consumers (L{Consumer}): a host of their own (public or behind a router of
    their own), C{omerta up} there, then C{omerta vm request / vm ssh / vm
    release} through the running node.
@@ -73,14 +75,16 @@ NETWORK_NAME = "e2e"
 BRIDGE = "omerta-br0"
 GUEST_USER = "omerta"
 
-#: provider kind -> (daemon name, NAT type of its router or None, bridge address)
+#: provider kind -> (daemon name, NAT type of its router or None, bridge address;
+#: None: no guests, jobs only)
 PROVIDERS = {
     "public": ("provider-1", None, "10.237.1.1/24"),
     "restricted-cone": ("provider-rc", "restricted-cone", "10.237.2.1/24"),
     "symmetric": ("provider-sym", "symmetric", "10.237.3.1/24"),
+    "jobs": ("provider-jobs", "symmetric", None),
 }
 #: lab node names per provider kind
-_SHORT = {"public": "p_pub", "restricted-cone": "p_rc", "symmetric": "p_sym"}
+_SHORT = {"public": "p_pub", "restricted-cone": "p_rc", "symmetric": "p_sym", "jobs": "p_job"}
 
 POLL = 0.1
 READY_TIMEOUT = 60.0
@@ -290,7 +294,8 @@ class PrivateLibvirt:
 
 class Provider:
     """
-    A provider daemon with real guests, its libvirtd and its lab host.
+    A provider daemon with real guests, its libvirtd and its lab host; or,
+    with no bridge address (kind C{jobs}), one without guests running jobs.
     """
 
     def __init__(self, e2e: E2ELab, kind: str):
@@ -306,11 +311,16 @@ class Provider:
             self.host = lab.add_host(short, behind=lab.add_nat(f"{short}_nat", nat_type))
         self.bridge_address = bridge_address
         self.data_dir = e2e.base / name
-        self.libvirt = PrivateLibvirt(lab, self.host, e2e.base)
-        args = ["--port", str(NODE_PORT), "--invite", e2e.invite,
-                "--libvirt-uri", "qemu:///system", "--vm-bridge", BRIDGE,
-                "--vm-bridge-address", bridge_address, "--vm-images", str(e2e.image_cache),
-                "--max-vms", "4", "--vm-cpus", "4", "--vm-memory", "2048", "--vm-disk", "8"]
+        args = ["--port", str(NODE_PORT), "--invite", e2e.invite]
+        if bridge_address is None:
+            self.libvirt = None
+            args += ["--no-tunnels", "--vm-cpus", "2", "--vm-memory", "1024"]
+        else:
+            self.libvirt = PrivateLibvirt(lab, self.host, e2e.base)
+            args += ["--libvirt-uri", "qemu:///system", "--vm-bridge", BRIDGE,
+                     "--vm-bridge-address", bridge_address, "--vm-images",
+                     str(e2e.image_cache), "--max-vms", "4", "--vm-cpus", "4", "--vm-memory",
+                     "2048", "--vm-disk", "8"]
         for spec in e2e.bootstrap:
             args += ["--bootstrap", spec]
         self.daemon = Daemon(lab, self.host, "omerta-provider", name, self.data_dir, args)
@@ -319,12 +329,27 @@ class Provider:
         # 0700 like every node's (its control socket is refused otherwise);
         # the backend itself gives QEMU's user search permission (0711)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.libvirt.start()
-        self.daemon.argv = [*self.libvirt.enter(), *self.daemon.argv]
+        if self.libvirt is None:
+            # ip netns exec mounts a fresh /sys, which hides the cgroup
+            # hierarchies the job sandbox needs: back into this process's
+            # mount namespace (the network namespace stays the lab's)
+            self.daemon.argv = ["nsenter", "-t", str(os.getpid()), "-m", "--",
+                                *self.daemon.argv]
+        else:
+            self.libvirt.start()
+            self.daemon.argv = [*self.libvirt.enter(), *self.daemon.argv]
         self.daemon.start()
 
     def stop(self, vm_ids: Sequence[str] = ()) -> None:
         self.daemon.stop(timeout=10)
+        if self.libvirt is None:
+            from omerta.app.provider_tap import sandbox_dir
+
+            try:  # its jobs' (empty) work-directory root under /run
+                sandbox_dir(self.data_dir).rmdir()
+            except OSError:
+                pass
+            return
         self.libvirt.domains.update(f"omerta-{vm_id}" for vm_id in vm_ids)
         self.libvirt.stop()
 
@@ -663,7 +688,7 @@ class E2ELab:
             status = provider.daemon.status()
             if "nat" in status and not status["nat"]:
                 return False
-            return provider.interface() is not None
+            return provider.libvirt is None or provider.interface() is not None
 
         wait(ready, timeout, f"{provider.name} to be online at both relays",
              lambda: self.describe(provider.daemon))

@@ -9,7 +9,8 @@ L{omerta.testing.e2e}.
    L{check_released} (a release leaves nothing behind);
  - the flows (L{FLOWS}), the scripts in C{scripts/e2e/} and the tests in
    C{tests/test_tunnel_e2e.py}: L{flow_provision}, L{flow_nat},
-   L{flow_relay}, L{flow_failover}, L{flow_isolation}.  Each returns a
+   L{flow_relay}, L{flow_failover}, L{flow_isolation}, and a compute job
+   over a relayed path, L{flow_job_relay}.  Each returns a
    L{FlowResult} (its figures, printed as it goes) or raises L{E2EError}
    with what differed and the logs of the nodes involved;
  - L{rogue_main}, C{python -m omerta.testing.e2e rogue}: the member without a
@@ -30,6 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from omerta.jobs.sandbox import sandbox_problem
 from omerta.testing import natlab
 from omerta.testing.e2e import (
     DIRECT_KINDS,
@@ -683,10 +685,52 @@ def flow_isolation(e2e: E2ELab) -> FlowResult:
     return _flow("isolation", e2e, body, first, second, provider)
 
 
+def flow_job_relay(e2e: E2ELab) -> FlowResult:
+    """
+    Consumer and a provider running jobs (its sandbox, no guests) behind
+    symmetric NATs: omerta job submit --wait -- python3 -c 'print(6*7)'
+    prints 42 and exits 0 over a relayed path.
+    """
+    problem = sandbox_problem()
+    if problem is not None:
+        raise E2EError(f"job-relay: the job sandbox cannot run here: {problem}")
+    provider = e2e.provider("jobs")
+    consumer = e2e.consumer("c_job", "symmetric")
+
+    def body(result: FlowResult) -> None:
+        args = ["job", "submit", "--peer", provider.name, "--mesh-timeout", "30", "--wait"]
+        for spec in e2e.bootstrap:
+            args += ["--bootstrap", spec]
+        started = time.monotonic()
+        out = consumer.cli(*args, "--", "python3", "-c", "print(6*7)", check=False)
+        result.figures["submit_s"] = round(time.monotonic() - started, 1)
+        if (out.returncode, out.stdout) != (0, "42\n"):
+            raise E2EError(f"omerta job submit --wait gave exit {out.returncode}, stdout"
+                           f" {out.stdout!r} (expected 0, '42\\n'): {out.stderr.strip()}")
+        # the command runs a node of its own (<data-dir>/cli): what it said
+        # ("submitting to ... over a relayed path") and its status at its stop
+        said = [line for line in out.stderr.splitlines() if "submitting to" in line]
+        try:
+            status = json.loads((consumer.data_dir / "cli" / "status.json").read_text())
+        except (OSError, ValueError):
+            status = {}
+        path = next((p.get("path") or {} for p in status.get("peers", [])
+                     if p.get("name") == provider.name), {})
+        if not said or not said[0].endswith(" over a relayed path") or path.get(
+                "kind") != "relayed":
+            raise E2EError(f"expected a relayed path between two symmetric NATs: the command"
+                           f" said {said or out.stderr.strip()!r}, its node's path {path}")
+        result.figures["path"] = f"relayed via {e2e.relay_name(path.get('endpoint'))}"
+        result.notes.append(f"{said[0].removeprefix('omerta: ')}; stdout 42, exit 0")
+
+    return _flow("job-relay", e2e, body, consumer, provider)
+
+
 FLOWS = {
     "vm-provision": flow_provision,
     "vm-nat": flow_nat,
     "vm-relay": flow_relay,
     "failover": flow_failover,
     "isolation": flow_isolation,
+    "job-relay": flow_job_relay,
 }
