@@ -168,6 +168,16 @@ class JobServiceTests(unittest.TestCase):
         self.assertEqual(reply.jobs[0].state, "running")
         self.assertEqual(self.runner.runs[0].request.inputs, {"data/a.bin": b"abcde", "b": b""})
 
+    def test_only_so_many_jobs_of_a_consumer_stage_at_once(self):
+        """Inputs wait in memory: at most two jobs of a consumer receive them at a time."""
+        for _ in range(2):
+            self.submit(inputs=[{"path": "a", "size": 5}])
+        detail = self.refused(JobOp.SUBMIT, JobStatus.NO_CAPACITY,
+                              **submit_body(inputs=[{"path": "a", "size": 5}]))
+        self.assertIn("still receiving their inputs here, the most one consumer may (2)", detail)
+        self.submit()  # a job without inputs is not held back
+        self.submit(BOB, inputs=[{"path": "a", "size": 5}])
+
     def test_inputs_that_never_arrive_fail_the_job(self):
         job = self.submit(inputs=[{"path": "a", "size": 5}])
         self.clock.advance(self.service.staging_timeout)

@@ -24,8 +24,9 @@ Ended jobs are kept C{retention} seconds, and a consumer's kept output is
 bounded (C{max_kept_per_consumer}: its oldest ended jobs go first).
 
 Bounds: C{max_per_consumer} jobs staging, queued or running per consumer;
-C{max_input_bytes} of inputs per job (held in memory while staging, for at
-most C{staging_timeout} seconds); C{max_log_bytes} per output stream (more
+C{max_input_bytes} of inputs per job, held in memory while staging (at most
+C{max_staging_per_consumer} jobs of a consumer at once, each for at most
+C{staging_timeout} seconds); C{max_log_bytes} per output stream (more
 is counted, not kept).  Running jobs count against the resources the node
 announces, like VMs.
 """
@@ -142,7 +143,8 @@ class JobService(Service):
                  max_per_consumer: int = 8, retention: float = 86400.0,
                  max_input_bytes: int = 16 * 2**20, max_log_bytes: int = 16 * 2**20,
                  max_kept_per_consumer: int = 256 * 2**20, max_timeout: int = 86400,
-                 staging_timeout: float = 120.0, allow_network: bool = False):
+                 staging_timeout: float = 120.0, max_staging_per_consumer: int = 2,
+                 allow_network: bool = False):
         self.mesh = mesh
         self.runner = runner
         self.dir = Path(data_dir) / "jobs"
@@ -158,6 +160,7 @@ class JobService(Service):
         self.max_kept_per_consumer = max_kept_per_consumer
         self.max_timeout = max_timeout
         self.staging_timeout = staging_timeout
+        self.max_staging_per_consumer = max_staging_per_consumer
         self.allow_network = allow_network
         self.jobs: dict[str, Job] = {}
         self.live: dict[str, _Live] = {}
@@ -318,6 +321,13 @@ class JobService(Service):
                           f"you have {active} jobs staging, queued or running here, the most"
                           f" one consumer may ({self.max_per_consumer}); wait for one to end"
                           f" or cancel one")
+        staging = sum(1 for j in self.jobs.values()
+                      if j.owner == owner and j.state == JobState.STAGING.value)
+        if spec["inputs"] and staging >= self.max_staging_per_consumer:
+            raise Refused(JobStatus.NO_CAPACITY,
+                          f"{staging} of your jobs are still receiving their inputs here, the"
+                          f" most one consumer may ({self.max_staging_per_consumer}); send"
+                          f" theirs first")
         job_id = os.urandom(8).hex()
         job = Job(job_id=job_id, owner=owner, submitted=self.reactor.seconds(), **spec)
         self.jobs[job_id] = job
