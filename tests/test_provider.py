@@ -318,6 +318,19 @@ class ProviderTests(unittest.TestCase):
         self.assertEqual(self.provider_node.metrics.get(
             "vm_requests", op="create", status="no_capacity"), 2)
 
+    def test_running_jobs_leave_less_room_for_vms(self):
+        """What running compute jobs hold is not free for VMs either."""
+        from types import SimpleNamespace
+
+        from omerta.roles.vmtypes import Resources
+
+        self.provider.jobs = SimpleNamespace(committed=lambda: Resources(cpu_cores=3,
+                                                                         memory_mb=512))
+        reply = self.create(self.alice, vcpus=2)
+        self.assertEqual(reply.status, VmStatus.NO_CAPACITY)
+        self.assertIn("while running jobs hold 3 cores", reply.detail)
+        self.assertEqual(self.create(self.alice, vcpus=1).status, VmStatus.OK)
+
     def test_per_consumer_cap(self):
         self.provider.max_per_consumer = 2
         self.assertEqual(self.create(self.alice).status, VmStatus.OK)

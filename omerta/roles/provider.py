@@ -304,6 +304,14 @@ class ProviderService(Service):
         spec = VMSpec(vcpus=body.vcpus, memory_mb=body.memory_mb, disk_gb=body.disk_gb,
                       image=body.image or DEFAULT_IMAGE, owner=owner, name=body.name,
                       ssh_key=body.ssh_key)
+        held = self.jobs.committed() if self.jobs is not None else None
+        if held is not None and (held.cpu_cores or held.memory_mb):
+            free = self.free()
+            if spec.vcpus > free["cpu_cores"] or spec.memory_mb > free["memory_mb"]:
+                raise Refused(VmStatus.NO_CAPACITY,
+                              f"{free['cpu_cores']} cpu cores and {free['memory_mb']} MiB are"
+                              f" free while running jobs hold {held.cpu_cores} cores and"
+                              f" {held.memory_mb} MiB; ask for less or try later")
         try:
             consumer_address = self._consumer_address(owner)
         except AddressesExhausted as e:
