@@ -196,7 +196,8 @@ class ErrorTests(ConfigTestCase):
             UsageError, relay_tap.Options().parseOptions, ["--config", path]
         )
         self.assertIn(f"{path}: unknown key 'prot'", str(error))
-        self.assertIn("known keys: bootstrap, data-dir,", str(error))
+        self.assertIn("known keys: bootstrap, dashboard, dashboard-allow-remote, data-dir,",
+                      str(error))
 
     def test_other_plugins_key(self):
         """relay (a provider flag) in an omerta-relay config is an unknown key, with a hint."""

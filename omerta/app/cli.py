@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "omerta.app.cli_vm",
     "omerta.app.cli_job",
     "omerta.app.cli_daemon",
+    "omerta.app.cli_dashboard",
 )
 """
 Modules whose C{register(subparsers)} adds commands, imported when the

@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
     up.add_argument("--interface", metavar="ADDRESS", default=None,
                     help="local address to bind (default: all IPv4)")
     up.add_argument("--name", metavar="NAME", default=None, help="this node's name")
+    up.add_argument("--dashboard", metavar="ENDPOINT", default=None,
+                    help="serve the mesh dashboard here (e.g. 127.0.0.1:7480; loopback only;"
+                         " 'omerta dashboard' prints its URL)")
     up.add_argument("--timeout", type=float, default=UP_TIMEOUT, metavar="SECONDS",
                     help=f"how long to wait for the node to join (default {UP_TIMEOUT:g})")
     up.set_defaults(func=up_command)
@@ -116,6 +119,8 @@ def _node_argv(invocation: Invocation) -> list[str]:
         argv += ["--interface", args.interface]
     if args.name:
         argv += ["--name", args.name]
+    if args.dashboard is not None:
+        argv += ["--dashboard", args.dashboard]
     for link in args.invite:
         argv += ["--invite", link]
     for spec in args.bootstrap:

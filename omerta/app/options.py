@@ -56,6 +56,9 @@ class NodeOptions(usage.Options):
          "authorized_keys file for the manhole (default: ~/.ssh/authorized_keys)."],
         ["metrics", None, None,
          "Prometheus metrics endpoint, e.g. tcp:9400:interface=127.0.0.1 (off by default)."],
+        ["dashboard", None, None,
+         "Live dashboard in a browser, HOST:PORT or an endpoint, e.g. 127.0.0.1:7480"
+         " (off by default; 'omerta dashboard' prints its URL)."],
         ["relay-sessions", None, "50", "Relay role: most sessions open at once."],
         ["relay-sessions-per-peer", None, "8", "Relay role: most sessions per member."],
         ["relay-rate", None, "4000", "Relay role: most packets/s forwarded per source."],
@@ -66,6 +69,9 @@ class NodeOptions(usage.Options):
     ]
     optFlags = [
         ["manhole-allow-remote", None, "Allow a manhole endpoint that is not loopback."],
+        ["dashboard-allow-remote", None,
+         "Allow a dashboard endpoint that is not loopback (clients off loopback then need"
+         " the token of DATA_DIR/dashboard.token)."],
         ["no-control", None,
          "Do not serve the control API (DATA_DIR/control.sock) the omerta command uses."],
     ]
@@ -175,6 +181,12 @@ class NodeOptions(usage.Options):
             from omerta.app.metrics_web import check_metrics_endpoint
 
             check_metrics_endpoint(self["metrics"])
+        if self["dashboard"] is not None:
+            from omerta.app.dashboard import check_dashboard_options
+
+            check_dashboard_options(self)
+        elif self["dashboard-allow-remote"]:
+            raise usage.UsageError("--dashboard-allow-remote needs --dashboard ENDPOINT")
         data_dir = Path(self["data-dir"]).expanduser() if self["data-dir"] else default_data_dir()
         self["data-dir"] = data_dir
         self._check_state(data_dir)
@@ -335,6 +347,12 @@ def make_node_service(options: NodeOptions, reactor=None) -> MultiService:
         from omerta.app.manhole import make_manhole_service
 
         make_manhole_service(options, node, reactor=reactor).setServiceParent(top)
+    if options["dashboard"] is not None:
+        from omerta.app.dashboard import DashboardService
+
+        DashboardService(options["dashboard"], node,
+                         allow_remote=bool(options["dashboard-allow-remote"]),
+                         reactor=reactor).setServiceParent(top)
     return top
 
 
