@@ -30,6 +30,7 @@ from omerta.jobs.cgroups import CgroupHost
 from omerta.jobs.runner import IJobRunner, Limits, RunRequest, validate_request
 from omerta.jobs.sandbox import (JOB_UID, SandboxRunner, WorkDirs, bwrap_argv, host_problems,
                                  sandbox_problem, spawn_argv)
+from omerta.testing.fakejobs import run_request
 
 LAYOUT = {"/usr": ("dir", None), "/etc": ("dir", None), "/bin": ("symlink", "usr/bin"),
           "/lib": ("symlink", "usr/lib"), "/lib64": ("symlink", "usr/lib64"),
@@ -40,11 +41,7 @@ def job_id() -> str:
     return secrets.token_hex(8)
 
 
-def request(**kwargs) -> RunRequest:
-    values = dict(job_id=job_id(), argv=["true"], env={}, stdin=b"", inputs={}, outputs=[],
-                  limits=Limits())
-    values.update(kwargs)
-    return RunRequest(**values)
+request = run_request
 
 
 def make_v1(root: Path, hierarchies=("memory", "cpu,cpuacct", "pids"), memsw=True) -> Path:

@@ -35,6 +35,7 @@ from omerta.jobs.vmrunner import (GUEST_MIN_MEMORY_MB, GUEST_WORK, JOBS_OWNER, V
                                   vm_problems)
 from omerta.roles.vmtypes import VMError, VMInfo
 from tests.test_state_files import make_member_dir
+from omerta.testing.fakejobs import run_request
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB2dkJGx0R3ZOa0Cz3JZl2wWZlLxuMmBbQbPUEqvYQ3t"
 ADDRESS = "10.237.0.9"
@@ -45,11 +46,7 @@ def job_id() -> str:
     return secrets.token_hex(8)
 
 
-def request(**kwargs) -> RunRequest:
-    values = dict(job_id=job_id(), argv=["true"], env={}, stdin=b"", inputs={}, outputs=[],
-                  limits=Limits())
-    values.update(kwargs)
-    return RunRequest(**values)
+request = run_request
 
 
 def info(vm_id: str, *, name: str = "", owner: str = JOBS_OWNER, address=None,
@@ -500,7 +497,8 @@ class JobLifeTests(Base):
         while not job.done.called:
             self.last.end(255, logged="ssh: connect to host 10.237.0.9 port 22: No route to host")
             self.clock.advance(self.runner.connect_retry)
-            self.assertLess(len(self.clock.spawned), 200)
+            bound = self.runner.connect_timeout / self.runner.connect_retry + 10
+            self.assertLess(len(self.clock.spawned), bound)
         self.failed(job, "could not be logged into", "No route to host")
         self.assert_destroyed()
 

@@ -225,3 +225,15 @@ def validate_request(request: RunRequest) -> None:
                          f"{capacity} ({limits.work_mb} MB); raise work_mb or send less")
     for path in request.outputs:
         _relative_path("output", path)
+
+
+class ProblemsMixin:
+    """
+    C{problem()} from a runner's C{_problems()}: the list of reasons it
+    cannot run jobs here.
+    """
+
+    def problem(self) -> str | None:
+        """The first reason this runner cannot run jobs, or C{None}."""
+        problems = self._problems()
+        return problems[0] if problems else None

@@ -65,7 +65,8 @@ from zope.interface import implementer
 
 from omerta.jobs.cgroups import CgroupHost, JobCgroup
 from omerta.jobs.runner import (CANCELLED, EXITED, FAILED, JOB_ID, MEMORY, TIMEOUT, IJobRunner,
-                                RunningJob, RunRequest, RunResult, validate_request)
+                                ProblemsMixin, RunningJob, RunRequest, RunResult,
+                                validate_request)
 
 #: The user and group a job runs as, inside and outside its sandbox.
 JOB_UID = 65534
@@ -547,7 +548,7 @@ class _Job:
 # -- the runner ------------------------------------------------------------------
 
 @implementer(IJobRunner)
-class SandboxRunner:
+class SandboxRunner(ProblemsMixin):
     """
     Runs jobs in bubblewrap with cgroup limits; see the module docstring.
 
@@ -609,11 +610,6 @@ class SandboxRunner:
                 problems.append("the memory limit cannot be applied: "
                                 + "; ".join(cgroup_problems))
         return problems
-
-    def problem(self) -> str | None:
-        """The first reason this runner cannot run jobs, or C{None}."""
-        problems = self._problems()
-        return problems[0] if problems else None
 
     def describe(self) -> dict:
         host = self._problems()

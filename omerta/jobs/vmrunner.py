@@ -75,7 +75,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from omerta.jobs.runner import (CANCELLED, EXITED, FAILED, JOB_ID, TIMEOUT, IJobRunner,
-                                RunningJob, RunRequest, RunResult, validate_request)
+                                ProblemsMixin, RunningJob, RunRequest, RunResult,
+                                validate_request)
 from omerta.roles.guest import DEFAULT_IMAGE, GUEST_USER
 from omerta.roles.sshkeys import SshKeyError, public_line
 from omerta.roles.vmtypes import VMInfo, VMSpec
@@ -610,7 +611,7 @@ class _Job:
 # -- the runner --------------------------------------------------------------------
 
 @implementer(IJobRunner)
-class VmRunner:
+class VmRunner(ProblemsMixin):
     """
     Runs each job in a fresh guest of C{backend}; see the module docstring.
 
@@ -636,8 +637,8 @@ class VmRunner:
 
     def __init__(self, reactor, backend, base_dir: Path, *, ssh: str = "ssh",
                  max_output_bytes: int = 16 * 2**20, boot_timeout: float = 120.0,
-                 connect_timeout: float = 30.0, connect_retry: float = 0.5,
-                 ssh_connect_timeout: float = 10.0, step_timeout: float = 60.0,
+                 connect_timeout: float = 120.0, connect_retry: float = 0.5,
+                 ssh_connect_timeout: float = 30.0, step_timeout: float = 60.0,
                  problems: Callable[[], list[str]] | None = None):
         self.reactor = reactor
         self.backend = backend
@@ -710,11 +711,6 @@ class VmRunner:
         return done
 
     # -- IJobRunner
-
-    def problem(self) -> str | None:
-        """The first reason this runner cannot run jobs, or C{None}."""
-        problems = self._problems()
-        return problems[0] if problems else None
 
     def describe(self) -> dict:
         problems = self._problems()

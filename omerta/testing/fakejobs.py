@@ -7,12 +7,21 @@ is: no process, no sandbox, no limits.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from omerta.jobs.runner import IJobRunner, RunRequest, RunResult
+from omerta.jobs.runner import IJobRunner, Limits, RunRequest, RunResult
+
+
+def run_request(**fields) -> RunRequest:
+    """A L{RunRequest} of C{true} with a fresh job id, C{fields} replacing any part."""
+    values = dict(job_id=secrets.token_hex(8), argv=["true"], env={}, stdin=b"", inputs={},
+                  outputs=[], limits=Limits())
+    values.update(fields)
+    return RunRequest(**values)
 
 
 @dataclass
