@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
+from omerta.app.provider_tap import sandbox_dir
 from omerta.jobs.sandbox import sandbox_problem
 from tests.integration import (REPO, Daemon, environment, free_udp_port, loopback_relay,
                                wait_for)
@@ -31,6 +32,14 @@ print("read", len(data), "bytes")
 print("a warning", file=sys.stderr)
 sys.exit(3)
 """
+
+
+def _remove_if_empty(directory: Path) -> None:
+    """The provider's sandbox directory under /run, once its jobs left nothing."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def omerta(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -55,6 +64,7 @@ class JobCommandTests(unittest.TestCase):
                                "--port", str(free_udp_port()), "--nat-interval", "0",
                                "--invite", self.network.invite, "--vm-cpus", "2",
                                "--vm-memory", "1024", "--no-tunnels")
+        self.addCleanup(_remove_if_empty, sandbox_dir(f"{base}/provider"))
         self.consumer = f"{base}/consumer"
         joined = omerta("--data-dir", self.consumer, "network", "join", "--key",
                         self.network.invite)
