@@ -445,7 +445,7 @@ class MeshNode:
         Play the relay role (reservations, forwarding, punch coordination)
         on this node's socket.
         """
-        from omerta.mesh.punch import Coordinator
+        from omerta.mesh.coordinator import Coordinator
         from omerta.mesh.relay import RelayServer
 
         self.relay = RelayServer(self, config)
