@@ -44,8 +44,6 @@ Needs root and bubblewrap (the sandbox's own requirements: a cgroup memory
 controller too).  Progress goes to stderr, the table (or one JSON document
 with --output json) to stdout.  The daemons, the in-process node, any job
 left and the temporary directories are removed at the end, also on Ctrl-C.
-Jobs of other providers on this host would be disturbed by the provider's
-start (it treats every C{omerta-jobs} cgroup as its own): run it alone.
 """
 
 from __future__ import annotations
@@ -66,11 +64,13 @@ import secrets  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mesh_ping import code_version, free_udp_port, percentile  # noqa: E402
 
 HOST = "127.0.0.1"
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -93,29 +93,6 @@ def environment() -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("OMERTA_DATA_DIR", None)
     return env
-
-
-def code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "omerta"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (" with uncommitted changes under omerta/" if dirty else "")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest rank."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
 def summary(values: list[float]) -> dict:
